@@ -1,0 +1,121 @@
+//! Word-level helpers shared by every level of the bitmap.
+
+use crate::Error;
+
+/// Bits in one storage word.
+pub(crate) const WORD_BITS: u64 = u64::BITS as u64;
+/// log2 of [`WORD_BITS`]: shifting an index right by this moves one level up.
+pub(crate) const WORD_SHIFT: u32 = 6;
+const WORD_MASK: u64 = WORD_BITS - 1;
+
+/// Index of the word that holds `bit`.
+#[inline]
+pub(crate) fn word_of(bit: u64) -> usize {
+    // Lossless: bit counts are capped at 2^41, so word indices fit in 35 bits.
+    (bit >> WORD_SHIFT) as usize
+}
+
+/// Position of `bit` inside its word.
+#[inline]
+pub(crate) fn bit_in_word(bit: u64) -> u32 {
+    (bit & WORD_MASK) as u32
+}
+
+/// Mask with bits `lo..=hi` set (`lo <= hi < 64`).
+#[inline]
+pub(crate) fn mask(lo: u32, hi: u32) -> u64 {
+    debug_assert!(lo <= hi && hi < 64);
+    (u64::MAX >> (63 - hi)) & (u64::MAX << lo)
+}
+
+/// Mask of the bits strictly above `bit` (`bit < 64`).
+#[inline]
+pub(crate) fn above(bit: u32) -> u64 {
+    (u64::MAX << bit) << 1
+}
+
+/// Number of words needed for `bits` bits; at least one, as in QEMU, so that
+/// even an empty bitmap has a word to hash and to search.
+#[inline]
+pub(crate) fn words_for(bits: u64) -> u64 {
+    bits.div_ceil(WORD_BITS).max(1)
+}
+
+/// Mask of the bits of the last word that lie beyond `bits` (the padding).
+/// An empty bitmap's only word is all padding.
+#[inline]
+pub(crate) fn tail_padding(bits: u64) -> u64 {
+    match bit_in_word(bits) {
+        0 if bits == 0 => u64::MAX,
+        0 => 0,
+        r => u64::MAX << r,
+    }
+}
+
+/// Allocates `words` zeroed words without touching them: large allocations
+/// come from the kernel as zero pages that cost nothing until written, and a
+/// refusal is an error instead of an abort.
+pub(crate) fn alloc_zeroed(words: u64) -> Result<Box<[u64]>, Error> {
+    let bytes = words.saturating_mul(8);
+    let len = usize::try_from(words).map_err(|_| Error::OutOfMemory { bytes })?;
+    bytemuck::allocation::try_zeroed_slice_box(len).map_err(|()| Error::OutOfMemory { bytes })
+}
+
+/// Sets bit `i` of `arr` to `value`; returns whether it changed.
+#[inline]
+pub(crate) fn assign_bit(arr: &mut [u64], i: usize, value: bool) -> bool {
+    let w = &mut arr[i >> WORD_SHIFT];
+    let m = 1u64 << (i as u64 & WORD_MASK);
+    let old = *w;
+    *w = if value { old | m } else { old & !m };
+    *w != old
+}
+
+/// Sets bits `lo..=hi` of `arr` to `value`.
+pub(crate) fn assign_bits(arr: &mut [u64], lo: usize, hi: usize, value: bool) {
+    debug_assert!(lo <= hi);
+    let (wlo, whi) = (lo >> WORD_SHIFT, hi >> WORD_SHIFT);
+    let (blo, bhi) = (bit_in_word(lo as u64), bit_in_word(hi as u64));
+    let fill = if value { u64::MAX } else { 0 };
+    let apply = |w: &mut u64, m: u64| *w = if value { *w | m } else { *w & !m };
+    if wlo == whi {
+        apply(&mut arr[wlo], mask(blo, bhi));
+        return;
+    }
+    apply(&mut arr[wlo], mask(blo, 63));
+    arr[wlo + 1..whi].fill(fill);
+    apply(&mut arr[whi], mask(0, bhi));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        assert_eq!(mask(0, 63), u64::MAX);
+        assert_eq!(mask(0, 0), 1);
+        assert_eq!(mask(63, 63), 1 << 63);
+        assert_eq!(mask(4, 7), 0xf0);
+        assert_eq!(above(63), 0);
+        assert_eq!(above(0), u64::MAX - 1);
+        assert_eq!(tail_padding(0), u64::MAX);
+        assert_eq!(tail_padding(64), 0);
+        assert_eq!(tail_padding(65), u64::MAX - 1);
+        assert_eq!(words_for(0), 1);
+        assert_eq!(words_for(64), 1);
+        assert_eq!(words_for(65), 2);
+    }
+
+    #[test]
+    fn assign_bits_across_words() {
+        let mut a = [0u64; 4];
+        assign_bits(&mut a, 60, 200, true);
+        assert_eq!(a, [0xf << 60, u64::MAX, u64::MAX, mask(0, 200 - 192)]);
+        assign_bits(&mut a, 61, 199, false);
+        assert_eq!(a, [1 << 60, 0, 0, 1 << 8]);
+        assert!(assign_bit(&mut a, 1, true));
+        assert!(!assign_bit(&mut a, 1, true));
+        assert_eq!(a[0], (1 << 60) | 2);
+    }
+}

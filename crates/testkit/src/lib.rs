@@ -1,0 +1,196 @@
+//! Test support: drive the real QEMU peers from Rust tests.
+//!
+//! Everything here panics with a clear message instead of returning errors:
+//! it runs inside tests, where a panic *is* the failure report. A peer that is
+//! not installed is a failure too, never a silent skip; the message says how
+//! to install it (`./scripts/test` installs everything).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// How long to wait for a peer to come up or answer.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Finds `program` on `PATH`, or fails the test naming the Debian package
+/// that provides it.
+pub fn require_tool(program: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{program}` is not installed, and this test needs it: install the Debian \
+                 package `{package}` (./scripts/test does that for you)"
+            )
+        })
+}
+
+/// Runs `program` with `args`; fails the test with its output unless it
+/// exits successfully. Returns its standard output.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"));
+    assert!(
+        output.status.success(),
+        "`{program} {}` failed with {}\nstdout: {}\nstderr: {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// An error a QMP server answered with: `{"error": {"class", "desc"}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpError {
+    /// The error class, e.g. `GenericError`.
+    pub class: String,
+    /// The human-readable description.
+    pub desc: String,
+}
+
+/// A minimal synchronous QMP client, enough to set up and inspect a peer.
+/// Events that arrive while waiting for a reply are kept in
+/// [`events`](Self::events).
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Events received so far, in order.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects to the QMP socket at `path`, reads the greeting and
+    /// negotiates capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        let stream = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("cannot connect to QMP at {}: {e}", path.display()));
+        stream
+            .set_read_timeout(Some(PEER_TIMEOUT))
+            .unwrap_or_else(|e| panic!("cannot set a QMP read timeout: {e}"));
+        let writer = stream
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone the QMP socket: {e}"));
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "expected a QMP greeting, got {greeting}"
+        );
+        qmp.execute_ok("qmp_capabilities", json!({}));
+        qmp
+    }
+
+    /// Sends a command and waits for its reply.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let request = json!({ "execute": command, "arguments": arguments });
+        let mut line = request.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .unwrap_or_else(|e| panic!("cannot send {command} over QMP: {e}"));
+        loop {
+            let message = self.read_message();
+            if message.get("event").is_some() {
+                self.events.push(message);
+            } else if let Some(ret) = message.get("return") {
+                return Ok(ret.clone());
+            } else if let Some(err) = message.get("error") {
+                let field = |name: &str| err[name].as_str().unwrap_or_default().to_owned();
+                return Err(QmpError {
+                    class: field("class"),
+                    desc: field("desc"),
+                });
+            } else {
+                panic!("unexpected QMP message in reply to {command}: {message}");
+            }
+        }
+    }
+
+    /// Like [`execute`](Self::execute), failing the test on an error reply.
+    pub fn execute_ok(&mut self, command: &str, arguments: Value) -> Value {
+        self.execute(command, arguments.clone())
+            .unwrap_or_else(|e| panic!("QMP {command} {arguments} failed: {e:?}"))
+    }
+
+    fn read_message(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("cannot read from QMP: {e}"));
+        assert!(n > 0, "the QMP server closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent bad JSON ({e}): {line}"))
+    }
+}
+
+/// A running `qemu-storage-daemon` with a QMP monitor on a Unix socket.
+/// Killed when dropped.
+pub struct StorageDaemon {
+    child: Child,
+    qmp_path: PathBuf,
+}
+
+impl StorageDaemon {
+    /// Starts `qemu-storage-daemon` with `args` plus a QMP monitor whose
+    /// socket is `qmp.sock` in `dir`, and waits until the monitor accepts
+    /// connections.
+    pub fn start(dir: &Path, args: &[String]) -> StorageDaemon {
+        let program = require_tool("qemu-storage-daemon", "qemu-utils");
+        let qmp_path = dir.join("qmp.sock");
+        let chardev = format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            qmp_path.display()
+        );
+        let child = Command::new(&program)
+            .args(args)
+            .args(["--chardev", &chardev, "--monitor", "chardev=qmp0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let mut daemon = StorageDaemon { child, qmp_path };
+        daemon.wait_for_socket();
+        daemon
+    }
+
+    /// A new QMP connection to the daemon, past capabilities negotiation.
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path)
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        while UnixStream::connect(&self.qmp_path).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("qemu-storage-daemon exited early with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not open its QMP socket within {PEER_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
