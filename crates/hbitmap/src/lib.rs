@@ -524,7 +524,8 @@ impl HBitmap {
                 assign_bits(&mut self.any[level], lo + 1, hi - 1, uniform);
                 assign_bits(&mut self.full[level], lo + 1, hi - 1, uniform);
             }
-            for edge in [lo, hi] {
+            let edges = [lo, hi];
+            for &edge in &edges[..if lo == hi { 1 } else { 2 }] {
                 let (a, f) = (self.child_any(level, edge), self.child_full(level, edge));
                 changed |= assign_bit(&mut self.any[level], edge, a);
                 changed |= assign_bit(&mut self.full[level], edge, f);
@@ -543,10 +544,27 @@ impl HBitmap {
     fn summarize(&self, level: usize, parent: usize, children: usize) -> (u64, u64) {
         let first = parent << WORD_SHIFT;
         let n = (children - first).min(WORD_BITS as usize);
-        let (mut any, mut full) = (0u64, tail_padding(n as u64));
-        for j in 0..n {
-            any |= u64::from(self.child_any(level, first + j)) << j;
-            full |= u64::from(self.child_full(level, first + j)) << j;
+        let full_kids = match level {
+            0 => &self.bottom[first..first + n],
+            _ => &self.full[level - 1][first..first + n],
+        };
+        let any_kids = match level {
+            0 => full_kids,
+            _ => &self.any[level - 1][first..first + n],
+        };
+        // Plain passes over slices, which the compiler can vectorize; the
+        // bottom's padding is fixed up afterwards.
+        let mut full = tail_padding(n as u64);
+        for (j, &w) in full_kids.iter().enumerate() {
+            full |= u64::from(w == u64::MAX) << j;
+        }
+        let mut any = 0u64;
+        for (j, &w) in any_kids.iter().enumerate() {
+            any |= u64::from(w != 0) << j;
+        }
+        if level == 0 && first + n == self.bottom.len() {
+            let last = n - 1;
+            full = (full & !(1 << last)) | (u64::from(self.child_full(0, first + last)) << last);
         }
         (any, full)
     }
