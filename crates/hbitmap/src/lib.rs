@@ -54,6 +54,24 @@
 //! 256 GiB of memory for its bottom level, so in practice the machine's memory
 //! is the limit. Granularity is 0..=63. Requires a 64-bit target.
 //!
+//! # Example
+//!
+//! ```
+//! use hbitmap::HBitmap;
+//!
+//! // A 1 GiB disk tracked in 64 KiB granules.
+//! let mut dirty = HBitmap::new(1 << 30, 16)?;
+//! dirty.set(4096, 512)?; // a small write dirties its whole granule
+//! dirty.set(1 << 20, 100 << 10)?;
+//! assert_eq!(dirty.runs().collect::<Vec<_>>(), [(0, 64 << 10), (1 << 20, 128 << 10)]);
+//! assert_eq!(dirty.count(), 192 << 10);
+//!
+//! dirty.reset(0, 1000)?; // a partial reset keeps the granule: superset, never subset
+//! assert!(dirty.get(0));
+//! assert_eq!(dirty.next_zero(1 << 20, 1 << 30), Some((1 << 20) + (128 << 10)));
+//! # Ok::<(), hbitmap::Error>(())
+//! ```
+//!
 //! # Thread safety
 //!
 //! `HBitmap` is plain data: `Send` and `Sync`, no interior mutability, no

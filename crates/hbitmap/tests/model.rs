@@ -337,3 +337,38 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Deserialization parses untrusted bytes (qcow2 clusters, migration
+    /// streams): any bytes at any aligned place give a consistent bitmap
+    /// holding exactly those bits, padding dropped.
+    #[test]
+    fn loads_arbitrary_words(
+        (len, gran) in geometry(),
+        data in prop::collection::vec(any::<u8>(), 1..2048),
+        at in any::<u64>(),
+        probes in prop::collection::vec(any::<u64>(), 4),
+    ) {
+        let mut bm = HBitmap::new(len, gran).unwrap();
+        let mut model = Model::new(len, gran);
+        prop_assume!(len > 0);
+        let words = model.bits.len().div_ceil(64) as u64;
+        let first_bit = (at % words) * 64;
+        let start = (u128::from(first_bit) << gran) as u64;
+        let count = len - start;
+        let size = bm.serialization_size(start, count).unwrap() as usize;
+        let buf: Vec<u8> = data.iter().copied().cycle().take(size).collect();
+        bm.deserializer().part(&buf, start, count).unwrap();
+        for b in first_bit as usize..model.bits.len() {
+            let i = b - first_bit as usize;
+            model.bits[b] = buf[i / 8] & (1 << (i % 8)) != 0;
+        }
+        assert_same(&bm, &model, &probes);
+    }
+}
