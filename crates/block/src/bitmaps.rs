@@ -1,0 +1,447 @@
+//! Named dirty bitmaps on a node, with QEMU's states and rules.
+//!
+//! A node owns a list of bitmaps behind one lock. Each bitmap is recording
+//! (enabled) or disabled; it may be *busy* (used by a job: no monitor command
+//! may touch it), *readonly* (loaded from a read-only image), *inconsistent*
+//! (a persistent bitmap that was not saved cleanly: it can only be removed),
+//! and *persistent* (saved with the image). A job that must not lose writes
+//! while it consumes a bitmap gives it a *successor*: an anonymous bitmap
+//! that records in its place; on success the successor takes over the name
+//! (*abdicate*), on failure it is merged back (*reclaim*).
+//!
+//! Guarantee: every write that reaches [`Bitmaps::mark`] is recorded in
+//! every bitmap that is recording at that moment, and in every successor
+//! that is enabled, so a bitmap is a superset of the writes made while it
+//! recorded.
+
+use std::sync::{Mutex, MutexGuard};
+
+use hbitmap::HBitmap;
+
+use crate::error::{Error, Result};
+
+/// Longest bitmap name, in bytes (QEMU's `BDRV_BITMAP_MAX_NAME_SIZE`).
+pub const MAX_BITMAP_NAME: usize = 1023;
+/// Smallest granularity in bytes.
+pub const MIN_GRANULARITY: u64 = 512;
+/// Largest granularity in bytes.
+pub const MAX_GRANULARITY: u64 = 1 << 31;
+
+/// Identifies a bitmap on its node for as long as it exists, named or not;
+/// jobs hold these for the anonymous bitmaps they create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BitmapId(u64);
+
+/// What a query reports about a named bitmap (QEMU's `BlockDirtyInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The name.
+    pub name: String,
+    /// Dirty bytes as QEMU counts them: dirty granules × granularity.
+    pub count: u64,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Whether writes are being recorded (by the bitmap or its successor).
+    pub recording: bool,
+    /// Whether a job is using it.
+    pub busy: bool,
+    /// Whether it is saved with the image.
+    pub persistent: bool,
+    /// Whether it was not saved cleanly and cannot be used.
+    pub inconsistent: bool,
+}
+
+/// The old contents of a cleared bitmap, for undoing the clear when a
+/// transaction aborts.
+#[derive(Debug)]
+pub struct ClearUndo {
+    id: BitmapId,
+    old: HBitmap,
+}
+
+/// Which states a command refuses (QEMU's `BDRV_BITMAP_*` check flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Refuse busy, readonly and inconsistent bitmaps: commands that modify.
+    Default,
+    /// Refuse busy and inconsistent bitmaps: commands that only read, or
+    /// only change the recording state.
+    AllowReadonly,
+    /// Refuse busy and readonly bitmaps: removal, which is how an
+    /// inconsistent bitmap is disposed of.
+    AllowInconsistent,
+}
+
+#[derive(Debug)]
+struct Bitmap {
+    id: BitmapId,
+    name: Option<String>,
+    bits: HBitmap,
+    disabled: bool,
+    busy: bool,
+    readonly: bool,
+    persistent: bool,
+    inconsistent: bool,
+    successor: Option<Box<Bitmap>>,
+}
+
+impl Bitmap {
+    fn recording(&self) -> bool {
+        !self.disabled || self.successor.as_ref().is_some_and(|s| !s.disabled)
+    }
+
+    fn check(&self, check: Check) -> Result<()> {
+        let name = || self.name.clone().unwrap_or_default();
+        if self.busy {
+            return Err(Error::BitmapBusy(name()));
+        }
+        if self.readonly && check != Check::AllowReadonly {
+            return Err(Error::BitmapReadonly(name()));
+        }
+        if self.inconsistent && check != Check::AllowInconsistent {
+            return Err(Error::BitmapInconsistent(name()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct List {
+    /// Newest first, as QEMU lists them.
+    bitmaps: Vec<Bitmap>,
+    next_id: u64,
+}
+
+impl List {
+    fn new_id(&mut self) -> BitmapId {
+        self.next_id += 1;
+        BitmapId(self.next_id)
+    }
+
+    fn named(&mut self, name: &str) -> Result<&mut Bitmap> {
+        self.bitmaps
+            .iter_mut()
+            .find(|b| b.name.as_deref() == Some(name))
+            .ok_or_else(|| Error::BitmapNotFound(name.to_owned()))
+    }
+
+    fn by_id(&mut self, id: BitmapId) -> Option<&mut Bitmap> {
+        self.bitmaps.iter_mut().find(|b| b.id == id)
+    }
+}
+
+/// The bitmaps of one node. All methods lock briefly and never wait for I/O.
+#[derive(Debug)]
+pub struct Bitmaps {
+    node: String,
+    length: u64,
+    default_granularity: u64,
+    list: Mutex<List>,
+}
+
+impl Bitmaps {
+    /// Bitmaps for node `node` of `length` bytes, whose default granularity
+    /// derives from the node's cluster size: clamped to 4..=64 KiB, 64 KiB
+    /// when unknown.
+    pub fn new(node: &str, length: u64, cluster_size: Option<u64>) -> Bitmaps {
+        Bitmaps {
+            node: node.to_owned(),
+            length,
+            default_granularity: cluster_size.map_or(1 << 16, |c| c.clamp(1 << 12, 1 << 16)),
+            list: Mutex::new(List::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, List> {
+        // A panic while holding the lock cannot leave a bitmap half-updated
+        // in a way that loses writes (HBitmap keeps its invariants per call),
+        // so a poisoned lock is still usable.
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The granularity a new bitmap gets when none is asked for.
+    pub fn default_granularity(&self) -> u64 {
+        self.default_granularity
+    }
+
+    /// Records a write-type request on `offset..offset + len` in every
+    /// recording bitmap and enabled successor. Ranges past the end are
+    /// clipped.
+    pub fn mark(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.length);
+        if offset >= end {
+            return;
+        }
+        let mut list = self.lock();
+        for bm in &mut list.bitmaps {
+            if !bm.disabled {
+                // In range by the clipping above; lengths match the node.
+                let _ = bm.bits.set(offset, end - offset);
+            }
+            if let Some(s) = bm.successor.as_deref_mut().filter(|s| !s.disabled) {
+                let _ = s.bits.set(offset, end - offset);
+            }
+        }
+    }
+
+    /// Adds a named bitmap (`block-dirty-bitmap-add`). `granularity` in
+    /// bytes, the default when `None`.
+    pub fn add(
+        &self,
+        name: &str,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::BitmapNameEmpty);
+        }
+        let granularity = match granularity {
+            Some(g)
+                if !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&g) || !g.is_power_of_two() =>
+            {
+                return Err(Error::BitmapGranularity);
+            }
+            Some(g) => g,
+            None => self.default_granularity,
+        };
+        if persistent {
+            return Err(Error::PersistenceUnsupported(self.node.clone()));
+        }
+        let mut list = self.lock();
+        if list.bitmaps.iter().any(|b| b.name.as_deref() == Some(name)) {
+            return Err(Error::BitmapExists(name.to_owned()));
+        }
+        if name.len() > MAX_BITMAP_NAME {
+            return Err(Error::BitmapNameTooLong(name.to_owned()));
+        }
+        let bits = HBitmap::new(self.length, granularity.trailing_zeros())?;
+        let id = list.new_id();
+        list.bitmaps.insert(
+            0,
+            Bitmap {
+                id,
+                name: Some(name.to_owned()),
+                bits,
+                disabled,
+                busy: false,
+                readonly: false,
+                persistent,
+                inconsistent: false,
+                successor: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Adds an anonymous, recording bitmap for a job; it is invisible to
+    /// queries and to name lookups.
+    pub fn add_anonymous(&self, granularity: u64) -> Result<BitmapId> {
+        if granularity < MIN_GRANULARITY || !granularity.is_power_of_two() {
+            return Err(Error::BitmapGranularity);
+        }
+        let bits = HBitmap::new(self.length, granularity.trailing_zeros())?;
+        let mut list = self.lock();
+        let id = list.new_id();
+        list.bitmaps.insert(
+            0,
+            Bitmap {
+                id,
+                name: None,
+                bits,
+                disabled: false,
+                busy: false,
+                readonly: false,
+                persistent: false,
+                inconsistent: false,
+                successor: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Drops an anonymous bitmap; unknown ids are ignored.
+    pub fn remove_anonymous(&self, id: BitmapId) {
+        self.lock().bitmaps.retain(|b| b.id != id);
+    }
+
+    /// Removes a named bitmap (`block-dirty-bitmap-remove`): refused while
+    /// busy or readonly; inconsistent ones may go.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let mut list = self.lock();
+        list.named(name)?.check(Check::AllowInconsistent)?;
+        list.bitmaps.retain(|b| b.name.as_deref() != Some(name));
+        Ok(())
+    }
+
+    /// Clears a named bitmap (`block-dirty-bitmap-clear`) and returns what
+    /// [`restore`](Self::restore) needs to undo it.
+    pub fn clear(&self, name: &str) -> Result<ClearUndo> {
+        let mut list = self.lock();
+        let bm = list.named(name)?;
+        bm.check(Check::Default)?;
+        let mut old = HBitmap::new(bm.bits.len(), bm.bits.granularity())?;
+        std::mem::swap(&mut old, &mut bm.bits);
+        Ok(ClearUndo { id: bm.id, old })
+    }
+
+    /// Undoes a [`clear`](Self::clear). Writes recorded since the clear are
+    /// kept (QEMU drops them): the result is the old bits plus the new.
+    pub fn restore(&self, undo: ClearUndo) {
+        let mut list = self.lock();
+        if let Some(bm) = list.by_id(undo.id) {
+            // Same length and granularity: it was this bitmap's.
+            let _ = bm.bits.merge(&undo.old);
+        }
+    }
+
+    /// Starts recording (`block-dirty-bitmap-enable`).
+    pub fn enable(&self, name: &str) -> Result<()> {
+        self.set_disabled(name, false)
+    }
+
+    /// Stops recording (`block-dirty-bitmap-disable`).
+    pub fn disable(&self, name: &str) -> Result<()> {
+        self.set_disabled(name, true)
+    }
+
+    fn set_disabled(&self, name: &str, disabled: bool) -> Result<()> {
+        let mut list = self.lock();
+        let bm = list.named(name)?;
+        bm.check(Check::AllowReadonly)?;
+        bm.disabled = disabled;
+        Ok(())
+    }
+
+    /// A copy of a named bitmap's bits, for merging elsewhere or inspecting;
+    /// refused while busy or inconsistent.
+    pub fn snapshot(&self, name: &str) -> Result<HBitmap> {
+        let mut list = self.lock();
+        let bm = list.named(name)?;
+        bm.check(Check::AllowReadonly)?;
+        Ok(bm.bits.try_clone()?)
+    }
+
+    /// Checks that `name` exists and passes `check`, without changing it.
+    pub fn check(&self, name: &str, check: Check) -> Result<()> {
+        self.lock().named(name)?.check(check)
+    }
+
+    /// ORs `sources` (snapshots, possibly from other nodes of the same size,
+    /// at any granularity) into the named bitmap (`block-dirty-bitmap-merge`).
+    /// Nothing changes unless every source fits.
+    pub fn merge(&self, target: &str, sources: &[HBitmap]) -> Result<()> {
+        let mut list = self.lock();
+        let bm = list.named(target)?;
+        bm.check(Check::Default)?;
+        if let Some(src) = sources.iter().find(|s| s.len() != self.length) {
+            return Err(Error::BitmapSizeMismatch {
+                dest: self.length,
+                src: src.len(),
+            });
+        }
+        for src in sources {
+            bm.bits.merge(src)?;
+        }
+        Ok(())
+    }
+
+    /// Marks a named bitmap busy or not (a job takes or releases it).
+    pub fn set_busy(&self, name: &str, busy: bool) -> Result<()> {
+        self.lock().named(name)?.busy = busy;
+        Ok(())
+    }
+
+    /// Gives a named bitmap a successor that records in its place: the
+    /// successor is enabled iff the bitmap was; the bitmap becomes disabled
+    /// and busy.
+    pub fn create_successor(&self, name: &str) -> Result<()> {
+        let mut list = self.lock();
+        let id = list.new_id();
+        let bm = list.named(name)?;
+        if bm.busy {
+            return Err(Error::SuccessorOfBusy);
+        }
+        if bm.successor.is_some() {
+            return Err(Error::SuccessorExists);
+        }
+        let bits = HBitmap::new(bm.bits.len(), bm.bits.granularity())?;
+        bm.successor = Some(Box::new(Bitmap {
+            id,
+            name: None,
+            bits,
+            disabled: bm.disabled,
+            busy: false,
+            readonly: false,
+            persistent: false,
+            inconsistent: false,
+            successor: None,
+        }));
+        bm.disabled = true;
+        bm.busy = true;
+        Ok(())
+    }
+
+    /// On success of the operation: the successor takes the bitmap's name and
+    /// persistence, and the old bits are dropped.
+    pub fn abdicate(&self, name: &str) -> Result<()> {
+        let mut list = self.lock();
+        let bm = list.named(name)?;
+        let Some(mut successor) = bm.successor.take() else {
+            return Err(Error::NoSuccessor("relinquish control"));
+        };
+        successor.name = bm.name.take();
+        successor.persistent = bm.persistent;
+        *bm = *successor;
+        Ok(())
+    }
+
+    /// On failure of the operation: the successor's bits are merged back, the
+    /// bitmap takes the successor's recording state and is no longer busy.
+    pub fn reclaim(&self, name: &str) -> Result<()> {
+        let mut list = self.lock();
+        let bm = list.named(name)?;
+        let Some(successor) = bm.successor.take() else {
+            return Err(Error::NoSuccessor("reclaim a successor"));
+        };
+        bm.bits.merge(&successor.bits)?;
+        bm.disabled = successor.disabled;
+        bm.busy = false;
+        Ok(())
+    }
+
+    /// Runs `f` on the bits of a bitmap, named or anonymous, under the lock
+    /// (jobs read and reset through this). `None` if it no longer exists.
+    pub fn with_bits<R>(&self, id: BitmapId, f: impl FnOnce(&mut HBitmap) -> R) -> Option<R> {
+        self.lock().by_id(id).map(|bm| f(&mut bm.bits))
+    }
+
+    /// The id of a named bitmap.
+    pub fn id(&self, name: &str) -> Result<BitmapId> {
+        Ok(self.lock().named(name)?.id)
+    }
+
+    /// SHA-256 of a named bitmap's bits (`x-debug-block-dirty-bitmap-sha256`).
+    pub fn sha256(&self, name: &str) -> Result<String> {
+        Ok(self.lock().named(name)?.bits.sha256())
+    }
+
+    /// What queries report, newest bitmap first; anonymous ones are left out.
+    pub fn info(&self) -> Vec<BitmapInfo> {
+        self.lock()
+            .bitmaps
+            .iter()
+            .filter_map(|bm| {
+                Some(BitmapInfo {
+                    name: bm.name.clone()?,
+                    count: bm.bits.dirty_granules() << bm.bits.granularity(),
+                    granularity: 1 << bm.bits.granularity(),
+                    recording: bm.recording(),
+                    busy: bm.busy,
+                    persistent: bm.persistent,
+                    inconsistent: bm.inconsistent,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,298 @@
+//! `file`: a regular file or block device, through the host kernel.
+//!
+//! Requests run as blocking `pread`/`pwrite` on tokio's blocking thread pool.
+//! With `cache.direct=on` the file is opened `O_DIRECT` and requests must be
+//! 4 KiB-aligned in offset, length and memory (the node bounces the rest).
+//! Block status comes from `SEEK_DATA`/`SEEK_HOLE`; write-zeroes and discard
+//! use `fallocate`, falling back to writing zeroes where the filesystem
+//! refuses.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::Arc;
+
+use rustix::fs::{FallocateFlags, SeekFrom};
+use rustix::io::Errno;
+
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+use crate::node::{BoxFuture, BufResult, Driver, Extent, Limits, ZeroFlags};
+
+/// Alignment for `O_DIRECT`: safe for every device in use today.
+const DIRECT_ALIGNMENT: u64 = 4096;
+/// Largest zero buffer written at once when `fallocate` cannot zero.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// An open file.
+#[derive(Debug)]
+pub(crate) struct FileDriver {
+    file: Arc<File>,
+    length: u64,
+    direct: bool,
+}
+
+impl FileDriver {
+    /// Opens `path`; read-only if `read_only`. With `auto_read_only`, a file
+    /// that cannot be opened for writing is opened read-only instead; the
+    /// second value says whether that happened.
+    pub(crate) fn open(
+        path: &str,
+        read_only: bool,
+        auto_read_only: bool,
+        direct: bool,
+    ) -> Result<(FileDriver, bool)> {
+        let open = |write: bool| {
+            let mut options = OpenOptions::new();
+            options.read(true).write(write);
+            if direct {
+                options.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+            }
+            options.open(path)
+        };
+        let (file, read_only) = match open(!read_only) {
+            Ok(file) => (file, read_only),
+            Err(e)
+                if !read_only
+                    && auto_read_only
+                    && matches!(
+                        Errno::from_io_error(&e),
+                        Some(Errno::ACCESS | Errno::ROFS | Errno::PERM)
+                    ) =>
+            {
+                (
+                    open(false).map_err(|source| Error::Open {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                    true,
+                )
+            }
+            Err(source) => {
+                return Err(Error::Open {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let length = rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| Error::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        Ok((
+            FileDriver {
+                file: Arc::new(file),
+                length,
+                direct,
+            },
+            read_only,
+        ))
+    }
+
+    /// Runs `f` on the file in the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let file = self.file.clone();
+        match tokio::task::spawn_blocking(move || f(&file)).await {
+            Ok(result) => result.map_err(|e| Error::io(op, e)),
+            Err(join) => Err(Error::io(op, io::Error::other(join.to_string()))),
+        }
+    }
+
+    /// Writes zero buffers over `offset..offset + len`.
+    async fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        let align = if self.direct { DIRECT_ALIGNMENT } else { 1 };
+        self.blocking("write zeroes", move |file| {
+            let zeroes = IoBuf::zeroed(len.min(ZERO_CHUNK) as usize, align as usize);
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(ZERO_CHUNK) as usize;
+                file.write_all_at(&zeroes.as_slice()[..n], pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fallocate(
+        &self,
+        op: &'static str,
+        flags: FallocateFlags,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        self.blocking(op, move |file| {
+            rustix::fs::fallocate(file, flags, offset, len).map_err(io::Error::from)
+        })
+        .await
+    }
+}
+
+/// Whether an error says the filesystem cannot do this `fallocate` mode.
+fn unsupported(e: &Error) -> bool {
+    e.errno() == Errno::OPNOTSUPP.raw_os_error() || e.errno() == Errno::NOSYS.raw_os_error()
+}
+
+impl Driver for FileDriver {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn length(&self) -> u64 {
+        self.length
+    }
+
+    fn limits(&self) -> Limits {
+        if self.direct {
+            Limits {
+                request_alignment: DIRECT_ALIGNMENT,
+                memory_alignment: DIRECT_ALIGNMENT as usize,
+                cluster_size: None,
+            }
+        } else {
+            Limits::default()
+        }
+    }
+
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(async move {
+            let file = self.file.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let mut buf = buf;
+                let result = read_full(&file, buf.as_mut_slice(), offset);
+                (result, buf)
+            });
+            match task.await {
+                Ok((result, buf)) => (result.map_err(|e| Error::io("read", e)), buf),
+                Err(join) => (
+                    Err(Error::io("read", io::Error::other(join.to_string()))),
+                    IoBuf::zeroed(0, 1),
+                ),
+            }
+        })
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(async move {
+            let file = self.file.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let mut result = file.write_all_at(buf.as_slice(), offset);
+                if fua && result.is_ok() {
+                    result = file.sync_data();
+                }
+                (result, buf)
+            });
+            match task.await {
+                Ok((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
+                Err(join) => (
+                    Err(Error::io("write", io::Error::other(join.to_string()))),
+                    IoBuf::zeroed(0, 1),
+                ),
+            }
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let keep = FallocateFlags::KEEP_SIZE;
+            let mode = if flags.may_unmap {
+                FallocateFlags::PUNCH_HOLE | keep
+            } else {
+                FallocateFlags::ZERO_RANGE | keep
+            };
+            let mut result = self.fallocate("write zeroes", mode, offset, len).await;
+            if result.as_ref().is_err_and(unsupported) && flags.may_unmap {
+                result = self
+                    .fallocate(
+                        "write zeroes",
+                        FallocateFlags::ZERO_RANGE | keep,
+                        offset,
+                        len,
+                    )
+                    .await;
+            }
+            match result {
+                Err(e) if unsupported(&e) && flags.fast => {
+                    Err(Error::NotSupported("fast zeroing on this file system"))
+                }
+                Err(e) if unsupported(&e) => self.write_zero_buffers(offset, len).await,
+                other => other,
+            }?;
+            if flags.fua {
+                self.blocking("flush", |file| file.sync_data()).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            match self.fallocate("discard", mode, offset, len).await {
+                // Discard is advisory: where holes cannot be punched, the
+                // data simply stays.
+                Err(e) if unsupported(&e) => Ok(()),
+                other => other,
+            }
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.blocking("flush", |file| file.sync_data()).await })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
+        Box::pin(async move {
+            let end = offset + len;
+            let (data, stop) = self
+                .blocking("block status", move |file| seek_status(file, offset, end))
+                .await?;
+            Ok(Extent {
+                offset,
+                len: stop.min(end) - offset,
+                data,
+                zero: !data,
+                allocated: true,
+                depth: 1,
+            })
+        })
+    }
+}
+
+/// Whether `offset` is in data (else in a hole), and where that run ends.
+/// Files that cannot tell report everything as data.
+fn seek_status(file: &File, offset: u64, end: u64) -> io::Result<(bool, u64)> {
+    match rustix::fs::seek(file, SeekFrom::Data(offset)) {
+        Ok(data) if data == offset => match rustix::fs::seek(file, SeekFrom::Hole(offset)) {
+            Ok(hole) => Ok((true, hole.max(offset + 1))),
+            Err(_) => Ok((true, end)),
+        },
+        Ok(data) => Ok((false, data)),
+        // No data at or after `offset`: a hole to the end.
+        Err(Errno::NXIO) => Ok((false, end)),
+        Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok((true, end)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`, zero-filling past the end of the
+/// file (the last block of an `O_DIRECT` file may be short).
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The storage drivers: `file` (protocol), `raw` (format), `null-co`.
+
+mod file;
+mod null;
+mod raw;
+
+pub(crate) use file::FileDriver;
+pub(crate) use null::NullDriver;
+pub(crate) use raw::RawDriver;

@@ -1,0 +1,98 @@
+//! `raw`: the format without a format. Passes every request to its `file`
+//! child, shifted by `offset` and confined to `size`.
+
+use std::sync::Arc;
+
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, ZeroFlags};
+
+/// A window `offset..offset + size` of the child node.
+#[derive(Debug)]
+pub(crate) struct RawDriver {
+    file: Arc<Edge>,
+    offset: u64,
+    size: u64,
+}
+
+impl RawDriver {
+    /// Checks the window against the child, with QEMU's messages.
+    pub(crate) fn new(file: Arc<Edge>, offset: u64, size: Option<u64>) -> Result<RawDriver> {
+        let file_size = file.node().length();
+        if offset > file_size {
+            return Err(Error::RawOffsetTooLarge { offset, file_size });
+        }
+        let size = match size {
+            Some(size) if size % 512 != 0 => return Err(Error::RawSizeAlignment),
+            Some(size) if file_size - offset < size => {
+                return Err(Error::RawRangeTooLarge {
+                    offset,
+                    size,
+                    file_size,
+                });
+            }
+            Some(size) => size,
+            None => file_size - offset,
+        };
+        Ok(RawDriver { file, offset, size })
+    }
+}
+
+impl Driver for RawDriver {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn length(&self) -> u64 {
+        self.size
+    }
+
+    fn limits(&self) -> Limits {
+        self.file.node().limits()
+    }
+
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(async move { self.file.node().read_into(self.offset + offset, buf).await })
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(async move { self.file.node().write(self.offset + offset, buf, fua).await })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.file
+                .node()
+                .write_zeroes(self.offset + offset, len, flags)
+                .await
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.file.node().discard(self.offset + offset, len).await })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.file.node().flush().await })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
+        Box::pin(async move {
+            let node = self.file.node();
+            let first = node
+                .block_status(self.offset + offset, len)
+                .await?
+                .into_iter()
+                .next();
+            let e = first.ok_or(Error::NotSupported("block status of an empty range"))?;
+            Ok(Extent {
+                offset,
+                len: e.len,
+                data: e.data,
+                zero: e.zero,
+                allocated: true,
+                depth: 1,
+            })
+        })
+    }
+}

@@ -1,0 +1,221 @@
+//! The graph of named nodes: adding (`blockdev-add`), finding, deleting
+//! (`blockdev-del`) and replacing nodes.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::drivers::{FileDriver, NullDriver, RawDriver};
+use crate::error::{Error, Result};
+use crate::node::{ChildRole, Driver, Edge, Node, Settings, User};
+use crate::options::{
+    BlockdevOptions, ChildRef, DriverOptions, check_node_name, check_node_name_length,
+};
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Newest first, as QEMU lists them.
+    nodes: Vec<Arc<Node>>,
+    /// For naming inline children `#blockNNN`.
+    implicit_counter: u64,
+}
+
+impl Inner {
+    fn find(&self, name: &str) -> Option<&Arc<Node>> {
+        self.nodes.iter().find(|n| n.name() == name)
+    }
+}
+
+/// All nodes of a daemon. Cheap to share behind an `Arc`; every method locks
+/// briefly and never waits for I/O.
+#[derive(Debug, Default)]
+pub struct Graph {
+    inner: Mutex<Inner>,
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a node and its inline children (`blockdev-add`). The root must
+    /// be named. On error nothing is added.
+    pub fn add(&self, options: &BlockdevOptions) -> Result<Arc<Node>> {
+        if options.node_name.is_none() {
+            return Err(Error::NodeNameMissing);
+        }
+        let mut inner = self.lock();
+        let mut created = Vec::new();
+        match open(&mut inner, options, false, &mut created) {
+            Ok(node) => {
+                // Children first in `created`; newest first in the list.
+                for n in created {
+                    inner.nodes.insert(0, n);
+                }
+                Ok(node)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The node called `name`, or QEMU's "Cannot find device=… nor
+    /// node-name=…" error.
+    pub fn get(&self, name: &str) -> Result<Arc<Node>> {
+        self.find(name)
+            .ok_or_else(|| Error::NodeNotFound(name.to_owned()))
+    }
+
+    /// The node called `name`, if any.
+    pub fn find(&self, name: &str) -> Option<Arc<Node>> {
+        self.lock().find(name).cloned()
+    }
+
+    /// All nodes, newest first.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.lock().nodes.clone()
+    }
+
+    /// Deletes a node added with [`add`](Self::add) (`blockdev-del`), with
+    /// its inline children. Refused while an export or job uses it, while
+    /// another node has it as a child, or for inline children themselves.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let node = inner
+            .find(name)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchNodeToDelete(name.to_owned()))?;
+        let users = node.users();
+        if users
+            .iter()
+            .any(|e| matches!(e.user(), User::Export(_) | User::Job(_)))
+        {
+            return Err(Error::NodeInUse(name.to_owned()));
+        }
+        if node.is_implicit() {
+            return Err(Error::NodeNotOwned(name.to_owned()));
+        }
+        if !users.is_empty() {
+            return Err(Error::NodeHasParents(name.to_owned()));
+        }
+        let mut doomed = vec![node];
+        while let Some(n) = doomed.pop() {
+            inner.nodes.retain(|m| !Arc::ptr_eq(m, &n));
+            for (_, edge) in n.children() {
+                let child = edge.node();
+                // Inline children die with their parent unless someone else
+                // took them over meanwhile.
+                if child.is_implicit() && child.users().len() == 1 {
+                    doomed.push(child);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every user of `from` (parents, exports, jobs) to `to`: mirror's
+    /// pivot. Edges from `to` itself (e.g. `to` backed by `from`) stay, so no
+    /// cycle forms. The caller drains `from` first if it needs a quiet cut.
+    pub fn replace(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
+        if Arc::ptr_eq(from, to) {
+            return Err(Error::CannotReplace {
+                from: from.name().to_owned(),
+                to: to.name().to_owned(),
+                reason: "a node cannot replace itself",
+            });
+        }
+        let _inner = self.lock();
+        let mut moved = Vec::new();
+        let mut kept = Vec::new();
+        for weak in from.take_parents() {
+            let Some(edge) = weak.upgrade() else {
+                continue;
+            };
+            let from_to = matches!(edge.user(), User::Parent { parent, .. } if parent == to.name());
+            if from_to {
+                kept.push(weak);
+            } else {
+                edge.point_at(to);
+                moved.push(weak);
+            }
+        }
+        from.adopt_parents(kept);
+        to.adopt_parents(moved);
+        Ok(())
+    }
+}
+
+/// Opens `options` and its inline children, pushing every new node (children
+/// before parents) to `created`. Nothing is registered in `inner` here.
+fn open(
+    inner: &mut Inner,
+    options: &BlockdevOptions,
+    implicit: bool,
+    created: &mut Vec<Arc<Node>>,
+) -> Result<Arc<Node>> {
+    let name = match &options.node_name {
+        Some(name) => {
+            check_node_name(name)?;
+            let taken = inner.find(name).is_some() || created.iter().any(|n| n.name() == name);
+            if taken {
+                return Err(Error::DuplicateNode(name.clone()));
+            }
+            check_node_name_length(name)?;
+            name.clone()
+        }
+        None => {
+            inner.implicit_counter += 1;
+            format!("#block{:03}", inner.implicit_counter)
+        }
+    };
+    let mut read_only = options.read_only;
+    let mut children = Vec::new();
+    let driver: Box<dyn Driver> = match &options.driver {
+        DriverOptions::NullCo { size, .. } => Box::new(NullDriver::new(*size)),
+        DriverOptions::File { filename, .. } => {
+            let (driver, ro) = FileDriver::open(
+                filename,
+                options.read_only,
+                options.auto_read_only,
+                options.cache_direct,
+            )?;
+            read_only = ro;
+            Box::new(driver)
+        }
+        DriverOptions::Raw { file, offset, size } => {
+            let child = match file {
+                ChildRef::Reference(child) => inner
+                    .find(child)
+                    .cloned()
+                    .ok_or_else(|| Error::NodeNotFound(child.clone()))?,
+                ChildRef::Inline(child_options) => {
+                    // Inline children inherit read-only from their parent.
+                    let mut child_options = (**child_options).clone();
+                    child_options.read_only |= options.read_only;
+                    let inline_implicit = child_options.node_name.is_none();
+                    open(inner, &child_options, inline_implicit, created)?
+                }
+            };
+            let edge = Edge::new(
+                &child,
+                User::Parent {
+                    parent: name.clone(),
+                    role: ChildRole::File,
+                },
+            );
+            children.push((ChildRole::File, edge.clone()));
+            Box::new(RawDriver::new(edge, *offset, *size)?)
+        }
+    };
+    let settings = Settings {
+        read_only,
+        discard: options.discard,
+        detect_zeroes: options.detect_zeroes,
+        no_flush: options.cache_no_flush,
+    };
+    let node = Arc::new(Node::new(name, implicit, settings, driver, children));
+    created.push(node.clone());
+    Ok(node)
+}

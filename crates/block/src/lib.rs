@@ -1,0 +1,39 @@
+//! The block layer: a graph of named nodes, the requests that enter them,
+//! their named dirty bitmaps, and write tracking.
+//!
+//! - [`Graph`] holds the nodes by name; [`BlockdevOptions`] describes one, as
+//!   QEMU's `blockdev-add` does. Users (parents, exports, jobs) reach a node
+//!   through an [`Edge`], so that [`Graph::replace`] can swap it under them.
+//! - [`Node`] is where requests enter: read, write, write-zeroes, discard,
+//!   flush and block status, all async, bounds-checked and aligned for the
+//!   driver. Write-type requests mark the node's recording bitmaps before
+//!   they are issued and again when they complete (DESIGN.md §3), so a
+//!   bitmap is always a superset of the writes, and run the [`WriteHook`]s
+//!   that jobs install.
+//! - [`Bitmaps`] are the node's named dirty bitmaps, with QEMU's states
+//!   (recording, busy, readonly, inconsistent, persistent, successor) and
+//!   QEMU's error texts.
+//! - Drivers: `file` (thread pool, `O_DIRECT`, `SEEK_DATA`/`SEEK_HOLE`,
+//!   `fallocate`), `raw` (with `offset`/`size`) and `null-co`.
+//!
+//! Dependencies point down: this crate knows `hbitmap` and the OS, nothing
+//! of NBD, QMP or jobs.
+
+pub mod bitmaps;
+mod buf;
+mod drivers;
+mod error;
+mod graph;
+mod inflight;
+mod node;
+pub mod options;
+
+pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo};
+pub use buf::IoBuf;
+pub use error::{Error, Result};
+pub use graph::Graph;
+pub use node::{
+    BoxFuture, BufResult, ChildRole, Driver, Edge, Extent, Limits, Node, User, WriteHook,
+    WriteKind, WriteRequest, ZeroFlags,
+};
+pub use options::BlockdevOptions;

@@ -1,0 +1,625 @@
+//! A node of the block graph and the requests that enter it.
+//!
+//! Every request is bounds-checked against the node's length, refused on a
+//! read-only node if it writes, and aligned for the driver. Write-type
+//! requests (write, write-zeroes, discard) pass the node's *write tracking*:
+//! the recording bitmaps are marked before the request is issued and again
+//! when it completes, and registered [`WriteHook`]s run around it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use crate::bitmaps::Bitmaps;
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+use crate::inflight::{Inflight, RequestKind};
+use crate::options::{DetectZeroes, Discard};
+
+/// A boxed, sendable future: what driver and hook methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A result that also hands back the request's buffer.
+pub type BufResult<T> = (Result<T>, IoBuf);
+
+/// Constraints a driver puts on requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths must be multiples of this (a power of two).
+    pub request_alignment: u64,
+    /// Buffer addresses must be multiples of this (a power of two).
+    pub memory_alignment: usize,
+    /// Cluster size of the format, when it has one.
+    pub cluster_size: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            request_alignment: 1,
+            memory_alignment: 1,
+            cluster_size: None,
+        }
+    }
+}
+
+/// Allocation status of a range, QEMU's `block-status` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes (at least 1).
+    pub len: u64,
+    /// Reading returns data stored here (not a hole).
+    pub data: bool,
+    /// Reading returns zeroes.
+    pub zero: bool,
+    /// Allocated in this node (as opposed to a backing node).
+    pub allocated: bool,
+    /// Number of nodes down the chain where the status comes from (1: this
+    /// node).
+    pub depth: u32,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZeroFlags {
+    /// The range may be deallocated instead of written.
+    pub may_unmap: bool,
+    /// Fail with [`Error::NotSupported`] unless zeroing is fast (no data
+    /// written).
+    pub fast: bool,
+    /// Force unit access: the zeroes are on stable storage at completion.
+    pub fua: bool,
+}
+
+/// A storage driver: the part of a node that talks to a file, a child or a
+/// peer. Requests arrive checked and aligned to [`Driver::limits`].
+pub trait Driver: Send + Sync {
+    /// QEMU's name of the driver (`file`, `raw`, `null-co`).
+    fn name(&self) -> &'static str;
+    /// Length in bytes.
+    fn length(&self) -> u64;
+    /// Alignment constraints and cluster size.
+    fn limits(&self) -> Limits;
+    /// Fills `buf` from `offset`.
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>>;
+    /// Writes `buf` at `offset`.
+    fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BoxFuture<'_, BufResult<()>>;
+    /// Makes `offset..offset + len` read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
+    /// Deallocates `offset..offset + len` where possible; contents become
+    /// unspecified.
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+    /// The status of the extent that starts at `offset`, at most `len` long.
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>>;
+}
+
+/// What a write-type request does, as hooks see it.
+#[derive(Debug, Clone, Copy)]
+pub enum WriteKind<'a> {
+    /// Data is written.
+    Data(&'a IoBuf),
+    /// Zeroes are written.
+    Zeroes(ZeroFlags),
+    /// The range is discarded.
+    Discard,
+}
+
+/// A write-type request on its way through a node.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteRequest<'a> {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// What is written.
+    pub kind: WriteKind<'a>,
+}
+
+/// A job's hook on a node's write path. `before` runs after the bitmaps are
+/// marked and before the request is issued (copy-before-write saves old data
+/// here); `after` runs once it completed, before the request is reported
+/// complete (an active mirror writes the same data to its target here).
+/// An error from either fails the request.
+pub trait WriteHook: Send + Sync {
+    /// Runs before the request is issued.
+    fn before<'a>(&'a self, node: &'a Node, req: WriteRequest<'a>) -> BoxFuture<'a, Result<()>>;
+    /// Runs after the request completed successfully.
+    fn after<'a>(&'a self, node: &'a Node, req: WriteRequest<'a>) -> BoxFuture<'a, Result<()>>;
+}
+
+/// The role of a child edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildRole {
+    /// The protocol layer under a format (`file`).
+    File,
+    /// The backing image of a format (`backing`).
+    Backing,
+}
+
+impl ChildRole {
+    /// QEMU's name of the role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+        }
+    }
+}
+
+/// Who holds an [`Edge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum User {
+    /// Another node, as its child.
+    Parent {
+        /// The parent's name.
+        parent: String,
+        /// The child's role.
+        role: ChildRole,
+    },
+    /// An export (NBD), by id.
+    Export(String),
+    /// A block job, by id.
+    Job(String),
+}
+
+/// A user's reference to a node. Everything that uses a node (a parent, an
+/// export, a job) goes through an edge, so that [`crate::Graph::replace`]
+/// can move all users to another node at once (mirror's pivot). While an
+/// edge lives, its node cannot be deleted.
+#[derive(Debug)]
+pub struct Edge {
+    node: RwLock<Arc<Node>>,
+    user: User,
+}
+
+impl Edge {
+    /// Attaches `user` to `node`.
+    pub fn new(node: &Arc<Node>, user: User) -> Arc<Edge> {
+        let edge = Arc::new(Edge {
+            node: RwLock::new(node.clone()),
+            user,
+        });
+        node.add_parent(&edge);
+        edge
+    }
+
+    /// The node this edge points at now.
+    pub fn node(&self) -> Arc<Node> {
+        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Who holds the edge.
+    pub fn user(&self) -> &User {
+        &self.user
+    }
+
+    pub(crate) fn point_at(&self, node: &Arc<Node>) {
+        *self.node.write().unwrap_or_else(|e| e.into_inner()) = node.clone();
+    }
+}
+
+/// Per-node settings from its options.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub read_only: bool,
+    pub discard: Discard,
+    pub detect_zeroes: DetectZeroes,
+    pub no_flush: bool,
+}
+
+/// A node of the block graph: a driver, its children, its bitmaps, and the
+/// request path with write tracking.
+pub struct Node {
+    name: String,
+    implicit: bool,
+    settings: Settings,
+    driver: Box<dyn Driver>,
+    children: Vec<(ChildRole, Arc<Edge>)>,
+    parents: Mutex<Vec<Weak<Edge>>>,
+    bitmaps: Bitmaps,
+    hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
+    inflight: Inflight,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub(crate) fn new(
+        name: String,
+        implicit: bool,
+        settings: Settings,
+        driver: Box<dyn Driver>,
+        children: Vec<(ChildRole, Arc<Edge>)>,
+    ) -> Node {
+        let bitmaps = Bitmaps::new(&name, driver.length(), driver.limits().cluster_size);
+        Node {
+            name,
+            implicit,
+            settings,
+            driver,
+            children,
+            parents: Mutex::new(Vec::new()),
+            bitmaps,
+            hooks: RwLock::new(Vec::new()),
+            inflight: Inflight::default(),
+        }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the node was created inline as another node's child (QEMU:
+    /// not owned by the monitor).
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// QEMU's name of the driver.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    /// Length in bytes.
+    pub fn length(&self) -> u64 {
+        self.driver.length()
+    }
+
+    /// The driver's constraints.
+    pub fn limits(&self) -> Limits {
+        self.driver.limits()
+    }
+
+    /// Whether every write is refused.
+    pub fn is_read_only(&self) -> bool {
+        self.settings.read_only
+    }
+
+    /// The children, with their roles.
+    pub fn children(&self) -> &[(ChildRole, Arc<Edge>)] {
+        &self.children
+    }
+
+    /// The named and anonymous dirty bitmaps of this node.
+    pub fn bitmaps(&self) -> &Bitmaps {
+        &self.bitmaps
+    }
+
+    /// The live edges that point at this node.
+    pub fn users(&self) -> Vec<Arc<Edge>> {
+        let mut parents = self.parents.lock().unwrap_or_else(|e| e.into_inner());
+        parents.retain(|w| w.strong_count() > 0);
+        parents.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    fn add_parent(&self, edge: &Arc<Edge>) {
+        let mut parents = self.parents.lock().unwrap_or_else(|e| e.into_inner());
+        parents.retain(|w| w.strong_count() > 0);
+        parents.push(Arc::downgrade(edge));
+    }
+
+    pub(crate) fn take_parents(&self) -> Vec<Weak<Edge>> {
+        std::mem::take(&mut *self.parents.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn adopt_parents(&self, edges: impl IntoIterator<Item = Weak<Edge>>) {
+        let mut parents = self.parents.lock().unwrap_or_else(|e| e.into_inner());
+        parents.extend(edges);
+    }
+
+    /// Registers a hook on the write path; it stays until removed.
+    pub fn add_write_hook(&self, hook: Arc<dyn WriteHook>) {
+        self.hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(hook);
+    }
+
+    /// Removes a hook added with [`add_write_hook`](Self::add_write_hook).
+    pub fn remove_write_hook(&self, hook: &Arc<dyn WriteHook>) {
+        self.hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h| !Arc::ptr_eq(h, hook));
+    }
+
+    fn hooks(&self) -> Vec<Arc<dyn WriteHook>> {
+        self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until no request overlapping `offset..offset + len` is in
+    /// flight (requests that start later are not waited for... unless they
+    /// overlap a serialising one).
+    pub async fn wait_for_overlapping(&self, offset: u64, len: u64) {
+        self.inflight.wait_idle(offset, len).await;
+    }
+
+    /// Waits until no request at all is in flight.
+    pub async fn drain(&self) {
+        self.inflight.wait_idle(0, u64::MAX).await;
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.length();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                node: self.name.clone(),
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        if self.settings.read_only {
+            return Err(Error::ReadOnly(self.name.clone()));
+        }
+        self.check_range(offset, len)
+    }
+
+    fn aligned(&self, offset: u64, len: u64) -> bool {
+        let a = self.limits().request_alignment;
+        offset % a == 0 && len % a == 0
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        let buf = IoBuf::zeroed(len, self.limits().memory_alignment);
+        let (result, buf) = self.read_into(offset, buf).await;
+        result.map(|()| buf)
+    }
+
+    /// Fills `buf` from `offset`, handing the buffer back.
+    pub async fn read_into(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
+        let len = buf.len() as u64;
+        if let Err(e) = self.check_range(offset, len) {
+            return (Err(e), buf);
+        }
+        if len == 0 {
+            return (Ok(()), buf);
+        }
+        let _req = self.inflight.begin(offset, len, RequestKind::Read).await;
+        let limits = self.limits();
+        if self.aligned(offset, len) && buf.is_aligned(limits.memory_alignment) {
+            return self.driver.read(offset, buf).await;
+        }
+        // Bounce: read the aligned cover, copy out the part asked for.
+        let (start, end) = self.cover(offset, len);
+        let bounce = IoBuf::zeroed((end - start) as usize, limits.memory_alignment);
+        let (result, bounce) = self.driver.read(start, bounce).await;
+        let mut buf = buf;
+        if result.is_ok() {
+            let skip = (offset - start) as usize;
+            buf.as_mut_slice()
+                .copy_from_slice(&bounce.as_slice()[skip..skip + len as usize]);
+        }
+        (result, buf)
+    }
+
+    /// The aligned range that covers `offset..offset + len`, clipped to the
+    /// node's length.
+    fn cover(&self, offset: u64, len: u64) -> (u64, u64) {
+        let a = self.limits().request_alignment;
+        let start = offset - offset % a;
+        let end = (offset + len)
+            .div_ceil(a)
+            .saturating_mul(a)
+            .min(self.length());
+        (start, end)
+    }
+
+    /// Writes `buf` at `offset`, handing the buffer back. With `fua`, the
+    /// data is durable when this returns. All-zero data becomes a
+    /// write-zeroes request when the node has `detect-zeroes`.
+    pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
+        /// Returns the error together with the buffer.
+        macro_rules! check {
+            ($e:expr, $buf:expr) => {
+                if let Err(e) = $e {
+                    return (Err(e), $buf);
+                }
+            };
+        }
+        let len = buf.len() as u64;
+        check!(self.check_write(offset, len), buf);
+        if len == 0 {
+            return (Ok(()), buf);
+        }
+        if self.settings.detect_zeroes != DetectZeroes::Off && buf.is_zero() {
+            let may_unmap = self.settings.detect_zeroes == DetectZeroes::Unmap
+                && self.settings.discard == Discard::Unmap;
+            let flags = ZeroFlags {
+                may_unmap,
+                fast: false,
+                fua,
+            };
+            return (self.write_zeroes(offset, len, flags).await, buf);
+        }
+        let serialising = !self.aligned(offset, len);
+        let kind = if serialising {
+            RequestKind::Serialising
+        } else {
+            RequestKind::Write
+        };
+        let _req = self.inflight.begin(offset, len, kind).await;
+        let hooks = self.hooks();
+        self.bitmaps.mark(offset, len);
+        for hook in &hooks {
+            let req = WriteRequest {
+                offset,
+                len,
+                kind: WriteKind::Data(&buf),
+            };
+            check!(hook.before(self, req).await, buf);
+        }
+        let (result, buf) = if serialising {
+            (self.write_unaligned(offset, &buf, fua).await, buf)
+        } else if buf.is_aligned(self.limits().memory_alignment) {
+            self.driver.write(offset, buf, fua).await
+        } else {
+            let copy = IoBuf::copy_from(buf.as_slice(), self.limits().memory_alignment);
+            (self.driver.write(offset, copy, fua).await.0, buf)
+        };
+        self.bitmaps.mark(offset, len);
+        check!(result, buf);
+        for hook in &hooks {
+            let req = WriteRequest {
+                offset,
+                len,
+                kind: WriteKind::Data(&buf),
+            };
+            check!(hook.after(self, req).await, buf);
+        }
+        (Ok(()), buf)
+    }
+
+    /// Read-modify-write of the aligned cover of an unaligned write; the
+    /// caller holds a serialising in-flight entry over it.
+    async fn write_unaligned(&self, offset: u64, data: &IoBuf, fua: bool) -> Result<()> {
+        let (start, end) = self.cover(offset, data.len() as u64);
+        let limits = self.limits();
+        let bounce = IoBuf::zeroed((end - start) as usize, limits.memory_alignment);
+        let (result, mut bounce) = self.driver.read(start, bounce).await;
+        result?;
+        let skip = (offset - start) as usize;
+        bounce.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data.as_slice());
+        self.driver.write(start, bounce, fua).await.0
+    }
+
+    /// Makes `offset..offset + len` read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = ZeroFlags {
+            may_unmap: flags.may_unmap && self.settings.discard == Discard::Unmap,
+            ..flags
+        };
+        let _req = self.inflight.begin(offset, len, RequestKind::Write).await;
+        let req = WriteRequest {
+            offset,
+            len,
+            kind: WriteKind::Zeroes(flags),
+        };
+        self.tracked(req, self.write_zeroes_aligned(offset, len, flags))
+            .await
+    }
+
+    /// Zeroes an arbitrary range: the aligned middle through the driver,
+    /// unaligned edges as writes of zero bytes.
+    async fn write_zeroes_aligned(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let a = self.limits().request_alignment;
+        let end = offset + len;
+        let mid_start = offset.div_ceil(a).saturating_mul(a).min(end);
+        let mid_end = (end - end % a).max(mid_start);
+        for (s, e) in [(offset, mid_start), (mid_end, end)] {
+            if s < e {
+                if flags.fast {
+                    return Err(Error::NotSupported("fast zeroing of an unaligned range"));
+                }
+                self.write_unaligned(s, &IoBuf::zeroed((e - s) as usize, 1), flags.fua)
+                    .await?;
+            }
+        }
+        if mid_start < mid_end {
+            self.driver
+                .write_zeroes(mid_start, mid_end - mid_start, flags)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Discards `offset..offset + len`. With `discard=ignore` (the default)
+    /// this does nothing and marks no bitmap, as in QEMU.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 || self.settings.discard == Discard::Ignore {
+            return Ok(());
+        }
+        // Only whole aligned blocks can be discarded; the rest stays.
+        let a = self.limits().request_alignment;
+        let start = offset.div_ceil(a).saturating_mul(a);
+        let end = (offset + len) - (offset + len) % a;
+        if start >= end {
+            return Ok(());
+        }
+        let _req = self
+            .inflight
+            .begin(start, end - start, RequestKind::Write)
+            .await;
+        let req = WriteRequest {
+            offset: start,
+            len: end - start,
+            kind: WriteKind::Discard,
+        };
+        self.tracked(req, self.driver.discard(start, end - start))
+            .await
+    }
+
+    /// Runs a write-type request between the two bitmap marks and the hooks.
+    async fn tracked(
+        &self,
+        req: WriteRequest<'_>,
+        request: impl Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let hooks = self.hooks();
+        self.bitmaps.mark(req.offset, req.len);
+        for hook in &hooks {
+            hook.before(self, req).await?;
+        }
+        let result = request.await;
+        self.bitmaps.mark(req.offset, req.len);
+        result?;
+        for hook in &hooks {
+            hook.after(self, req).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes completed writes durable (a no-op with `cache.no-flush`).
+    pub async fn flush(&self) -> Result<()> {
+        if self.settings.no_flush {
+            return Ok(());
+        }
+        self.driver.flush().await
+    }
+
+    /// The status of `offset..offset + len` as a list of extents that cover
+    /// it exactly, in order.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let mut extents = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let mut e = self.driver.block_status(pos, end - pos).await?;
+            e.offset = pos;
+            e.len = e.len.clamp(1, end - pos);
+            pos += e.len;
+            match extents.last_mut() {
+                Some(last) if same_status(last, &e) => last.len += e.len,
+                _ => extents.push(e),
+            }
+        }
+        Ok(extents)
+    }
+}
+
+fn same_status(a: &Extent, b: &Extent) -> bool {
+    (a.data, a.zero, a.allocated, a.depth) == (b.data, b.zero, b.allocated, b.depth)
+}

@@ -1,0 +1,527 @@
+//! `BlockdevOptions`: how a node is described, parsed from QEMU's JSON.
+//!
+//! The same struct serves `blockdev-add` (JSON) and, later, `--blockdev`
+//! (QEMU's key=value syntax, where every scalar arrives as a string: such
+//! input is read with [`BlockdevOptions::from_keyval_json`]). Field names,
+//! defaults and error texts are QEMU's.
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// What the node does with discard requests (`discard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Discard {
+    /// Discards succeed and do nothing (QEMU's default).
+    #[default]
+    Ignore,
+    /// Discards are passed down, punching holes where the driver can.
+    Unmap,
+}
+
+/// Whether writes of zeroes are turned into write-zeroes (`detect-zeroes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Writes are written as they are.
+    #[default]
+    Off,
+    /// All-zero writes become write-zeroes requests.
+    On,
+    /// All-zero writes become write-zeroes that may unmap.
+    Unmap,
+}
+
+/// How the `file` driver submits I/O (`aio`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aio {
+    /// Blocking `pread`/`pwrite` on a thread pool (the default). QEMU's
+    /// `native` (Linux AIO) is accepted as a synonym.
+    #[default]
+    Threads,
+    /// io_uring, falling back to threads where the kernel refuses it.
+    IoUring,
+}
+
+/// A child given either by reference to an existing node or inline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChildRef {
+    /// The name of an existing node.
+    Reference(String),
+    /// A new node, created with its parent and owned by it.
+    Inline(Box<BlockdevOptions>),
+}
+
+/// The driver and its own options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriverOptions {
+    /// `file`: a regular file or block device.
+    File {
+        /// Path of the file.
+        filename: String,
+        /// Submission engine.
+        aio: Aio,
+    },
+    /// `raw`: a format that passes requests to its `file` child, optionally
+    /// restricted to a window `offset..offset + size`.
+    Raw {
+        /// The protocol child.
+        file: ChildRef,
+        /// Start of the window in the child.
+        offset: u64,
+        /// Length of the window; the rest of the child by default.
+        size: Option<u64>,
+    },
+    /// `null-co`: a device that reads zeroes and forgets writes.
+    NullCo {
+        /// Length in bytes (QEMU's default: 1 GiB).
+        size: u64,
+        /// Whether reads fill the buffer with zeroes (they always do here;
+        /// the option is kept for compatibility).
+        read_zeroes: bool,
+    },
+}
+
+impl DriverOptions {
+    /// QEMU's name of the driver.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DriverOptions::File { .. } => "file",
+            DriverOptions::Raw { .. } => "raw",
+            DriverOptions::NullCo { .. } => "null-co",
+        }
+    }
+}
+
+/// Everything needed to open a node: QEMU's `BlockdevOptions` for the
+/// drivers bitmirror has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockdevOptions {
+    /// The node's name; required for nodes the user adds, generated for
+    /// inline children.
+    pub node_name: Option<String>,
+    /// Refuse every write (`read-only`).
+    pub read_only: bool,
+    /// Open read-only where writing is not possible (`auto-read-only`).
+    pub auto_read_only: bool,
+    /// `discard`.
+    pub discard: Discard,
+    /// Bypass the host page cache (`cache.direct`).
+    pub cache_direct: bool,
+    /// Ignore flush requests (`cache.no-flush`).
+    pub cache_no_flush: bool,
+    /// `detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+    /// The driver and its options.
+    pub driver: DriverOptions,
+}
+
+/// QEMU's default length of a `null-co` node.
+pub const NULL_CO_DEFAULT_SIZE: u64 = 1 << 30;
+
+impl BlockdevOptions {
+    /// Parses QMP's JSON form (`blockdev-add` arguments).
+    pub fn from_json(value: &Value) -> Result<BlockdevOptions> {
+        parse(Fields::new(value, "", false)?)
+    }
+
+    /// Parses the JSON that QEMU's key=value syntax produces, where every
+    /// scalar is a string (`"read-only": "on"`, `"size": "1G"`).
+    pub fn from_keyval_json(value: &Value) -> Result<BlockdevOptions> {
+        parse(Fields::new(value, "", true)?)
+    }
+
+    /// Options for a node of `driver` with everything else at its default.
+    pub fn new(node_name: Option<&str>, driver: DriverOptions) -> BlockdevOptions {
+        BlockdevOptions {
+            node_name: node_name.map(str::to_owned),
+            read_only: false,
+            auto_read_only: false,
+            discard: Discard::default(),
+            cache_direct: false,
+            cache_no_flush: false,
+            detect_zeroes: DetectZeroes::default(),
+            driver,
+        }
+    }
+}
+
+fn parse(mut f: Fields) -> Result<BlockdevOptions> {
+    let driver_name = f.req_str("driver")?;
+    let node_name = f.opt_str("node-name")?;
+    let read_only = f.opt_bool("read-only")?.unwrap_or(false);
+    let auto_read_only = f.opt_bool("auto-read-only")?.unwrap_or(false);
+    let discard = f
+        .opt_enum(
+            "discard",
+            &[("ignore", Discard::Ignore), ("unmap", Discard::Unmap)],
+        )?
+        .unwrap_or_default();
+    let (cache_direct, cache_no_flush) = match f.opt_object("cache")? {
+        Some(mut cache) => {
+            let direct = cache.opt_bool("direct")?.unwrap_or(false);
+            let no_flush = cache.opt_bool("no-flush")?.unwrap_or(false);
+            cache.finish()?;
+            (direct, no_flush)
+        }
+        None => (false, false),
+    };
+    let detect_zeroes = f
+        .opt_enum(
+            "detect-zeroes",
+            &[
+                ("off", DetectZeroes::Off),
+                ("on", DetectZeroes::On),
+                ("unmap", DetectZeroes::Unmap),
+            ],
+        )?
+        .unwrap_or_default();
+    let driver = match driver_name.as_str() {
+        "file" => DriverOptions::File {
+            filename: f.req_str("filename")?,
+            aio: f
+                .opt_enum(
+                    "aio",
+                    &[
+                        ("threads", Aio::Threads),
+                        ("native", Aio::Threads),
+                        ("io_uring", Aio::IoUring),
+                    ],
+                )?
+                .unwrap_or_default(),
+        },
+        "raw" => DriverOptions::Raw {
+            file: f.req_child("file")?,
+            offset: f.opt_u64("offset")?.unwrap_or(0),
+            size: f.opt_u64("size")?,
+        },
+        "null-co" => DriverOptions::NullCo {
+            size: f.opt_u64("size")?.unwrap_or(NULL_CO_DEFAULT_SIZE),
+            read_zeroes: f.opt_bool("read-zeroes")?.unwrap_or(false),
+        },
+        other => {
+            return Err(Error::InvalidValue {
+                name: "driver".into(),
+                value: other.into(),
+            });
+        }
+    };
+    f.finish()?;
+    if detect_zeroes == DetectZeroes::Unmap && discard != Discard::Unmap {
+        return Err(Error::DetectZeroesUnmap);
+    }
+    Ok(BlockdevOptions {
+        node_name,
+        read_only,
+        auto_read_only,
+        discard,
+        cache_direct,
+        cache_no_flush,
+        detect_zeroes,
+        driver,
+    })
+}
+
+/// A QAPI-style reader of one JSON object: takes fields by name, checks
+/// their types with QEMU's messages, and complains about leftovers.
+struct Fields {
+    map: Map<String, Value>,
+    prefix: String,
+    keyval: bool,
+}
+
+impl Fields {
+    fn new(value: &Value, prefix: &str, keyval: bool) -> Result<Fields> {
+        match value {
+            Value::Object(map) => Ok(Fields {
+                map: map.clone(),
+                prefix: prefix.to_owned(),
+                keyval,
+            }),
+            _ => Err(Error::InvalidParameterType {
+                name: if prefix.is_empty() {
+                    "null".into()
+                } else {
+                    prefix.trim_end_matches('.').to_owned()
+                },
+                expected: "object",
+            }),
+        }
+    }
+
+    fn name(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn type_error(&self, key: &str, expected: &'static str) -> Error {
+        Error::InvalidParameterType {
+            name: self.name(key),
+            expected,
+        }
+    }
+
+    fn opt_str(&mut self, key: &str) -> Result<Option<String>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.type_error(key, "string")),
+        }
+    }
+
+    fn req_str(&mut self, key: &str) -> Result<String> {
+        self.opt_str(key)?
+            .ok_or_else(|| Error::MissingParameter(self.name(key)))
+    }
+
+    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(Value::String(s)) if self.keyval => match s.as_str() {
+                "on" | "yes" | "true" | "y" => Ok(Some(true)),
+                "off" | "no" | "false" | "n" => Ok(Some(false)),
+                _ => Err(Error::InvalidValue {
+                    name: self.name(key),
+                    value: s,
+                }),
+            },
+            Some(_) => Err(self.type_error(key, "boolean")),
+        }
+    }
+
+    fn opt_u64(&mut self, key: &str) -> Result<Option<u64>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) => Ok(Some(v)),
+                None => Err(Error::ParameterRange {
+                    name: self.name(key),
+                    expected: "uint64",
+                }),
+            },
+            Some(Value::String(s)) if self.keyval => {
+                parse_size(&s)
+                    .map(Some)
+                    .ok_or_else(|| Error::ParameterRange {
+                        name: self.name(key),
+                        expected: "uint64",
+                    })
+            }
+            Some(_) => Err(self.type_error(key, "integer")),
+        }
+    }
+
+    fn opt_enum<T: Copy>(&mut self, key: &str, values: &[(&str, T)]) -> Result<Option<T>> {
+        let Some(s) = self.opt_str(key)? else {
+            return Ok(None);
+        };
+        values
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|&(_, v)| Some(v))
+            .ok_or_else(|| Error::InvalidValue {
+                name: self.name(key),
+                value: s,
+            })
+    }
+
+    fn opt_object(&mut self, key: &str) -> Result<Option<Fields>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(v @ Value::Object(_)) => {
+                Fields::new(&v, &format!("{}.", self.name(key)), self.keyval).map(Some)
+            }
+            Some(_) => Err(self.type_error(key, "object")),
+        }
+    }
+
+    fn req_child(&mut self, key: &str) -> Result<ChildRef> {
+        match self.map.remove(key) {
+            None => Err(Error::MissingParameter(self.name(key))),
+            Some(Value::String(s)) => Ok(ChildRef::Reference(s)),
+            Some(v @ Value::Object(_)) => {
+                let fields = Fields::new(&v, &format!("{}.", self.name(key)), self.keyval)?;
+                Ok(ChildRef::Inline(Box::new(parse(fields)?)))
+            }
+            Some(_) => Err(self.type_error(key, "BlockdevRef")),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.map.keys().next() {
+            Some(key) => Err(Error::UnexpectedParameter(self.name(key))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Parses a size as QEMU's key=value syntax writes it: a number with an
+/// optional `k`/`M`/`G`/`T`/`P`/`E` suffix (powers of 1024).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let shift = match suffix {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+/// Checks a node name against QEMU's rules: 1..=31 bytes, letters, digits,
+/// `-`, `.` and `_`, starting with a letter. (The duplicate check lies
+/// between the two, as in QEMU, so callers check the length separately with
+/// [`check_node_name_length`].)
+pub fn check_node_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if well_formed {
+        Ok(())
+    } else {
+        Err(Error::InvalidNodeName(name.to_owned()))
+    }
+}
+
+/// Longest node name, in bytes.
+pub const MAX_NODE_NAME: usize = 31;
+
+/// The length half of QEMU's node-name rules.
+pub fn check_node_name_length(name: &str) -> Result<()> {
+    if name.len() > MAX_NODE_NAME {
+        Err(Error::NodeNameTooLong)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(v: Value) -> String {
+        BlockdevOptions::from_json(&v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_qemus() {
+        let o =
+            BlockdevOptions::from_json(&json!({"driver": "null-co", "node-name": "n0"})).unwrap();
+        assert_eq!(o.node_name.as_deref(), Some("n0"));
+        assert!(!o.read_only && !o.auto_read_only && !o.cache_direct && !o.cache_no_flush);
+        assert_eq!(o.discard, Discard::Ignore);
+        assert_eq!(o.detect_zeroes, DetectZeroes::Off);
+        assert_eq!(
+            o.driver,
+            DriverOptions::NullCo {
+                size: 1 << 30,
+                read_zeroes: false
+            }
+        );
+    }
+
+    #[test]
+    fn nested_children_and_cache() {
+        let o = BlockdevOptions::from_json(&json!({
+            "driver": "raw", "node-name": "disk0", "offset": 512,
+            "discard": "unmap", "detect-zeroes": "unmap",
+            "file": {"driver": "file", "filename": "/x", "aio": "io_uring",
+                     "cache": {"direct": true}}
+        }))
+        .unwrap();
+        let DriverOptions::Raw {
+            file: ChildRef::Inline(child),
+            offset: 512,
+            size: None,
+        } = o.driver
+        else {
+            panic!("{o:?}")
+        };
+        assert!(child.cache_direct);
+        assert_eq!(
+            child.driver,
+            DriverOptions::File {
+                filename: "/x".into(),
+                aio: Aio::IoUring
+            }
+        );
+    }
+
+    #[test]
+    fn errors_are_qemus() {
+        assert_eq!(
+            err(json!({"driver": "nosuch"})),
+            "Parameter 'driver' does not accept value 'nosuch'"
+        );
+        assert_eq!(err(json!({})), "Parameter 'driver' is missing");
+        assert_eq!(
+            err(json!({"driver": "null-co", "read-only": "yes"})),
+            "Invalid parameter type for 'read-only', expected: boolean"
+        );
+        assert_eq!(
+            err(json!({"driver": "null-co", "bogus": 1})),
+            "Parameter 'bogus' is unexpected"
+        );
+        assert_eq!(
+            err(json!({"driver": "null-co", "discard": "bogus"})),
+            "Parameter 'discard' does not accept value 'bogus'"
+        );
+        assert_eq!(
+            err(json!({"driver": "null-co", "detect-zeroes": "unmap"})),
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+        );
+        assert_eq!(
+            err(
+                json!({"driver": "raw", "file": {"driver": "file", "filename": "/x", "cache": {"x": 1}}})
+            ),
+            "Parameter 'file.cache.x' is unexpected"
+        );
+        assert_eq!(err(json!({"driver": "raw"})), "Parameter 'file' is missing");
+        assert_eq!(
+            err(json!({"driver": "null-co", "size": -1})),
+            "Parameter 'size' expects uint64"
+        );
+    }
+
+    #[test]
+    fn keyval_scalars_are_strings() {
+        let o = BlockdevOptions::from_keyval_json(&json!({
+            "driver": "null-co", "node-name": "n", "size": "2G", "read-only": "on"
+        }))
+        .unwrap();
+        assert!(o.read_only);
+        assert_eq!(
+            o.driver,
+            DriverOptions::NullCo {
+                size: 2 << 30,
+                read_zeroes: false
+            }
+        );
+    }
+
+    #[test]
+    fn node_names() {
+        for good in ["a", "disk0", "A-b.c_d", "x234567890123456789012345678901"] {
+            check_node_name(good).unwrap();
+        }
+        for bad in ["", "1bad", "a#b", "-x", "ä"] {
+            assert_eq!(
+                check_node_name(bad).unwrap_err().to_string(),
+                format!("Invalid node-name: '{bad}'")
+            );
+        }
+        assert_eq!(
+            check_node_name_length("abcdefghijabcdefghijabcdefghij12")
+                .unwrap_err()
+                .to_string(),
+            "Node name too long"
+        );
+    }
+}
