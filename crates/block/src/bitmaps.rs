@@ -14,6 +14,7 @@
 //! that is enabled, so a bitmap is a superset of the writes made while it
 //! recorded.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use hbitmap::HBitmap;
@@ -57,6 +58,19 @@ pub struct BitmapInfo {
 pub struct ClearUndo {
     id: BitmapId,
     old: HBitmap,
+}
+
+/// The saved state of a bitmap being loaded, for [`Bitmaps::add_loaded`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadedState {
+    /// Not recording writes.
+    pub disabled: bool,
+    /// From a read-only image: must not be modified.
+    pub readonly: bool,
+    /// Saved with the image.
+    pub persistent: bool,
+    /// Not saved cleanly: unusable, may only be removed.
+    pub inconsistent: bool,
 }
 
 /// Which states a command refuses (QEMU's `BDRV_BITMAP_*` check flags).
@@ -137,6 +151,8 @@ pub struct Bitmaps {
     length: u64,
     default_granularity: u64,
     list: Mutex<List>,
+    /// Whether some bitmap is readonly: then the node refuses writes.
+    has_readonly: AtomicBool,
 }
 
 impl Bitmaps {
@@ -149,7 +165,19 @@ impl Bitmaps {
             length,
             default_granularity: cluster_size.map_or(1 << 16, |c| c.clamp(1 << 12, 1 << 16)),
             list: Mutex::new(List::default()),
+            has_readonly: AtomicBool::new(false),
         }
+    }
+
+    /// Whether some bitmap is readonly. Writes to the node must then fail,
+    /// as in QEMU: the image and its bitmaps stay unchanged.
+    pub fn has_readonly(&self) -> bool {
+        self.has_readonly.load(Ordering::Acquire)
+    }
+
+    fn update_readonly(&self, list: &List) {
+        let any = list.bitmaps.iter().any(|b| b.readonly);
+        self.has_readonly.store(any, Ordering::Release);
     }
 
     fn lock(&self) -> MutexGuard<'_, List> {
@@ -234,6 +262,39 @@ impl Bitmaps {
         Ok(())
     }
 
+    /// Adds a bitmap loaded from storage (a qcow2 bitmap directory, a
+    /// bitmirror bitmap store), with the state it was saved in. The bits must
+    /// cover the node's length.
+    pub fn add_loaded(&self, name: &str, bits: HBitmap, state: LoadedState) -> Result<()> {
+        if bits.len() != self.length {
+            return Err(Error::BitmapSizeMismatch {
+                dest: self.length,
+                src: bits.len(),
+            });
+        }
+        let mut list = self.lock();
+        if list.bitmaps.iter().any(|b| b.name.as_deref() == Some(name)) {
+            return Err(Error::BitmapExists(name.to_owned()));
+        }
+        let id = list.new_id();
+        list.bitmaps.insert(
+            0,
+            Bitmap {
+                id,
+                name: Some(name.to_owned()),
+                bits,
+                disabled: state.disabled,
+                busy: false,
+                readonly: state.readonly,
+                persistent: state.persistent,
+                inconsistent: state.inconsistent,
+                successor: None,
+            },
+        );
+        self.update_readonly(&list);
+        Ok(())
+    }
+
     /// Adds an anonymous, recording bitmap for a job; it is invisible to
     /// queries and to name lookups.
     pub fn add_anonymous(&self, granularity: u64) -> Result<BitmapId> {
@@ -271,6 +332,7 @@ impl Bitmaps {
         let mut list = self.lock();
         list.named(name)?.check(Check::AllowInconsistent)?;
         list.bitmaps.retain(|b| b.name.as_deref() != Some(name));
+        self.update_readonly(&list);
         Ok(())
     }
 

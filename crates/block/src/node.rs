@@ -365,7 +365,7 @@ impl Node {
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
-        if self.settings.read_only {
+        if self.settings.read_only || self.bitmaps.has_readonly() {
             return Err(Error::ReadOnly(self.name.clone()));
         }
         self.check_range(offset, len)
