@@ -191,9 +191,8 @@ fn open(
                     .cloned()
                     .ok_or_else(|| Error::NodeNotFound(child.clone()))?,
                 ChildRef::Inline(child_options) => {
-                    // Inline children inherit read-only from their parent.
                     let mut child_options = (**child_options).clone();
-                    child_options.read_only |= options.read_only;
+                    child_options.inherit_from(options);
                     let inline_implicit = child_options.node_name.is_none();
                     open(inner, &child_options, inline_implicit, created)?
                 }

@@ -450,12 +450,7 @@ impl Node {
             return (self.write_zeroes(offset, len, flags).await, buf);
         }
         let serialising = !self.aligned(offset, len);
-        let kind = if serialising {
-            RequestKind::Serialising
-        } else {
-            RequestKind::Write
-        };
-        let _req = self.inflight.begin(offset, len, kind).await;
+        let _req = self.begin_write(offset, len).await;
         let hooks = self.hooks();
         self.bitmaps.mark(offset, len);
         for hook in &hooks {
@@ -487,6 +482,20 @@ impl Node {
         (Ok(()), buf)
     }
 
+    /// Registers a write-type request. An unaligned one will read, modify
+    /// and write its aligned cover, so it excludes every request on that
+    /// cover until it is done; an aligned one runs beside others.
+    async fn begin_write(&self, offset: u64, len: u64) -> crate::inflight::Guard<'_> {
+        if self.aligned(offset, len) {
+            self.inflight.begin(offset, len, RequestKind::Write).await
+        } else {
+            let (start, end) = self.cover(offset, len);
+            self.inflight
+                .begin(start, end - start, RequestKind::Serialising)
+                .await
+        }
+    }
+
     /// Read-modify-write of the aligned cover of an unaligned write; the
     /// caller holds a serialising in-flight entry over it.
     async fn write_unaligned(&self, offset: u64, data: &IoBuf, fua: bool) -> Result<()> {
@@ -510,7 +519,7 @@ impl Node {
             may_unmap: flags.may_unmap && self.settings.discard == Discard::Unmap,
             ..flags
         };
-        let _req = self.inflight.begin(offset, len, RequestKind::Write).await;
+        let _req = self.begin_write(offset, len).await;
         let req = WriteRequest {
             offset,
             len,

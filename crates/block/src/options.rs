@@ -113,6 +113,48 @@ pub struct BlockdevOptions {
     pub detect_zeroes: DetectZeroes,
     /// The driver and its options.
     pub driver: DriverOptions,
+    /// Which inheritable options were given explicitly; an inline child
+    /// takes the others from its parent, as in QEMU.
+    pub explicit: Explicit,
+}
+
+/// Which of the options that children inherit were given explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Explicit {
+    /// `read-only` was given.
+    pub read_only: bool,
+    /// `auto-read-only` was given.
+    pub auto_read_only: bool,
+    /// `discard` was given.
+    pub discard: bool,
+    /// `cache.direct` was given.
+    pub cache_direct: bool,
+    /// `cache.no-flush` was given.
+    pub cache_no_flush: bool,
+}
+
+impl BlockdevOptions {
+    /// Takes the options this node did not set explicitly from `parent`
+    /// (`read-only`, `auto-read-only`, `discard`, `cache.*`), as QEMU does
+    /// for children created inline.
+    pub fn inherit_from(&mut self, parent: &BlockdevOptions) {
+        let e = self.explicit;
+        if !e.read_only {
+            self.read_only = parent.read_only;
+        }
+        if !e.auto_read_only {
+            self.auto_read_only = parent.auto_read_only;
+        }
+        if !e.discard {
+            self.discard = parent.discard;
+        }
+        if !e.cache_direct {
+            self.cache_direct = parent.cache_direct;
+        }
+        if !e.cache_no_flush {
+            self.cache_no_flush = parent.cache_no_flush;
+        }
+    }
 }
 
 /// QEMU's default length of a `null-co` node.
@@ -141,6 +183,7 @@ impl BlockdevOptions {
             cache_no_flush: false,
             detect_zeroes: DetectZeroes::default(),
             driver,
+            explicit: Explicit::default(),
         }
     }
 }
@@ -148,23 +191,33 @@ impl BlockdevOptions {
 fn parse(mut f: Fields) -> Result<BlockdevOptions> {
     let driver_name = f.req_str("driver")?;
     let node_name = f.opt_str("node-name")?;
-    let read_only = f.opt_bool("read-only")?.unwrap_or(false);
-    let auto_read_only = f.opt_bool("auto-read-only")?.unwrap_or(false);
-    let discard = f
-        .opt_enum(
-            "discard",
-            &[("ignore", Discard::Ignore), ("unmap", Discard::Unmap)],
-        )?
-        .unwrap_or_default();
+    let read_only = f.opt_bool("read-only")?;
+    let auto_read_only = f.opt_bool("auto-read-only")?;
+    let discard = f.opt_enum(
+        "discard",
+        &[("ignore", Discard::Ignore), ("unmap", Discard::Unmap)],
+    )?;
     let (cache_direct, cache_no_flush) = match f.opt_object("cache")? {
         Some(mut cache) => {
-            let direct = cache.opt_bool("direct")?.unwrap_or(false);
-            let no_flush = cache.opt_bool("no-flush")?.unwrap_or(false);
+            let direct = cache.opt_bool("direct")?;
+            let no_flush = cache.opt_bool("no-flush")?;
             cache.finish()?;
             (direct, no_flush)
         }
-        None => (false, false),
+        None => (None, None),
     };
+    let explicit = Explicit {
+        read_only: read_only.is_some(),
+        auto_read_only: auto_read_only.is_some(),
+        discard: discard.is_some(),
+        cache_direct: cache_direct.is_some(),
+        cache_no_flush: cache_no_flush.is_some(),
+    };
+    let read_only = read_only.unwrap_or(false);
+    let auto_read_only = auto_read_only.unwrap_or(false);
+    let discard = discard.unwrap_or_default();
+    let cache_direct = cache_direct.unwrap_or(false);
+    let cache_no_flush = cache_no_flush.unwrap_or(false);
     let detect_zeroes = f
         .opt_enum(
             "detect-zeroes",
@@ -218,6 +271,7 @@ fn parse(mut f: Fields) -> Result<BlockdevOptions> {
         cache_no_flush,
         detect_zeroes,
         driver,
+        explicit,
     })
 }
 

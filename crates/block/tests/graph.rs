@@ -182,3 +182,27 @@ async fn replace_moves_every_user_but_the_replacement_itself() {
         "Cannot replace node 'n1' with 'n1': a node cannot replace itself"
     );
 }
+
+#[test]
+fn inline_children_inherit_what_they_do_not_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(&dir, "d.raw", 1 << 20);
+    let g = Graph::new();
+    let disk = g
+        .add(&options(
+            json!({"driver": "raw", "node-name": "disk0", "read-only": true,
+            "cache": {"direct": true},
+            "file": {"driver": "file", "filename": img}}),
+        ))
+        .unwrap();
+    let file = disk.children()[0].1.node();
+    assert!(file.is_read_only());
+    assert_eq!(file.limits().request_alignment, 4096, "O_DIRECT inherited");
+    let disk1 = g
+        .add(&options(
+            json!({"driver": "raw", "node-name": "disk1", "read-only": true,
+            "file": {"driver": "file", "filename": img, "read-only": false}}),
+        ))
+        .unwrap();
+    assert!(!disk1.children()[0].1.node().is_read_only());
+}
