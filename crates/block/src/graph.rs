@@ -174,12 +174,13 @@ fn open(
     let mut children = Vec::new();
     let driver: Box<dyn Driver> = match &options.driver {
         DriverOptions::NullCo { size, .. } => Box::new(NullDriver::new(*size)),
-        DriverOptions::File { filename, .. } => {
+        DriverOptions::File { filename, aio } => {
             let (driver, ro) = FileDriver::open(
                 filename,
                 options.read_only,
                 options.auto_read_only,
                 options.cache_direct,
+                *aio,
             )?;
             read_only = ro;
             Box::new(driver)

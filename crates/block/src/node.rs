@@ -95,6 +95,10 @@ pub trait Driver: Send + Sync {
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
     /// The status of the extent that starts at `offset`, at most `len` long.
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>>;
+    /// How the driver submits I/O (`threads`, `io_uring`), if it does.
+    fn engine(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// What a write-type request does, as hooks see it.
@@ -275,6 +279,12 @@ impl Node {
     /// Length in bytes.
     pub fn length(&self) -> u64 {
         self.driver.length()
+    }
+
+    /// How the node's driver submits I/O (`threads`, `io_uring`), if it
+    /// does I/O itself.
+    pub fn engine(&self) -> Option<&'static str> {
+        self.driver.engine()
     }
 
     /// The driver's constraints.

@@ -17,8 +17,15 @@ const GRAN: u32 = 12;
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Null,
-    File { direct: bool, unmap: bool },
-    RawOverFile { direct: bool },
+    File {
+        direct: bool,
+        unmap: bool,
+        uring: bool,
+    },
+    RawOverFile {
+        direct: bool,
+        uring: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -84,25 +91,44 @@ fn independent(batch: Vec<Op>) -> Vec<Op> {
 }
 
 fn open(g: &Graph, kind: Kind, dir: &tempfile::TempDir) -> Arc<Node> {
-    let file = |direct: bool, size: u64| -> Value {
+    let file = |direct: bool, uring: bool, size: u64| -> Value {
         let path = dir.path().join("disk.img");
         std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-        json!({"driver": "file", "filename": path.to_str().unwrap(), "cache": {"direct": direct}})
+        let aio = if uring { "io_uring" } else { "threads" };
+        json!({"driver": "file", "filename": path.to_str().unwrap(), "aio": aio,
+               "cache": {"direct": direct}})
     };
     let v = match kind {
         Kind::Null => json!({"driver": "null-co", "node-name": "n", "size": SIZE}),
-        Kind::File { direct, unmap } => {
-            let mut v = file(direct, SIZE);
+        Kind::File {
+            direct,
+            unmap,
+            uring,
+        } => {
+            let mut v = file(direct, uring, SIZE);
             v["node-name"] = json!("n");
             v["discard"] = json!(if unmap { "unmap" } else { "ignore" });
             v
         }
-        Kind::RawOverFile { direct } => json!({
+        Kind::RawOverFile { direct, uring } => json!({
             "driver": "raw", "node-name": "n", "offset": 8192, "size": SIZE, "discard": "unmap",
-            "file": file(direct, SIZE + 3 * 4096),
+            "file": file(direct, uring, SIZE + 3 * 4096),
         }),
     };
-    g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap()
+    let node = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let uring = matches!(
+        kind,
+        Kind::File { uring: true, .. } | Kind::RawOverFile { uring: true, .. }
+    );
+    if uring {
+        let file = g
+            .nodes()
+            .into_iter()
+            .find(|n| n.driver_name() == "file")
+            .unwrap();
+        assert_eq!(file.engine(), Some("io_uring"), "io_uring was refused");
+    }
+    node
 }
 
 /// Runs one request; returns what a read read.
@@ -169,8 +195,15 @@ fn apply(kind: Kind, align: u64, model: &mut [u8], dirty: &mut HBitmap, op: &Op)
 fn kind() -> impl Strategy<Value = Kind> {
     prop_oneof![
         Just(Kind::Null),
-        (any::<bool>(), any::<bool>()).prop_map(|(direct, unmap)| Kind::File { direct, unmap }),
-        any::<bool>().prop_map(|direct| Kind::RawOverFile { direct }),
+        (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(direct, unmap, uring)| {
+            Kind::File {
+                direct,
+                unmap,
+                uring,
+            }
+        }),
+        (any::<bool>(), any::<bool>())
+            .prop_map(|(direct, uring)| Kind::RawOverFile { direct, uring }),
     ]
 }
 

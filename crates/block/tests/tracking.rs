@@ -16,7 +16,16 @@ const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cleared_bit_never_hides_a_write() {
+async fn a_cleared_bit_never_hides_a_write_threads() {
+    cleared_bit_never_hides_a_write("threads").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleared_bit_never_hides_a_write_io_uring() {
+    cleared_bit_never_hides_a_write("io_uring").await;
+}
+
+async fn cleared_bit_never_hides_a_write(aio: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
     std::fs::File::create(&path)
@@ -24,8 +33,10 @@ async fn a_cleared_bit_never_hides_a_write() {
         .set_len(BLOCK * BLOCKS)
         .unwrap();
     let g = Graph::new();
-    let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap()});
+    let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap(),
+                   "aio": aio});
     let node = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    assert_eq!(node.engine(), Some(aio));
     let id = node.bitmaps().add_anonymous(BLOCK).unwrap();
     node.bitmaps()
         .with_bits(id, |b| b.set(0, BLOCK * BLOCKS))

@@ -1,6 +1,9 @@
 //! `file`: a regular file or block device, through the host kernel.
 //!
-//! Requests run as blocking `pread`/`pwrite` on tokio's blocking thread pool.
+//! Reads, writes and flushes run as blocking `pread`/`pwrite`/`fdatasync` on
+//! tokio's blocking thread pool, or with `aio=io_uring` on an io_uring (which
+//! falls back to the thread pool, with a warning, where the kernel refuses
+//! it).
 //! With `cache.direct=on` the file is opened `O_DIRECT` and requests must be
 //! 4 KiB-aligned in offset, length and memory (the node bounces the rest).
 //! Block status comes from `SEEK_DATA`/`SEEK_HOLE`; write-zeroes and discard
@@ -15,9 +18,11 @@ use std::sync::Arc;
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
+use super::uring::{OpKind, Uring};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{BoxFuture, BufResult, Driver, Extent, Limits, ZeroFlags};
+use crate::options::Aio;
 
 /// Alignment for `O_DIRECT`: safe for every device in use today.
 const DIRECT_ALIGNMENT: u64 = 4096;
@@ -30,6 +35,8 @@ pub(crate) struct FileDriver {
     file: Arc<File>,
     length: u64,
     direct: bool,
+    /// The io_uring engine, when asked for and granted.
+    uring: Option<Uring>,
 }
 
 impl FileDriver {
@@ -41,6 +48,7 @@ impl FileDriver {
         read_only: bool,
         auto_read_only: bool,
         direct: bool,
+        aio: Aio,
     ) -> Result<(FileDriver, bool)> {
         let open = |write: bool| {
             let mut options = OpenOptions::new();
@@ -79,11 +87,23 @@ impl FileDriver {
             path: path.to_owned(),
             source: e.into(),
         })?;
+        let file = Arc::new(file);
+        let uring = match aio {
+            Aio::Threads => None,
+            Aio::IoUring => match Uring::new(file.clone()) {
+                Ok(uring) => Some(uring),
+                Err(e) => {
+                    tracing::warn!("{path}: io_uring unavailable ({e}), using the thread pool");
+                    None
+                }
+            },
+        };
         Ok((
             FileDriver {
-                file: Arc::new(file),
+                file,
                 length,
                 direct,
+                uring,
             },
             read_only,
         ))
@@ -160,6 +180,10 @@ impl Driver for FileDriver {
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
+            if let Some(uring) = &self.uring {
+                let (result, buf) = uring.submit(OpKind::Read, offset, buf).await;
+                return (result.map_err(|e| Error::io("read", e)), buf);
+            }
             let file = self.file.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let mut buf = buf;
@@ -178,6 +202,13 @@ impl Driver for FileDriver {
 
     fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
+            if let Some(uring) = &self.uring {
+                let (mut result, buf) = uring.submit(OpKind::Write, offset, buf).await;
+                if fua && result.is_ok() {
+                    result = uring.submit(OpKind::Flush, 0, IoBuf::zeroed(0, 1)).await.0;
+                }
+                return (result.map_err(|e| Error::io("write", e)), buf);
+            }
             let file = self.file.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let mut result = file.write_all_at(buf.as_slice(), offset);
@@ -242,7 +273,21 @@ impl Driver for FileDriver {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.blocking("flush", |file| file.sync_data()).await })
+        Box::pin(async move {
+            if let Some(uring) = &self.uring {
+                let (result, _) = uring.submit(OpKind::Flush, 0, IoBuf::zeroed(0, 1)).await;
+                return result.map_err(|e| Error::io("flush", e));
+            }
+            self.blocking("flush", |file| file.sync_data()).await
+        })
+    }
+
+    fn engine(&self) -> Option<&'static str> {
+        Some(if self.uring.is_some() {
+            "io_uring"
+        } else {
+            "threads"
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {

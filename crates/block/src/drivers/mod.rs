@@ -3,6 +3,7 @@
 mod file;
 mod null;
 mod raw;
+mod uring;
 
 pub(crate) use file::FileDriver;
 pub(crate) use null::NullDriver;
