@@ -14,7 +14,7 @@
 //! that is enabled, so a bitmap is a superset of the writes made while it
 //! recorded.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use hbitmap::HBitmap;
@@ -153,7 +153,15 @@ pub struct Bitmaps {
     list: Mutex<List>,
     /// Whether some bitmap is readonly: then the node refuses writes.
     has_readonly: AtomicBool,
+    /// Bumped, under the lock, by every change other than marking: a write
+    /// that sees the same value before and after it ran knows that nothing
+    /// cleared its bits meanwhile, and can skip its second mark.
+    epoch: AtomicU64,
 }
+
+/// What [`Bitmaps::mark`] saw, for [`Bitmaps::mark_again`].
+#[derive(Debug, Clone, Copy)]
+pub struct MarkTicket(u64);
 
 impl Bitmaps {
     /// Bitmaps for node `node` of `length` bytes, whose default granularity
@@ -166,6 +174,7 @@ impl Bitmaps {
             default_granularity: cluster_size.map_or(1 << 16, |c| c.clamp(1 << 12, 1 << 16)),
             list: Mutex::new(List::default()),
             has_readonly: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -180,11 +189,20 @@ impl Bitmaps {
         self.has_readonly.store(any, Ordering::Release);
     }
 
+    /// Locks for marking and queries.
     fn lock(&self) -> MutexGuard<'_, List> {
         // A panic while holding the lock cannot leave a bitmap half-updated
         // in a way that loses writes (HBitmap keeps its invariants per call),
         // so a poisoned lock is still usable.
         self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks for any other change: bits may be cleared, bitmaps may appear,
+    /// start recording or change hands, so writes in flight must mark again.
+    fn lock_mut(&self) -> MutexGuard<'_, List> {
+        let list = self.lock();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        list
     }
 
     /// The granularity a new bitmap gets when none is asked for.
@@ -193,14 +211,31 @@ impl Bitmaps {
     }
 
     /// Records a write-type request on `offset..offset + len` in every
-    /// recording bitmap and enabled successor. Ranges past the end are
-    /// clipped.
-    pub fn mark(&self, offset: u64, len: u64) {
+    /// recording bitmap and enabled successor, before it is issued. Ranges
+    /// past the end are clipped. Pass the ticket to
+    /// [`mark_again`](Self::mark_again) when the request has completed.
+    pub fn mark(&self, offset: u64, len: u64) -> MarkTicket {
+        let list = self.lock();
+        let ticket = MarkTicket(self.epoch.load(Ordering::SeqCst));
+        self.mark_locked(list, offset, len);
+        ticket
+    }
+
+    /// Records a completed write-type request again, unless nothing but
+    /// marking happened to the bitmaps since [`mark`](Self::mark): then its
+    /// bits are still set. This second mark makes sure that a job which
+    /// cleared a bit and read the old data sees the bit again.
+    pub fn mark_again(&self, offset: u64, len: u64, ticket: MarkTicket) {
+        if self.epoch.load(Ordering::SeqCst) != ticket.0 {
+            self.mark_locked(self.lock(), offset, len);
+        }
+    }
+
+    fn mark_locked(&self, mut list: MutexGuard<'_, List>, offset: u64, len: u64) {
         let end = offset.saturating_add(len).min(self.length);
         if offset >= end {
             return;
         }
-        let mut list = self.lock();
         for bm in &mut list.bitmaps {
             if !bm.disabled {
                 // In range by the clipping above; lengths match the node.
@@ -236,7 +271,7 @@ impl Bitmaps {
         if persistent {
             return Err(Error::PersistenceUnsupported(self.node.clone()));
         }
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         if list.bitmaps.iter().any(|b| b.name.as_deref() == Some(name)) {
             return Err(Error::BitmapExists(name.to_owned()));
         }
@@ -272,7 +307,7 @@ impl Bitmaps {
                 src: bits.len(),
             });
         }
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         if list.bitmaps.iter().any(|b| b.name.as_deref() == Some(name)) {
             return Err(Error::BitmapExists(name.to_owned()));
         }
@@ -302,7 +337,7 @@ impl Bitmaps {
             return Err(Error::BitmapGranularity);
         }
         let bits = HBitmap::new(self.length, granularity.trailing_zeros())?;
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         let id = list.new_id();
         list.bitmaps.insert(
             0,
@@ -323,13 +358,13 @@ impl Bitmaps {
 
     /// Drops an anonymous bitmap; unknown ids are ignored.
     pub fn remove_anonymous(&self, id: BitmapId) {
-        self.lock().bitmaps.retain(|b| b.id != id);
+        self.lock_mut().bitmaps.retain(|b| b.id != id);
     }
 
     /// Removes a named bitmap (`block-dirty-bitmap-remove`): refused while
     /// busy or readonly; inconsistent ones may go.
     pub fn remove(&self, name: &str) -> Result<()> {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         list.named(name)?.check(Check::AllowInconsistent)?;
         list.bitmaps.retain(|b| b.name.as_deref() != Some(name));
         self.update_readonly(&list);
@@ -339,7 +374,7 @@ impl Bitmaps {
     /// Clears a named bitmap (`block-dirty-bitmap-clear`) and returns what
     /// [`restore`](Self::restore) needs to undo it.
     pub fn clear(&self, name: &str) -> Result<ClearUndo> {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         let bm = list.named(name)?;
         bm.check(Check::Default)?;
         let mut old = HBitmap::new(bm.bits.len(), bm.bits.granularity())?;
@@ -350,7 +385,7 @@ impl Bitmaps {
     /// Undoes a [`clear`](Self::clear). Writes recorded since the clear are
     /// kept (QEMU drops them): the result is the old bits plus the new.
     pub fn restore(&self, undo: ClearUndo) {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         if let Some(bm) = list.by_id(undo.id) {
             // Same length and granularity: it was this bitmap's.
             let _ = bm.bits.merge(&undo.old);
@@ -368,7 +403,7 @@ impl Bitmaps {
     }
 
     fn set_disabled(&self, name: &str, disabled: bool) -> Result<()> {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         let bm = list.named(name)?;
         bm.check(Check::AllowReadonly)?;
         bm.disabled = disabled;
@@ -393,7 +428,7 @@ impl Bitmaps {
     /// at any granularity) into the named bitmap (`block-dirty-bitmap-merge`).
     /// Nothing changes unless every source fits.
     pub fn merge(&self, target: &str, sources: &[HBitmap]) -> Result<()> {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         let bm = list.named(target)?;
         bm.check(Check::Default)?;
         if let Some(src) = sources.iter().find(|s| s.len() != self.length) {
@@ -418,7 +453,7 @@ impl Bitmaps {
     /// successor is enabled iff the bitmap was; the bitmap becomes disabled
     /// and busy.
     pub fn create_successor(&self, name: &str) -> Result<()> {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         let id = list.new_id();
         let bm = list.named(name)?;
         if bm.busy {
@@ -447,7 +482,7 @@ impl Bitmaps {
     /// On success of the operation: the successor takes the bitmap's name and
     /// persistence, and the old bits are dropped.
     pub fn abdicate(&self, name: &str) -> Result<()> {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         let bm = list.named(name)?;
         let Some(mut successor) = bm.successor.take() else {
             return Err(Error::NoSuccessor("relinquish control"));
@@ -461,7 +496,7 @@ impl Bitmaps {
     /// On failure of the operation: the successor's bits are merged back, the
     /// bitmap takes the successor's recording state and is no longer busy.
     pub fn reclaim(&self, name: &str) -> Result<()> {
-        let mut list = self.lock();
+        let mut list = self.lock_mut();
         let bm = list.named(name)?;
         let Some(successor) = bm.successor.take() else {
             return Err(Error::NoSuccessor("reclaim a successor"));
@@ -475,7 +510,7 @@ impl Bitmaps {
     /// Runs `f` on the bits of a bitmap, named or anonymous, under the lock
     /// (jobs read and reset through this). `None` if it no longer exists.
     pub fn with_bits<R>(&self, id: BitmapId, f: impl FnOnce(&mut HBitmap) -> R) -> Option<R> {
-        self.lock().by_id(id).map(|bm| f(&mut bm.bits))
+        self.lock_mut().by_id(id).map(|bm| f(&mut bm.bits))
     }
 
     /// The id of a named bitmap.

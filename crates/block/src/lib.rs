@@ -28,7 +28,7 @@ mod inflight;
 mod node;
 pub mod options;
 
-pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState};
+pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState, MarkTicket};
 pub use buf::IoBuf;
 pub use error::{Error, Result};
 pub use graph::Graph;

@@ -462,7 +462,7 @@ impl Node {
         let serialising = !self.aligned(offset, len);
         let _req = self.begin_write(offset, len).await;
         let hooks = self.hooks();
-        self.bitmaps.mark(offset, len);
+        let ticket = self.bitmaps.mark(offset, len);
         for hook in &hooks {
             let req = WriteRequest {
                 offset,
@@ -479,7 +479,7 @@ impl Node {
             let copy = IoBuf::copy_from(buf.as_slice(), self.limits().memory_alignment);
             (self.driver.write(offset, copy, fua).await.0, buf)
         };
-        self.bitmaps.mark(offset, len);
+        self.bitmaps.mark_again(offset, len, ticket);
         check!(result, buf);
         for hook in &hooks {
             let req = WriteRequest {
@@ -597,12 +597,12 @@ impl Node {
         request: impl Future<Output = Result<()>>,
     ) -> Result<()> {
         let hooks = self.hooks();
-        self.bitmaps.mark(req.offset, req.len);
+        let ticket = self.bitmaps.mark(req.offset, req.len);
         for hook in &hooks {
             hook.before(self, req).await?;
         }
         let result = request.await;
-        self.bitmaps.mark(req.offset, req.len);
+        self.bitmaps.mark_again(req.offset, req.len, ticket);
         result?;
         for hook in &hooks {
             hook.after(self, req).await?;

@@ -1,0 +1,249 @@
+//! The file driver side by side with `qemu-img bench` on the same file, and
+//! the cost of write tracking. Prints markdown tables for
+//! `docs/benchmarks.md`.
+//!
+//! Run: `cargo bench -p block --bench file_vs_qemu` (add `-- file` or
+//! `-- tracking` for one of the two tables)
+//!
+//! Every figure is the best of three runs (the machine is shared); the
+//! ratios compare runs made minutes apart at most, in one process.
+
+#![allow(missing_docs)]
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use block::{BlockdevOptions, Graph, IoBuf, Node};
+use serde_json::json;
+
+const IMAGE: u64 = 256 << 20;
+const RUNS: usize = 3;
+
+struct Pattern {
+    name: &'static str,
+    size: u64,
+    step: u64,
+    count: u64,
+}
+
+const PATTERNS: [Pattern; 2] = [
+    Pattern {
+        name: "sequential 1 MiB, QD 32",
+        size: 1 << 20,
+        step: 1 << 20,
+        count: 2048,
+    },
+    Pattern {
+        name: "scattered 4 KiB, QD 32",
+        size: 4096,
+        // A prime number of blocks: visits every block in a scattered order.
+        step: 4096 * 7919,
+        count: 100_000,
+    },
+];
+
+const DEPTH: u64 = 32;
+
+/// One `qemu-img bench` run; the time it reports for the run itself.
+fn qemu(path: &str, p: &Pattern, write: bool, direct: bool, aio: &str) -> Duration {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args([
+        "bench",
+        "-f",
+        "raw",
+        "-c",
+        &p.count.to_string(),
+        "-d",
+        &DEPTH.to_string(),
+    ])
+    .args(["-s", &p.size.to_string(), "-S", &p.step.to_string()])
+    .args(["-t", if direct { "none" } else { "writeback" }, "-i", aio]);
+    if write {
+        cmd.arg("-w");
+    }
+    let out = cmd
+        .arg(path)
+        .output()
+        .expect("qemu-img runs (install qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secs: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Run completed in "))
+        .and_then(|l| l.strip_suffix(" seconds."))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {text}"));
+    Duration::from_secs_f64(secs)
+}
+
+/// The same requests through a node, `DEPTH` at a time.
+async fn ours(node: &Arc<Node>, p: &Pattern, write: bool) -> Duration {
+    let next = Arc::new(AtomicU64::new(0));
+    let align = node.limits().memory_alignment;
+    let (size, step, count) = (p.size, p.step, p.count);
+    let start = Instant::now();
+    let workers: Vec<_> = (0..DEPTH)
+        .map(|_| {
+            let (node, next) = (node.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut buf = IoBuf::zeroed(size as usize, align);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let offset = (i * step) % (node.length() - size + 1) / 4096 * 4096;
+                    let (r, b) = if write {
+                        node.write(offset, buf, false).await
+                    } else {
+                        node.read_into(offset, buf).await
+                    };
+                    r.expect("request succeeds");
+                    buf = b;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("worker finishes");
+    }
+    start.elapsed()
+}
+
+fn best(mut f: impl FnMut() -> Duration) -> Duration {
+    (0..RUNS).map(|_| f()).min().unwrap_or_default()
+}
+
+fn rate(p: &Pattern, d: Duration) -> String {
+    let per_sec = p.count as f64 / d.as_secs_f64();
+    if p.size >= 1 << 20 {
+        format!("{:.0} MiB/s", per_sec * p.size as f64 / f64::from(1 << 20))
+    } else {
+        format!("{:.0} k IOPS", per_sec / 1000.0)
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("bench.raw");
+    // Real data everywhere, so that reads are not served from holes.
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let mut data = Vec::with_capacity(IMAGE as usize);
+    while (data.len() as u64) < IMAGE {
+        data.extend_from_slice(&chunk);
+    }
+    std::fs::write(&path, &data).expect("the image is written");
+    drop(data);
+    let path = path.to_str().expect("utf-8 path").to_owned();
+
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |table: &str| only.is_empty() || only.iter().any(|o| o == table);
+    if wants("file") {
+        file_vs_qemu(&rt, &path);
+    }
+    if wants("tracking") {
+        tracking(&rt, &path);
+    }
+}
+
+fn file_vs_qemu(rt: &tokio::runtime::Runtime, path: &str) {
+    println!("| pattern | op | cache | aio | qemu-img bench | bitmirror | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for p in &PATTERNS {
+        for write in [false, true] {
+            for direct in [false, true] {
+                for aio in ["threads", "io_uring"] {
+                    let g = Graph::new();
+                    let v = json!({"driver": "file", "node-name": "f", "filename": path,
+                                   "aio": aio, "cache": {"direct": direct}});
+                    let node = g
+                        .add(&BlockdevOptions::from_json(&v).expect("options"))
+                        .expect("the file opens");
+                    let theirs = best(|| qemu(path, p, write, direct, aio));
+                    let mine = best(|| rt.block_on(ours(&node, p, write)));
+                    println!(
+                        "| {} | {} | {} | {} | {} | {} | {:.2} |",
+                        p.name,
+                        if write { "write" } else { "read" },
+                        if direct {
+                            "none (O_DIRECT)"
+                        } else {
+                            "writeback"
+                        },
+                        aio,
+                        rate(p, theirs),
+                        rate(p, mine),
+                        theirs.as_secs_f64() / mine.as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn tracking(rt: &tokio::runtime::Runtime, path: &str) {
+    println!();
+    println!("| node | recording bitmaps | 4 KiB scattered writes, QD 32 | vs none |");
+    println!("|---|---|---|---|");
+    let p = &PATTERNS[1];
+    for (label, v) in [
+        (
+            "null-co",
+            json!({"driver": "null-co", "node-name": "n", "size": IMAGE}),
+        ),
+        (
+            "file, io_uring, writeback",
+            json!({"driver": "file", "node-name": "n", "filename": path, "aio": "io_uring"}),
+        ),
+    ] {
+        // One node per configuration, measured in interleaved rounds so that
+        // a change in the machine's load hits all of them alike.
+        let configs = [0, 1, 8];
+        let g = Graph::new();
+        let nodes: Vec<Arc<Node>> = configs
+            .iter()
+            .map(|&bitmaps| {
+                let mut v = v.clone();
+                v["node-name"] = json!(format!("n{bitmaps}"));
+                let node = g
+                    .add(&BlockdevOptions::from_json(&v).expect("options"))
+                    .expect("the node opens");
+                for i in 0..bitmaps {
+                    node.bitmaps()
+                        .add(&format!("b{i}"), None, false, false)
+                        .expect("bitmap added");
+                }
+                node
+            })
+            .collect();
+        let mut times = vec![Duration::MAX; configs.len()];
+        for _ in 0..2 * RUNS {
+            for (t, node) in times.iter_mut().zip(&nodes) {
+                *t = (*t).min(rt.block_on(ours(node, p, true)));
+            }
+        }
+        for (bitmaps, t) in configs.iter().zip(&times) {
+            println!(
+                "| {label} | {bitmaps} | {} | {:.2} |",
+                rate(p, *t),
+                times[0].as_secs_f64() / t.as_secs_f64()
+            );
+        }
+    }
+}
