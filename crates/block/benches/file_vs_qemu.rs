@@ -169,6 +169,9 @@ fn file_vs_qemu(rt: &tokio::runtime::Runtime, path: &str) {
         for write in [false, true] {
             for direct in [false, true] {
                 for aio in ["threads", "io_uring"] {
+                    if std::env::var("BENCH_AIO").is_ok_and(|a| a != aio) {
+                        continue;
+                    }
                     let g = Graph::new();
                     let v = json!({"driver": "file", "node-name": "f", "filename": path,
                                    "aio": aio, "cache": {"direct": direct}});

@@ -1,7 +1,7 @@
 //! `file`: a regular file or block device, through the host kernel.
 //!
 //! Reads, writes and flushes run as blocking `pread`/`pwrite`/`fdatasync` on
-//! tokio's blocking thread pool, or with `aio=io_uring` on an io_uring (which
+//! a pool of I/O threads, or with `aio=io_uring` on an io_uring (which
 //! falls back to the thread pool, with a warning, where the kernel refuses
 //! it).
 //! With `cache.direct=on` the file is opened `O_DIRECT` and requests must be
@@ -116,9 +116,9 @@ impl FileDriver {
         f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
     ) -> Result<T> {
         let file = self.file.clone();
-        match tokio::task::spawn_blocking(move || f(&file)).await {
-            Ok(result) => result.map_err(|e| Error::io(op, e)),
-            Err(join) => Err(Error::io(op, io::Error::other(join.to_string()))),
+        match super::pool::run(move || f(&file)).await {
+            Some(result) => result.map_err(|e| Error::io(op, e)),
+            None => Err(Error::io(op, pool_failed())),
         }
     }
 
@@ -150,6 +150,10 @@ impl FileDriver {
         })
         .await
     }
+}
+
+fn pool_failed() -> io::Error {
+    io::Error::other("the I/O thread pool could not run the request")
 }
 
 /// Whether an error says the filesystem cannot do this `fallocate` mode.
@@ -185,17 +189,14 @@ impl Driver for FileDriver {
                 return (result.map_err(|e| Error::io("read", e)), buf);
             }
             let file = self.file.clone();
-            let task = tokio::task::spawn_blocking(move || {
+            let task = super::pool::run(move || {
                 let mut buf = buf;
                 let result = read_full(&file, buf.as_mut_slice(), offset);
                 (result, buf)
             });
             match task.await {
-                Ok((result, buf)) => (result.map_err(|e| Error::io("read", e)), buf),
-                Err(join) => (
-                    Err(Error::io("read", io::Error::other(join.to_string()))),
-                    IoBuf::zeroed(0, 1),
-                ),
+                Some((result, buf)) => (result.map_err(|e| Error::io("read", e)), buf),
+                None => (Err(Error::io("read", pool_failed())), IoBuf::zeroed(0, 1)),
             }
         })
     }
@@ -210,7 +211,7 @@ impl Driver for FileDriver {
                 return (result.map_err(|e| Error::io("write", e)), buf);
             }
             let file = self.file.clone();
-            let task = tokio::task::spawn_blocking(move || {
+            let task = super::pool::run(move || {
                 let mut result = file.write_all_at(buf.as_slice(), offset);
                 if fua && result.is_ok() {
                     result = file.sync_data();
@@ -218,11 +219,8 @@ impl Driver for FileDriver {
                 (result, buf)
             });
             match task.await {
-                Ok((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
-                Err(join) => (
-                    Err(Error::io("write", io::Error::other(join.to_string()))),
-                    IoBuf::zeroed(0, 1),
-                ),
+                Some((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
+                None => (Err(Error::io("write", pool_failed())), IoBuf::zeroed(0, 1)),
             }
         })
     }
