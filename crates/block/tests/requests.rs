@@ -325,3 +325,56 @@ async fn file_block_status_sees_holes() {
     assert_eq!(data, [(1 << 20, 65536)], "{extents:?}");
     assert!(extents.iter().all(|e| e.data != e.zero));
 }
+
+/// tmpfs cannot `FALLOC_FL_ZERO_RANGE`: write-zeroes falls back to writing
+/// zero buffers, and a fast zero request says it cannot be fast.
+#[tokio::test]
+async fn write_zeroes_falls_back_where_fallocate_cannot_zero() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(
+        shm.is_dir(),
+        "this test needs /dev/shm (tmpfs) to exercise the fallocate fallback"
+    );
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let path = dir.path().join("zeroes.img");
+    std::fs::write(&path, vec![0xaa; 1 << 20]).unwrap();
+    let g = Graph::new();
+    let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap(),
+                   "discard": "unmap"});
+    let f = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let fast = ZeroFlags {
+        fast: true,
+        ..ZeroFlags::default()
+    };
+    let e = f.write_zeroes(0, 65536, fast).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Operation not supported: fast zeroing on this file system"
+    );
+    assert!(
+        f.read(0, 65536)
+            .await
+            .unwrap()
+            .as_slice()
+            .iter()
+            .all(|&b| b == 0xaa)
+    );
+    f.write_zeroes(0, 65536, ZeroFlags::default())
+        .await
+        .unwrap();
+    assert!(f.read(0, 65536).await.unwrap().is_zero());
+    let unmap = ZeroFlags {
+        may_unmap: true,
+        ..ZeroFlags::default()
+    };
+    f.write_zeroes(65536, 65536, unmap).await.unwrap();
+    assert!(f.read(65536, 65536).await.unwrap().is_zero());
+    assert!(
+        f.read(131072, 4096)
+            .await
+            .unwrap()
+            .as_slice()
+            .iter()
+            .all(|&b| b == 0xaa)
+    );
+}
