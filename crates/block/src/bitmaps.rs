@@ -100,6 +100,20 @@ struct Bitmap {
 }
 
 impl Bitmap {
+    fn new(id: BitmapId, name: Option<&str>, bits: HBitmap, state: LoadedState) -> Bitmap {
+        Bitmap {
+            id,
+            name: name.map(str::to_owned),
+            bits,
+            disabled: state.disabled,
+            busy: false,
+            readonly: state.readonly,
+            persistent: state.persistent,
+            inconsistent: state.inconsistent,
+            successor: None,
+        }
+    }
+
     fn recording(&self) -> bool {
         !self.disabled || self.successor.as_ref().is_some_and(|s| !s.disabled)
     }
@@ -141,6 +155,23 @@ impl List {
 
     fn by_id(&mut self, id: BitmapId) -> Option<&mut Bitmap> {
         self.bitmaps.iter_mut().find(|b| b.id == id)
+    }
+
+    /// Puts a new bitmap first in the list, refusing a taken name.
+    fn insert(
+        &mut self,
+        name: Option<&str>,
+        bits: HBitmap,
+        state: LoadedState,
+    ) -> Result<BitmapId> {
+        if let Some(name) = name {
+            if self.bitmaps.iter().any(|b| b.name.as_deref() == Some(name)) {
+                return Err(Error::BitmapExists(name.to_owned()));
+            }
+        }
+        let id = self.new_id();
+        self.bitmaps.insert(0, Bitmap::new(id, name, bits, state));
+        Ok(id)
     }
 }
 
@@ -271,29 +302,16 @@ impl Bitmaps {
         if persistent {
             return Err(Error::PersistenceUnsupported(self.node.clone()));
         }
-        let mut list = self.lock_mut();
-        if list.bitmaps.iter().any(|b| b.name.as_deref() == Some(name)) {
-            return Err(Error::BitmapExists(name.to_owned()));
-        }
         if name.len() > MAX_BITMAP_NAME {
             return Err(Error::BitmapNameTooLong(name.to_owned()));
         }
         let bits = HBitmap::new(self.length, granularity.trailing_zeros())?;
-        let id = list.new_id();
-        list.bitmaps.insert(
-            0,
-            Bitmap {
-                id,
-                name: Some(name.to_owned()),
-                bits,
-                disabled,
-                busy: false,
-                readonly: false,
-                persistent,
-                inconsistent: false,
-                successor: None,
-            },
-        );
+        let state = LoadedState {
+            disabled,
+            persistent,
+            ..LoadedState::default()
+        };
+        self.lock_mut().insert(Some(name), bits, state)?;
         Ok(())
     }
 
@@ -308,24 +326,7 @@ impl Bitmaps {
             });
         }
         let mut list = self.lock_mut();
-        if list.bitmaps.iter().any(|b| b.name.as_deref() == Some(name)) {
-            return Err(Error::BitmapExists(name.to_owned()));
-        }
-        let id = list.new_id();
-        list.bitmaps.insert(
-            0,
-            Bitmap {
-                id,
-                name: Some(name.to_owned()),
-                bits,
-                disabled: state.disabled,
-                busy: false,
-                readonly: state.readonly,
-                persistent: state.persistent,
-                inconsistent: state.inconsistent,
-                successor: None,
-            },
-        );
+        list.insert(Some(name), bits, state)?;
         self.update_readonly(&list);
         Ok(())
     }
@@ -337,23 +338,7 @@ impl Bitmaps {
             return Err(Error::BitmapGranularity);
         }
         let bits = HBitmap::new(self.length, granularity.trailing_zeros())?;
-        let mut list = self.lock_mut();
-        let id = list.new_id();
-        list.bitmaps.insert(
-            0,
-            Bitmap {
-                id,
-                name: None,
-                bits,
-                disabled: false,
-                busy: false,
-                readonly: false,
-                persistent: false,
-                inconsistent: false,
-                successor: None,
-            },
-        );
-        Ok(id)
+        self.lock_mut().insert(None, bits, LoadedState::default())
     }
 
     /// Drops an anonymous bitmap; unknown ids are ignored.
@@ -463,17 +448,11 @@ impl Bitmaps {
             return Err(Error::SuccessorExists);
         }
         let bits = HBitmap::new(bm.bits.len(), bm.bits.granularity())?;
-        bm.successor = Some(Box::new(Bitmap {
-            id,
-            name: None,
-            bits,
+        let state = LoadedState {
             disabled: bm.disabled,
-            busy: false,
-            readonly: false,
-            persistent: false,
-            inconsistent: false,
-            successor: None,
-        }));
+            ..LoadedState::default()
+        };
+        bm.successor = Some(Box::new(Bitmap::new(id, None, bits, state)));
         bm.disabled = true;
         bm.busy = true;
         Ok(())
