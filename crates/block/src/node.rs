@@ -349,9 +349,10 @@ impl Node {
         self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Waits until no request overlapping `offset..offset + len` is in
-    /// flight (requests that start later are not waited for... unless they
-    /// overlap a serialising one).
+    /// Waits until, at some moment, no request overlapping
+    /// `offset..offset + len` is in flight. New requests may start right
+    /// after; a caller that needs the range to stay quiet must keep them out
+    /// itself (a job does, through its write hook).
     pub async fn wait_for_overlapping(&self, offset: u64, len: u64) {
         self.inflight.wait_idle(offset, len).await;
     }
