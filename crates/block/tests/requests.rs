@@ -378,3 +378,28 @@ async fn write_zeroes_falls_back_where_fallocate_cannot_zero() {
             .all(|&b| b == 0xaa)
     );
 }
+
+/// An `O_DIRECT` image whose size is a multiple of 512 but not of 4096 (a
+/// common raw image) takes unaligned writes up to its last byte.
+#[tokio::test]
+async fn direct_io_reaches_the_last_sector() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.img");
+    let size = (1 << 20) + 1536;
+    std::fs::write(&path, vec![5u8; size]).unwrap();
+    let g = Graph::new();
+    let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap(),
+                   "cache": {"direct": true}});
+    let f = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let at = size as u64 - 700;
+    let (r, _) = f.write(at, IoBuf::from_vec(vec![6; 700]), true).await;
+    r.unwrap();
+    let tail = f.read(at - 10, 710).await.unwrap().into_vec();
+    assert_eq!(&tail[..10], &[5; 10]);
+    assert!(tail[10..].iter().all(|&b| b == 6));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        size as u64,
+        "the file did not grow"
+    );
+}

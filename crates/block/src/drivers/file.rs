@@ -4,8 +4,10 @@
 //! a pool of I/O threads, or with `aio=io_uring` on an io_uring (which
 //! falls back to the thread pool, with a warning, where the kernel refuses
 //! it).
-//! With `cache.direct=on` the file is opened `O_DIRECT` and requests must be
-//! 4 KiB-aligned in offset, length and memory (the node bounces the rest).
+//! With `cache.direct=on` the file is opened `O_DIRECT`; requests must then be
+//! aligned in offset and length to what the device accepts (probed at open,
+//! as QEMU does: the smallest of 512..=4096 bytes that a read accepts) and in
+//! memory to 4 KiB. The node bounces whatever is not.
 //! Block status comes from `SEEK_DATA`/`SEEK_HOLE`; write-zeroes and discard
 //! use `fallocate`, falling back to writing zeroes where the filesystem
 //! refuses.
@@ -24,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::node::{BoxFuture, BufResult, Driver, Extent, Limits, ZeroFlags};
 use crate::options::Aio;
 
-/// Alignment for `O_DIRECT`: safe for every device in use today.
+/// Memory alignment for `O_DIRECT`, and the request alignment when probing
+/// cannot tell: safe for every device in use today.
 const DIRECT_ALIGNMENT: u64 = 4096;
 /// Largest zero buffer written at once when `fallocate` cannot zero.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -35,6 +38,8 @@ pub(crate) struct FileDriver {
     file: Arc<File>,
     length: u64,
     direct: bool,
+    /// Request alignment: 1 when buffered, probed for `O_DIRECT`.
+    alignment: u64,
     /// The io_uring engine, when asked for and granted.
     uring: Option<Uring>,
 }
@@ -98,11 +103,17 @@ impl FileDriver {
                 }
             },
         };
+        let alignment = if direct {
+            probe_alignment(&file, length)
+        } else {
+            1
+        };
         Ok((
             FileDriver {
                 file,
                 length,
                 direct,
+                alignment,
                 uring,
             },
             read_only,
@@ -173,7 +184,7 @@ impl Driver for FileDriver {
     fn limits(&self) -> Limits {
         if self.direct {
             Limits {
-                request_alignment: DIRECT_ALIGNMENT,
+                request_alignment: self.alignment,
                 memory_alignment: DIRECT_ALIGNMENT as usize,
                 cluster_size: None,
             }
@@ -304,6 +315,25 @@ impl Driver for FileDriver {
             })
         })
     }
+}
+
+/// The smallest request size an `O_DIRECT` file accepts: the first of 512,
+/// 1024, 2048 and 4096 bytes that a read at offset 0 takes. A file too short
+/// to tell gets 4096.
+fn probe_alignment(file: &File, length: u64) -> u64 {
+    let mut buf = IoBuf::zeroed(DIRECT_ALIGNMENT as usize, DIRECT_ALIGNMENT as usize);
+    for align in [512u64, 1024, 2048, 4096] {
+        if length < align {
+            break;
+        }
+        if file
+            .read_at(&mut buf.as_mut_slice()[..align as usize], 0)
+            .is_ok()
+        {
+            return align;
+        }
+    }
+    DIRECT_ALIGNMENT
 }
 
 /// Whether `offset` is in data (else in a hole), and where that run ends.
