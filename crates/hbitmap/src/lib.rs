@@ -74,10 +74,13 @@
 //!
 //! # Thread safety
 //!
-//! `HBitmap` is plain data: `Send` and `Sync`, no interior mutability, no
-//! locks. Queries take `&self` and may run concurrently; every change takes
-//! `&mut self`. The block layer wraps each bitmap in its own lock and marks it
-//! under that lock; nothing here blocks or performs I/O.
+//! `HBitmap` is `Send` and `Sync` and never blocks or performs I/O. Queries
+//! and [`mark`](HBitmap::mark) take `&self`: any number of threads may mark
+//! (write tracking) beside each other and beside queries, with atomic word
+//! operations and no lock. Every other change takes `&mut self`, so the
+//! borrow checker (or the block layer's read-write lock around each node's
+//! bitmaps) keeps it apart from marks: writers mark under the read side,
+//! jobs clear and merge under the write side.
 
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("hbitmap needs a 64-bit target");
@@ -87,9 +90,11 @@ mod runs;
 mod serialize;
 mod words;
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use words::{
-    WORD_BITS, WORD_SHIFT, above, alloc_zeroed, assign_bit, assign_bits, bit_in_word, mask,
-    tail_padding, word_of, words_for,
+    WORD_BITS, WORD_SHIFT, Words, above, assign_bit, assign_bits, bit_in_word, mask, tail_padding,
+    word_of, words_for,
 };
 
 pub use error::Error;
@@ -114,15 +119,15 @@ pub struct HBitmap {
     /// Number of bits (granules): `ceil(len / 2^granularity)`.
     bits: u64,
     /// Number of set bits in `bottom`.
-    set_bits: u64,
+    set_bits: AtomicU64,
     /// Padding mask of the last bottom word (bits past `bits`).
     tail_pad: u64,
     /// One bit per granule.
-    bottom: Box<[u64]>,
+    bottom: Words,
     /// `any[0]` summarizes `bottom`, `any[k]` summarizes `any[k - 1]`.
-    any: Vec<Box<[u64]>>,
+    any: Vec<Words>,
     /// Same shape as `any`, for all-ones words; padding bits are set.
-    full: Vec<Box<[u64]>>,
+    full: Vec<Words>,
 }
 
 impl std::fmt::Debug for HBitmap {
@@ -130,24 +135,22 @@ impl std::fmt::Debug for HBitmap {
         f.debug_struct("HBitmap")
             .field("len", &self.len)
             .field("granularity", &self.granularity)
-            .field("dirty_granules", &self.set_bits)
+            .field("dirty_granules", &self.dirty_granules())
             .finish_non_exhaustive()
     }
 }
 
 /// The summary levels for a bottom level of `bottom_words` words.
-type Summaries = (Vec<Box<[u64]>>, Vec<Box<[u64]>>);
+type Summaries = (Vec<Words>, Vec<Words>);
 
 fn alloc_summaries(bottom_words: u64) -> Result<Summaries, Error> {
     let (mut any, mut full) = (Vec::new(), Vec::new());
     let mut children = bottom_words;
     while children > 1 {
         let words = words_for(children);
-        any.push(alloc_zeroed(words)?);
-        let mut f = alloc_zeroed(words)?;
-        if let Some(last) = f.last_mut() {
-            *last = tail_padding(children);
-        }
+        any.push(Words::zeroed(words)?);
+        let mut f = Words::zeroed(words)?;
+        f.set(f.len() - 1, tail_padding(children));
         full.push(f);
         children = words;
     }
@@ -168,13 +171,13 @@ impl HBitmap {
         if bits > MAX_BITS {
             return Err(Error::TooLarge { bits });
         }
-        let bottom = alloc_zeroed(words_for(bits))?;
+        let bottom = Words::zeroed(words_for(bits))?;
         let (any, full) = alloc_summaries(words_for(bits))?;
         Ok(HBitmap {
             len,
             granularity,
             bits,
-            set_bits: 0,
+            set_bits: AtomicU64::new(0),
             tail_pad: tail_padding(bits),
             bottom,
             any,
@@ -207,7 +210,7 @@ impl HBitmap {
     /// Number of dirty items, O(1): every item of every dirty granule, the
     /// partial last granule counting only its items inside `len`.
     pub fn count(&self) -> u64 {
-        let whole = u128::from(self.set_bits) << self.granularity;
+        let whole = u128::from(self.dirty_granules()) << self.granularity;
         let overhang = if self.last_bit_set() {
             (u128::from(self.bits) << self.granularity) - u128::from(self.len)
         } else {
@@ -220,12 +223,12 @@ impl HBitmap {
     /// Number of dirty granules (set bits), O(1). QEMU reports
     /// `dirty_granules() << granularity` as a bitmap's `count`.
     pub fn dirty_granules(&self) -> u64 {
-        self.set_bits
+        self.set_bits.load(Relaxed)
     }
 
     /// Whether no item is dirty, O(1).
     pub fn is_empty(&self) -> bool {
-        self.set_bits == 0
+        self.dirty_granules() == 0
     }
 
     /// Whether `item` is dirty; items at or past `len` are clean.
@@ -234,7 +237,7 @@ impl HBitmap {
             return false;
         }
         let bit = item >> self.granularity;
-        self.bottom[word_of(bit)] & (1 << bit_in_word(bit)) != 0
+        self.bottom.get(word_of(bit)) & (1 << bit_in_word(bit)) != 0
     }
 
     /// Bytes of memory the bitmap holds, all levels included.
@@ -253,6 +256,59 @@ impl HBitmap {
             self.set_bit_range(start >> self.granularity, (end - 1) >> self.granularity);
         }
         Ok(())
+    }
+
+    /// Marks items dirty exactly like [`set`](Self::set), through a shared
+    /// reference: any number of threads may `mark` at once, beside queries.
+    /// Granules already dirty cost one load each and no write. A query that
+    /// runs beside a `mark` sees each granule either before or after it (the
+    /// summaries catch up when the `mark` returns); every other change needs
+    /// `&mut self`, which waits for all of them.
+    pub fn mark(&self, start: u64, count: u64) -> Result<(), Error> {
+        let end = self.check_range(start, count)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let (first, last) = (start >> self.granularity, (end - 1) >> self.granularity);
+        let (wlo, whi) = (word_of(first), word_of(last));
+        for w in wlo..=whi {
+            let lo = if w == wlo { bit_in_word(first) } else { 0 };
+            let hi = if w == whi { bit_in_word(last) } else { 63 };
+            let m = mask(lo, hi);
+            if self.bottom.get(w) & m == m {
+                continue;
+            }
+            let before = self.bottom.fetch_or(w, m);
+            let added = m & !before;
+            if added == 0 {
+                continue;
+            }
+            self.set_bits
+                .fetch_add(u64::from(added.count_ones()), Relaxed);
+            let became_full = (before | m | self.pad(w)) == u64::MAX;
+            self.mark_summaries(w, before == 0, became_full);
+        }
+        Ok(())
+    }
+
+    /// Sets the summary bits of bottom word `idx` after a `mark` made it
+    /// non-zero (`any`) or all ones (`full`), climbing while a summary word
+    /// makes the same transition. Exactly one marker sees each transition,
+    /// because the bits it adds were clear before its `fetch_or`.
+    fn mark_summaries(&self, mut idx: usize, mut any: bool, mut full: bool) {
+        for level in 0..self.any.len() {
+            if !any && !full {
+                return;
+            }
+            let (word, bit) = (idx >> WORD_SHIFT, 1u64 << bit_in_word(idx as u64));
+            if any {
+                any = self.any[level].fetch_or(word, bit) == 0;
+            }
+            if full {
+                full = self.full[level].fetch_or(word, bit) | bit == u64::MAX;
+            }
+            idx = word;
+        }
     }
 
     /// Marks items `start..start + count` clean, rounding inwards: only
@@ -282,12 +338,10 @@ impl HBitmap {
         let mut children = self.bottom.len() as u64;
         for level in &mut self.full {
             level.fill(0);
-            if let Some(last) = level.last_mut() {
-                *last = tail_padding(children);
-            }
+            level.set(level.len() - 1, tail_padding(children));
             children = level.len() as u64;
         }
-        self.set_bits = 0;
+        *self.set_bits.get_mut() = 0;
     }
 
     /// The first dirty item in `start..end` (`end` is clamped to `len`).
@@ -351,13 +405,13 @@ impl HBitmap {
             }
             return Ok(());
         }
-        let mut set_bits = self.set_bits;
-        for (ours, &theirs) in self.bottom.iter_mut().zip(other.bottom.iter()) {
+        let mut set_bits = self.dirty_granules();
+        for (ours, theirs) in self.bottom.iter_mut().zip(other.bottom.iter()) {
             let old = *ours;
             *ours = old | theirs;
             set_bits += u64::from((theirs & !old).count_ones());
         }
-        self.set_bits = set_bits;
+        *self.set_bits.get_mut() = set_bits;
         self.rebuild_summaries(0, self.bottom.len() - 1);
         Ok(())
     }
@@ -372,14 +426,14 @@ impl HBitmap {
             self.reset_all();
             return self.merge(src);
         }
-        self.bottom.copy_from_slice(&src.bottom);
+        self.bottom.copy_prefix(&src.bottom, src.bottom.len());
         for (ours, theirs) in self.any.iter_mut().zip(&src.any) {
-            ours.copy_from_slice(theirs);
+            ours.copy_prefix(theirs, theirs.len());
         }
         for (ours, theirs) in self.full.iter_mut().zip(&src.full) {
-            ours.copy_from_slice(theirs);
+            ours.copy_prefix(theirs, theirs.len());
         }
-        self.set_bits = src.set_bits;
+        *self.set_bits.get_mut() = src.dirty_granules();
         Ok(())
     }
 
@@ -397,15 +451,12 @@ impl HBitmap {
             return Ok(());
         }
         let words = words_for(bits);
-        let mut bottom = alloc_zeroed(words)?;
+        let mut bottom = Words::zeroed(words)?;
         let (any, full) = alloc_summaries(words)?;
-        let keep = bottom.len().min(self.bottom.len());
-        bottom[..keep].copy_from_slice(&self.bottom[..keep]);
+        bottom.copy_prefix(&self.bottom, self.bottom.len());
         let tail_pad = tail_padding(bits);
-        if let Some(last) = bottom.last_mut() {
-            *last &= !tail_pad;
-        }
-        self.set_bits = bottom.iter().map(|w| u64::from(w.count_ones())).sum();
+        *bottom.word_mut(bottom.len() - 1) &= !tail_pad;
+        *self.set_bits.get_mut() = bottom.iter().map(|w| u64::from(w.count_ones())).sum();
         self.len = len;
         self.bits = bits;
         self.tail_pad = tail_pad;
@@ -444,7 +495,7 @@ impl HBitmap {
     fn last_bit_set(&self) -> bool {
         self.bits > 0 && {
             let bit = self.bits - 1;
-            self.bottom[word_of(bit)] & (1 << bit_in_word(bit)) != 0
+            self.bottom.get(word_of(bit)) & (1 << bit_in_word(bit)) != 0
         }
     }
 
@@ -462,8 +513,8 @@ impl HBitmap {
     #[inline]
     fn child_any(&self, level: usize, i: usize) -> bool {
         match level {
-            0 => self.bottom[i] != 0,
-            _ => self.any[level - 1][i] != 0,
+            0 => self.bottom.get(i) != 0,
+            _ => self.any[level - 1].get(i) != 0,
         }
     }
 
@@ -471,8 +522,8 @@ impl HBitmap {
     #[inline]
     fn child_full(&self, level: usize, i: usize) -> bool {
         match level {
-            0 => self.bottom[i] | self.pad(i) == u64::MAX,
-            _ => self.full[level - 1][i] == u64::MAX,
+            0 => self.bottom.get(i) | self.pad(i) == u64::MAX,
+            _ => self.full[level - 1].get(i) == u64::MAX,
         }
     }
 
@@ -480,25 +531,25 @@ impl HBitmap {
     fn set_bit_range(&mut self, first: u64, last: u64) {
         let (wlo, whi) = (word_of(first), word_of(last));
         if wlo == whi {
-            let old = self.bottom[wlo];
+            let old = self.bottom.get(wlo);
             let new = old | mask(bit_in_word(first), bit_in_word(last));
             if new == old {
                 return;
             }
-            self.bottom[wlo] = new;
-            self.set_bits += u64::from((new ^ old).count_ones());
+            self.bottom.set(wlo, new);
+            *self.set_bits.get_mut() += u64::from((new ^ old).count_ones());
         } else {
             let mut added = 0u64;
             let mut or_word = |w: &mut u64, m: u64| {
                 added += u64::from((m & !*w).count_ones());
                 *w |= m;
             };
-            or_word(&mut self.bottom[wlo], mask(bit_in_word(first), 63));
-            for w in &mut self.bottom[wlo + 1..whi] {
+            or_word(self.bottom.word_mut(wlo), mask(bit_in_word(first), 63));
+            for w in self.bottom.range_mut(wlo + 1..whi) {
                 or_word(w, u64::MAX);
             }
-            or_word(&mut self.bottom[whi], mask(0, bit_in_word(last)));
-            self.set_bits += added;
+            or_word(self.bottom.word_mut(whi), mask(0, bit_in_word(last)));
+            *self.set_bits.get_mut() += added;
         }
         self.propagate(wlo, whi, true);
     }
@@ -507,25 +558,25 @@ impl HBitmap {
     fn clear_bit_range(&mut self, first: u64, last: u64) {
         let (wlo, whi) = (word_of(first), word_of(last));
         if wlo == whi {
-            let old = self.bottom[wlo];
+            let old = self.bottom.get(wlo);
             let new = old & !mask(bit_in_word(first), bit_in_word(last));
             if new == old {
                 return;
             }
-            self.bottom[wlo] = new;
-            self.set_bits -= u64::from((new ^ old).count_ones());
+            self.bottom.set(wlo, new);
+            *self.set_bits.get_mut() -= u64::from((new ^ old).count_ones());
         } else {
             let mut removed = 0u64;
             let mut clear_word = |w: &mut u64, m: u64| {
                 removed += u64::from((m & *w).count_ones());
                 *w &= !m;
             };
-            clear_word(&mut self.bottom[wlo], mask(bit_in_word(first), 63));
-            for w in &mut self.bottom[wlo + 1..whi] {
+            clear_word(self.bottom.word_mut(wlo), mask(bit_in_word(first), 63));
+            for w in self.bottom.range_mut(wlo + 1..whi) {
                 clear_word(w, u64::MAX);
             }
-            clear_word(&mut self.bottom[whi], mask(0, bit_in_word(last)));
-            self.set_bits -= removed;
+            clear_word(self.bottom.word_mut(whi), mask(0, bit_in_word(last)));
+            *self.set_bits.get_mut() -= removed;
         }
         self.propagate(wlo, whi, false);
     }
@@ -562,22 +613,18 @@ impl HBitmap {
     fn summarize(&self, level: usize, parent: usize, children: usize) -> (u64, u64) {
         let first = parent << WORD_SHIFT;
         let n = (children - first).min(WORD_BITS as usize);
-        let full_kids = match level {
-            0 => &self.bottom[first..first + n],
-            _ => &self.full[level - 1][first..first + n],
+        let (full_kids, any_kids) = match level {
+            0 => (&self.bottom, &self.bottom),
+            _ => (&self.full[level - 1], &self.any[level - 1]),
         };
-        let any_kids = match level {
-            0 => full_kids,
-            _ => &self.any[level - 1][first..first + n],
-        };
-        // Plain passes over slices, which the compiler can vectorize; the
-        // bottom's padding is fixed up afterwards.
+        // Plain passes, which the compiler can vectorize; the bottom's
+        // padding is fixed up afterwards.
         let mut full = tail_padding(n as u64);
-        for (j, &w) in full_kids.iter().enumerate() {
+        for (j, w) in full_kids.range(first..first + n).enumerate() {
             full |= u64::from(w == u64::MAX) << j;
         }
         let mut any = 0u64;
-        for (j, &w) in any_kids.iter().enumerate() {
+        for (j, w) in any_kids.range(first..first + n).enumerate() {
             any |= u64::from(w != 0) << j;
         }
         if level == 0 && first + n == self.bottom.len() {
@@ -594,8 +641,8 @@ impl HBitmap {
             let (plo, phi) = (lo >> WORD_SHIFT, hi >> WORD_SHIFT);
             for parent in plo..=phi {
                 let (any, full) = self.summarize(level, parent, children);
-                self.any[level][parent] = any;
-                self.full[level][parent] = full;
+                self.any[level].set(parent, any);
+                self.full[level].set(parent, full);
             }
             children = self.any[level].len();
             lo = plo;
@@ -609,7 +656,7 @@ impl HBitmap {
             return None;
         }
         let mut idx = word_of(bit);
-        let m = self.bottom[idx] & (u64::MAX << bit_in_word(bit));
+        let m = self.bottom.get(idx) & (u64::MAX << bit_in_word(bit));
         if m != 0 {
             return Some(((idx as u64) << WORD_SHIFT) | u64::from(m.trailing_zeros()));
         }
@@ -617,7 +664,7 @@ impl HBitmap {
         let mut level = 0;
         loop {
             let summary = self.any.get(level)?;
-            let m = summary[idx >> WORD_SHIFT] & above(bit_in_word(idx as u64));
+            let m = summary.get(idx >> WORD_SHIFT) & above(bit_in_word(idx as u64));
             if m != 0 {
                 idx = ((idx >> WORD_SHIFT) << WORD_SHIFT) | m.trailing_zeros() as usize;
                 break;
@@ -628,9 +675,9 @@ impl HBitmap {
         // Descend along the lowest set bits.
         while level > 0 {
             level -= 1;
-            idx = (idx << WORD_SHIFT) | self.any[level][idx].trailing_zeros() as usize;
+            idx = (idx << WORD_SHIFT) | self.any[level].get(idx).trailing_zeros() as usize;
         }
-        Some(((idx as u64) << WORD_SHIFT) | u64::from(self.bottom[idx].trailing_zeros()))
+        Some(((idx as u64) << WORD_SHIFT) | u64::from(self.bottom.get(idx).trailing_zeros()))
     }
 
     /// The first clear bottom bit at or after `bit`.
@@ -639,14 +686,14 @@ impl HBitmap {
             return None;
         }
         let mut idx = word_of(bit);
-        let m = !(self.bottom[idx] | self.pad(idx)) & (u64::MAX << bit_in_word(bit));
+        let m = !(self.bottom.get(idx) | self.pad(idx)) & (u64::MAX << bit_in_word(bit));
         if m != 0 {
             return Some(((idx as u64) << WORD_SHIFT) | u64::from(m.trailing_zeros()));
         }
         let mut level = 0;
         loop {
             let summary = self.full.get(level)?;
-            let m = !summary[idx >> WORD_SHIFT] & above(bit_in_word(idx as u64));
+            let m = !summary.get(idx >> WORD_SHIFT) & above(bit_in_word(idx as u64));
             if m != 0 {
                 idx = ((idx >> WORD_SHIFT) << WORD_SHIFT) | m.trailing_zeros() as usize;
                 break;
@@ -656,9 +703,9 @@ impl HBitmap {
         }
         while level > 0 {
             level -= 1;
-            idx = (idx << WORD_SHIFT) | (!self.full[level][idx]).trailing_zeros() as usize;
+            idx = (idx << WORD_SHIFT) | (!self.full[level].get(idx)).trailing_zeros() as usize;
         }
-        let w = self.bottom[idx] | self.pad(idx);
+        let w = self.bottom.get(idx) | self.pad(idx);
         Some(((idx as u64) << WORD_SHIFT) | u64::from((!w).trailing_zeros()))
     }
 }
@@ -675,28 +722,29 @@ impl HBitmap {
     #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
         let last = self.bottom.len() - 1;
-        if self.bottom[last] & self.tail_pad != 0 {
+        if self.bottom.get(last) & self.tail_pad != 0 {
             return Err(format!(
                 "padding bits set in the last word: {:#x}",
-                self.bottom[last]
+                self.bottom.get(last)
             ));
         }
         let counted: u64 = self.bottom.iter().map(|w| u64::from(w.count_ones())).sum();
-        if counted != self.set_bits {
+        if counted != self.dirty_granules() {
             return Err(format!(
                 "count is {} but {counted} bits are set",
-                self.set_bits
+                self.dirty_granules()
             ));
         }
         let mut children = self.bottom.len();
         for level in 0..self.any.len() {
             for parent in 0..self.any[level].len() {
                 let (any, full) = self.summarize(level, parent, children);
-                if self.any[level][parent] != any || self.full[level][parent] != full {
+                if self.any[level].get(parent) != any || self.full[level].get(parent) != full {
                     return Err(format!(
                         "summary level {level} word {parent}: any {:#x} full {:#x}, \
                          expected {any:#x} {full:#x}",
-                        self.any[level][parent], self.full[level][parent]
+                        self.any[level].get(parent),
+                        self.full[level].get(parent)
                     ));
                 }
             }

@@ -36,7 +36,7 @@ impl HBitmap {
     pub fn serialize_part(&self, buf: &mut [u8], start: u64, count: u64) -> Result<usize, Error> {
         let chunk = self.chunk(start, count)?;
         let out = checked_buf_mut(buf, chunk.words)?;
-        let words = &self.bottom[chunk.first..chunk.first + chunk.words];
+        let words = self.bottom.range(chunk.first..chunk.first + chunk.words);
         for (dst, word) in out.chunks_exact_mut(8).zip(words) {
             dst.copy_from_slice(&word.to_le_bytes());
         }
@@ -48,11 +48,18 @@ impl HBitmap {
     pub fn sha256(&self) -> String {
         let mut hasher = Sha256::new();
         let mut block = [0u8; 4096];
-        for words in self.bottom.chunks(block.len() / 8) {
-            for (dst, word) in block.chunks_exact_mut(8).zip(words) {
+        let per_block = block.len() / 8;
+        let mut start = 0;
+        while start < self.bottom.len() {
+            let n = per_block.min(self.bottom.len() - start);
+            for (dst, word) in block
+                .chunks_exact_mut(8)
+                .zip(self.bottom.range(start..start + n))
+            {
                 dst.copy_from_slice(&word.to_le_bytes());
             }
-            hasher.update(&block[..words.len() * 8]);
+            hasher.update(&block[..n * 8]);
+            start += n;
         }
         hasher
             .finalize()
@@ -114,7 +121,7 @@ impl HBitmap {
     ) -> Option<(usize, usize)> {
         let last_word = self.bottom.len() - 1;
         let tail_pad = self.tail_pad;
-        let mut set_bits = self.set_bits;
+        let mut set_bits = self.dirty_granules();
         let mut touched = None;
         for (i, word) in (first..).zip(words) {
             let word = if i == last_word {
@@ -122,12 +129,12 @@ impl HBitmap {
             } else {
                 word
             };
-            let slot = &mut self.bottom[i];
+            let slot = self.bottom.word_mut(i);
             set_bits = set_bits - u64::from(slot.count_ones()) + u64::from(word.count_ones());
             *slot = word;
             touched = Some((first, i));
         }
-        self.set_bits = set_bits;
+        *self.set_bits.get_mut() = set_bits;
         touched
     }
 }

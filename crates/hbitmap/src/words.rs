@@ -1,5 +1,7 @@
 //! Word-level helpers shared by every level of the bitmap.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use crate::Error;
 
 /// Bits in one storage word.
@@ -52,19 +54,88 @@ pub(crate) fn tail_padding(bits: u64) -> u64 {
     }
 }
 
-/// Allocates `words` zeroed words without touching them: large allocations
-/// come from the kernel as zero pages that cost nothing until written, and a
-/// refusal is an error instead of an abort.
-pub(crate) fn alloc_zeroed(words: u64) -> Result<Box<[u64]>, Error> {
-    let bytes = words.saturating_mul(8);
-    let len = usize::try_from(words).map_err(|_| Error::OutOfMemory { bytes })?;
-    bytemuck::allocation::try_zeroed_slice_box(len).map_err(|()| Error::OutOfMemory { bytes })
+/// One level of the bitmap: words that `&mut` methods change in place and
+/// that [`HBitmap::mark`](crate::HBitmap::mark) sets atomically through a
+/// shared reference. Plain accesses compile to plain loads and stores.
+pub(crate) struct Words(Box<[AtomicU64]>);
+
+impl Words {
+    /// `n` zeroed words, allocated without touching them: large allocations
+    /// come from the kernel as zero pages that cost nothing until written,
+    /// and a refusal is an error instead of an abort.
+    pub(crate) fn zeroed(n: u64) -> Result<Words, Error> {
+        let bytes = n.saturating_mul(8);
+        let len = usize::try_from(n).map_err(|_| Error::OutOfMemory { bytes })?;
+        bytemuck::allocation::try_zeroed_slice_box(len)
+            .map(Words)
+            .map_err(|()| Error::OutOfMemory { bytes })
+    }
+
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> u64 {
+        self.0[i].load(Relaxed)
+    }
+
+    #[inline]
+    pub(crate) fn set(&mut self, i: usize, value: u64) {
+        *self.0[i].get_mut() = value;
+    }
+
+    #[inline]
+    pub(crate) fn word_mut(&mut self, i: usize) -> &mut u64 {
+        self.0[i].get_mut()
+    }
+
+    /// Atomically ORs `mask` into word `i`; returns the word before.
+    #[inline]
+    pub(crate) fn fetch_or(&self, i: usize, mask: u64) -> u64 {
+        self.0[i].fetch_or(mask, Relaxed)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().map(|w| w.load(Relaxed))
+    }
+
+    /// Words `range`, read.
+    pub(crate) fn range(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = u64> + '_ {
+        self.0[range].iter().map(|w| w.load(Relaxed))
+    }
+
+    /// Words `range`, writable.
+    pub(crate) fn range_mut(
+        &mut self,
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = &mut u64> {
+        self.0[range].iter_mut().map(AtomicU64::get_mut)
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut u64> {
+        self.0.iter_mut().map(AtomicU64::get_mut)
+    }
+
+    pub(crate) fn fill(&mut self, value: u64) {
+        for w in self.iter_mut() {
+            *w = value;
+        }
+    }
+
+    /// Copies the first `n` words of `src`.
+    pub(crate) fn copy_prefix(&mut self, src: &Words, n: usize) {
+        for (dst, w) in self.iter_mut().zip(src.iter()).take(n) {
+            *dst = w;
+        }
+    }
 }
 
 /// Sets bit `i` of `arr` to `value`; returns whether it changed.
 #[inline]
-pub(crate) fn assign_bit(arr: &mut [u64], i: usize, value: bool) -> bool {
-    let w = &mut arr[i >> WORD_SHIFT];
+pub(crate) fn assign_bit(arr: &mut Words, i: usize, value: bool) -> bool {
+    let w = arr.word_mut(i >> WORD_SHIFT);
     let m = 1u64 << (i as u64 & WORD_MASK);
     let old = *w;
     *w = if value { old | m } else { old & !m };
@@ -72,19 +143,21 @@ pub(crate) fn assign_bit(arr: &mut [u64], i: usize, value: bool) -> bool {
 }
 
 /// Sets bits `lo..=hi` of `arr` to `value`.
-pub(crate) fn assign_bits(arr: &mut [u64], lo: usize, hi: usize, value: bool) {
+pub(crate) fn assign_bits(arr: &mut Words, lo: usize, hi: usize, value: bool) {
     debug_assert!(lo <= hi);
     let (wlo, whi) = (lo >> WORD_SHIFT, hi >> WORD_SHIFT);
     let (blo, bhi) = (bit_in_word(lo as u64), bit_in_word(hi as u64));
     let fill = if value { u64::MAX } else { 0 };
     let apply = |w: &mut u64, m: u64| *w = if value { *w | m } else { *w & !m };
     if wlo == whi {
-        apply(&mut arr[wlo], mask(blo, bhi));
+        apply(arr.word_mut(wlo), mask(blo, bhi));
         return;
     }
-    apply(&mut arr[wlo], mask(blo, 63));
-    arr[wlo + 1..whi].fill(fill);
-    apply(&mut arr[whi], mask(0, bhi));
+    apply(arr.word_mut(wlo), mask(blo, 63));
+    for w in arr.range_mut(wlo + 1..whi) {
+        *w = fill;
+    }
+    apply(arr.word_mut(whi), mask(0, bhi));
 }
 
 #[cfg(test)]
@@ -109,13 +182,19 @@ mod tests {
 
     #[test]
     fn assign_bits_across_words() {
-        let mut a = [0u64; 4];
+        let mut a = Words::zeroed(4).unwrap();
+        let words = |a: &Words| a.iter().collect::<Vec<_>>();
         assign_bits(&mut a, 60, 200, true);
-        assert_eq!(a, [0xf << 60, u64::MAX, u64::MAX, mask(0, 200 - 192)]);
+        assert_eq!(
+            words(&a),
+            [0xf << 60, u64::MAX, u64::MAX, mask(0, 200 - 192)]
+        );
         assign_bits(&mut a, 61, 199, false);
-        assert_eq!(a, [1 << 60, 0, 0, 1 << 8]);
+        assert_eq!(words(&a), [1 << 60, 0, 0, 1 << 8]);
         assert!(assign_bit(&mut a, 1, true));
         assert!(!assign_bit(&mut a, 1, true));
-        assert_eq!(a[0], (1 << 60) | 2);
+        assert_eq!(a.get(0), (1 << 60) | 2);
+        assert_eq!(a.fetch_or(3, 1), 1 << 8);
+        assert_eq!(a.get(3), (1 << 8) | 1);
     }
 }

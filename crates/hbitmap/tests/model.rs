@@ -210,6 +210,8 @@ fn geometry() -> impl Strategy<Value = (u64, u32)> {
 #[derive(Debug, Clone)]
 enum Op {
     Set(u64, u64),
+    /// `mark`: the shared-reference `set`.
+    Mark(u64, u64),
     Reset(u64, u64),
     ResetAll,
     Truncate(u64),
@@ -225,7 +227,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let range = (any::<u64>(), any::<u64>());
     prop_oneof![
-        6 => range.prop_map(|(a, b)| Op::Set(a, b)),
+        4 => range.prop_map(|(a, b)| Op::Set(a, b)),
+        3 => range.prop_map(|(a, b)| Op::Mark(a, b)),
         4 => range.prop_map(|(a, b)| Op::Reset(a, b)),
         1 => Just(Op::ResetAll),
         1 => any::<u64>().prop_map(Op::Truncate),
@@ -291,6 +294,11 @@ proptest! {
                 Op::Set(a, b) => {
                     let (s, c) = range_in(model.len, (a, b));
                     bm.set(s, c).unwrap();
+                    model.set(s, c);
+                }
+                Op::Mark(a, b) => {
+                    let (s, c) = range_in(model.len, (a, b));
+                    bm.mark(s, c).unwrap();
                     model.set(s, c);
                 }
                 Op::Reset(a, b) => {
