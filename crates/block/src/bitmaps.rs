@@ -15,7 +15,7 @@
 //! recorded.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hbitmap::HBitmap;
 
@@ -153,6 +153,13 @@ impl List {
             .ok_or_else(|| Error::BitmapNotFound(name.to_owned()))
     }
 
+    fn named_ref(&self, name: &str) -> Result<&Bitmap> {
+        self.bitmaps
+            .iter()
+            .find(|b| b.name.as_deref() == Some(name))
+            .ok_or_else(|| Error::BitmapNotFound(name.to_owned()))
+    }
+
     fn by_id(&mut self, id: BitmapId) -> Option<&mut Bitmap> {
         self.bitmaps.iter_mut().find(|b| b.id == id)
     }
@@ -181,7 +188,9 @@ pub struct Bitmaps {
     node: String,
     length: u64,
     default_granularity: u64,
-    list: Mutex<List>,
+    /// Writers mark under the read side (marking is lock-free inside);
+    /// everything that changes the list or clears bits takes the write side.
+    list: RwLock<List>,
     /// Whether some bitmap is readonly: then the node refuses writes.
     has_readonly: AtomicBool,
     /// Bumped, under the lock, by every change other than marking: a write
@@ -203,7 +212,7 @@ impl Bitmaps {
             node: node.to_owned(),
             length,
             default_granularity: cluster_size.map_or(1 << 16, |c| c.clamp(1 << 12, 1 << 16)),
-            list: Mutex::new(List::default()),
+            list: RwLock::new(List::default()),
             has_readonly: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
         }
@@ -220,18 +229,19 @@ impl Bitmaps {
         self.has_readonly.store(any, Ordering::Release);
     }
 
-    /// Locks for marking and queries.
-    fn lock(&self) -> MutexGuard<'_, List> {
+    /// Shared access: marking and queries.
+    fn read(&self) -> RwLockReadGuard<'_, List> {
         // A panic while holding the lock cannot leave a bitmap half-updated
         // in a way that loses writes (HBitmap keeps its invariants per call),
         // so a poisoned lock is still usable.
-        self.list.lock().unwrap_or_else(|e| e.into_inner())
+        self.list.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Locks for any other change: bits may be cleared, bitmaps may appear,
-    /// start recording or change hands, so writes in flight must mark again.
-    fn lock_mut(&self) -> MutexGuard<'_, List> {
-        let list = self.lock();
+    /// Exclusive access for any change: bits may be cleared, bitmaps may
+    /// appear, start recording or change hands, so writes in flight must mark
+    /// again (the epoch tells them).
+    fn lock_mut(&self) -> RwLockWriteGuard<'_, List> {
+        let list = self.list.write().unwrap_or_else(|e| e.into_inner());
         self.epoch.fetch_add(1, Ordering::SeqCst);
         list
     }
@@ -246,7 +256,7 @@ impl Bitmaps {
     /// past the end are clipped. Pass the ticket to
     /// [`mark_again`](Self::mark_again) when the request has completed.
     pub fn mark(&self, offset: u64, len: u64) -> MarkTicket {
-        let list = self.lock();
+        let list = self.read();
         let ticket = MarkTicket(self.epoch.load(Ordering::SeqCst));
         self.mark_locked(list, offset, len);
         ticket
@@ -258,22 +268,22 @@ impl Bitmaps {
     /// cleared a bit and read the old data sees the bit again.
     pub fn mark_again(&self, offset: u64, len: u64, ticket: MarkTicket) {
         if self.epoch.load(Ordering::SeqCst) != ticket.0 {
-            self.mark_locked(self.lock(), offset, len);
+            self.mark_locked(self.read(), offset, len);
         }
     }
 
-    fn mark_locked(&self, mut list: MutexGuard<'_, List>, offset: u64, len: u64) {
+    fn mark_locked(&self, list: RwLockReadGuard<'_, List>, offset: u64, len: u64) {
         let end = offset.saturating_add(len).min(self.length);
         if offset >= end {
             return;
         }
-        for bm in &mut list.bitmaps {
+        for bm in &list.bitmaps {
             if !bm.disabled {
                 // In range by the clipping above; lengths match the node.
-                let _ = bm.bits.set(offset, end - offset);
+                let _ = bm.bits.mark(offset, end - offset);
             }
-            if let Some(s) = bm.successor.as_deref_mut().filter(|s| !s.disabled) {
-                let _ = s.bits.set(offset, end - offset);
+            if let Some(s) = bm.successor.as_deref().filter(|s| !s.disabled) {
+                let _ = s.bits.mark(offset, end - offset);
             }
         }
     }
@@ -398,15 +408,15 @@ impl Bitmaps {
     /// A copy of a named bitmap's bits, for merging elsewhere or inspecting;
     /// refused while busy or inconsistent.
     pub fn snapshot(&self, name: &str) -> Result<HBitmap> {
-        let mut list = self.lock();
-        let bm = list.named(name)?;
+        let list = self.read();
+        let bm = list.named_ref(name)?;
         bm.check(Check::AllowReadonly)?;
         Ok(bm.bits.try_clone()?)
     }
 
     /// Checks that `name` exists and passes `check`, without changing it.
     pub fn check(&self, name: &str, check: Check) -> Result<()> {
-        self.lock().named(name)?.check(check)
+        self.read().named_ref(name)?.check(check)
     }
 
     /// ORs `sources` (snapshots, possibly from other nodes of the same size,
@@ -430,7 +440,7 @@ impl Bitmaps {
 
     /// Marks a named bitmap busy or not (a job takes or releases it).
     pub fn set_busy(&self, name: &str, busy: bool) -> Result<()> {
-        self.lock().named(name)?.busy = busy;
+        self.lock_mut().named(name)?.busy = busy;
         Ok(())
     }
 
@@ -494,17 +504,17 @@ impl Bitmaps {
 
     /// The id of a named bitmap.
     pub fn id(&self, name: &str) -> Result<BitmapId> {
-        Ok(self.lock().named(name)?.id)
+        Ok(self.read().named_ref(name)?.id)
     }
 
     /// SHA-256 of a named bitmap's bits (`x-debug-block-dirty-bitmap-sha256`).
     pub fn sha256(&self, name: &str) -> Result<String> {
-        Ok(self.lock().named(name)?.bits.sha256())
+        Ok(self.read().named_ref(name)?.bits.sha256())
     }
 
     /// What queries report, newest bitmap first; anonymous ones are left out.
     pub fn info(&self) -> Vec<BitmapInfo> {
-        self.lock()
+        self.read()
             .bitmaps
             .iter()
             .filter_map(|bm| {
