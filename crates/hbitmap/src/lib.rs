@@ -93,8 +93,8 @@ mod words;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use words::{
-    WORD_BITS, WORD_SHIFT, Words, above, assign_bit, assign_bits, bit_in_word, mask, tail_padding,
-    word_of, words_for,
+    WORD_BITS, WORD_SHIFT, Words, above, assign_bit, assign_bits, bit_in_word, mask, or_words,
+    summary_words, tail_padding, word_of, words_for,
 };
 
 pub use error::Error;
@@ -405,14 +405,11 @@ impl HBitmap {
             }
             return Ok(());
         }
-        let mut set_bits = self.dirty_granules();
-        for (ours, theirs) in self.bottom.iter_mut().zip(other.bottom.iter()) {
-            let old = *ours;
-            *ours = old | theirs;
-            set_bits += u64::from((theirs & !old).count_ones());
+        let (added, changed) = or_words(self.bottom.as_mut_slice(), other.bottom.iter());
+        *self.set_bits.get_mut() += added;
+        if let Some((lo, hi)) = changed {
+            self.rebuild_summaries(lo, hi);
         }
-        *self.set_bits.get_mut() = set_bits;
-        self.rebuild_summaries(0, self.bottom.len() - 1);
         Ok(())
     }
 
@@ -607,44 +604,40 @@ impl HBitmap {
         }
     }
 
-    /// The `any` and `full` words that summary word `parent` of `level`
-    /// should hold, computed from its (up to 64) children, `children` being
-    /// the length of the level below.
-    fn summarize(&self, level: usize, parent: usize, children: usize) -> (u64, u64) {
-        let first = parent << WORD_SHIFT;
-        let n = (children - first).min(WORD_BITS as usize);
-        let (full_kids, any_kids) = match level {
-            0 => (&self.bottom, &self.bottom),
-            _ => (&self.full[level - 1], &self.any[level - 1]),
-        };
-        // Plain passes, which the compiler can vectorize; the bottom's
-        // padding is fixed up afterwards.
-        let mut full = tail_padding(n as u64);
-        for (j, w) in full_kids.range(first..first + n).enumerate() {
-            full |= u64::from(w == u64::MAX) << j;
-        }
-        let mut any = 0u64;
-        for (j, w) in any_kids.range(first..first + n).enumerate() {
-            any |= u64::from(w != 0) << j;
-        }
-        if level == 0 && first + n == self.bottom.len() {
-            let last = n - 1;
-            full = (full & !(1 << last)) | (u64::from(self.child_full(0, first + last)) << last);
-        }
-        (any, full)
-    }
-
     /// Recomputes every summary word above bottom words `lo..=hi`.
     fn rebuild_summaries(&mut self, mut lo: usize, mut hi: usize) {
+        let tail_pad = self.tail_pad;
         let mut children = self.bottom.len();
         for level in 0..self.any.len() {
             let (plo, phi) = (lo >> WORD_SHIFT, hi >> WORD_SHIFT);
+            let (any_lower, any_upper) = self.any.split_at_mut(level);
+            let (full_lower, full_upper) = self.full.split_at_mut(level);
+            let (kids_any, kids_full): (&[u64], &[u64]) = match level {
+                0 => {
+                    let bottom: &[u64] = self.bottom.as_mut_slice();
+                    (bottom, bottom)
+                }
+                _ => (
+                    any_lower[level - 1].as_mut_slice(),
+                    full_lower[level - 1].as_mut_slice(),
+                ),
+            };
+            let (parent_any, parent_full) =
+                (any_upper[0].as_mut_slice(), full_upper[0].as_mut_slice());
             for parent in plo..=phi {
-                let (any, full) = self.summarize(level, parent, children);
-                self.any[level].set(parent, any);
-                self.full[level].set(parent, full);
+                let first = parent << WORD_SHIFT;
+                let n = (children - first).min(WORD_BITS as usize);
+                let pad = if level == 0 && first + n == children {
+                    tail_pad
+                } else {
+                    0
+                };
+                let kids = first..first + n;
+                let (any, full) = summary_words(&kids_any[kids.clone()], &kids_full[kids], pad);
+                parent_any[parent] = any;
+                parent_full[parent] = full;
             }
-            children = self.any[level].len();
+            children = parent_any.len();
             lo = plo;
             hi = phi;
         }
@@ -738,7 +731,20 @@ impl HBitmap {
         let mut children = self.bottom.len();
         for level in 0..self.any.len() {
             for parent in 0..self.any[level].len() {
-                let (any, full) = self.summarize(level, parent, children);
+                let first = parent << WORD_SHIFT;
+                let n = (children - first).min(WORD_BITS as usize);
+                let (kids_any, kids_full) = match level {
+                    0 => (&self.bottom, &self.bottom),
+                    _ => (&self.any[level - 1], &self.full[level - 1]),
+                };
+                let a: Vec<u64> = kids_any.range(first..first + n).collect();
+                let f: Vec<u64> = kids_full.range(first..first + n).collect();
+                let pad = if level == 0 && first + n == children {
+                    self.tail_pad
+                } else {
+                    0
+                };
+                let (any, full) = summary_words(&a, &f, pad);
                 if self.any[level].get(parent) != any || self.full[level].get(parent) != full {
                     return Err(format!(
                         "summary level {level} word {parent}: any {:#x} full {:#x}, \

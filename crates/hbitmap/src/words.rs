@@ -106,22 +106,32 @@ impl Words {
         self.0[range].iter().map(|w| w.load(Relaxed))
     }
 
+    /// All words as plain integers, for the `&mut self` methods: they may
+    /// use plain (vectorizable) loops.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u64] {
+        let len = self.0.len();
+        let ptr = self.0.as_mut_ptr().cast::<u64>();
+        // SAFETY: `AtomicU64` has the size, alignment (on the 64-bit targets
+        // this crate requires) and bit validity of `u64`, and `&mut self`
+        // rules out every other access, atomic or not, for the lifetime of
+        // the slice: what the unstable `AtomicU64::get_mut_slice` does.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
     /// Words `range`, writable.
     pub(crate) fn range_mut(
         &mut self,
         range: std::ops::Range<usize>,
     ) -> impl Iterator<Item = &mut u64> {
-        self.0[range].iter_mut().map(AtomicU64::get_mut)
+        self.as_mut_slice()[range].iter_mut()
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut u64> {
-        self.0.iter_mut().map(AtomicU64::get_mut)
+        self.as_mut_slice().iter_mut()
     }
 
     pub(crate) fn fill(&mut self, value: u64) {
-        for w in self.iter_mut() {
-            *w = value;
-        }
+        self.as_mut_slice().fill(value);
     }
 
     /// Copies the first `n` words of `src`.
@@ -130,6 +140,70 @@ impl Words {
             *dst = w;
         }
     }
+}
+
+/// The `any` and `full` summary words of up to 64 children: `any_kids[j]`
+/// and `full_kids[j]` are child `j`'s words in the two summaries (the same
+/// words at the bottom). `last_pad` is the padding of the last child when it
+/// is the bottom level's last word.
+pub(crate) fn summary_words(any_kids: &[u64], full_kids: &[u64], last_pad: u64) -> (u64, u64) {
+    let n = any_kids.len();
+    // Plain passes over slices, which the compiler can vectorize.
+    let mut full = tail_padding(n as u64);
+    for (j, &w) in full_kids.iter().enumerate() {
+        full |= u64::from(w == u64::MAX) << j;
+    }
+    let mut any = 0u64;
+    for (j, &w) in any_kids.iter().enumerate() {
+        any |= u64::from(w != 0) << j;
+    }
+    if let (Some(&last), true) = (full_kids.last(), last_pad != 0) {
+        full |= u64::from(last | last_pad == u64::MAX) << (n - 1);
+    }
+    (any, full)
+}
+
+/// ORs `src` into `dst` word by word. Returns the number of bits that were
+/// added and the first and last index of the words that changed.
+pub(crate) fn or_words(
+    dst: &mut [u64],
+    src: impl Iterator<Item = u64>,
+) -> (u64, Option<(usize, usize)>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the CPU has the popcnt instruction, checked just above.
+        return unsafe { or_words_popcnt(dst, src) };
+    }
+    or_words_portable(dst, src)
+}
+
+/// [`or_words`] compiled with the `popcnt` instruction, which the portable
+/// x86-64 baseline lacks (its bit count is a dozen instructions).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+unsafe fn or_words_popcnt(
+    dst: &mut [u64],
+    src: impl Iterator<Item = u64>,
+) -> (u64, Option<(usize, usize)>) {
+    or_words_portable(dst, src)
+}
+
+#[inline(always)]
+fn or_words_portable(
+    dst: &mut [u64],
+    src: impl Iterator<Item = u64>,
+) -> (u64, Option<(usize, usize)>) {
+    let (mut added, mut lo, mut hi) = (0u64, usize::MAX, 0usize);
+    for (i, (word, theirs)) in dst.iter_mut().zip(src).enumerate() {
+        let new_bits = theirs & !*word;
+        *word |= theirs;
+        added += u64::from(new_bits.count_ones());
+        // Branch-free: which words change is as random as the bitmaps.
+        let hit = new_bits != 0;
+        lo = if hit { lo.min(i) } else { lo };
+        hi = if hit { i } else { hi };
+    }
+    (added, (lo <= hi).then_some((lo, hi)))
 }
 
 /// Sets bit `i` of `arr` to `value`; returns whether it changed.
