@@ -140,6 +140,16 @@ impl std::fmt::Debug for HBitmap {
     }
 }
 
+/// A summary level and its children, as plain words; see
+/// [`HBitmap::level_views`].
+struct LevelViews<'a> {
+    kids_any: &'a [u64],
+    kids_full: &'a [u64],
+    pad: u64,
+    any: &'a mut [u64],
+    full: &'a mut [u64],
+}
+
 /// The summary levels for a bottom level of `bottom_words` words.
 type Summaries = (Vec<Words>, Vec<Words>);
 
@@ -506,24 +516,6 @@ impl HBitmap {
         }
     }
 
-    /// Whether child `i` of summary level `level` is non-zero.
-    #[inline]
-    fn child_any(&self, level: usize, i: usize) -> bool {
-        match level {
-            0 => self.bottom.get(i) != 0,
-            _ => self.any[level - 1].get(i) != 0,
-        }
-    }
-
-    /// Whether child `i` of summary level `level` is all ones.
-    #[inline]
-    fn child_full(&self, level: usize, i: usize) -> bool {
-        match level {
-            0 => self.bottom.get(i) | self.pad(i) == u64::MAX,
-            _ => self.full[level - 1].get(i) == u64::MAX,
-        }
-    }
-
     /// Sets bottom bits `first..=last`, both below `bits`.
     fn set_bit_range(&mut self, first: u64, last: u64) {
         let (wlo, whi) = (word_of(first), word_of(last));
@@ -578,23 +570,53 @@ impl HBitmap {
         self.propagate(wlo, whi, false);
     }
 
+    /// Plain views of summary level `level` (writable) and of the level
+    /// below it, its children; `pad` is the padding of the last child.
+    fn level_views(&mut self, level: usize) -> LevelViews<'_> {
+        let (any_lower, any_upper) = self.any.split_at_mut(level);
+        let (full_lower, full_upper) = self.full.split_at_mut(level);
+        let (kids_any, kids_full, pad): (&[u64], &[u64], u64) = match level {
+            0 => {
+                let bottom: &[u64] = self.bottom.as_mut_slice();
+                (bottom, bottom, self.tail_pad)
+            }
+            _ => (
+                any_lower[level - 1].as_mut_slice(),
+                full_lower[level - 1].as_mut_slice(),
+                0,
+            ),
+        };
+        LevelViews {
+            kids_any,
+            kids_full,
+            pad,
+            any: any_upper[0].as_mut_slice(),
+            full: full_upper[0].as_mut_slice(),
+        }
+    }
+
     /// Brings the summaries up to date after bottom words `lo..=hi` changed,
     /// where every word strictly between `lo` and `hi` became `uniform`
     /// (all ones or all zeroes). Stops as soon as a level is unchanged.
     fn propagate(&mut self, mut lo: usize, mut hi: usize, uniform: bool) {
         for level in 0..self.any.len() {
+            let v = self.level_views(level);
             // Children strictly inside the range are uniform, and so are the
             // parent words strictly inside it at every level above.
             let mut changed = hi > lo + 1;
             if changed {
-                assign_bits(&mut self.any[level], lo + 1, hi - 1, uniform);
-                assign_bits(&mut self.full[level], lo + 1, hi - 1, uniform);
+                assign_bits(v.any, lo + 1, hi - 1, uniform);
+                assign_bits(v.full, lo + 1, hi - 1, uniform);
             }
             let edges = [lo, hi];
             for &edge in &edges[..if lo == hi { 1 } else { 2 }] {
-                let (a, f) = (self.child_any(level, edge), self.child_full(level, edge));
-                changed |= assign_bit(&mut self.any[level], edge, a);
-                changed |= assign_bit(&mut self.full[level], edge, f);
+                let pad = if edge + 1 == v.kids_full.len() {
+                    v.pad
+                } else {
+                    0
+                };
+                changed |= assign_bit(v.any, edge, v.kids_any[edge] != 0);
+                changed |= assign_bit(v.full, edge, v.kids_full[edge] | pad == u64::MAX);
             }
             if !changed {
                 return;
@@ -606,38 +628,18 @@ impl HBitmap {
 
     /// Recomputes every summary word above bottom words `lo..=hi`.
     fn rebuild_summaries(&mut self, mut lo: usize, mut hi: usize) {
-        let tail_pad = self.tail_pad;
-        let mut children = self.bottom.len();
         for level in 0..self.any.len() {
             let (plo, phi) = (lo >> WORD_SHIFT, hi >> WORD_SHIFT);
-            let (any_lower, any_upper) = self.any.split_at_mut(level);
-            let (full_lower, full_upper) = self.full.split_at_mut(level);
-            let (kids_any, kids_full): (&[u64], &[u64]) = match level {
-                0 => {
-                    let bottom: &[u64] = self.bottom.as_mut_slice();
-                    (bottom, bottom)
-                }
-                _ => (
-                    any_lower[level - 1].as_mut_slice(),
-                    full_lower[level - 1].as_mut_slice(),
-                ),
-            };
-            let (parent_any, parent_full) =
-                (any_upper[0].as_mut_slice(), full_upper[0].as_mut_slice());
+            let v = self.level_views(level);
+            let children = v.kids_any.len();
             for parent in plo..=phi {
                 let first = parent << WORD_SHIFT;
-                let n = (children - first).min(WORD_BITS as usize);
-                let pad = if level == 0 && first + n == children {
-                    tail_pad
-                } else {
-                    0
-                };
-                let kids = first..first + n;
-                let (any, full) = summary_words(&kids_any[kids.clone()], &kids_full[kids], pad);
-                parent_any[parent] = any;
-                parent_full[parent] = full;
+                let kids = first..(first + WORD_BITS as usize).min(children);
+                let pad = if kids.end == children { v.pad } else { 0 };
+                let (any, full) = summary_words(&v.kids_any[kids.clone()], &v.kids_full[kids], pad);
+                v.any[parent] = any;
+                v.full[parent] = full;
             }
-            children = parent_any.len();
             lo = plo;
             hi = phi;
         }

@@ -208,8 +208,8 @@ fn or_words_portable(
 
 /// Sets bit `i` of `arr` to `value`; returns whether it changed.
 #[inline]
-pub(crate) fn assign_bit(arr: &mut Words, i: usize, value: bool) -> bool {
-    let w = arr.word_mut(i >> WORD_SHIFT);
+pub(crate) fn assign_bit(arr: &mut [u64], i: usize, value: bool) -> bool {
+    let w = &mut arr[i >> WORD_SHIFT];
     let m = 1u64 << (i as u64 & WORD_MASK);
     let old = *w;
     *w = if value { old | m } else { old & !m };
@@ -217,21 +217,19 @@ pub(crate) fn assign_bit(arr: &mut Words, i: usize, value: bool) -> bool {
 }
 
 /// Sets bits `lo..=hi` of `arr` to `value`.
-pub(crate) fn assign_bits(arr: &mut Words, lo: usize, hi: usize, value: bool) {
+pub(crate) fn assign_bits(arr: &mut [u64], lo: usize, hi: usize, value: bool) {
     debug_assert!(lo <= hi);
     let (wlo, whi) = (lo >> WORD_SHIFT, hi >> WORD_SHIFT);
     let (blo, bhi) = (bit_in_word(lo as u64), bit_in_word(hi as u64));
     let fill = if value { u64::MAX } else { 0 };
     let apply = |w: &mut u64, m: u64| *w = if value { *w | m } else { *w & !m };
     if wlo == whi {
-        apply(arr.word_mut(wlo), mask(blo, bhi));
+        apply(&mut arr[wlo], mask(blo, bhi));
         return;
     }
-    apply(arr.word_mut(wlo), mask(blo, 63));
-    for w in arr.range_mut(wlo + 1..whi) {
-        *w = fill;
-    }
-    apply(arr.word_mut(whi), mask(0, bhi));
+    apply(&mut arr[wlo], mask(blo, 63));
+    arr[wlo + 1..whi].fill(fill);
+    apply(&mut arr[whi], mask(0, bhi));
 }
 
 #[cfg(test)]
@@ -258,15 +256,15 @@ mod tests {
     fn assign_bits_across_words() {
         let mut a = Words::zeroed(4).unwrap();
         let words = |a: &Words| a.iter().collect::<Vec<_>>();
-        assign_bits(&mut a, 60, 200, true);
+        assign_bits(a.as_mut_slice(), 60, 200, true);
         assert_eq!(
             words(&a),
             [0xf << 60, u64::MAX, u64::MAX, mask(0, 200 - 192)]
         );
-        assign_bits(&mut a, 61, 199, false);
+        assign_bits(a.as_mut_slice(), 61, 199, false);
         assert_eq!(words(&a), [1 << 60, 0, 0, 1 << 8]);
-        assert!(assign_bit(&mut a, 1, true));
-        assert!(!assign_bit(&mut a, 1, true));
+        assert!(assign_bit(a.as_mut_slice(), 1, true));
+        assert!(!assign_bit(a.as_mut_slice(), 1, true));
         assert_eq!(a.get(0), (1 << 60) | 2);
         assert_eq!(a.fetch_or(3, 1), 1 << 8);
         assert_eq!(a.get(3), (1 << 8) | 1);
