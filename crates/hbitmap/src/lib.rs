@@ -520,12 +520,13 @@ impl HBitmap {
     fn set_bit_range(&mut self, first: u64, last: u64) {
         let (wlo, whi) = (word_of(first), word_of(last));
         if wlo == whi {
-            let old = self.bottom.get(wlo);
+            let word = &mut self.bottom.as_mut_slice()[wlo];
+            let old = *word;
             let new = old | mask(bit_in_word(first), bit_in_word(last));
             if new == old {
                 return;
             }
-            self.bottom.set(wlo, new);
+            *word = new;
             *self.set_bits.get_mut() += u64::from((new ^ old).count_ones());
         } else {
             let mut added = 0u64;
@@ -547,12 +548,13 @@ impl HBitmap {
     fn clear_bit_range(&mut self, first: u64, last: u64) {
         let (wlo, whi) = (word_of(first), word_of(last));
         if wlo == whi {
-            let old = self.bottom.get(wlo);
+            let word = &mut self.bottom.as_mut_slice()[wlo];
+            let old = *word;
             let new = old & !mask(bit_in_word(first), bit_in_word(last));
             if new == old {
                 return;
             }
-            self.bottom.set(wlo, new);
+            *word = new;
             *self.set_bits.get_mut() -= u64::from((new ^ old).count_ones());
         } else {
             let mut removed = 0u64;
