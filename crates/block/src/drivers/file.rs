@@ -95,13 +95,7 @@ impl FileDriver {
         let file = Arc::new(file);
         let uring = match aio {
             Aio::Threads => None,
-            Aio::IoUring => match Uring::new(file.clone()) {
-                Ok(uring) => Some(uring),
-                Err(e) => {
-                    tracing::warn!("{path}: io_uring unavailable ({e}), using the thread pool");
-                    None
-                }
-            },
+            Aio::IoUring => start_uring(path, &file, super::uring::ENTRIES),
         };
         let alignment = if direct {
             probe_alignment(&file, length)
@@ -165,6 +159,19 @@ impl FileDriver {
 
 fn pool_failed() -> io::Error {
     io::Error::other("the I/O thread pool could not run the request")
+}
+
+/// An io_uring for `file`, or `None` (with a warning) where the kernel
+/// refuses one: seccomp or `kernel.io_uring_disabled` (EPERM), an old
+/// kernel (ENOSYS), limits (ENOMEM, EINVAL). The caller then uses threads.
+fn start_uring(path: &str, file: &Arc<File>, entries: u32) -> Option<Uring> {
+    match Uring::new(file.clone(), entries) {
+        Ok(uring) => Some(uring),
+        Err(e) => {
+            tracing::warn!("{path}: io_uring unavailable ({e}), using the thread pool");
+            None
+        }
+    }
 }
 
 /// Whether an error says the filesystem cannot do this `fallocate` mode.
@@ -368,4 +375,19 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_ring_falls_back_to_threads() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        // The kernel refuses a ring of 0 entries (EINVAL), as it refuses any
+        // ring under seccomp (EPERM): either way, no engine and no panic.
+        assert!(start_uring("test", &file, 0).is_none());
+        // Where io_uring works at all (this machine and CI), a real ring.
+        assert!(start_uring("test", &file, 8).is_some());
+    }
 }

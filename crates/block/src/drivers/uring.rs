@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use crate::buf::IoBuf;
 
 /// Ring size; also the most requests in flight at once.
-const ENTRIES: u32 = 128;
+pub(crate) const ENTRIES: u32 = 128;
 /// `user_data` of the eventfd read.
 const WAKE: u64 = u64::MAX;
 
@@ -66,8 +66,8 @@ impl std::fmt::Debug for Uring {
 impl Uring {
     /// Sets up a ring for `file`. Fails where the kernel refuses io_uring
     /// (EPERM under seccomp, ENOSYS on old kernels); the caller falls back.
-    pub(crate) fn new(file: Arc<File>) -> io::Result<Uring> {
-        let ring = IoUring::new(ENTRIES)?;
+    pub(crate) fn new(file: Arc<File>, entries: u32) -> io::Result<Uring> {
+        let ring = IoUring::new(entries)?;
         let wake = Arc::new(rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC,
@@ -76,7 +76,7 @@ impl Uring {
         let thread_wake = wake.clone();
         let thread = std::thread::Builder::new()
             .name("bitmirror-uring".into())
-            .spawn(move || run(ring, &file, &thread_wake, &rx))?;
+            .spawn(move || run(ring, entries as usize, &file, &thread_wake, &rx))?;
         Ok(Uring {
             tx: Some(tx),
             wake,
@@ -173,7 +173,7 @@ fn arm_wake(ring: &mut IoUring, wake: &OwnedFd, counter: &mut [u8; 8]) -> io::Re
 }
 
 /// The ring thread.
-fn run(mut ring: IoUring, file: &File, wake: &OwnedFd, rx: &mpsc::Receiver<Op>) {
+fn run(mut ring: IoUring, entries: usize, file: &File, wake: &OwnedFd, rx: &mpsc::Receiver<Op>) {
     let mut counter = Box::new([0u8; 8]);
     let mut inflight: HashMap<u64, Pending> = HashMap::new();
     let mut next_id = 0u64;
@@ -185,7 +185,7 @@ fn run(mut ring: IoUring, file: &File, wake: &OwnedFd, rx: &mpsc::Receiver<Op>) 
     let mut wake_armed = true;
     loop {
         // Take new requests while there is room on the ring.
-        while open && inflight.len() < ENTRIES as usize - 1 {
+        while open && inflight.len() < entries - 1 {
             match rx.try_recv() {
                 Ok(op) => {
                     next_id += 1;
