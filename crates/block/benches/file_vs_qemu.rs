@@ -175,9 +175,8 @@ fn file_vs_qemu(rt: &tokio::runtime::Runtime, path: &str) {
                     let g = Graph::new();
                     let v = json!({"driver": "file", "node-name": "f", "filename": path,
                                    "aio": aio, "cache": {"direct": direct}});
-                    let node = g
-                        .add(&BlockdevOptions::from_json(&v).expect("options"))
-                        .expect("the file opens");
+                    let options = BlockdevOptions::from_json(&v).expect("options");
+                    let node = rt.block_on(g.add(&options)).expect("the file opens");
                     let theirs = best(|| qemu(path, p, write, direct, aio));
                     let mine = best(|| rt.block_on(ours(&node, p, write)));
                     println!(
@@ -224,9 +223,8 @@ fn tracking(rt: &tokio::runtime::Runtime, path: &str) {
             .map(|&bitmaps| {
                 let mut v = v.clone();
                 v["node-name"] = json!(format!("n{bitmaps}"));
-                let node = g
-                    .add(&BlockdevOptions::from_json(&v).expect("options"))
-                    .expect("the node opens");
+                let options = BlockdevOptions::from_json(&v).expect("options");
+                let node = rt.block_on(g.add(&options)).expect("the node opens");
                 for i in 0..bitmaps {
                     node.bitmaps()
                         .add(&format!("b{i}"), None, false, false)

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::drivers::{FileDriver, NullDriver, RawDriver};
 use crate::error::{Error, Result};
-use crate::node::{ChildRole, Driver, Edge, Node, Settings, User};
+use crate::node::{BoxFuture, ChildRole, Driver, Edge, Node, Settings, User};
 use crate::options::{
     BlockdevOptions, ChildRef, DriverOptions, check_node_name, check_node_name_length,
 };
@@ -24,11 +24,14 @@ impl Inner {
     }
 }
 
-/// All nodes of a daemon. Cheap to share behind an `Arc`; every method locks
-/// briefly and never waits for I/O.
+/// All nodes of a daemon. Cheap to share behind an `Arc`. Lookups, removal
+/// and replacement lock briefly and never wait for I/O; [`add`](Self::add)
+/// is async, because opening a driver may read (a format's header) or
+/// connect (a network client), and adds run one at a time.
 #[derive(Debug, Default)]
 pub struct Graph {
     inner: Mutex<Inner>,
+    adding: tokio::sync::Mutex<()>,
 }
 
 impl Graph {
@@ -43,22 +46,103 @@ impl Graph {
 
     /// Opens a node and its inline children (`blockdev-add`). The root must
     /// be named. On error nothing is added.
-    pub fn add(&self, options: &BlockdevOptions) -> Result<Arc<Node>> {
+    pub async fn add(&self, options: &BlockdevOptions) -> Result<Arc<Node>> {
         if options.node_name.is_none() {
             return Err(Error::NodeNameMissing);
         }
-        let mut inner = self.lock();
+        let _one_at_a_time = self.adding.lock().await;
         let mut created = Vec::new();
-        match open(&mut inner, options, false, &mut created) {
-            Ok(node) => {
-                // Children first in `created`; newest first in the list.
-                for n in created {
-                    inner.nodes.insert(0, n);
-                }
-                Ok(node)
-            }
-            Err(e) => Err(e),
+        let node = self.open(options, false, &mut created).await?;
+        let mut inner = self.lock();
+        // Children first in `created`; newest first in the list.
+        for n in created {
+            inner.nodes.insert(0, n);
         }
+        Ok(node)
+    }
+
+    /// The name `options` asks for, checked, or a new `#blockNNN` one.
+    fn claim_name(&self, options: &BlockdevOptions, created: &[Arc<Node>]) -> Result<String> {
+        let mut inner = self.lock();
+        match &options.node_name {
+            Some(name) => {
+                check_node_name(name)?;
+                let taken = inner.find(name).is_some() || created.iter().any(|n| n.name() == name);
+                if taken {
+                    return Err(Error::DuplicateNode(name.clone()));
+                }
+                check_node_name_length(name)?;
+                Ok(name.clone())
+            }
+            None => {
+                inner.implicit_counter += 1;
+                Ok(format!("#block{:03}", inner.implicit_counter))
+            }
+        }
+    }
+
+    /// Opens `options` and its inline children, pushing every new node
+    /// (children before parents) to `created`; registers none of them.
+    fn open<'a>(
+        &'a self,
+        options: &'a BlockdevOptions,
+        implicit: bool,
+        created: &'a mut Vec<Arc<Node>>,
+    ) -> BoxFuture<'a, Result<Arc<Node>>> {
+        Box::pin(async move {
+            let name = self.claim_name(options, created)?;
+            let mut read_only = options.read_only;
+            let mut children = Vec::new();
+            let driver: Box<dyn Driver> = match &options.driver {
+                DriverOptions::NullCo { size, .. } => Box::new(NullDriver::new(*size)),
+                DriverOptions::File { filename, aio } => {
+                    let (driver, ro) = FileDriver::open(
+                        filename,
+                        options.read_only,
+                        options.auto_read_only,
+                        options.cache_direct,
+                        *aio,
+                    )?;
+                    read_only = ro;
+                    Box::new(driver)
+                }
+                DriverOptions::Raw { file, offset, size } => {
+                    let user = User::Parent {
+                        parent: name.clone(),
+                        role: ChildRole::File,
+                    };
+                    let edge = match file {
+                        // The edge is made under the lookup's lock, so that a
+                        // concurrent `remove` sees the child in use.
+                        ChildRef::Reference(child) => {
+                            let inner = self.lock();
+                            let node = inner
+                                .find(child)
+                                .ok_or_else(|| Error::NodeNotFound(child.clone()))?;
+                            Edge::new(node, user)
+                        }
+                        ChildRef::Inline(child_options) => {
+                            let mut child_options = (**child_options).clone();
+                            child_options.inherit_from(options);
+                            let inline_implicit = child_options.node_name.is_none();
+                            let node = self.open(&child_options, inline_implicit, created).await?;
+                            Edge::new(&node, user)
+                        }
+                    };
+                    children.push((ChildRole::File, edge.clone()));
+                    Box::new(RawDriver::new(edge, *offset, *size)?)
+                }
+            };
+            let settings = Settings {
+                read_only,
+                discard: options.discard,
+                detect_zeroes: options.detect_zeroes,
+                no_flush: options.cache_no_flush,
+            };
+            let node = Arc::new(Node::new(name, implicit, settings, driver, children));
+            created.push(node.clone());
+            Ok(node)
+        })
     }
 
     /// The node called `name`, or QEMU's "Cannot find device=… nor
@@ -145,77 +229,4 @@ impl Graph {
         to.adopt_parents(moved);
         Ok(())
     }
-}
-
-/// Opens `options` and its inline children, pushing every new node (children
-/// before parents) to `created`. Nothing is registered in `inner` here.
-fn open(
-    inner: &mut Inner,
-    options: &BlockdevOptions,
-    implicit: bool,
-    created: &mut Vec<Arc<Node>>,
-) -> Result<Arc<Node>> {
-    let name = match &options.node_name {
-        Some(name) => {
-            check_node_name(name)?;
-            let taken = inner.find(name).is_some() || created.iter().any(|n| n.name() == name);
-            if taken {
-                return Err(Error::DuplicateNode(name.clone()));
-            }
-            check_node_name_length(name)?;
-            name.clone()
-        }
-        None => {
-            inner.implicit_counter += 1;
-            format!("#block{:03}", inner.implicit_counter)
-        }
-    };
-    let mut read_only = options.read_only;
-    let mut children = Vec::new();
-    let driver: Box<dyn Driver> = match &options.driver {
-        DriverOptions::NullCo { size, .. } => Box::new(NullDriver::new(*size)),
-        DriverOptions::File { filename, aio } => {
-            let (driver, ro) = FileDriver::open(
-                filename,
-                options.read_only,
-                options.auto_read_only,
-                options.cache_direct,
-                *aio,
-            )?;
-            read_only = ro;
-            Box::new(driver)
-        }
-        DriverOptions::Raw { file, offset, size } => {
-            let child = match file {
-                ChildRef::Reference(child) => inner
-                    .find(child)
-                    .cloned()
-                    .ok_or_else(|| Error::NodeNotFound(child.clone()))?,
-                ChildRef::Inline(child_options) => {
-                    let mut child_options = (**child_options).clone();
-                    child_options.inherit_from(options);
-                    let inline_implicit = child_options.node_name.is_none();
-                    open(inner, &child_options, inline_implicit, created)?
-                }
-            };
-            let edge = Edge::new(
-                &child,
-                User::Parent {
-                    parent: name.clone(),
-                    role: ChildRole::File,
-                },
-            );
-            children.push((ChildRole::File, edge.clone()));
-            Box::new(RawDriver::new(edge, *offset, *size)?)
-        }
-    };
-    let settings = Settings {
-        read_only,
-        discard: options.discard,
-        detect_zeroes: options.detect_zeroes,
-        no_flush: options.cache_no_flush,
-    };
-    let node = Arc::new(Node::new(name, implicit, settings, driver, children));
-    created.push(node.clone());
-    Ok(node)
 }

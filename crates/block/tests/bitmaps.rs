@@ -8,9 +8,11 @@ use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
-fn null_node(g: &Graph, name: &str, size: u64) -> Arc<Node> {
+async fn null_node(g: &Graph, name: &str, size: u64) -> Arc<Node> {
     let v = json!({"driver": "null-co", "node-name": name, "size": size});
-    g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap()
+    g.add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap()
 }
 
 async fn write(node: &Node, offset: u64, len: usize) {
@@ -24,10 +26,10 @@ fn err<T: std::fmt::Debug>(r: block::Result<T>) -> String {
     r.unwrap_err().to_string()
 }
 
-#[test]
-fn add_follows_qemu() {
+#[tokio::test]
+async fn add_follows_qemu() {
     let g = Graph::new();
-    let n = null_node(&g, "n0", MIB);
+    let n = null_node(&g, "n0", MIB).await;
     let b = n.bitmaps();
     assert_eq!(
         err(b.add("", None, false, false)),
@@ -66,10 +68,10 @@ fn add_follows_qemu() {
     );
 }
 
-#[test]
-fn missing_bitmaps_are_reported_by_name() {
+#[tokio::test]
+async fn missing_bitmaps_are_reported_by_name() {
     let g = Graph::new();
-    let n = null_node(&g, "n0", MIB);
+    let n = null_node(&g, "n0", MIB).await;
     let b = n.bitmaps();
     let want = "Dirty bitmap 'zz' not found";
     assert_eq!(err(b.remove("zz")), want);
@@ -85,7 +87,7 @@ fn missing_bitmaps_are_reported_by_name() {
 #[tokio::test]
 async fn recording_enable_disable_clear() {
     let g = Graph::new();
-    let n = null_node(&g, "n0", 16 * MIB);
+    let n = null_node(&g, "n0", 16 * MIB).await;
     let b = n.bitmaps();
     b.add("on", None, false, false).unwrap();
     b.add("off", Some(4096), false, true).unwrap();
@@ -118,16 +120,19 @@ async fn recording_enable_disable_clear() {
 async fn discard_marks_when_it_unmaps() {
     let g = Graph::new();
     let v = json!({"driver": "null-co", "node-name": "n", "size": 4 * MIB, "discard": "unmap"});
-    let n = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let n = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     n.bitmaps().add("b", None, false, false).unwrap();
     n.discard(MIB, MIB).await.unwrap();
     assert_eq!(n.bitmaps().info()[0].count, MIB);
 }
 
-#[test]
-fn busy_readonly_and_inconsistent_bitmaps_are_refused() {
+#[tokio::test]
+async fn busy_readonly_and_inconsistent_bitmaps_are_refused() {
     let g = Graph::new();
-    let n = null_node(&g, "n0", MIB);
+    let n = null_node(&g, "n0", MIB).await;
     let b = n.bitmaps();
     b.add("busy", None, false, false).unwrap();
     b.add("t", None, false, false).unwrap();
@@ -174,7 +179,7 @@ fn busy_readonly_and_inconsistent_bitmaps_are_refused() {
 #[tokio::test]
 async fn a_node_with_a_readonly_bitmap_refuses_writes() {
     let g = Graph::new();
-    let n = null_node(&g, "n0", MIB);
+    let n = null_node(&g, "n0", MIB).await;
     let state = LoadedState {
         readonly: true,
         ..LoadedState::default()
@@ -190,7 +195,7 @@ async fn a_node_with_a_readonly_bitmap_refuses_writes() {
 #[tokio::test]
 async fn successor_abdicate_and_reclaim() {
     let g = Graph::new();
-    let n = null_node(&g, "n0", 8 * MIB);
+    let n = null_node(&g, "n0", 8 * MIB).await;
     let b = n.bitmaps();
     b.add("b", None, false, false).unwrap();
     write(&n, 0, 1).await;
@@ -239,9 +244,9 @@ async fn successor_abdicate_and_reclaim() {
 #[tokio::test]
 async fn merge_across_granularities_and_nodes() {
     let g = Graph::new();
-    let n0 = null_node(&g, "n0", 8 * MIB);
-    let n1 = null_node(&g, "n1", 8 * MIB);
-    let big = null_node(&g, "big", 16 * MIB);
+    let n0 = null_node(&g, "n0", 8 * MIB).await;
+    let n1 = null_node(&g, "n1", 8 * MIB).await;
+    let big = null_node(&g, "big", 16 * MIB).await;
     n0.bitmaps().add("t", Some(1 << 20), false, false).unwrap();
     n1.bitmaps().add("fine", Some(512), false, false).unwrap();
     big.bitmaps().add("x", None, false, false).unwrap();

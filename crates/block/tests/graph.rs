@@ -7,8 +7,8 @@ fn options(v: Value) -> BlockdevOptions {
     BlockdevOptions::from_json(&v).unwrap()
 }
 
-fn add_err(g: &Graph, v: Value) -> String {
-    g.add(&options(v)).unwrap_err().to_string()
+async fn add_err(g: &Graph, v: Value) -> String {
+    g.add(&options(v)).await.unwrap_err().to_string()
 }
 
 fn image(dir: &tempfile::TempDir, name: &str, size: u64) -> String {
@@ -17,43 +17,46 @@ fn image(dir: &tempfile::TempDir, name: &str, size: u64) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-#[test]
-fn node_names_follow_qemu() {
+#[tokio::test]
+async fn node_names_follow_qemu() {
     let g = Graph::new();
     g.add(&options(json!({"driver": "null-co", "node-name": "n0"})))
+        .await
         .unwrap();
     assert_eq!(
-        add_err(&g, json!({"driver": "null-co", "node-name": "n0"})),
+        add_err(&g, json!({"driver": "null-co", "node-name": "n0"})).await,
         "Duplicate nodes with node-name='n0'"
     );
     assert_eq!(
-        add_err(&g, json!({"driver": "null-co"})),
+        add_err(&g, json!({"driver": "null-co"})).await,
         "'node-name' must be specified for the root node"
     );
     assert_eq!(
-        add_err(&g, json!({"driver": "null-co", "node-name": "1bad"})),
+        add_err(&g, json!({"driver": "null-co", "node-name": "1bad"})).await,
         "Invalid node-name: '1bad'"
     );
     assert_eq!(
         add_err(
             &g,
             json!({"driver": "null-co", "node-name": "abcdefghijabcdefghijabcdefghij12"})
-        ),
+        )
+        .await,
         "Node name too long"
     );
     assert_eq!(
         add_err(
             &g,
             json!({"driver": "raw", "node-name": "r", "file": "nope"})
-        ),
+        )
+        .await,
         "Cannot find device='nope' nor node-name='nope'"
     );
     // Failed adds leave nothing behind.
     assert_eq!(g.nodes().len(), 1);
 }
 
-#[test]
-fn file_and_raw_errors_follow_qemu() {
+#[tokio::test]
+async fn file_and_raw_errors_follow_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir, "d.raw", 1 << 20);
     let g = Graph::new();
@@ -61,7 +64,8 @@ fn file_and_raw_errors_follow_qemu() {
         add_err(
             &g,
             json!({"driver": "file", "node-name": "f", "filename": "/nonexistent/x"})
-        ),
+        )
+        .await,
         "Could not open '/nonexistent/x': No such file or directory"
     );
     let raw = |offset: u64, size: u64| {
@@ -69,27 +73,28 @@ fn file_and_raw_errors_follow_qemu() {
                "file": {"driver": "file", "filename": img}})
     };
     assert_eq!(
-        add_err(&g, raw(512, 1000)),
+        add_err(&g, raw(512, 1000)).await,
         "Specified size is not multiple of 512"
     );
     assert_eq!(
-        add_err(&g, raw(1_048_000, 4096)),
+        add_err(&g, raw(1_048_000, 4096)).await,
         "The sum of offset (1048000) and size (4096) has to be smaller or equal to the  \
          actual size of the containing file (1048576)"
     );
     assert!(g.nodes().is_empty(), "{:?}", g.nodes());
-    let r = g.add(&options(raw(512, 4096))).unwrap();
+    let r = g.add(&options(raw(512, 4096))).await.unwrap();
     assert_eq!(r.length(), 4096);
 }
 
-#[test]
-fn inline_children_are_implicit_and_go_with_their_parent() {
+#[tokio::test]
+async fn inline_children_are_implicit_and_go_with_their_parent() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir, "d.raw", 1 << 20);
     let g = Graph::new();
     let disk = g
         .add(&options(json!({"driver": "raw", "node-name": "disk0",
             "file": {"driver": "file", "filename": img}})))
+        .await
         .unwrap();
     let names: Vec<String> = g.nodes().iter().map(|n| n.name().to_owned()).collect();
     assert_eq!(names, ["disk0", "#block001"]);
@@ -104,19 +109,21 @@ fn inline_children_are_implicit_and_go_with_their_parent() {
     assert!(g.nodes().is_empty());
 }
 
-#[test]
-fn nodes_in_use_cannot_be_deleted() {
+#[tokio::test]
+async fn nodes_in_use_cannot_be_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir, "d.raw", 1 << 20);
     let g = Graph::new();
     g.add(&options(
         json!({"driver": "file", "node-name": "f0", "filename": img}),
     ))
+    .await
     .unwrap();
     let disk = g
         .add(&options(
             json!({"driver": "raw", "node-name": "disk0", "file": "f0"}),
         ))
+        .await
         .unwrap();
     assert_eq!(
         g.remove("f0").unwrap_err().to_string(),
@@ -144,22 +151,26 @@ async fn replace_moves_every_user_but_the_replacement_itself() {
         .add(&options(
             json!({"driver": "null-co", "node-name": "n0", "size": 1048576}),
         ))
+        .await
         .unwrap();
     let n1 = g
         .add(&options(
             json!({"driver": "null-co", "node-name": "n1", "size": 1048576}),
         ))
+        .await
         .unwrap();
     let over0 = g
         .add(&options(
             json!({"driver": "raw", "node-name": "over0", "file": "n0"}),
         ))
+        .await
         .unwrap();
     // n1's replacement candidate `top` has n0 as its child: that edge stays.
     let top = g
         .add(&options(
             json!({"driver": "raw", "node-name": "top", "file": "n0"}),
         ))
+        .await
         .unwrap();
     let export = Edge::new(&n0, User::Export("exp0".into()));
     assert_eq!(n0.users().len(), 3);
@@ -183,8 +194,8 @@ async fn replace_moves_every_user_but_the_replacement_itself() {
     );
 }
 
-#[test]
-fn inline_children_inherit_what_they_do_not_set() {
+#[tokio::test]
+async fn inline_children_inherit_what_they_do_not_set() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir, "d.raw", 1 << 20);
     let g = Graph::new();
@@ -194,6 +205,7 @@ fn inline_children_inherit_what_they_do_not_set() {
             "cache": {"direct": true},
             "file": {"driver": "file", "filename": img}}),
         ))
+        .await
         .unwrap();
     let file = disk.children()[0].1.node();
     assert!(file.is_read_only());
@@ -207,6 +219,7 @@ fn inline_children_inherit_what_they_do_not_set() {
             json!({"driver": "raw", "node-name": "disk1", "read-only": true,
             "file": {"driver": "file", "filename": img, "read-only": false}}),
         ))
+        .await
         .unwrap();
     assert!(!disk1.children()[0].1.node().is_read_only());
 }

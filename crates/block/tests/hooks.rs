@@ -61,19 +61,21 @@ impl WriteHook for Recorder {
     }
 }
 
-fn file_node(dir: &tempfile::TempDir) -> Arc<Node> {
+async fn file_node(dir: &tempfile::TempDir) -> Arc<Node> {
     let path = dir.path().join("d.img");
     std::fs::write(&path, vec![9u8; 1 << 20]).unwrap();
     let g = Graph::new();
     let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap(),
                    "discard": "unmap"});
-    g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap()
+    g.add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn hooks_run_around_every_write_type_request() {
     let dir = tempfile::tempdir().unwrap();
-    let node = file_node(&dir);
+    let node = file_node(&dir).await;
     node.bitmaps().add("b", None, false, false).unwrap();
     let recorder = Arc::new(Recorder::default());
     let hook: Arc<dyn WriteHook> = recorder.clone();
@@ -106,7 +108,7 @@ async fn hooks_run_around_every_write_type_request() {
 #[tokio::test]
 async fn a_failing_hook_fails_the_request_before_it_is_issued() {
     let dir = tempfile::tempdir().unwrap();
-    let node = file_node(&dir);
+    let node = file_node(&dir).await;
     node.bitmaps().add("b", None, false, false).unwrap();
     node.add_write_hook(Arc::new(Recorder {
         fail_before: true,
@@ -143,7 +145,7 @@ impl WriteHook for Gate {
 #[tokio::test]
 async fn jobs_can_wait_for_overlapping_requests_and_drain() {
     let dir = tempfile::tempdir().unwrap();
-    let node = file_node(&dir);
+    let node = file_node(&dir).await;
     let gate = Arc::new(Gate(tokio::sync::Semaphore::new(0)));
     node.add_write_hook(gate.clone());
     let writer = {

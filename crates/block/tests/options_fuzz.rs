@@ -84,8 +84,9 @@ proptest! {
         };
         if let Ok(options) = parsed {
             let g = Graph::new();
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             // Opening may fail (missing files, names); it must not panic.
-            let _ = g.add(&options);
+            let _ = rt.block_on(g.add(&options));
         }
     }
 }

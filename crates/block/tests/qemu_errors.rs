@@ -8,13 +8,14 @@ use serde_json::{Value, json};
 use testkit::{StorageDaemon, run};
 
 /// Runs a QMP-shaped command on our graph; the error text if it fails.
-fn ours(g: &Graph, cmd: &str, args: &Value) -> Result<(), String> {
+async fn ours(g: &Graph, cmd: &str, args: &Value) -> Result<(), String> {
     let s = |k: &str| args[k].as_str().unwrap_or_default().to_owned();
     let node = || g.get(&s("node")).map_err(|e| e.to_string());
     let r = match cmd {
-        "blockdev-add" => BlockdevOptions::from_json(args)
-            .and_then(|o| g.add(&o))
-            .map(drop),
+        "blockdev-add" => match BlockdevOptions::from_json(args) {
+            Ok(o) => g.add(&o).await.map(drop),
+            Err(e) => Err(e),
+        },
         "blockdev-del" => g.remove(&s("node-name")),
         "block-dirty-bitmap-add" => node()?.bitmaps().add(
             &s("name"),
@@ -46,8 +47,8 @@ fn ours(g: &Graph, cmd: &str, args: &Value) -> Result<(), String> {
     r.map_err(|e| e.to_string())
 }
 
-#[test]
-fn error_texts_match_qemu_storage_daemon() {
+#[tokio::test]
+async fn error_texts_match_qemu_storage_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.raw");
     let img = img.to_str().unwrap();
@@ -75,7 +76,11 @@ fn error_texts_match_qemu_storage_daemon() {
     let g = Graph::new();
     let mut keep = Vec::new();
     for v in &setup {
-        keep.push(g.add(&BlockdevOptions::from_json(v).unwrap()).unwrap());
+        keep.push(
+            g.add(&BlockdevOptions::from_json(v).unwrap())
+                .await
+                .unwrap(),
+        );
     }
     let _export = Edge::new(&keep[3], User::Export("exp0".into()));
 
@@ -188,7 +193,7 @@ fn error_texts_match_qemu_storage_daemon() {
     let mut compared = 0;
     for (cmd, args) in cases {
         let theirs = qmp.execute(cmd, args.clone()).map(drop).map_err(|e| e.desc);
-        let mine = ours(&g, cmd, &args);
+        let mine = ours(&g, cmd, &args).await;
         assert_eq!(mine, theirs, "{cmd} {args}");
         compared += usize::from(theirs.is_err());
     }

@@ -85,7 +85,10 @@ async fn check(aio: &str, direct: bool) {
     let g = Graph::new();
     let v = json!({"driver": "file", "node-name": "f", "filename": ours, "aio": aio,
                    "cache": {"direct": direct}});
-    let node = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let node = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     for (off, len, pattern) in ops() {
         match pattern {
             Some(p) => {

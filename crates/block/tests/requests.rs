@@ -90,7 +90,7 @@ fn independent(batch: Vec<Op>) -> Vec<Op> {
     kept
 }
 
-fn open(g: &Graph, kind: Kind, dir: &tempfile::TempDir) -> Arc<Node> {
+async fn open(g: &Graph, kind: Kind, dir: &tempfile::TempDir) -> Arc<Node> {
     let file = |direct: bool, uring: bool, size: u64| -> Value {
         let path = dir.path().join("disk.img");
         std::fs::File::create(&path).unwrap().set_len(size).unwrap();
@@ -115,7 +115,10 @@ fn open(g: &Graph, kind: Kind, dir: &tempfile::TempDir) -> Arc<Node> {
             "file": file(direct, uring, SIZE + 3 * 4096),
         }),
     };
-    let node = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let node = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     let uring = matches!(
         kind,
         Kind::File { uring: true, .. } | Kind::RawOverFile { uring: true, .. }
@@ -226,7 +229,7 @@ proptest! {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let g = Graph::new();
-        let node = open(&g, kind, &dir);
+        let node = rt.block_on(open(&g, kind, &dir));
         node.bitmaps().add("b", Some(1 << GRAN), false, false).unwrap();
         let align = node.limits().request_alignment;
         let mut model = vec![0u8; SIZE as usize];
@@ -278,7 +281,10 @@ proptest! {
 async fn out_of_range_and_read_only_requests_fail_cleanly() {
     let g = Graph::new();
     let v = json!({"driver": "null-co", "node-name": "n", "size": 4096});
-    let n = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let n = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     let e = n.read(4000, 100).await.unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -293,7 +299,10 @@ async fn out_of_range_and_read_only_requests_fail_cleanly() {
     assert!(n.block_status(0, 4097).await.is_err());
 
     let v = json!({"driver": "null-co", "node-name": "ro", "size": 4096, "read-only": true});
-    let ro = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let ro = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     let (r, _) = ro.write(0, IoBuf::zeroed(1, 1), false).await;
     let e = r.unwrap_err();
     assert_eq!(e.to_string(), "Block node 'ro' is read-only");
@@ -311,7 +320,10 @@ async fn file_block_status_sees_holes() {
         .unwrap();
     let g = Graph::new();
     let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap()});
-    let f = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let f = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     let (r, _) = f
         .write(1 << 20, IoBuf::from_vec(vec![7; 65536]), false)
         .await;
@@ -341,7 +353,10 @@ async fn write_zeroes_falls_back_where_fallocate_cannot_zero() {
     let g = Graph::new();
     let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap(),
                    "discard": "unmap"});
-    let f = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let f = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     let fast = ZeroFlags {
         fast: true,
         ..ZeroFlags::default()
@@ -390,7 +405,10 @@ async fn direct_io_reaches_the_last_sector() {
     let g = Graph::new();
     let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap(),
                    "cache": {"direct": true}});
-    let f = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let f = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     let at = size as u64 - 700;
     let (r, _) = f.write(at, IoBuf::from_vec(vec![6; 700]), true).await;
     r.unwrap();

@@ -42,7 +42,10 @@ async fn one_round(aio: &str) {
     let g = Graph::new();
     let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap(),
                    "aio": aio});
-    let node = g.add(&BlockdevOptions::from_json(&v).unwrap()).unwrap();
+    let node = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
     assert_eq!(node.engine(), Some(aio));
     let id = node.bitmaps().add_anonymous(BLOCK).unwrap();
     node.bitmaps()
