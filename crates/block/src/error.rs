@@ -109,6 +109,30 @@ pub enum Error {
         /// Why not.
         reason: &'static str,
     },
+    /// An image that is not what its format says, or damaged.
+    #[error("Image '{node}' is not a valid {format} image: {reason}")]
+    BadImage {
+        /// The node.
+        node: String,
+        /// The format (`qcow2`).
+        format: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An image that uses a feature bitmirror does not implement.
+    #[error("Image '{node}' uses {feature}, which bitmirror does not support")]
+    UnsupportedFeature {
+        /// The node.
+        node: String,
+        /// The feature, as the format's documentation names it.
+        feature: String,
+    },
+    /// A qcow2 node opened writable: writing qcow2 is not implemented yet.
+    #[error(
+        "qcow2 node '{0}' must be opened with read-only=true: writing qcow2 images is not \
+         implemented yet"
+    )]
+    Qcow2ReadOnly(String),
     /// Opening an image file failed.
     #[error("Could not open '{path}': {}", os_message(.source))]
     Open {

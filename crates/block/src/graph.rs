@@ -3,11 +3,11 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::drivers::{FileDriver, NullDriver, RawDriver};
+use crate::drivers::{FileDriver, NullDriver, QCOW2_MAGIC, Qcow2Driver, RawDriver};
 use crate::error::{Error, Result};
 use crate::node::{BoxFuture, ChildRole, Driver, Edge, Node, Settings, User};
 use crate::options::{
-    BlockdevOptions, ChildRef, DriverOptions, check_node_name, check_node_name_length,
+    Aio, BlockdevOptions, ChildRef, DriverOptions, check_node_name, check_node_name_length,
 };
 
 #[derive(Debug, Default)]
@@ -81,6 +81,42 @@ impl Graph {
         }
     }
 
+    /// Opens or finds the child `child` of node `parent` and attaches it.
+    /// Inline children take the options they leave out from `options`.
+    fn open_child<'a>(
+        &'a self,
+        child: &'a ChildRef,
+        options: &'a BlockdevOptions,
+        parent: &'a str,
+        role: ChildRole,
+        created: &'a mut Vec<Arc<Node>>,
+    ) -> BoxFuture<'a, Result<Arc<Edge>>> {
+        Box::pin(async move {
+            let user = User::Parent {
+                parent: parent.to_owned(),
+                role,
+            };
+            match child {
+                // The edge is made under the lookup's lock, so that a
+                // concurrent `remove` sees the child in use.
+                ChildRef::Reference(name) => {
+                    let inner = self.lock();
+                    let node = inner
+                        .find(name)
+                        .ok_or_else(|| Error::NodeNotFound(name.clone()))?;
+                    Ok(Edge::new(node, user))
+                }
+                ChildRef::Inline(child_options) => {
+                    let mut child_options = (**child_options).clone();
+                    child_options.inherit_from(options);
+                    let implicit = child_options.node_name.is_none();
+                    let node = self.open(&child_options, implicit, created).await?;
+                    Ok(Edge::new(&node, user))
+                }
+            }
+        })
+    }
+
     /// Opens `options` and its inline children, pushing every new node
     /// (children before parents) to `created`; registers none of them.
     fn open<'a>(
@@ -107,30 +143,38 @@ impl Graph {
                     Box::new(driver)
                 }
                 DriverOptions::Raw { file, offset, size } => {
-                    let user = User::Parent {
-                        parent: name.clone(),
-                        role: ChildRole::File,
-                    };
-                    let edge = match file {
-                        // The edge is made under the lookup's lock, so that a
-                        // concurrent `remove` sees the child in use.
-                        ChildRef::Reference(child) => {
-                            let inner = self.lock();
-                            let node = inner
-                                .find(child)
-                                .ok_or_else(|| Error::NodeNotFound(child.clone()))?;
-                            Edge::new(node, user)
-                        }
-                        ChildRef::Inline(child_options) => {
-                            let mut child_options = (**child_options).clone();
-                            child_options.inherit_from(options);
-                            let inline_implicit = child_options.node_name.is_none();
-                            let node = self.open(&child_options, inline_implicit, created).await?;
-                            Edge::new(&node, user)
-                        }
-                    };
+                    let edge = self
+                        .open_child(file, options, &name, ChildRole::File, created)
+                        .await?;
                     children.push((ChildRole::File, edge.clone()));
                     Box::new(RawDriver::new(edge, *offset, *size)?)
+                }
+                DriverOptions::Qcow2 { file, backing } => {
+                    if !options.read_only {
+                        return Err(Error::Qcow2ReadOnly(name));
+                    }
+                    let edge = self
+                        .open_child(file, options, &name, ChildRole::File, created)
+                        .await?;
+                    children.push((ChildRole::File, edge.clone()));
+                    let mut driver = Qcow2Driver::open(&name, edge.clone()).await?;
+                    let backing = match backing {
+                        Some(child) => child.clone(),
+                        None => match driver.backing_file() {
+                            Some((file_name, format)) => {
+                                Some(backing_from_header(&name, &edge, file_name, format)?)
+                            }
+                            None => None,
+                        },
+                    };
+                    if let Some(child) = backing {
+                        let edge = self
+                            .open_child(&child, options, &name, ChildRole::Backing, created)
+                            .await?;
+                        children.push((ChildRole::Backing, edge.clone()));
+                        driver.set_backing(edge);
+                    }
+                    Box::new(driver)
                 }
             };
             let settings = Settings {
@@ -229,4 +273,74 @@ impl Graph {
         to.adopt_parents(moved);
         Ok(())
     }
+}
+
+/// The backing child a qcow2 image names in its header, as QEMU resolves
+/// it: a relative name is relative to the image's directory; the format is
+/// the header's, or probed (qcow2 magic, else raw). It opens read-only.
+fn backing_from_header(
+    node: &str,
+    file: &Arc<Edge>,
+    name: &str,
+    format: Option<&str>,
+) -> Result<ChildRef> {
+    let path = std::path::Path::new(name);
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        let image = file.node();
+        let dir = image
+            .filename()
+            .and_then(|f| std::path::Path::new(f).parent().map(|p| p.to_path_buf()))
+            .ok_or_else(|| Error::BadImage {
+                node: node.to_owned(),
+                format: "qcow2",
+                reason: format!("cannot resolve the relative backing file '{name}'"),
+            })?;
+        dir.join(path)
+    };
+    let filename = path.to_string_lossy().into_owned();
+    let format = match format {
+        Some(f) => f.to_owned(),
+        None => probe_format(&filename),
+    };
+    let file = ChildRef::Inline(Box::new(BlockdevOptions::new(
+        None,
+        DriverOptions::File {
+            filename,
+            aio: Aio::Threads,
+        },
+    )));
+    let driver = match format.as_str() {
+        "raw" => DriverOptions::Raw {
+            file,
+            offset: 0,
+            size: None,
+        },
+        "qcow2" => DriverOptions::Qcow2 {
+            file,
+            backing: None,
+        },
+        other => {
+            return Err(Error::UnsupportedFeature {
+                node: node.to_owned(),
+                feature: format!("a backing file in format '{other}'"),
+            });
+        }
+    };
+    let mut options = BlockdevOptions::new(None, driver);
+    options.read_only = true;
+    options.explicit.read_only = true;
+    Ok(ChildRef::Inline(Box::new(options)))
+}
+
+/// `qcow2` if the file starts with the qcow2 magic, else `raw`.
+fn probe_format(path: &str) -> String {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && u32::from_be_bytes(magic) == QCOW2_MAGIC;
+    if is_qcow2 { "qcow2" } else { "raw" }.to_owned()
 }

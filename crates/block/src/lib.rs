@@ -13,8 +13,9 @@
 //! - [`Bitmaps`] are the node's named dirty bitmaps, with QEMU's states
 //!   (recording, busy, readonly, inconsistent, persistent, successor) and
 //!   QEMU's error texts.
-//! - Drivers: `file` (thread pool, `O_DIRECT`, `SEEK_DATA`/`SEEK_HOLE`,
-//!   `fallocate`), `raw` (with `offset`/`size`) and `null-co`.
+//! - Drivers: `file` (thread pool or io_uring, `O_DIRECT`,
+//!   `SEEK_DATA`/`SEEK_HOLE`, `fallocate`), `raw` (with `offset`/`size`),
+//!   `qcow2` (read-only so far, with backing chains) and `null-co`.
 //!
 //! Dependencies point down: this crate knows `hbitmap` and the OS, nothing
 //! of NBD, QMP or jobs.

@@ -99,6 +99,10 @@ pub trait Driver: Send + Sync {
     fn engine(&self) -> Option<&'static str> {
         None
     }
+    /// The file the driver opened, for protocol drivers that open one.
+    fn filename(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// What a write-type request does, as hooks see it.
@@ -279,6 +283,11 @@ impl Node {
     /// Length in bytes.
     pub fn length(&self) -> u64 {
         self.driver.length()
+    }
+
+    /// The file the node's driver opened, if it opened one.
+    pub fn filename(&self) -> Option<&str> {
+        self.driver.filename()
     }
 
     /// How the node's driver submits I/O (`threads`, `io_uring`), if it

@@ -71,6 +71,16 @@ pub enum DriverOptions {
         /// Length of the window; the rest of the child by default.
         size: Option<u64>,
     },
+    /// `qcow2`: the QEMU image format over its `file` child (read-only for
+    /// now).
+    Qcow2 {
+        /// The protocol child holding the image.
+        file: ChildRef,
+        /// The backing node: `None` to open the one the image names (resolved
+        /// against the image's directory), `Some(None)` for no backing
+        /// (`"backing": null`), `Some(Some(child))` for this one.
+        backing: Option<Option<ChildRef>>,
+    },
     /// `null-co`: a device that reads zeroes and forgets writes.
     NullCo {
         /// Length in bytes (QEMU's default: 1 GiB).
@@ -87,6 +97,7 @@ impl DriverOptions {
         match self {
             DriverOptions::File { .. } => "file",
             DriverOptions::Raw { .. } => "raw",
+            DriverOptions::Qcow2 { .. } => "qcow2",
             DriverOptions::NullCo { .. } => "null-co",
         }
     }
@@ -247,6 +258,10 @@ fn parse(mut f: Fields) -> Result<BlockdevOptions> {
             offset: f.opt_u64("offset")?.unwrap_or(0),
             size: f.opt_u64("size")?,
         },
+        "qcow2" => DriverOptions::Qcow2 {
+            file: f.req_child("file")?,
+            backing: f.opt_nullable_child("backing")?,
+        },
         "null-co" => DriverOptions::NullCo {
             size: f.opt_u64("size")?.unwrap_or(NULL_CO_DEFAULT_SIZE),
             read_zeroes: f.opt_bool("read-zeroes")?.unwrap_or(false),
@@ -397,6 +412,18 @@ impl Fields {
                 Ok(ChildRef::Inline(Box::new(parse(fields)?)))
             }
             Some(_) => Err(self.type_error(key, "BlockdevRef")),
+        }
+    }
+
+    /// A child that may also be `null` (none at all): absent → `None`.
+    fn opt_nullable_child(&mut self, key: &str) -> Result<Option<Option<ChildRef>>> {
+        match self.map.get(key) {
+            None => Ok(None),
+            Some(Value::Null) => {
+                self.map.remove(key);
+                Ok(Some(None))
+            }
+            Some(_) => self.req_child(key).map(|c| Some(Some(c))),
         }
     }
 

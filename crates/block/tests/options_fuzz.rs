@@ -66,7 +66,7 @@ proptest! {
     #[test]
     fn arbitrary_json_never_panics(
         v in value(),
-        driver in prop::sample::select(vec!["null-co", "raw", "file"]),
+        driver in prop::sample::select(vec!["null-co", "raw", "file", "qcow2"]),
         keyval in any::<bool>(),
     ) {
         // Mostly objects with a driver, so that parsing gets deep.

@@ -42,6 +42,8 @@ pub(crate) struct FileDriver {
     alignment: u64,
     /// The io_uring engine, when asked for and granted.
     uring: Option<Uring>,
+    /// The path as given.
+    path: String,
 }
 
 impl FileDriver {
@@ -109,6 +111,7 @@ impl FileDriver {
                 direct,
                 alignment,
                 uring,
+                path: path.to_owned(),
             },
             read_only,
         ))
@@ -296,6 +299,10 @@ impl Driver for FileDriver {
             }
             self.blocking("flush", |file| file.sync_data()).await
         })
+    }
+
+    fn filename(&self) -> Option<&str> {
+        Some(&self.path)
     }
 
     fn engine(&self) -> Option<&'static str> {

@@ -1,0 +1,292 @@
+//! qcow2 images made by `qemu-img` and `qemu-io` read exactly as
+//! `qemu-img convert -O raw` reads them, and block status agrees with
+//! `qemu-img map`, down backing chains.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use block::{BlockdevOptions, Graph, Node};
+use serde_json::{Value, json};
+use testkit::{require_tool, run};
+
+const SIZE: u64 = 8 << 20;
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_owned()
+}
+
+/// Writes through qemu-io: `(offset, len, Some(pattern))` data, `None`
+/// zeroes.
+fn qemu_io(image: &str, format: &str, writes: &[(u64, u64, Option<u8>)]) {
+    let mut args = vec!["-f".to_string(), format.to_string()];
+    for (off, len, p) in writes {
+        let cmd = match p {
+            Some(p) => format!("write -P {p} {off} {len}"),
+            None => format!("write -z {off} {len}"),
+        };
+        args.extend(["-c".to_string(), cmd]);
+    }
+    args.push(image.to_string());
+    run(
+        "qemu-io",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+}
+
+async fn open(g: &Graph, name: &str, image: &str, extra: Value) -> block::Result<Arc<Node>> {
+    let mut v = json!({"driver": "qcow2", "node-name": name, "read-only": true,
+                       "file": {"driver": "file", "filename": image}});
+    if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
+        v.extend(extra);
+    }
+    g.add(&BlockdevOptions::from_json(&v).unwrap()).await
+}
+
+/// Asserts that `node` reads like `qemu-img convert -O raw` of `image`.
+async fn assert_reads_like_qemu(node: &Node, image: &str, dir: &Path) {
+    let raw = path(dir, "converted.raw");
+    run("qemu-img", &["convert", "-O", "raw", image, &raw]);
+    let want = std::fs::read(&raw).unwrap();
+    assert_eq!(node.length(), want.len() as u64);
+    let got = node.read(0, want.len()).await.unwrap().into_vec();
+    assert!(
+        got == want,
+        "{image} reads differently from qemu-img convert"
+    );
+    // Unaligned reads across cluster boundaries too.
+    let (off, len) = (want.len() / 3 + 77, 200_000.min(want.len() / 3));
+    let part = node.read(off as u64, len).await.unwrap().into_vec();
+    assert!(part == want[off..off + len], "partial read differs");
+}
+
+/// `(start, len, data, depth)` runs from `qemu-img map`, depth 1-based.
+fn qemu_map(image: &str) -> Vec<(u64, u64, bool, u32)> {
+    let out = run("qemu-img", &["map", "--output=json", image]);
+    let map: Value = serde_json::from_str(&out).unwrap();
+    let mut runs: Vec<(u64, u64, bool, u32)> = Vec::new();
+    for e in map.as_array().unwrap() {
+        let present = e["present"] == true;
+        let depth = if present {
+            e["depth"].as_u64().unwrap() as u32 + 1
+        } else {
+            0
+        };
+        let item = (
+            e["start"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            e["data"] == true,
+            depth,
+        );
+        merge(&mut runs, item);
+    }
+    runs
+}
+
+fn merge(runs: &mut Vec<(u64, u64, bool, u32)>, item: (u64, u64, bool, u32)) {
+    match runs.last_mut() {
+        Some(last) if last.0 + last.1 == item.0 && (last.2, last.3) == (item.2, item.3) => {
+            last.1 += item.1
+        }
+        _ => runs.push(item),
+    }
+}
+
+async fn our_map(node: &Node) -> Vec<(u64, u64, bool, u32)> {
+    let mut runs = Vec::new();
+    for e in node.block_status(0, node.length()).await.unwrap() {
+        merge(&mut runs, (e.offset, e.len, e.data, e.depth));
+    }
+    runs
+}
+
+fn writes() -> Vec<(u64, u64, Option<u8>)> {
+    vec![
+        (0, 4096, Some(0x11)),
+        (65536 + 512, 70_000, Some(0x22)),
+        (1 << 20, 1 << 20, Some(0x33)),
+        ((1 << 20) + 4096, 65536, None),
+        (5 << 20, 3 << 19, None),
+        (SIZE - 1024, 1024, Some(0x44)),
+    ]
+}
+
+#[tokio::test]
+async fn images_of_every_cluster_size_and_version_read_like_qemu() {
+    require_tool("qemu-img", "qemu-utils");
+    require_tool("qemu-io", "qemu-utils");
+    for compat in ["0.10", "1.1"] {
+        for cluster in [512u64, 4096, 65536, 2 << 20] {
+            let dir = tempfile::tempdir().unwrap();
+            let image = path(dir.path(), "img.qcow2");
+            let opts = format!("cluster_size={cluster},compat={compat}");
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &opts,
+                    &image,
+                    &SIZE.to_string(),
+                ],
+            );
+            qemu_io(&image, "qcow2", &writes());
+            let g = Graph::new();
+            let node = open(&g, "q", &image, json!({})).await.unwrap();
+            assert_eq!(node.limits().cluster_size, Some(cluster));
+            assert_reads_like_qemu(&node, &image, dir.path()).await;
+            assert_eq!(
+                our_map(&node).await,
+                qemu_map(&image),
+                "compat {compat} cluster {cluster}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn backing_chains_read_like_qemu_with_depth() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let base = path(dir.path(), "base.raw");
+    let mid = path(dir.path(), "mid.qcow2");
+    let top = path(dir.path(), "top.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &base, &SIZE.to_string()],
+    );
+    qemu_io(&base, "raw", &[(0, 3 << 20, Some(0x01))]);
+    // Relative backing names, as management tools write them.
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &mid,
+        ],
+    );
+    qemu_io(&mid, "qcow2", &[(1 << 20, 1 << 20, Some(0x02))]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            &top,
+        ],
+    );
+    qemu_io(
+        &top,
+        "qcow2",
+        &[(3 << 19, 1 << 20, Some(0x03)), (6 << 20, 65536, None)],
+    );
+
+    let g = Graph::new();
+    let node = open(&g, "top", &top, json!({})).await.unwrap();
+    assert_reads_like_qemu(&node, &top, dir.path()).await;
+    let ours = our_map(&node).await;
+    assert_eq!(ours, qemu_map(&top));
+    // Every layer shows through somewhere; the raw base covers the rest.
+    let depths: std::collections::BTreeSet<u32> = ours.iter().map(|r| r.3).collect();
+    assert_eq!(depths.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+    // The chain is three implicit nodes deep below `top`.
+    assert_eq!(g.nodes().len(), 6);
+
+    // "backing": null cuts the chain: unallocated clusters read as zeroes.
+    let alone = open(&g, "alone", &top, json!({"backing": null}))
+        .await
+        .unwrap();
+    assert!(alone.read(0, 4096).await.unwrap().is_zero());
+    assert_eq!(alone.read(3 << 19, 1).await.unwrap().as_slice(), [0x03]);
+}
+
+#[tokio::test]
+async fn compressed_images_read_like_qemu() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let src = path(dir.path(), "src.raw");
+    let comp = path(dir.path(), "comp.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &src, &SIZE.to_string()],
+    );
+    // Compressible and incompressible data.
+    qemu_io(&src, "raw", &[(0, 1 << 20, Some(0x5a))]);
+    let noise: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut bytes = std::fs::read(&src).unwrap();
+    bytes[(2 << 20)..(3 << 20)].copy_from_slice(&noise);
+    std::fs::write(&src, &bytes).unwrap();
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            &src,
+            &comp,
+        ],
+    );
+    let g = Graph::new();
+    let node = open(&g, "c", &comp, json!({})).await.unwrap();
+    assert_eq!(node.read(0, SIZE as usize).await.unwrap().into_vec(), bytes);
+}
+
+#[tokio::test]
+async fn unsupported_and_bad_images_are_refused_by_name() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let ext = path(dir.path(), "ext.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            &ext,
+            "1M",
+        ],
+    );
+    let g = Graph::new();
+    assert_eq!(
+        open(&g, "e", &ext, json!({}))
+            .await
+            .unwrap_err()
+            .to_string(),
+        "Image 'e' uses extended L2 entries, which bitmirror does not support"
+    );
+    let plain = path(dir.path(), "plain.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &plain, "1M"]);
+    assert_eq!(
+        open(&g, "w", &plain, json!({"read-only": false}))
+            .await
+            .unwrap_err()
+            .to_string(),
+        "qcow2 node 'w' must be opened with read-only=true: writing qcow2 images is not \
+         implemented yet"
+    );
+    let garbage = path(dir.path(), "garbage.qcow2");
+    std::fs::write(&garbage, vec![7u8; 4096]).unwrap();
+    assert_eq!(
+        open(&g, "g", &garbage, json!({}))
+            .await
+            .unwrap_err()
+            .to_string(),
+        "Image 'g' is not a valid qcow2 image: no qcow2 magic"
+    );
+    // Nothing was left behind by the failed opens.
+    assert!(g.nodes().is_empty(), "{:?}", g.nodes());
+}
