@@ -203,6 +203,11 @@ async fn backing_chains_read_like_qemu_with_depth() {
         .unwrap();
     assert!(alone.read(0, 4096).await.unwrap().is_zero());
     assert_eq!(alone.read(3 << 19, 1).await.unwrap().as_slice(), [0x03]);
+
+    // Deleting the tops takes their whole implicit chains with them.
+    g.remove("alone").unwrap();
+    g.remove("top").unwrap();
+    assert!(g.nodes().is_empty(), "{:?}", g.nodes());
 }
 
 #[tokio::test]
