@@ -347,11 +347,38 @@ impl Qcow2Driver {
         }
     }
 
-    /// Fills `out` with guest bytes from `offset`, within one cluster.
-    async fn read_cluster(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+    /// How guest bytes from `offset` are stored, and for how many bytes (at
+    /// most `max`) they continue the same way: data clusters that follow
+    /// each other on the host, zero or unallocated clusters in a row. A
+    /// compressed cluster is a run of its own.
+    async fn run_at(&self, offset: u64, max: u64) -> Result<(Mapping, u64)> {
+        let cs = self.header.cluster_size();
+        let first = offset / cs;
+        let mapping = self.map(first).await?;
+        let mut run = (cs - offset % cs).min(max);
+        let mut next = first + 1;
+        while run < max {
+            let continues = match (mapping, self.map(next).await?) {
+                (Mapping::Data(h), Mapping::Data(n)) => n == h + (next - first) * cs,
+                (Mapping::Zero, Mapping::Zero) => true,
+                (Mapping::Unallocated, Mapping::Unallocated) => true,
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            run = (run + cs).min(max);
+            next += 1;
+        }
+        Ok((mapping, run))
+    }
+
+    /// Fills `out` with guest bytes from `offset`, stored as `mapping` says
+    /// (a run from [`run_at`](Self::run_at)).
+    async fn read_run(&self, offset: u64, mapping: Mapping, out: &mut [u8]) -> Result<()> {
         let cs = self.header.cluster_size();
         let within = offset % cs;
-        match self.map(offset / cs).await? {
+        match mapping {
             Mapping::Zero => out.fill(0),
             Mapping::Data(host) => {
                 let data = self.file.node().read(host + within, out.len()).await?;
@@ -453,20 +480,34 @@ impl Driver for Qcow2Driver {
         }
     }
 
-    fn read(&self, offset: u64, mut buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
             let cs = self.header.cluster_size();
-            let mut done = 0usize;
-            while done < buf.len() {
-                let at = offset + done as u64;
-                let n = ((cs - at % cs) as usize).min(buf.len() - done);
-                if let Err(e) = self
-                    .read_cluster(at, &mut buf.as_mut_slice()[done..done + n])
-                    .await
-                {
-                    return (Err(e), buf);
+            let len = buf.len() as u64;
+            // One run of data clusters: read straight into the caller's
+            // buffer.
+            match self.run_at(offset, len).await {
+                Err(e) => return (Err(e), buf),
+                Ok((Mapping::Data(host), run)) if run == len => {
+                    return self.file.node().read_into(host + offset % cs, buf).await;
                 }
-                done += n;
+                Ok(_) => {}
+            }
+            let mut buf = buf;
+            let mut done = 0u64;
+            while done < len {
+                let at = offset + done;
+                let step = match self.run_at(at, len - done).await {
+                    Ok((mapping, run)) => {
+                        let out = &mut buf.as_mut_slice()[done as usize..(done + run) as usize];
+                        self.read_run(at, mapping, out).await.map(|()| run)
+                    }
+                    Err(e) => Err(e),
+                };
+                match step {
+                    Ok(run) => done += run,
+                    Err(e) => return (Err(e), buf),
+                }
             }
             (Ok(()), buf)
         })
