@@ -2,8 +2,8 @@
 //! the cost of write tracking. Prints markdown tables for
 //! `docs/benchmarks.md`.
 //!
-//! Run: `cargo bench -p block --bench file_vs_qemu` (add `-- file` or
-//! `-- tracking` for one of the two tables)
+//! Run: `cargo bench -p block --bench file_vs_qemu` (add `-- file`,
+//! `-- tracking` or `-- qcow2` for one of the tables)
 //!
 //! Every figure is the best of three runs (the machine is shared); the
 //! ratios compare runs made minutes apart at most, in one process.
@@ -48,11 +48,23 @@ const DEPTH: u64 = 32;
 
 /// One `qemu-img bench` run; the time it reports for the run itself.
 fn qemu(path: &str, p: &Pattern, write: bool, direct: bool, aio: &str) -> Duration {
+    qemu_fmt(path, "raw", p, write, direct, aio)
+}
+
+/// One `qemu-img bench` run on an image of `format`.
+fn qemu_fmt(
+    path: &str,
+    format: &str,
+    p: &Pattern,
+    write: bool,
+    direct: bool,
+    aio: &str,
+) -> Duration {
     let mut cmd = Command::new("qemu-img");
     cmd.args([
         "bench",
         "-f",
-        "raw",
+        format,
         "-c",
         &p.count.to_string(),
         "-d",
@@ -159,6 +171,50 @@ fn main() {
     }
     if wants("tracking") {
         tracking(&rt, &path);
+    }
+    if wants("qcow2") {
+        qcow2_reads(&rt, &path);
+    }
+}
+
+/// Reads from a fully allocated qcow2 image (64 KiB clusters) made from the
+/// same data, side by side with `qemu-img bench -f qcow2`.
+fn qcow2_reads(rt: &tokio::runtime::Runtime, raw: &str) {
+    let image = format!("{raw}.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2", raw, &image])
+        .status()
+        .expect("qemu-img runs (install qemu-utils)");
+    assert!(made.success(), "qemu-img convert failed");
+    println!();
+    println!("| qcow2 read pattern | cache | aio | qemu-img bench | bitmirror | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for p in &PATTERNS {
+        for direct in [false, true] {
+            for aio in ["threads", "io_uring"] {
+                let g = Graph::new();
+                let v = json!({"driver": "qcow2", "node-name": "q", "read-only": true,
+                               "file": {"driver": "file", "filename": image, "aio": aio,
+                                        "cache": {"direct": direct}}});
+                let options = BlockdevOptions::from_json(&v).expect("options");
+                let node = rt.block_on(g.add(&options)).expect("the image opens");
+                let theirs = best(|| qemu_fmt(&image, "qcow2", p, false, direct, aio));
+                let mine = best(|| rt.block_on(ours(&node, p, false)));
+                println!(
+                    "| {} | {} | {} | {} | {} | {:.2} |",
+                    p.name,
+                    if direct {
+                        "none (O_DIRECT)"
+                    } else {
+                        "writeback"
+                    },
+                    aio,
+                    rate(p, theirs),
+                    rate(p, mine),
+                    theirs.as_secs_f64() / mine.as_secs_f64()
+                );
+            }
+        }
     }
 }
 
