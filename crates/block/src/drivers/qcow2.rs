@@ -17,6 +17,9 @@ use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, ZeroFlags}
 pub(crate) const MAGIC: u32 = 0x5146_49fb;
 /// L2 tables kept in memory.
 const L2_CACHE_TABLES: usize = 64;
+/// Largest L1 table accepted (QEMU's `QCOW_MAX_L1_SIZE`), so that a hostile
+/// header cannot make us allocate without bound.
+const MAX_L1_BYTES: u64 = 32 << 20;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
@@ -112,13 +115,13 @@ impl Header {
                     break;
                 }
                 let data = first
-                    .get(at + 8..at + 8 + len)
+                    .get(at + 8..(at + 8).saturating_add(len))
                     .ok_or_else(|| bad(format!("header extension {kind:#x} is truncated")))?;
                 extensions.push(Extension {
                     kind,
                     data: data.to_vec(),
                 });
-                at += 8 + len.next_multiple_of(8);
+                at = at.saturating_add(8 + len.next_multiple_of(8));
             }
         }
         let feature_name = |kind: u8, bit: u32| -> Option<String> {
@@ -167,6 +170,9 @@ impl Header {
                 "L1 table of {l1_size} entries is too small for {size} bytes"
             )));
         }
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(bad(format!("L1 table of {l1_size} entries is too large")));
+        }
         let l1_end = u64::from(l1_size)
             .checked_mul(8)
             .and_then(|n| n.checked_add(l1_table_offset));
@@ -180,7 +186,7 @@ impl Header {
             (offset, len) => {
                 let bytes = usize::try_from(offset)
                     .ok()
-                    .and_then(|o| first.get(o..o + len))
+                    .and_then(|o| first.get(o..o.checked_add(len)?))
                     .ok_or_else(|| bad("backing file name is outside the first cluster".into()))?;
                 Some(String::from_utf8_lossy(bytes).into_owned())
             }
@@ -531,5 +537,62 @@ impl Driver for Qcow2Driver {
 
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
         Box::pin(self.status_of(offset, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A plausible version 3 header for a 1 MiB image, 64 KiB clusters.
+    fn header() -> Vec<u8> {
+        let mut h = vec![0u8; 65536];
+        h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        h[36..40].copy_from_slice(&1u32.to_be_bytes());
+        h[40..48].copy_from_slice(&65536u64.to_be_bytes());
+        h[96..100].copy_from_slice(&4u32.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn a_plain_header_parses() {
+        let h = Header::parse("n", &header(), 1 << 20).unwrap();
+        assert_eq!(
+            (h.version, h.cluster_bits, h.size, h.l1_size),
+            (3, 16, 1 << 20, 1)
+        );
+        assert!(h.backing_file.is_none());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 4000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Any bytes anywhere in the first cluster: an error or a header,
+        /// never a panic, an overflow or a huge allocation.
+        #[test]
+        fn hostile_headers_never_panic(
+            edits in prop::collection::vec((0usize..256, any::<u8>()), 1..24),
+            extension_edits in prop::collection::vec((104usize..400, any::<u8>()), 0..24),
+            truncate in prop::option::of(0usize..300),
+            file_len in prop_oneof![Just(1u64 << 20), any::<u64>()],
+        ) {
+            let mut h = header();
+            for (at, b) in edits.into_iter().chain(extension_edits) {
+                h[at] = b;
+            }
+            if let Some(n) = truncate {
+                h.truncate(n);
+            }
+            let _ = Header::parse("n", &h, file_len);
+        }
     }
 }
