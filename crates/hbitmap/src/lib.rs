@@ -528,6 +528,9 @@ impl HBitmap {
             }
             *word = new;
             *self.set_bits.get_mut() += u64::from((new ^ old).count_ones());
+            let full = new | self.pad(wlo) == u64::MAX;
+            self.propagate_word(wlo, true, full);
+            return;
         } else {
             let mut added = 0u64;
             let mut or_word = |w: &mut u64, m: u64| {
@@ -556,6 +559,8 @@ impl HBitmap {
             }
             *word = new;
             *self.set_bits.get_mut() -= u64::from((new ^ old).count_ones());
+            self.propagate_word(wlo, new != 0, false);
+            return;
         } else {
             let mut removed = 0u64;
             let mut clear_word = |w: &mut u64, m: u64| {
@@ -625,6 +630,33 @@ impl HBitmap {
             }
             lo >>= WORD_SHIFT;
             hi >>= WORD_SHIFT;
+        }
+    }
+
+    /// Brings the summaries up to date after one bottom word changed and is
+    /// now non-zero (`any`) and/or all ones (`full`): the common case of a
+    /// small write, one bit per level, stopping at the first level that
+    /// does not change.
+    fn propagate_word(&mut self, mut idx: usize, mut any: bool, mut full: bool) {
+        for level in 0..self.any.len() {
+            let (word, bit) = (idx >> WORD_SHIFT, 1u64 << bit_in_word(idx as u64));
+            let a = &mut self.any[level].as_mut_slice()[word];
+            let old_any = *a;
+            *a = if any { old_any | bit } else { old_any & !bit };
+            let new_any = *a;
+            let f = &mut self.full[level].as_mut_slice()[word];
+            let old_full = *f;
+            *f = if full {
+                old_full | bit
+            } else {
+                old_full & !bit
+            };
+            if new_any == old_any && *f == old_full {
+                return;
+            }
+            any = new_any != 0;
+            full = *f == u64::MAX;
+            idx = word;
         }
     }
 
