@@ -22,6 +22,7 @@
 
 pub mod bitmaps;
 mod buf;
+mod create;
 mod drivers;
 mod error;
 mod graph;
@@ -31,6 +32,7 @@ pub mod options;
 
 pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState, MarkTicket};
 pub use buf::IoBuf;
+pub use create::{Qcow2Create, create_qcow2};
 pub use error::{Error, Result};
 pub use graph::Graph;
 pub use node::{

@@ -1,0 +1,135 @@
+//! Images we create are clean for `qemu-img check`, look right to
+//! `qemu-img info`, take writes from QEMU, and read back through our driver.
+
+use block::{BlockdevOptions, Graph, Qcow2Create, create_qcow2};
+use serde_json::{Value, json};
+use testkit::{require_tool, run};
+
+fn info(image: &str) -> Value {
+    serde_json::from_str(&run("qemu-img", &["info", "--output=json", image])).unwrap()
+}
+
+#[tokio::test]
+async fn created_images_are_clean_and_usable() {
+    require_tool("qemu-img", "qemu-utils");
+    require_tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    for (cluster, size) in [
+        (512u64, 10u64 << 30),
+        (4096, 1 << 20),
+        (65536, 1 << 30),
+        (2 << 20, (64 << 20) + 512),
+    ] {
+        let image = dir.path().join(format!("c{cluster}.qcow2"));
+        let image_str = image.to_str().unwrap();
+        let opts = Qcow2Create {
+            cluster_size: cluster,
+            ..Qcow2Create::new(size)
+        };
+        create_qcow2(&image, &opts).unwrap();
+        run("qemu-img", &["check", "-q", image_str]);
+        let i = info(image_str);
+        assert_eq!(i["virtual-size"].as_u64(), Some(size));
+        assert_eq!(i["cluster-size"].as_u64(), Some(cluster));
+        assert_eq!(i["format-specific"]["data"]["compat"], "1.1");
+
+        // QEMU writes into it; the refcounts stay right.
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x77 4096 70000",
+                "-c",
+                &format!("write -P 0x78 {} 512", size - 512),
+                image_str,
+            ],
+        );
+        run("qemu-img", &["check", "-q", image_str]);
+
+        let g = Graph::new();
+        let v = json!({"driver": "qcow2", "node-name": "c", "read-only": true,
+                       "file": {"driver": "file", "filename": image_str}});
+        let node = g
+            .add(&BlockdevOptions::from_json(&v).unwrap())
+            .await
+            .unwrap();
+        assert!(node.read(0, 4096).await.unwrap().is_zero());
+        assert!(
+            node.read(4096, 70000)
+                .await
+                .unwrap()
+                .as_slice()
+                .iter()
+                .all(|&b| b == 0x77)
+        );
+        assert!(
+            node.read(size - 512, 512)
+                .await
+                .unwrap()
+                .as_slice()
+                .iter()
+                .all(|&b| b == 0x78)
+        );
+    }
+    // It never overwrites.
+    let taken = dir.path().join("c4096.qcow2");
+    assert!(create_qcow2(&taken, &Qcow2Create::new(1 << 20)).is_err());
+    assert!(
+        create_qcow2(
+            &dir.path().join("bad.qcow2"),
+            &Qcow2Create {
+                cluster_size: 3000,
+                ..Qcow2Create::new(1 << 20)
+            }
+        )
+        .is_err()
+    );
+}
+
+#[tokio::test]
+async fn created_overlays_see_their_backing_file() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let base_str = base.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "raw", base_str, "4M"]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x31 0 4M", base_str],
+    );
+    let top = dir.path().join("top.qcow2");
+    let top_str = top.to_str().unwrap();
+    let opts = Qcow2Create {
+        backing: Some(("base.raw".into(), "raw".into())),
+        ..Qcow2Create::new(4 << 20)
+    };
+    create_qcow2(&top, &opts).unwrap();
+    run("qemu-img", &["check", "-q", top_str]);
+    let i = info(top_str);
+    assert_eq!(i["backing-filename"], "base.raw");
+    assert_eq!(i["backing-filename-format"], "raw");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x32 1M 64k", top_str],
+    );
+    run("qemu-img", &["check", "-q", top_str]);
+
+    let g = Graph::new();
+    let v = json!({"driver": "qcow2", "node-name": "t", "read-only": true,
+                   "file": {"driver": "file", "filename": top_str}});
+    let node = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
+    let all = node.read(0, 4 << 20).await.unwrap().into_vec();
+    let raw = dir.path().join("conv.raw");
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", top_str, raw.to_str().unwrap()],
+    );
+    assert!(all == std::fs::read(&raw).unwrap());
+    assert_eq!(all[1 << 20], 0x32);
+    assert_eq!(all[0], 0x31);
+}
