@@ -129,6 +129,7 @@ impl Graph {
             let name = self.claim_name(options, created)?;
             let mut read_only = options.read_only;
             let mut children = Vec::new();
+            let mut loaded = Vec::new();
             let driver: Box<dyn Driver> = match &options.driver {
                 DriverOptions::NullCo { size, .. } => Box::new(NullDriver::new(*size)),
                 DriverOptions::File { filename, aio } => {
@@ -158,6 +159,7 @@ impl Graph {
                         .await?;
                     children.push((ChildRole::File, edge.clone()));
                     let mut driver = Qcow2Driver::open(&name, edge.clone()).await?;
+                    loaded = driver.load_bitmaps().await?;
                     let backing = match backing {
                         Some(child) => child.clone(),
                         None => match driver.backing_file() {
@@ -184,6 +186,9 @@ impl Graph {
                 no_flush: options.cache_no_flush,
             };
             let node = Arc::new(Node::new(name, implicit, settings, driver, children));
+            for (bitmap, bits, state) in loaded {
+                node.bitmaps().add_loaded(&bitmap, bits, state)?;
+            }
             created.push(node.clone());
             Ok(node)
         })

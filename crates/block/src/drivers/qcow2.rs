@@ -9,6 +9,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use hbitmap::HBitmap;
+
+use crate::bitmaps::LoadedState;
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, ZeroFlags};
@@ -27,6 +30,7 @@ const ZERO: u64 = 1;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// A header extension, as found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub(crate) struct Header {
     pub l1_table_offset: u64,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// The bitmaps extension, when the autoclear bit says it is valid.
+    pub bitmaps: Option<Vec<u8>>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -101,6 +107,7 @@ impl Header {
         } else {
             (0, 72, 0)
         };
+        let autoclear = if version == 3 { be64(first, 88) } else { 0 };
         if header_length < 72 || header_length > first.len().min(cluster_size) {
             return Err(bad(format!("header length {header_length}")));
         }
@@ -203,6 +210,12 @@ impl Header {
             l1_table_offset,
             backing_file,
             backing_format,
+            // Autoclear bit 0: a writer that did not know the extension
+            // would have cleared it, so the extension is stale without it.
+            bitmaps: extensions
+                .iter()
+                .find(|e| e.kind == EXT_BITMAPS && autoclear & 1 != 0)
+                .map(|e| e.data.clone()),
         })
     }
 
@@ -280,6 +293,88 @@ impl Qcow2Driver {
     pub(crate) fn backing_file(&self) -> Option<(&str, Option<&str>)> {
         let name = self.header.backing_file.as_deref()?;
         Some((name, self.header.backing_format.as_deref()))
+    }
+
+    /// The persistent dirty bitmaps stored in the image, as QEMU stores
+    /// them: a bitmap marked in use was not saved cleanly and loads empty
+    /// and inconsistent; one without the `auto` flag loads disabled. The
+    /// image is open read-only, so every bitmap is readonly.
+    pub(crate) async fn load_bitmaps(&self) -> Result<Vec<(String, HBitmap, LoadedState)>> {
+        let Some(ext) = &self.header.bitmaps else {
+            return Ok(Vec::new());
+        };
+        if ext.len() < 24 {
+            return Err(self.bad("bitmaps extension is truncated".into()));
+        }
+        let count = be32(ext, 0) as usize;
+        let (dir_size, dir_offset) = (be64(ext, 8), be64(ext, 16));
+        if count > 65535 || dir_size > 64 << 20 {
+            return Err(self.bad(format!(
+                "bitmap directory of {count} entries, {dir_size} bytes"
+            )));
+        }
+        let file = self.file.node();
+        let dir = file.read(dir_offset, dir_size as usize).await?;
+        let dir = dir.as_slice();
+        let cs = self.header.cluster_size();
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        for _ in 0..count {
+            let entry = dir
+                .get(at..at + 24)
+                .ok_or_else(|| self.bad("bitmap directory is truncated".into()))?;
+            let table_offset = be64(entry, 0);
+            let table_size = be32(entry, 8) as usize;
+            let flags = be32(entry, 12);
+            let (kind, gran_bits) = (entry[16], u32::from(entry[17]));
+            let name_size = usize::from(u16::from_be_bytes([entry[18], entry[19]]));
+            let extra = be32(entry, 20) as usize;
+            let name_at = at + 24 + extra;
+            let name = dir
+                .get(name_at..name_at + name_size)
+                .ok_or_else(|| self.bad("bitmap name is outside the directory".into()))?;
+            let name = String::from_utf8_lossy(name).into_owned();
+            at = (name_at + name_size).next_multiple_of(8);
+            if kind != 1 || !(9..=31).contains(&gran_bits) || name_size == 0 || name_size > 1023 {
+                return Err(self.bad(format!("bitmap '{name}' has an invalid directory entry")));
+            }
+            let in_use = flags & 1 != 0;
+            let state = LoadedState {
+                disabled: flags & 2 == 0,
+                readonly: true,
+                persistent: true,
+                inconsistent: in_use,
+            };
+            let mut bits = HBitmap::new(self.header.size, gran_bits)?;
+            if !in_use {
+                let bits_per_cluster = cs * 8;
+                let need = bits.bits().div_ceil(bits_per_cluster) as usize;
+                if table_size != need {
+                    return Err(self.bad(format!(
+                        "bitmap '{name}' has a table of {table_size} entries, not {need}"
+                    )));
+                }
+                let table = file.read(table_offset, table_size * 8).await?;
+                let items_per_cluster = bits_per_cluster << gran_bits;
+                let mut d = bits.deserializer();
+                for (i, e) in table.as_slice().chunks_exact(8).enumerate() {
+                    let entry = be64(e, 0);
+                    let start = i as u64 * items_per_cluster;
+                    let count = items_per_cluster.min(self.header.size - start);
+                    match entry & OFFSET_MASK {
+                        0 if entry & 1 != 0 => d.ones(start, count)?,
+                        0 => d.zeroes(start, count)?,
+                        data => {
+                            let cluster = file.read(data, cs as usize).await?;
+                            d.part(cluster.as_slice(), start, count)?;
+                        }
+                    }
+                }
+                d.finish();
+            }
+            out.push((name, bits, state));
+        }
+        Ok(out)
     }
 
     /// Attaches the backing node.
