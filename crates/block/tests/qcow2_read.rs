@@ -339,6 +339,12 @@ async fn damaged_images_fail_cleanly() {
             &comp,
         ],
     );
+    // Persistent bitmaps too: their directory and tables are parsed at open.
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "--granularity", "4096", &plain, "b"],
+    );
+    qemu_io(&plain, "qcow2", &[(8192, 8192, Some(0x63))]);
     let mut x = 0x243f_6a88_85a3_08d3u64;
     let mut next = move || {
         x ^= x << 13;
@@ -350,8 +356,12 @@ async fn damaged_images_fail_cleanly() {
     for round in 0..300 {
         let original = std::fs::read(if round % 2 == 0 { &plain } else { &comp }).unwrap();
         let mut bytes = original.clone();
-        // The metadata of these images lives in their first clusters.
-        let area = bytes.len().min(48 * 1024);
+        // Most metadata lives in the first clusters; bitmaps go at the end.
+        let area = if round % 3 == 2 {
+            bytes.len()
+        } else {
+            bytes.len().min(48 * 1024)
+        };
         for _ in 0..1 + next() % 8 {
             let at = (next() as usize) % area;
             bytes[at] = next() as u8;

@@ -349,7 +349,9 @@ impl Qcow2Driver {
             if !in_use {
                 let bits_per_cluster = cs * 8;
                 let need = bits.bits().div_ceil(bits_per_cluster) as usize;
-                if table_size != need {
+                // QEMU's limit on a bitmap table, so that no header makes
+                // us read without bound.
+                if table_size != need || table_size > 0x800_0000 {
                     return Err(self.bad(format!(
                         "bitmap '{name}' has a table of {table_size} entries, not {need}"
                     )));
