@@ -245,6 +245,12 @@ async fn compressed_images_read_like_qemu() {
     let g = Graph::new();
     let node = open(&g, "c", &comp, json!({})).await.unwrap();
     assert_eq!(node.read(0, SIZE as usize).await.unwrap().into_vec(), bytes);
+    // Small reads, several per compressed cluster (served from the one
+    // inflated cluster kept), and across cluster edges.
+    for off in (0..3 << 20).step_by(4096 + 1000) {
+        let got = node.read(off as u64, 4096).await.unwrap().into_vec();
+        assert!(got == bytes[off..off + 4096], "read at {off}");
+    }
 }
 
 #[tokio::test]

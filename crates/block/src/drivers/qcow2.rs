@@ -18,8 +18,9 @@ use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, ZeroFlags}
 
 /// `QFI\xfb`.
 pub(crate) const MAGIC: u32 = 0x5146_49fb;
-/// L2 tables kept in memory.
-const L2_CACHE_TABLES: usize = 64;
+/// Memory for cached L2 tables (QEMU's default maximum): 32 MiB covers
+/// 256 GiB of image at 64 KiB clusters.
+const L2_CACHE_BYTES: u64 = 32 << 20;
 /// Largest L1 table accepted (QEMU's `QCOW_MAX_L1_SIZE`), so that a hostile
 /// header cannot make us allocate without bound.
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -253,6 +254,9 @@ pub(crate) struct Qcow2Driver {
     header: Header,
     l1: Vec<u64>,
     l2: Mutex<L2Cache>,
+    /// The last compressed cluster inflated, by host offset: small reads
+    /// from one compressed cluster inflate it once.
+    inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 impl Qcow2Driver {
@@ -286,6 +290,7 @@ impl Qcow2Driver {
             header,
             l1,
             l2: Mutex::new(L2Cache::default()),
+            inflated: Mutex::new(None),
         })
     }
 
@@ -403,7 +408,8 @@ impl Qcow2Driver {
         let raw = self.file.node().read(offset, cs as usize).await?;
         let table: Arc<[u64]> = raw.as_slice().chunks_exact(8).map(|e| be64(e, 0)).collect();
         let mut cache = self.lock_l2();
-        if cache.order.len() >= L2_CACHE_TABLES {
+        let capacity = (L2_CACHE_BYTES / cs).max(1) as usize;
+        if cache.order.len() >= capacity {
             if let Some(old) = cache.order.pop_front() {
                 cache.tables.remove(&old);
             }
@@ -412,6 +418,10 @@ impl Qcow2Driver {
             cache.order.push_back(offset);
         }
         Ok(table)
+    }
+
+    fn lock_inflated(&self) -> std::sync::MutexGuard<'_, Option<(u64, Arc<Vec<u8>>)>> {
+        self.inflated.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_l2(&self) -> std::sync::MutexGuard<'_, L2Cache> {
@@ -488,9 +498,21 @@ impl Qcow2Driver {
                 out.copy_from_slice(data.as_slice());
             }
             Mapping::Compressed(host, len) => {
-                let len = len.min(self.file.node().length().saturating_sub(host));
-                let packed = self.file.node().read(host, len as usize).await?;
-                let cluster = self.inflate(packed.as_slice())?;
+                let cached = self
+                    .lock_inflated()
+                    .as_ref()
+                    .filter(|c| c.0 == host)
+                    .map(|c| c.1.clone());
+                let cluster = match cached {
+                    Some(cluster) => cluster,
+                    None => {
+                        let len = len.min(self.file.node().length().saturating_sub(host));
+                        let packed = self.file.node().read(host, len as usize).await?;
+                        let cluster = Arc::new(self.inflate(packed.as_slice())?);
+                        *self.lock_inflated() = Some((host, cluster.clone()));
+                        cluster
+                    }
+                };
                 out.copy_from_slice(&cluster[within as usize..within as usize + out.len()]);
             }
             Mapping::Unallocated => match &self.backing {
