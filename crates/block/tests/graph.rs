@@ -223,3 +223,46 @@ async fn inline_children_inherit_what_they_do_not_set() {
         .unwrap();
     assert!(!disk1.children()[0].1.node().is_read_only());
 }
+
+/// Adds race each other and removals; names stay unique and a child that
+/// a new node took cannot be deleted from under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_and_removes_keep_the_graph_consistent() {
+    let g = std::sync::Arc::new(Graph::new());
+    g.add(&options(
+        json!({"driver": "null-co", "node-name": "base", "size": 1048576}),
+    ))
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let g = g.clone();
+        tasks.push(tokio::spawn(async move {
+            // Half of them fight over one name.
+            let name = if i % 2 == 0 {
+                "same".to_owned()
+            } else {
+                format!("n{i}")
+            };
+            let added = g
+                .add(&options(
+                    json!({"driver": "raw", "node-name": name, "file": "base"}),
+                ))
+                .await
+                .is_ok();
+            let removed = g.remove("base").is_ok();
+            (added, removed)
+        }));
+    }
+    let mut added = 0;
+    for t in tasks {
+        let (a, removed) = t.await.unwrap();
+        added += usize::from(a);
+        assert!(!removed, "base was deleted while raw nodes used it");
+    }
+    assert_eq!(added, 9, "8 distinct names and one winner of 'same'");
+    let names: std::collections::HashSet<String> =
+        g.nodes().iter().map(|n| n.name().to_owned()).collect();
+    assert_eq!(names.len(), g.nodes().len(), "duplicate names");
+    assert_eq!(g.find("base").unwrap().users().len(), 9);
+}

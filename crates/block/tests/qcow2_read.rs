@@ -388,3 +388,26 @@ async fn damaged_images_fail_cleanly() {
     // Both outcomes happen: the damage is neither always fatal nor ignored.
     assert!(opened > 0 && failed > 0, "opened {opened}, failed {failed}");
 }
+
+#[tokio::test]
+async fn a_missing_backing_file_is_a_clear_error_and_leaves_nothing() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let base = path(dir.path(), "base.raw");
+    let top = path(dir.path(), "top.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "raw", &base, "1M"]);
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &top,
+        ],
+    );
+    std::fs::remove_file(&base).unwrap();
+    let g = Graph::new();
+    let e = open(&g, "top", &top, json!({})).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Could not open '{base}': No such file or directory")
+    );
+    assert!(g.nodes().is_empty(), "{:?}", g.nodes());
+}
