@@ -92,16 +92,17 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2Create) -> Result<()> {
     put(100, &(HEADER_LENGTH as u32).to_be_bytes());
     let mut at = HEADER_LENGTH;
     if let Some((name, format)) = &opts.backing {
+        let needed = HEADER_LENGTH + 8 + format.len().next_multiple_of(8) + 8 + name.len();
+        if needed > cs as usize {
+            return Err(invalid(
+                "the backing file name and format do not fit in the first cluster".into(),
+            ));
+        }
         put(at, &EXT_BACKING_FORMAT.to_be_bytes());
         put(at + 4, &(format.len() as u32).to_be_bytes());
         put(at + 8, format.as_bytes());
         at += 8 + format.len().next_multiple_of(8);
         at += 8; // end of extensions: type 0, length 0
-        if at + name.len() > cs as usize {
-            return Err(invalid(
-                "the backing file name does not fit in the first cluster".into(),
-            ));
-        }
         put(8, &(at as u64).to_be_bytes());
         put(16, &(name.len() as u32).to_be_bytes());
         put(at, name.as_bytes());

@@ -73,6 +73,13 @@ async fn created_images_are_clean_and_usable() {
                 .all(|&b| b == 0x78)
         );
     }
+    // Names that do not fit are an error, not a panic.
+    let long = Qcow2Create {
+        cluster_size: 512,
+        backing: Some(("b".repeat(600), "raw".into())),
+        ..Qcow2Create::new(1 << 20)
+    };
+    assert!(create_qcow2(&dir.path().join("long.qcow2"), &long).is_err());
     // It never overwrites.
     let taken = dir.path().join("c4096.qcow2");
     assert!(create_qcow2(&taken, &Qcow2Create::new(1 << 20)).is_err());
