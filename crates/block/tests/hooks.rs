@@ -126,12 +126,17 @@ async fn a_failing_hook_fails_the_request_before_it_is_issued() {
 }
 
 /// A hook that holds its request until released, to see who waits for whom.
-struct Gate(tokio::sync::Semaphore);
+struct Gate {
+    open: tokio::sync::Semaphore,
+    /// Told when a request reaches the gate (it is in flight by then).
+    reached: tokio::sync::Notify,
+}
 
 impl WriteHook for Gate {
     fn before<'a>(&'a self, _: &'a Node, _: WriteRequest<'a>) -> BoxFuture<'a, block::Result<()>> {
         Box::pin(async move {
-            let permit = self.0.acquire().await;
+            self.reached.notify_one();
+            let permit = self.open.acquire().await;
             drop(permit);
             Ok(())
         })
@@ -146,7 +151,10 @@ impl WriteHook for Gate {
 async fn jobs_can_wait_for_overlapping_requests_and_drain() {
     let dir = tempfile::tempdir().unwrap();
     let node = file_node(&dir).await;
-    let gate = Arc::new(Gate(tokio::sync::Semaphore::new(0)));
+    let gate = Arc::new(Gate {
+        open: tokio::sync::Semaphore::new(0),
+        reached: tokio::sync::Notify::new(),
+    });
     node.add_write_hook(gate.clone());
     let writer = {
         let node = node.clone();
@@ -156,8 +164,8 @@ async fn jobs_can_wait_for_overlapping_requests_and_drain() {
                 .0
         })
     };
-    tokio::task::yield_now().await;
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // The write is in flight, held at the gate.
+    gate.reached.notified().await;
     // Not overlapping: returns at once.
     tokio::time::timeout(
         std::time::Duration::from_secs(1),
@@ -172,7 +180,7 @@ async fn jobs_can_wait_for_overlapping_requests_and_drain() {
     )
     .await;
     assert!(waiting.is_err(), "returned while the write was in flight");
-    gate.0.add_permits(1);
+    gate.open.add_permits(1);
     tokio::time::timeout(std::time::Duration::from_secs(5), node.drain())
         .await
         .unwrap();
