@@ -413,6 +413,27 @@ impl Node {
             return (Ok(()), buf);
         }
         let _req = self.inflight.begin(offset, len, RequestKind::Read).await;
+        self.read_untracked(offset, buf).await
+    }
+
+    /// Reads `len` bytes at `offset` from inside a [`WriteHook`]: the write
+    /// that runs the hook already keeps conflicting requests out of its
+    /// range (and may hold it exclusively, for a read-modify-write), so this
+    /// read does not register itself, and cannot wait for its own write.
+    /// Copy-before-write reads the old data with it.
+    pub async fn read_in_hook(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        self.check_range(offset, len as u64)?;
+        let buf = IoBuf::zeroed(len, self.limits().memory_alignment);
+        let (result, buf) = self.read_untracked(offset, buf).await;
+        result.map(|()| buf)
+    }
+
+    /// A checked, non-empty read, without in-flight registration.
+    async fn read_untracked(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return (Ok(()), buf);
+        }
         let limits = self.limits();
         if self.aligned(offset, len) && buf.is_aligned(limits.memory_alignment) {
             return self.driver.read(offset, buf).await;
