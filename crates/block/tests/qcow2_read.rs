@@ -134,7 +134,15 @@ async fn images_of_every_cluster_size_and_version_read_like_qemu() {
             );
             qemu_io(&image, "qcow2", &writes());
             let g = Graph::new();
-            let node = open(&g, "q", &image, json!({})).await.unwrap();
+            // Both I/O engines underneath, and O_DIRECT for some.
+            let aio = if compat == "1.1" {
+                "io_uring"
+            } else {
+                "threads"
+            };
+            let file = json!({"driver": "file", "filename": image, "aio": aio,
+                              "cache": {"direct": cluster >= 4096}});
+            let node = open(&g, "q", &image, json!({"file": file})).await.unwrap();
             assert_eq!(node.limits().cluster_size, Some(cluster));
             assert_reads_like_qemu(&node, &image, dir.path()).await;
             assert_eq!(
