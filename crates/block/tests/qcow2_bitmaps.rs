@@ -3,7 +3,7 @@
 
 use block::{BlockdevOptions, Graph};
 use serde_json::json;
-use testkit::{StorageDaemon, require_tool, run};
+use testkit::{StorageDaemon, qemu_io_writes, require_tool, run};
 
 #[tokio::test]
 async fn bitmaps_stored_by_qemu_load_with_the_same_bits() {
@@ -35,20 +35,14 @@ async fn bitmaps_stored_by_qemu_load_with_the_same_bits() {
         &["bitmap", "--add", "--granularity", "512", image, "b512"],
     );
     run("qemu-img", &["bitmap", "--add", "--disable", image, "off"]);
-    run(
-        "qemu-io",
+    qemu_io_writes(
+        image,
+        "qcow2",
         &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 4096",
-            "-c",
-            "write -P 2 5000000 300000",
-            "-c",
-            "write -z 9000000 65536",
-            "-c",
-            "write 20475904 4096",
-            image,
+            (0, 4096, Some(1)),
+            (5000000, 300000, Some(2)),
+            (9000000, 65536, None),
+            (20475904, 4096, Some(3)),
         ],
     );
 

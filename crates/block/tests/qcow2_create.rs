@@ -3,7 +3,7 @@
 
 use block::{BlockdevOptions, Graph, Qcow2Create, create_qcow2};
 use serde_json::{Value, json};
-use testkit::{require_tool, run};
+use testkit::{qemu_io_writes, require_tool, run};
 
 fn info(image: &str) -> Value {
     serde_json::from_str(&run("qemu-img", &["info", "--output=json", image])).unwrap()
@@ -34,17 +34,10 @@ async fn created_images_are_clean_and_usable() {
         assert_eq!(i["format-specific"]["data"]["compat"], "1.1");
 
         // QEMU writes into it; the refcounts stay right.
-        run(
-            "qemu-io",
-            &[
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 0x77 4096 70000",
-                "-c",
-                &format!("write -P 0x78 {} 512", size - 512),
-                image_str,
-            ],
+        qemu_io_writes(
+            image_str,
+            "qcow2",
+            &[(4096, 70000, Some(0x77)), (size - 512, 512, Some(0x78))],
         );
         run("qemu-img", &["check", "-q", image_str]);
 
@@ -102,10 +95,7 @@ async fn created_overlays_see_their_backing_file() {
     let base = dir.path().join("base.raw");
     let base_str = base.to_str().unwrap();
     run("qemu-img", &["create", "-q", "-f", "raw", base_str, "4M"]);
-    run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x31 0 4M", base_str],
-    );
+    qemu_io_writes(base_str, "raw", &[(0, 4 << 20, Some(0x31))]);
     let top = dir.path().join("top.qcow2");
     let top_str = top.to_str().unwrap();
     let opts = Qcow2Create {
@@ -117,10 +107,7 @@ async fn created_overlays_see_their_backing_file() {
     let i = info(top_str);
     assert_eq!(i["backing-filename"], "base.raw");
     assert_eq!(i["backing-filename-format"], "raw");
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x32 1M 64k", top_str],
-    );
+    qemu_io_writes(top_str, "qcow2", &[(1 << 20, 65536, Some(0x32))]);
     run("qemu-img", &["check", "-q", top_str]);
 
     let g = Graph::new();

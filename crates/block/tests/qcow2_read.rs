@@ -7,30 +7,12 @@ use std::sync::Arc;
 
 use block::{BlockdevOptions, Graph, Node};
 use serde_json::{Value, json};
-use testkit::{require_tool, run};
+use testkit::{qemu_io_writes, require_tool, run};
 
 const SIZE: u64 = 8 << 20;
 
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
-}
-
-/// Writes through qemu-io: `(offset, len, Some(pattern))` data, `None`
-/// zeroes.
-fn qemu_io(image: &str, format: &str, writes: &[(u64, u64, Option<u8>)]) {
-    let mut args = vec!["-f".to_string(), format.to_string()];
-    for (off, len, p) in writes {
-        let cmd = match p {
-            Some(p) => format!("write -P {p} {off} {len}"),
-            None => format!("write -z {off} {len}"),
-        };
-        args.extend(["-c".to_string(), cmd]);
-    }
-    args.push(image.to_string());
-    run(
-        "qemu-io",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
 }
 
 async fn open(g: &Graph, name: &str, image: &str, extra: Value) -> block::Result<Arc<Node>> {
@@ -132,7 +114,7 @@ async fn images_of_every_cluster_size_and_version_read_like_qemu() {
                     &SIZE.to_string(),
                 ],
             );
-            qemu_io(&image, "qcow2", &writes());
+            qemu_io_writes(&image, "qcow2", &writes());
             let g = Graph::new();
             // Both I/O engines underneath, and O_DIRECT for some.
             let aio = if compat == "1.1" {
@@ -165,7 +147,7 @@ async fn backing_chains_read_like_qemu_with_depth() {
         "qemu-img",
         &["create", "-q", "-f", "raw", &base, &SIZE.to_string()],
     );
-    qemu_io(&base, "raw", &[(0, 3 << 20, Some(0x01))]);
+    qemu_io_writes(&base, "raw", &[(0, 3 << 20, Some(0x01))]);
     // Relative backing names, as management tools write them.
     run(
         "qemu-img",
@@ -173,7 +155,7 @@ async fn backing_chains_read_like_qemu_with_depth() {
             "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &mid,
         ],
     );
-    qemu_io(&mid, "qcow2", &[(1 << 20, 1 << 20, Some(0x02))]);
+    qemu_io_writes(&mid, "qcow2", &[(1 << 20, 1 << 20, Some(0x02))]);
     run(
         "qemu-img",
         &[
@@ -188,7 +170,7 @@ async fn backing_chains_read_like_qemu_with_depth() {
             &top,
         ],
     );
-    qemu_io(
+    qemu_io_writes(
         &top,
         "qcow2",
         &[(3 << 19, 1 << 20, Some(0x03)), (6 << 20, 65536, None)],
@@ -229,7 +211,7 @@ async fn compressed_images_read_like_qemu() {
         &["create", "-q", "-f", "raw", &src, &SIZE.to_string()],
     );
     // Compressible and incompressible data.
-    qemu_io(&src, "raw", &[(0, 1 << 20, Some(0x5a))]);
+    qemu_io_writes(&src, "raw", &[(0, 1 << 20, Some(0x5a))]);
     let noise: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -321,7 +303,7 @@ async fn damaged_images_fail_cleanly() {
     let plain = path(dir.path(), "plain.qcow2");
     let comp = path(dir.path(), "comp.qcow2");
     run("qemu-img", &["create", "-q", "-f", "raw", &src, "1M"]);
-    qemu_io(
+    qemu_io_writes(
         &src,
         "raw",
         &[(0, 300_000, Some(0x61)), (600_000, 4096, Some(0x62))],
@@ -358,7 +340,7 @@ async fn damaged_images_fail_cleanly() {
         "qemu-img",
         &["bitmap", "--add", "--granularity", "4096", &plain, "b"],
     );
-    qemu_io(&plain, "qcow2", &[(8192, 8192, Some(0x63))]);
+    qemu_io_writes(&plain, "qcow2", &[(8192, 8192, Some(0x63))]);
     let mut x = 0x243f_6a88_85a3_08d3u64;
     let mut next = move || {
         x ^= x << 13;

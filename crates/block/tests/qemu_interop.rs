@@ -5,7 +5,7 @@
 
 use block::{BlockdevOptions, Graph, IoBuf, ZeroFlags};
 use serde_json::{Value, json};
-use testkit::{require_tool, run};
+use testkit::{qemu_io_writes, require_tool, run};
 
 const SIZE: u64 = 8 << 20;
 
@@ -68,19 +68,7 @@ async fn check(aio: &str, direct: bool) {
         );
     }
 
-    let mut args = vec!["-f".to_string(), "raw".to_string()];
-    for (off, len, pattern) in ops() {
-        let cmd = match pattern {
-            Some(p) => format!("write -P {p} {off} {len}"),
-            None => format!("write -z {off} {len}"),
-        };
-        args.extend(["-c".to_string(), cmd]);
-    }
-    args.push(theirs.to_string());
-    run(
-        "qemu-io",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    qemu_io_writes(theirs, "raw", &ops());
 
     let g = Graph::new();
     let v = json!({"driver": "file", "node-name": "f", "filename": ours, "aio": aio,

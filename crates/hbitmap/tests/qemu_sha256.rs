@@ -7,7 +7,7 @@
 
 use hbitmap::HBitmap;
 use serde_json::{Value, json};
-use testkit::{StorageDaemon, require_tool, run};
+use testkit::{StorageDaemon, qemu_io_writes, require_tool, run};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -87,18 +87,12 @@ fn sha256_and_count_match_qemu_for_the_same_writes() {
     }
 
     let writes = writes();
-    let mut io_args = vec!["-f".to_string(), "raw".to_string()];
-    for &(start, len, zero) in &writes {
-        let cmd = if zero {
-            format!("write -z {start} {len}")
-        } else {
-            format!("write -P 0x5a {start} {len}")
-        };
-        io_args.extend(["-c".to_string(), cmd]);
-    }
-    io_args.push(format!("nbd+unix:///disk0?socket={}", nbd.display()));
-    let io_args: Vec<&str> = io_args.iter().map(String::as_str).collect();
-    run("qemu-io", &io_args);
+    let io: Vec<(u64, u64, Option<u8>)> = writes
+        .iter()
+        .map(|&(start, len, zero)| (start, len, (!zero).then_some(0x5a)))
+        .collect();
+    let target = format!("nbd+unix:///disk0?socket={}", nbd.display());
+    qemu_io_writes(&target, "raw", &io);
 
     let reported = dirty_bitmaps(&mut qmp);
     let mut ours = Vec::new();

@@ -49,6 +49,26 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Writes to `image` (opened as `format`) with one `qemu-io` run: each
+/// `(offset, len, Some(pattern))` writes that byte, `(offset, len, None)`
+/// writes zeroes (`write -z`).
+pub fn qemu_io_writes(image: &str, format: &str, writes: &[(u64, u64, Option<u8>)]) {
+    require_tool("qemu-io", "qemu-utils");
+    let mut args = vec!["-f".to_string(), format.to_string()];
+    for (offset, len, pattern) in writes {
+        let cmd = match pattern {
+            Some(p) => format!("write -P {p} {offset} {len}"),
+            None => format!("write -z {offset} {len}"),
+        };
+        args.extend(["-c".to_string(), cmd]);
+    }
+    args.push(image.to_string());
+    run(
+        "qemu-io",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+}
+
 /// An error a QMP server answered with: `{"error": {"class", "desc"}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QmpError {
