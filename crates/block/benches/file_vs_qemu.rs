@@ -128,6 +128,32 @@ async fn ours(node: &Arc<Node>, p: &Pattern, write: bool) -> Duration {
     start.elapsed()
 }
 
+/// Opens the node `v` describes.
+fn open(rt: &tokio::runtime::Runtime, v: &serde_json::Value) -> Arc<Node> {
+    let options = BlockdevOptions::from_json(v).expect("options");
+    rt.block_on(Graph::new().add(&options))
+        .expect("the node opens")
+}
+
+fn cache_name(direct: bool) -> &'static str {
+    if direct {
+        "none (O_DIRECT)"
+    } else {
+        "writeback"
+    }
+}
+
+/// One table row: the leading cells, then both rates and their ratio.
+fn row(cells: &[&str], p: &Pattern, theirs: Duration, mine: Duration) {
+    println!(
+        "| {} | {} | {} | {:.2} |",
+        cells.join(" | "),
+        rate(p, theirs),
+        rate(p, mine),
+        theirs.as_secs_f64() / mine.as_secs_f64()
+    );
+}
+
 fn best(mut f: impl FnMut() -> Duration) -> Duration {
     (0..RUNS).map(|_| f()).min().unwrap_or_default()
 }
@@ -192,27 +218,13 @@ fn qcow2_reads(rt: &tokio::runtime::Runtime, raw: &str) {
     for p in &PATTERNS {
         for direct in [false, true] {
             for aio in ["threads", "io_uring"] {
-                let g = Graph::new();
                 let v = json!({"driver": "qcow2", "node-name": "q", "read-only": true,
                                "file": {"driver": "file", "filename": image, "aio": aio,
                                         "cache": {"direct": direct}}});
-                let options = BlockdevOptions::from_json(&v).expect("options");
-                let node = rt.block_on(g.add(&options)).expect("the image opens");
+                let node = open(rt, &v);
                 let theirs = best(|| qemu_fmt(&image, "qcow2", p, false, direct, aio));
                 let mine = best(|| rt.block_on(ours(&node, p, false)));
-                println!(
-                    "| {} | {} | {} | {} | {} | {:.2} |",
-                    p.name,
-                    if direct {
-                        "none (O_DIRECT)"
-                    } else {
-                        "writeback"
-                    },
-                    aio,
-                    rate(p, theirs),
-                    rate(p, mine),
-                    theirs.as_secs_f64() / mine.as_secs_f64()
-                );
+                row(&[p.name, cache_name(direct), aio], p, theirs, mine);
             }
         }
     }
@@ -228,27 +240,13 @@ fn file_vs_qemu(rt: &tokio::runtime::Runtime, path: &str) {
                     if std::env::var("BENCH_AIO").is_ok_and(|a| a != aio) {
                         continue;
                     }
-                    let g = Graph::new();
                     let v = json!({"driver": "file", "node-name": "f", "filename": path,
                                    "aio": aio, "cache": {"direct": direct}});
-                    let options = BlockdevOptions::from_json(&v).expect("options");
-                    let node = rt.block_on(g.add(&options)).expect("the file opens");
+                    let node = open(rt, &v);
                     let theirs = best(|| qemu(path, p, write, direct, aio));
                     let mine = best(|| rt.block_on(ours(&node, p, write)));
-                    println!(
-                        "| {} | {} | {} | {} | {} | {} | {:.2} |",
-                        p.name,
-                        if write { "write" } else { "read" },
-                        if direct {
-                            "none (O_DIRECT)"
-                        } else {
-                            "writeback"
-                        },
-                        aio,
-                        rate(p, theirs),
-                        rate(p, mine),
-                        theirs.as_secs_f64() / mine.as_secs_f64()
-                    );
+                    let op = if write { "write" } else { "read" };
+                    row(&[p.name, op, cache_name(direct), aio], p, theirs, mine);
                 }
             }
         }
@@ -273,14 +271,10 @@ fn tracking(rt: &tokio::runtime::Runtime, path: &str) {
         // One node per configuration, measured in interleaved rounds so that
         // a change in the machine's load hits all of them alike.
         let configs = [0, 1, 8];
-        let g = Graph::new();
         let nodes: Vec<Arc<Node>> = configs
             .iter()
             .map(|&bitmaps| {
-                let mut v = v.clone();
-                v["node-name"] = json!(format!("n{bitmaps}"));
-                let options = BlockdevOptions::from_json(&v).expect("options");
-                let node = rt.block_on(g.add(&options)).expect("the node opens");
+                let node = open(rt, &v);
                 for i in 0..bitmaps {
                     node.bitmaps()
                         .add(&format!("b{i}"), None, false, false)
