@@ -1,8 +1,10 @@
 //! Persistent bitmaps that QEMU stored in qcow2 images load with exactly
 //! QEMU's bits and states.
 
-use block::{BlockdevOptions, Graph};
+use block::Graph;
 use serde_json::json;
+mod common;
+use common::open_qcow2;
 use testkit::{StorageDaemon, qemu_io_writes, require_tool, run};
 
 #[tokio::test]
@@ -47,12 +49,7 @@ async fn bitmaps_stored_by_qemu_load_with_the_same_bits() {
     );
 
     let g = Graph::new();
-    let v = json!({"driver": "qcow2", "node-name": "q", "read-only": true,
-                   "file": {"driver": "file", "filename": image}});
-    let node = g
-        .add(&BlockdevOptions::from_json(&v).unwrap())
-        .await
-        .unwrap();
+    let node = open_qcow2(&g, "q", image, json!({})).await.unwrap();
     let mut info = node.bitmaps().info();
     info.sort_by(|a, b| a.name.cmp(&b.name));
     let names: Vec<&str> = info.iter().map(|i| i.name.as_str()).collect();
@@ -111,12 +108,7 @@ async fn a_bitmap_left_in_use_by_a_crash_loads_inconsistent() {
     );
 
     let g = Graph::new();
-    let v = json!({"driver": "qcow2", "node-name": "q", "read-only": true,
-                   "file": {"driver": "file", "filename": image}});
-    let node = g
-        .add(&BlockdevOptions::from_json(&v).unwrap())
-        .await
-        .unwrap();
+    let node = open_qcow2(&g, "q", image, json!({})).await.unwrap();
     let info = node.bitmaps().info();
     assert!(info[0].inconsistent && info[0].persistent, "{info:?}");
     assert_eq!(

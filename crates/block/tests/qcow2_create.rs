@@ -1,8 +1,10 @@
 //! Images we create are clean for `qemu-img check`, look right to
 //! `qemu-img info`, take writes from QEMU, and read back through our driver.
 
-use block::{BlockdevOptions, Graph, Qcow2Create, create_qcow2};
+use block::{Graph, Qcow2Create, create_qcow2};
 use serde_json::{Value, json};
+mod common;
+use common::open_qcow2;
 use testkit::{qemu_io_writes, require_tool, run};
 
 fn info(image: &str) -> Value {
@@ -42,12 +44,7 @@ async fn created_images_are_clean_and_usable() {
         run("qemu-img", &["check", "-q", image_str]);
 
         let g = Graph::new();
-        let v = json!({"driver": "qcow2", "node-name": "c", "read-only": true,
-                       "file": {"driver": "file", "filename": image_str}});
-        let node = g
-            .add(&BlockdevOptions::from_json(&v).unwrap())
-            .await
-            .unwrap();
+        let node = open_qcow2(&g, "c", image_str, json!({})).await.unwrap();
         assert!(node.read(0, 4096).await.unwrap().is_zero());
         assert!(
             node.read(4096, 70000)
@@ -111,12 +108,7 @@ async fn created_overlays_see_their_backing_file() {
     run("qemu-img", &["check", "-q", top_str]);
 
     let g = Graph::new();
-    let v = json!({"driver": "qcow2", "node-name": "t", "read-only": true,
-                   "file": {"driver": "file", "filename": top_str}});
-    let node = g
-        .add(&BlockdevOptions::from_json(&v).unwrap())
-        .await
-        .unwrap();
+    let node = open_qcow2(&g, "t", top_str, json!({})).await.unwrap();
     let all = node.read(0, 4 << 20).await.unwrap().into_vec();
     let raw = dir.path().join("conv.raw");
     run(

@@ -3,25 +3,18 @@
 //! `qemu-img map`, down backing chains.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use block::{BlockdevOptions, Graph, Node};
+use block::{Graph, Node};
 use serde_json::{Value, json};
 use testkit::{qemu_io_writes, require_tool, run};
+
+mod common;
+use common::open_qcow2;
 
 const SIZE: u64 = 8 << 20;
 
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
-}
-
-async fn open(g: &Graph, name: &str, image: &str, extra: Value) -> block::Result<Arc<Node>> {
-    let mut v = json!({"driver": "qcow2", "node-name": name, "read-only": true,
-                       "file": {"driver": "file", "filename": image}});
-    if let (Value::Object(v), Value::Object(extra)) = (&mut v, extra) {
-        v.extend(extra);
-    }
-    g.add(&BlockdevOptions::from_json(&v).unwrap()).await
 }
 
 /// Asserts that `node` reads like `qemu-img convert -O raw` of `image`.
@@ -124,7 +117,9 @@ async fn images_of_every_cluster_size_and_version_read_like_qemu() {
             };
             let file = json!({"driver": "file", "filename": image, "aio": aio,
                               "cache": {"direct": cluster >= 4096}});
-            let node = open(&g, "q", &image, json!({"file": file})).await.unwrap();
+            let node = open_qcow2(&g, "q", &image, json!({"file": file}))
+                .await
+                .unwrap();
             assert_eq!(node.limits().cluster_size, Some(cluster));
             assert_reads_like_qemu(&node, &image, dir.path()).await;
             assert_eq!(
@@ -177,7 +172,7 @@ async fn backing_chains_read_like_qemu_with_depth() {
     );
 
     let g = Graph::new();
-    let node = open(&g, "top", &top, json!({})).await.unwrap();
+    let node = open_qcow2(&g, "top", &top, json!({})).await.unwrap();
     assert_reads_like_qemu(&node, &top, dir.path()).await;
     let ours = our_map(&node).await;
     assert_eq!(ours, qemu_map(&top));
@@ -188,7 +183,7 @@ async fn backing_chains_read_like_qemu_with_depth() {
     assert_eq!(g.nodes().len(), 6);
 
     // "backing": null cuts the chain: unallocated clusters read as zeroes.
-    let alone = open(&g, "alone", &top, json!({"backing": null}))
+    let alone = open_qcow2(&g, "alone", &top, json!({"backing": null}))
         .await
         .unwrap();
     assert!(alone.read(0, 4096).await.unwrap().is_zero());
@@ -233,7 +228,7 @@ async fn compressed_images_read_like_qemu() {
         ],
     );
     let g = Graph::new();
-    let node = open(&g, "c", &comp, json!({})).await.unwrap();
+    let node = open_qcow2(&g, "c", &comp, json!({})).await.unwrap();
     assert_eq!(node.read(0, SIZE as usize).await.unwrap().into_vec(), bytes);
     // Small reads, several per compressed cluster (served from the one
     // inflated cluster kept), and across cluster edges.
@@ -263,7 +258,7 @@ async fn unsupported_and_bad_images_are_refused_by_name() {
     );
     let g = Graph::new();
     assert_eq!(
-        open(&g, "e", &ext, json!({}))
+        open_qcow2(&g, "e", &ext, json!({}))
             .await
             .unwrap_err()
             .to_string(),
@@ -272,7 +267,7 @@ async fn unsupported_and_bad_images_are_refused_by_name() {
     let plain = path(dir.path(), "plain.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &plain, "1M"]);
     assert_eq!(
-        open(&g, "w", &plain, json!({"read-only": false}))
+        open_qcow2(&g, "w", &plain, json!({"read-only": false}))
             .await
             .unwrap_err()
             .to_string(),
@@ -282,7 +277,7 @@ async fn unsupported_and_bad_images_are_refused_by_name() {
     let garbage = path(dir.path(), "garbage.qcow2");
     std::fs::write(&garbage, vec![7u8; 4096]).unwrap();
     assert_eq!(
-        open(&g, "g", &garbage, json!({}))
+        open_qcow2(&g, "g", &garbage, json!({}))
             .await
             .unwrap_err()
             .to_string(),
@@ -366,7 +361,7 @@ async fn damaged_images_fail_cleanly() {
         std::fs::write(&damaged, &bytes).unwrap();
         let g = Graph::new();
         let read = async {
-            let node = open(&g, "d", &damaged, json!({})).await?;
+            let node = open_qcow2(&g, "d", &damaged, json!({})).await?;
             node.read(0, node.length().min(4 << 20) as usize).await
         };
         match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
@@ -394,7 +389,7 @@ async fn a_missing_backing_file_is_a_clear_error_and_leaves_nothing() {
     );
     std::fs::remove_file(&base).unwrap();
     let g = Graph::new();
-    let e = open(&g, "top", &top, json!({})).await.unwrap_err();
+    let e = open_qcow2(&g, "top", &top, json!({})).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         format!("Could not open '{base}': No such file or directory")
