@@ -127,12 +127,14 @@ pub enum Error {
         /// The feature, as the format's documentation names it.
         feature: String,
     },
-    /// A qcow2 node opened writable: writing qcow2 is not implemented yet.
-    #[error(
-        "qcow2 node '{0}' must be opened with read-only=true: writing qcow2 images is not \
-         implemented yet"
-    )]
-    Qcow2ReadOnly(String),
+    /// An image that can be read but not opened for writing as it is.
+    #[error("Image '{node}' cannot be opened read-write: {reason}")]
+    NotWritable {
+        /// The node.
+        node: String,
+        /// Why, and what to do about it.
+        reason: String,
+    },
     /// Opening an image file failed.
     #[error("Could not open '{path}': {}", os_message(.source))]
     Open {

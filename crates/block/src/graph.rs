@@ -151,14 +151,16 @@ impl Graph {
                     Box::new(RawDriver::new(edge, *offset, *size)?)
                 }
                 DriverOptions::Qcow2 { file, backing } => {
-                    if !options.read_only {
-                        return Err(Error::Qcow2ReadOnly(name));
-                    }
                     let edge = self
                         .open_child(file, options, &name, ChildRole::File, created)
                         .await?;
                     children.push((ChildRole::File, edge.clone()));
-                    let mut driver = Qcow2Driver::open(&name, edge.clone()).await?;
+                    let file_read_only = edge.node().is_read_only();
+                    if file_read_only && !read_only && !options.auto_read_only {
+                        return Err(Error::ReadOnly(edge.node().name().to_owned()));
+                    }
+                    read_only |= file_read_only;
+                    let mut driver = Qcow2Driver::open(&name, edge.clone(), !read_only).await?;
                     loaded = driver.load_bitmaps().await?;
                     let backing = match backing {
                         Some(child) => child.clone(),
@@ -214,7 +216,20 @@ impl Graph {
     /// Deletes a node added with [`add`](Self::add) (`blockdev-del`), with
     /// its inline children. Refused while an export or job uses it, while
     /// another node has it as a child, or for inline children themselves.
-    pub fn remove(&self, name: &str) -> Result<()> {
+    /// Each removed node is closed (its driver writes back what it caches);
+    /// a failure there is logged, as QEMU does, since the node is gone.
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        for node in self.unlink(name)? {
+            if let Err(e) = node.close().await {
+                tracing::error!(node = node.name(), "closing the node failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `name` and its inline children out of the graph; them, parents
+    /// first.
+    fn unlink(&self, name: &str) -> Result<Vec<Arc<Node>>> {
         let mut inner = self.lock();
         let node = inner
             .find(name)
@@ -234,8 +249,10 @@ impl Graph {
             return Err(Error::NodeHasParents(name.to_owned()));
         }
         let mut doomed = vec![node];
+        let mut removed = Vec::new();
         while let Some(n) = doomed.pop() {
             inner.nodes.retain(|m| !Arc::ptr_eq(m, &n));
+            removed.push(n.clone());
             for (_, edge) in n.children() {
                 let child = edge.node();
                 // Inline children die with their parent unless someone else
@@ -245,7 +262,22 @@ impl Graph {
                 }
             }
         }
-        Ok(())
+        Ok(removed)
+    }
+
+    /// Closes every node, parents before their children, and empties the
+    /// graph: what the daemon does when it exits. The first failure, after
+    /// trying them all.
+    pub async fn close_all(&self) -> Result<()> {
+        let nodes = std::mem::take(&mut self.lock().nodes);
+        let mut first_error = None;
+        // Newest first: a node is always newer than its children.
+        for node in nodes {
+            if let Err(e) = node.close().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Moves every user of `from` (parents, exports, jobs) to `to`: mirror's

@@ -15,7 +15,8 @@
 //!   QEMU's error texts.
 //! - Drivers: `file` (thread pool or io_uring, `O_DIRECT`,
 //!   `SEEK_DATA`/`SEEK_HOLE`, `fallocate`), `raw` (with `offset`/`size`),
-//!   `qcow2` (read-only so far, with backing chains) and `null-co`.
+//!   `qcow2` (with backing chains; writable with crash-safe metadata) and
+//!   `null-co`.
 //!
 //! Dependencies point down: this crate knows `hbitmap` and the OS, nothing
 //! of NBD, QMP or jobs.

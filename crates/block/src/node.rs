@@ -95,6 +95,16 @@ pub trait Driver: Send + Sync {
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
     /// The status of the extent that starts at `offset`, at most `len` long.
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>>;
+    /// Whether writes past the end extend the node (a writable file), for
+    /// [`Node::write_growing`].
+    fn can_grow(&self) -> bool {
+        false
+    }
+    /// Writes back whatever the driver caches (format metadata) before the
+    /// node goes away; the node takes no requests afterwards.
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
     /// How the driver submits I/O (`threads`, `io_uring`), if it does.
     fn engine(&self) -> Option<&'static str> {
         None
@@ -391,6 +401,26 @@ impl Node {
         self.check_range(offset, len)
     }
 
+    /// [`check_write`](Self::check_write), past the end too when `growing`
+    /// and the driver grows.
+    fn check_write_growing(&self, offset: u64, len: u64, growing: bool) -> Result<()> {
+        if !(growing && self.driver.can_grow()) {
+            return self.check_write(offset, len);
+        }
+        if self.settings.read_only || self.bitmaps.has_readonly() {
+            return Err(Error::ReadOnly(self.name.clone()));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= i64::MAX as u64 => Ok(()),
+            _ => Err(Error::OutOfRange {
+                node: self.name.clone(),
+                offset,
+                len,
+                size: self.length(),
+            }),
+        }
+    }
+
     fn aligned(&self, offset: u64, len: u64) -> bool {
         let a = self.limits().request_alignment;
         offset % a == 0 && len % a == 0
@@ -439,7 +469,7 @@ impl Node {
             return self.driver.read(offset, buf).await;
         }
         // Bounce: read the aligned cover, copy out the part asked for.
-        let (start, end) = self.cover(offset, len);
+        let (start, end) = self.cover(offset, len, false);
         let bounce = IoBuf::zeroed((end - start) as usize, limits.memory_alignment);
         let (result, bounce) = self.driver.read(start, bounce).await;
         let mut buf = buf;
@@ -452,21 +482,33 @@ impl Node {
     }
 
     /// The aligned range that covers `offset..offset + len`, clipped to the
-    /// node's length.
-    fn cover(&self, offset: u64, len: u64) -> (u64, u64) {
+    /// node's length unless the write may grow the node.
+    fn cover(&self, offset: u64, len: u64, growing: bool) -> (u64, u64) {
         let a = self.limits().request_alignment;
         let start = offset - offset % a;
-        let end = (offset + len)
-            .div_ceil(a)
-            .saturating_mul(a)
-            .min(self.length());
-        (start, end)
+        let end = (offset + len).div_ceil(a).saturating_mul(a);
+        if growing && self.driver.can_grow() {
+            return (start, end);
+        }
+        (start, end.min(self.length()))
     }
 
     /// Writes `buf` at `offset`, handing the buffer back. With `fua`, the
     /// data is durable when this returns. All-zero data becomes a
     /// write-zeroes request when the node has `detect-zeroes`.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
+        self.write_at(offset, buf, fua, false).await
+    }
+
+    /// [`write`](Self::write) for a format driver writing its image file:
+    /// past the end too, growing the node, when the driver can grow (a
+    /// writable `file`); other nodes refuse that as `write` does. Guests and
+    /// exports never write through this.
+    pub(crate) async fn write_growing(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
+        self.write_at(offset, buf, fua, true).await
+    }
+
+    async fn write_at(&self, offset: u64, buf: IoBuf, fua: bool, growing: bool) -> BufResult<()> {
         /// Returns the error together with the buffer.
         macro_rules! check {
             ($e:expr, $buf:expr) => {
@@ -476,7 +518,7 @@ impl Node {
             };
         }
         let len = buf.len() as u64;
-        check!(self.check_write(offset, len), buf);
+        check!(self.check_write_growing(offset, len, growing), buf);
         if len == 0 {
             return (Ok(()), buf);
         }
@@ -491,7 +533,7 @@ impl Node {
             return (self.write_zeroes(offset, len, flags).await, buf);
         }
         let serialising = !self.aligned(offset, len);
-        let _req = self.begin_write(offset, len).await;
+        let _req = self.begin_write(offset, len, growing).await;
         let hooks = self.hooks();
         let ticket = self.bitmaps.mark(offset, len);
         for hook in &hooks {
@@ -503,7 +545,7 @@ impl Node {
             check!(hook.before(self, req).await, buf);
         }
         let (result, buf) = if serialising {
-            (self.write_unaligned(offset, &buf, fua).await, buf)
+            (self.write_unaligned(offset, &buf, fua, growing).await, buf)
         } else if buf.is_aligned(self.limits().memory_alignment) {
             self.driver.write(offset, buf, fua).await
         } else {
@@ -526,11 +568,16 @@ impl Node {
     /// Registers a write-type request. An unaligned one will read, modify
     /// and write its aligned cover, so it excludes every request on that
     /// cover until it is done; an aligned one runs beside others.
-    async fn begin_write(&self, offset: u64, len: u64) -> crate::inflight::Guard<'_> {
+    async fn begin_write(
+        &self,
+        offset: u64,
+        len: u64,
+        growing: bool,
+    ) -> crate::inflight::Guard<'_> {
         if self.aligned(offset, len) {
             self.inflight.begin(offset, len, RequestKind::Write).await
         } else {
-            let (start, end) = self.cover(offset, len);
+            let (start, end) = self.cover(offset, len, growing);
             self.inflight
                 .begin(start, end - start, RequestKind::Serialising)
                 .await
@@ -539,8 +586,14 @@ impl Node {
 
     /// Read-modify-write of the aligned cover of an unaligned write; the
     /// caller holds a serialising in-flight entry over it.
-    async fn write_unaligned(&self, offset: u64, data: &IoBuf, fua: bool) -> Result<()> {
-        let (start, end) = self.cover(offset, data.len() as u64);
+    async fn write_unaligned(
+        &self,
+        offset: u64,
+        data: &IoBuf,
+        fua: bool,
+        growing: bool,
+    ) -> Result<()> {
+        let (start, end) = self.cover(offset, data.len() as u64, growing);
         let limits = self.limits();
         let bounce = IoBuf::zeroed((end - start) as usize, limits.memory_alignment);
         let (result, mut bounce) = self.driver.read(start, bounce).await;
@@ -560,7 +613,7 @@ impl Node {
             may_unmap: flags.may_unmap && self.settings.discard == Discard::Unmap,
             ..flags
         };
-        let _req = self.begin_write(offset, len).await;
+        let _req = self.begin_write(offset, len, false).await;
         let req = WriteRequest {
             offset,
             len,
@@ -582,7 +635,7 @@ impl Node {
                 if flags.fast {
                     return Err(Error::NotSupported("fast zeroing of an unaligned range"));
                 }
-                self.write_unaligned(s, &IoBuf::zeroed((e - s) as usize, 1), flags.fua)
+                self.write_unaligned(s, &IoBuf::zeroed((e - s) as usize, 1), flags.fua, false)
                     .await?;
             }
         }
@@ -647,6 +700,15 @@ impl Node {
             return Ok(());
         }
         self.driver.flush().await
+    }
+
+    /// Writes back what the driver caches once in-flight requests are
+    /// done: the graph calls it when the node is deleted or the graph
+    /// closes. Unlike [`flush`](Self::flush), `cache.no-flush` does not
+    /// skip it.
+    pub async fn close(&self) -> Result<()> {
+        self.drain().await;
+        self.driver.close().await
     }
 
     /// The status of `offset..offset + len` as a list of extents that cover

@@ -71,8 +71,7 @@ pub enum DriverOptions {
         /// Length of the window; the rest of the child by default.
         size: Option<u64>,
     },
-    /// `qcow2`: the QEMU image format over its `file` child (read-only for
-    /// now).
+    /// `qcow2`: the QEMU image format over its `file` child.
     Qcow2 {
         /// The protocol child holding the image.
         file: ChildRef,

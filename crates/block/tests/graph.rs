@@ -102,10 +102,10 @@ async fn inline_children_are_implicit_and_go_with_their_parent() {
     assert_eq!(*role, ChildRole::File);
     assert!(edge.node().is_implicit());
     assert_eq!(
-        g.remove("#block001").unwrap_err().to_string(),
+        g.remove("#block001").await.unwrap_err().to_string(),
         "Node #block001 is not owned by the monitor"
     );
-    g.remove("disk0").unwrap();
+    g.remove("disk0").await.unwrap();
     assert!(g.nodes().is_empty());
 }
 
@@ -126,20 +126,20 @@ async fn nodes_in_use_cannot_be_deleted() {
         .await
         .unwrap();
     assert_eq!(
-        g.remove("f0").unwrap_err().to_string(),
+        g.remove("f0").await.unwrap_err().to_string(),
         "Block device f0 is in use"
     );
     let export = Edge::new(&disk, User::Export("exp0".into()));
     assert_eq!(
-        g.remove("disk0").unwrap_err().to_string(),
+        g.remove("disk0").await.unwrap_err().to_string(),
         "Node disk0 is in use"
     );
     drop(export);
     drop(disk);
-    g.remove("disk0").unwrap();
-    g.remove("f0").unwrap();
+    g.remove("disk0").await.unwrap();
+    g.remove("f0").await.unwrap();
     assert_eq!(
-        g.remove("nope").unwrap_err().to_string(),
+        g.remove("nope").await.unwrap_err().to_string(),
         "Failed to find node with node-name='nope'"
     );
 }
@@ -250,7 +250,7 @@ async fn concurrent_adds_and_removes_keep_the_graph_consistent() {
                 ))
                 .await
                 .is_ok();
-            let removed = g.remove("base").is_ok();
+            let removed = g.remove("base").await.is_ok();
             (added, removed)
         }));
     }

@@ -190,8 +190,8 @@ async fn backing_chains_read_like_qemu_with_depth() {
     assert_eq!(alone.read(3 << 19, 1).await.unwrap().as_slice(), [0x03]);
 
     // Deleting the tops takes their whole implicit chains with them.
-    g.remove("alone").unwrap();
-    g.remove("top").unwrap();
+    g.remove("alone").await.unwrap();
+    g.remove("top").await.unwrap();
     assert!(g.nodes().is_empty(), "{:?}", g.nodes());
 }
 
@@ -264,16 +264,44 @@ async fn unsupported_and_bad_images_are_refused_by_name() {
             .to_string(),
         "Image 'e' uses extended L2 entries, which bitmirror does not support"
     );
-    let plain = path(dir.path(), "plain.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &plain, "1M"]);
+    // Readable, but not writable as they are.
+    let snap = path(dir.path(), "snap.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &snap, "1M"]);
+    run("qemu-img", &["snapshot", "-c", "s1", &snap]);
+    let rw = json!({"read-only": false});
     assert_eq!(
-        open_qcow2(&g, "w", &plain, json!({"read-only": false}))
+        open_qcow2(&g, "s", &snap, rw.clone())
             .await
             .unwrap_err()
             .to_string(),
-        "qcow2 node 'w' must be opened with read-only=true: writing qcow2 images is not \
-         implemented yet"
+        "Image 's' uses internal snapshots (when writing), which bitmirror does not support"
     );
+    open_qcow2(&g, "s", &snap, json!({})).await.unwrap();
+    for (bit, words) in [
+        (
+            1u8,
+            "is marked dirty (its lazy refcounts were not written back); repair it with 'qemu-img check -r all'",
+        ),
+        (
+            2,
+            "is marked corrupt; repair it with 'qemu-img check -r all'",
+        ),
+    ] {
+        let flagged = path(dir.path(), &format!("flag{bit}.qcow2"));
+        run("qemu-img", &["create", "-q", "-f", "qcow2", &flagged, "1M"]);
+        let mut bytes = std::fs::read(&flagged).unwrap();
+        bytes[79] |= bit;
+        std::fs::write(&flagged, bytes).unwrap();
+        let name = format!("f{bit}");
+        assert_eq!(
+            open_qcow2(&g, &name, &flagged, rw.clone())
+                .await
+                .unwrap_err()
+                .to_string(),
+            format!("Image '{name}' cannot be opened read-write: the image {words}")
+        );
+    }
+    g.remove("s").await.unwrap();
     let garbage = path(dir.path(), "garbage.qcow2");
     std::fs::write(&garbage, vec![7u8; 4096]).unwrap();
     assert_eq!(

@@ -16,7 +16,7 @@ async fn ours(g: &Graph, cmd: &str, args: &Value) -> Result<(), String> {
             Ok(o) => g.add(&o).await.map(drop),
             Err(e) => Err(e),
         },
-        "blockdev-del" => g.remove(&s("node-name")),
+        "blockdev-del" => g.remove(&s("node-name")).await,
         "block-dirty-bitmap-add" => node()?.bitmaps().add(
             &s("name"),
             args["granularity"].as_u64(),

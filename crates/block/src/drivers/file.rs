@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
@@ -36,7 +37,9 @@ const ZERO_CHUNK: u64 = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct FileDriver {
     file: Arc<File>,
-    length: u64,
+    /// Grows when a format driver writes past the end.
+    length: AtomicU64,
+    writable: bool,
     direct: bool,
     /// Request alignment: 1 when buffered, probed for `O_DIRECT`.
     alignment: u64,
@@ -107,7 +110,8 @@ impl FileDriver {
         Ok((
             FileDriver {
                 file,
-                length,
+                length: AtomicU64::new(length),
+                writable: !read_only,
                 direct,
                 alignment,
                 uring,
@@ -115,6 +119,29 @@ impl FileDriver {
             },
             read_only,
         ))
+    }
+
+    /// Writes `buf` at `offset` with the engine in use.
+    async fn write_buf(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
+        if let Some(uring) = &self.uring {
+            let (mut result, buf) = uring.submit(OpKind::Write, offset, buf).await;
+            if fua && result.is_ok() {
+                result = uring.submit(OpKind::Flush, 0, IoBuf::zeroed(0, 1)).await.0;
+            }
+            return (result.map_err(|e| Error::io("write", e)), buf);
+        }
+        let file = self.file.clone();
+        let task = super::pool::run(move || {
+            let mut result = file.write_all_at(buf.as_slice(), offset);
+            if fua && result.is_ok() {
+                result = file.sync_data();
+            }
+            (result, buf)
+        });
+        match task.await {
+            Some((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
+            None => (Err(Error::io("write", pool_failed())), IoBuf::zeroed(0, 1)),
+        }
     }
 
     /// Runs `f` on the file in the blocking pool.
@@ -188,7 +215,11 @@ impl Driver for FileDriver {
     }
 
     fn length(&self) -> u64 {
-        self.length
+        self.length.load(Ordering::Acquire)
+    }
+
+    fn can_grow(&self) -> bool {
+        self.writable
     }
 
     fn limits(&self) -> Limits {
@@ -224,25 +255,12 @@ impl Driver for FileDriver {
 
     fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
-            if let Some(uring) = &self.uring {
-                let (mut result, buf) = uring.submit(OpKind::Write, offset, buf).await;
-                if fua && result.is_ok() {
-                    result = uring.submit(OpKind::Flush, 0, IoBuf::zeroed(0, 1)).await.0;
-                }
-                return (result.map_err(|e| Error::io("write", e)), buf);
+            let end = offset + buf.len() as u64;
+            let (result, buf) = self.write_buf(offset, buf, fua).await;
+            if result.is_ok() {
+                self.length.fetch_max(end, Ordering::AcqRel);
             }
-            let file = self.file.clone();
-            let task = super::pool::run(move || {
-                let mut result = file.write_all_at(buf.as_slice(), offset);
-                if fua && result.is_ok() {
-                    result = file.sync_data();
-                }
-                (result, buf)
-            });
-            match task.await {
-                Some((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
-                None => (Err(Error::io("write", pool_failed())), IoBuf::zeroed(0, 1)),
-            }
+            (result, buf)
         })
     }
 
