@@ -3,7 +3,7 @@
 //! `docs/benchmarks.md`.
 //!
 //! Run: `cargo bench -p block --bench file_vs_qemu` (add `-- file`,
-//! `-- tracking` or `-- qcow2` for one of the tables)
+//! `-- tracking`, `-- qcow2` or `-- qcow2-write` for one of the tables)
 //!
 //! Every figure is the best of three runs (the machine is shared); the
 //! ratios compare runs made minutes apart at most, in one process.
@@ -201,6 +201,9 @@ fn main() {
     if wants("qcow2") {
         qcow2_reads(&rt, &path);
     }
+    if wants("qcow2-write") {
+        qcow2_writes(&rt, &path);
+    }
 }
 
 /// Reads from a fully allocated qcow2 image (64 KiB clusters) made from the
@@ -295,6 +298,57 @@ fn tracking(rt: &tokio::runtime::Runtime, path: &str) {
                 rate(p, *t),
                 times[0].as_secs_f64() / t.as_secs_f64()
             );
+        }
+    }
+}
+
+/// Writes to a fresh (empty) and to a fully allocated qcow2 image (64 KiB
+/// clusters), side by side with `qemu-img bench -w -f qcow2`; each run gets
+/// its own copy of the image, so fresh stays fresh.
+fn qcow2_writes(rt: &tokio::runtime::Runtime, raw: &str) {
+    let allocated = format!("{raw}.full.qcow2");
+    let image = format!("{raw}.w.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2", raw, &allocated])
+        .status()
+        .expect("qemu-img runs (install qemu-utils)");
+    assert!(made.success(), "qemu-img convert failed");
+    let fresh = |image: &str| {
+        let _ = std::fs::remove_file(image);
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", image, &IMAGE.to_string()])
+            .status()
+            .expect("qemu-img runs");
+        assert!(made.success(), "qemu-img create failed");
+    };
+    let copy = |image: &str| {
+        std::fs::copy(&allocated, image).expect("the image is copied");
+    };
+    println!();
+    println!("| qcow2 write pattern | image | cache | qemu-img bench | bitmirror | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for p in &PATTERNS {
+        for (state, prepare) in [("fresh", &fresh as &dyn Fn(&str)), ("allocated", &copy)] {
+            for direct in [false, true] {
+                let theirs = best(|| {
+                    prepare(&image);
+                    qemu_fmt(&image, "qcow2", p, true, direct, "threads")
+                });
+                let mine = best(|| {
+                    prepare(&image);
+                    let g = Graph::new();
+                    let v = json!({"driver": "qcow2", "node-name": "q",
+                                   "file": {"driver": "file", "filename": image,
+                                            "cache": {"direct": direct}}});
+                    let options = BlockdevOptions::from_json(&v).expect("options");
+                    let node = rt.block_on(g.add(&options)).expect("the node opens");
+                    let took = rt.block_on(ours(&node, p, true));
+                    drop(node);
+                    rt.block_on(g.close_all()).expect("the image closes");
+                    took
+                });
+                row(&[p.name, state, cache_name(direct)], p, theirs, mine);
+            }
         }
     }
 }

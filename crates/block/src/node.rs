@@ -95,6 +95,12 @@ pub trait Driver: Send + Sync {
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
     /// The status of the extent that starts at `offset`, at most `len` long.
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>>;
+    /// Whether reads past the end succeed (zero-filled), so that the
+    /// aligned cover of a read at the end need not be clipped (an
+    /// `O_DIRECT` file whose length is not a multiple of the alignment).
+    fn reads_past_end(&self) -> bool {
+        false
+    }
     /// Whether writes past the end extend the node (a writable file), for
     /// [`Node::write_growing`].
     fn can_grow(&self) -> bool {
@@ -469,7 +475,7 @@ impl Node {
             return self.driver.read(offset, buf).await;
         }
         // Bounce: read the aligned cover, copy out the part asked for.
-        let (start, end) = self.cover(offset, len, false);
+        let (start, end) = self.cover(offset, len, self.driver.reads_past_end());
         let bounce = IoBuf::zeroed((end - start) as usize, limits.memory_alignment);
         let (result, bounce) = self.driver.read(start, bounce).await;
         let mut buf = buf;
@@ -482,12 +488,13 @@ impl Node {
     }
 
     /// The aligned range that covers `offset..offset + len`, clipped to the
-    /// node's length unless the write may grow the node.
-    fn cover(&self, offset: u64, len: u64, growing: bool) -> (u64, u64) {
+    /// node's length unless `past_end` (a read the driver zero-fills, a
+    /// write that may grow the node).
+    fn cover(&self, offset: u64, len: u64, past_end: bool) -> (u64, u64) {
         let a = self.limits().request_alignment;
         let start = offset - offset % a;
         let end = (offset + len).div_ceil(a).saturating_mul(a);
-        if growing && self.driver.can_grow() {
+        if past_end {
             return (start, end);
         }
         (start, end.min(self.length()))
@@ -577,7 +584,7 @@ impl Node {
         if self.aligned(offset, len) {
             self.inflight.begin(offset, len, RequestKind::Write).await
         } else {
-            let (start, end) = self.cover(offset, len, growing);
+            let (start, end) = self.cover(offset, len, growing && self.driver.can_grow());
             self.inflight
                 .begin(start, end - start, RequestKind::Serialising)
                 .await
@@ -593,7 +600,8 @@ impl Node {
         fua: bool,
         growing: bool,
     ) -> Result<()> {
-        let (start, end) = self.cover(offset, data.len() as u64, growing);
+        let past_end = growing && self.driver.can_grow();
+        let (start, end) = self.cover(offset, data.len() as u64, past_end);
         let limits = self.limits();
         let bounce = IoBuf::zeroed((end - start) as usize, limits.memory_alignment);
         let (result, mut bounce) = self.driver.read(start, bounce).await;

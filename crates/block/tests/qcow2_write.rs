@@ -384,3 +384,40 @@ fn table_clusters(image: &str) -> u32 {
     let h = std::fs::read(image).unwrap();
     u32::from_be_bytes(h[56..60].try_into().unwrap())
 }
+
+/// With `cache.direct=on` over a file whose length is not a multiple of the
+/// alignment (as `qemu-img create` leaves it), metadata reads and writes at
+/// the end of the file work, and the file grows as clusters are allocated.
+#[tokio::test]
+async fn o_direct_images_are_written_too() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = path(dir.path(), "direct.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "4M"]);
+    assert_ne!(std::fs::metadata(&image).unwrap().len() % 4096, 0);
+    let g = Graph::new();
+    let o = json!({"driver": "qcow2", "node-name": "d",
+                   "file": {"driver": "file", "filename": image, "cache": {"direct": true}}});
+    let node = g
+        .add(&BlockdevOptions::from_json(&o).unwrap())
+        .await
+        .unwrap();
+    let mut want = vec![0u8; 4 << 20];
+    for (off, len, seed) in [
+        (1000u64, 70_000u64, 1u8),
+        (3 << 20, 65536, 2),
+        (65_000, 10, 3),
+    ] {
+        let data = pattern(len, seed);
+        node.write(off, IoBuf::from_vec(data.clone()), false)
+            .await
+            .0
+            .unwrap();
+        want[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+    assert!(node.read(0, 4 << 20).await.unwrap().into_vec() == want);
+    drop(node);
+    g.close_all().await.unwrap();
+    assert_check_clean(&image);
+    assert_qemu_reads(&image, &want, dir.path());
+}

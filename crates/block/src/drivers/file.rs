@@ -222,6 +222,10 @@ impl Driver for FileDriver {
         self.writable
     }
 
+    fn reads_past_end(&self) -> bool {
+        true
+    }
+
     fn limits(&self) -> Limits {
         if self.direct {
             Limits {
