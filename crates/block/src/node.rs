@@ -529,7 +529,9 @@ impl Node {
         if len == 0 {
             return (Ok(()), buf);
         }
-        if self.settings.detect_zeroes != DetectZeroes::Off && buf.is_zero() {
+        // (Zeroes past the end of a growing file are written as data.)
+        let inside = offset + len <= self.length();
+        if self.settings.detect_zeroes != DetectZeroes::Off && inside && buf.is_zero() {
             let may_unmap = self.settings.detect_zeroes == DetectZeroes::Unmap
                 && self.settings.discard == Discard::Unmap;
             let flags = ZeroFlags {

@@ -421,3 +421,37 @@ async fn o_direct_images_are_written_too() {
     assert_check_clean(&image);
     assert_qemu_reads(&image, &want, dir.path());
 }
+
+/// Fast zeroing works where only metadata changes (whole clusters) and is
+/// refused, before anything changes, where zeroes would have to be written.
+#[tokio::test]
+async fn fast_zeroing_changes_metadata_only_or_nothing() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = path(dir.path(), "fast.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "1M"]);
+    let g = Graph::new();
+    let node = open_rw(&g, "n", &image).await;
+    let data = pattern(1 << 20, 5);
+    node.write(0, IoBuf::from_vec(data.clone()), false)
+        .await
+        .0
+        .unwrap();
+    let fast = ZeroFlags {
+        fast: true,
+        ..ZeroFlags::default()
+    };
+    // Half a cluster on each side of two whole ones: refused, unchanged.
+    let err = node.write_zeroes(32768, 3 * 65536, fast).await.unwrap_err();
+    assert!(matches!(err, block::Error::NotSupported(_)), "{err}");
+    assert!(node.read(0, 1 << 20).await.unwrap().into_vec() == data);
+    // Whole clusters: done.
+    node.write_zeroes(65536, 2 * 65536, fast).await.unwrap();
+    let mut want = data;
+    want[65536..3 * 65536].fill(0);
+    assert!(node.read(0, 1 << 20).await.unwrap().into_vec() == want);
+    drop(node);
+    g.close_all().await.unwrap();
+    assert_check_clean(&image);
+    assert_qemu_reads(&image, &want, dir.path());
+}

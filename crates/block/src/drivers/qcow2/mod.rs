@@ -919,6 +919,27 @@ impl Qcow2Driver {
                 at = next;
             }
         }
+        // Parts that already read as zeroes need nothing; the others are
+        // written as data, which a fast zeroing request refuses up front.
+        let mut writes = Vec::new();
+        for (from, to) in partial {
+            let reads_zero = {
+                let mut m = self.meta.lock().await;
+                match self.decode(self.entry(&mut m, from / cs).await?)? {
+                    Mapping::Zero => true,
+                    Mapping::Unallocated => !backing,
+                    _ => false,
+                }
+            };
+            if !reads_zero {
+                writes.push((from, to));
+            }
+        }
+        if flags.fast && !writes.is_empty() {
+            return Err(Error::NotSupported(
+                "fast zeroing of partial qcow2 clusters",
+            ));
+        }
         if let Some((start, stop)) = whole {
             self.remap(start, stop, |old| {
                 if !v3 {
@@ -934,23 +955,7 @@ impl Qcow2Driver {
             })
             .await?;
         }
-        for (from, to) in partial {
-            let reads_zero = {
-                let mut m = self.meta.lock().await;
-                match self.decode(self.entry(&mut m, from / cs).await?)? {
-                    Mapping::Zero => true,
-                    Mapping::Unallocated => !backing,
-                    _ => false,
-                }
-            };
-            if reads_zero {
-                continue;
-            }
-            if flags.fast {
-                return Err(Error::NotSupported(
-                    "fast zeroing of partial qcow2 clusters",
-                ));
-            }
+        for (from, to) in writes {
             let zeroes = IoBuf::zeroed((to - from) as usize, 1);
             self.write_impl(from, zeroes).await.0?;
         }
