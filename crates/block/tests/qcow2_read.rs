@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use block::{Graph, Node};
+use block::{Graph, IoBuf, Node, ZeroFlags};
 use serde_json::{Value, json};
 use testkit::{qemu_io_writes, require_tool, run};
 
@@ -397,6 +397,31 @@ async fn damaged_images_fail_cleanly() {
             Ok(Err(_)) => failed += 1,
             Err(_) => panic!("round {round}: reading a damaged image hung"),
         }
+        // Writing one: errors are fine, panics, hangs and runaway files not.
+        let g = Graph::new();
+        let write = async {
+            let node = open_qcow2(&g, "w", &damaged, json!({"read-only": false})).await?;
+            let end = node.length().min(1 << 20);
+            for i in 0..8u64 {
+                let at = (next() % end.max(1)).min(end.saturating_sub(5000));
+                let (r, _) = node
+                    .write(at, IoBuf::from_vec(vec![i as u8; 5000]), false)
+                    .await;
+                r?;
+            }
+            node.write_zeroes(0, end / 2, ZeroFlags::default()).await?;
+            node.flush().await
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), write).await {
+            Ok(_) => {}
+            Err(_) => panic!("round {round}: writing a damaged image hung"),
+        }
+        let _ = g.close_all().await;
+        let grown = std::fs::metadata(&damaged).unwrap().len();
+        assert!(
+            grown < 64 << 20,
+            "round {round}: the file grew to {grown} bytes"
+        );
     }
     // Both outcomes happen: the damage is neither always fatal nor ignored.
     assert!(opened > 0 && failed > 0, "opened {opened}, failed {failed}");

@@ -686,6 +686,11 @@ impl Qcow2Driver {
         let entry = self.entry(&mut m, first).await?;
         if self.in_place(entry) {
             let host = entry & OFFSET_MASK;
+            if host >= self.file.node().length() {
+                return Err(self.bad(format!(
+                    "data cluster at {host:#x} is past the end of the file"
+                )));
+            }
             let mut next = first + 1;
             while next <= last {
                 let e = self.entry(&mut m, next).await?;

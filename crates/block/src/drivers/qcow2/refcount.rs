@@ -37,6 +37,8 @@ pub(crate) struct Refcounts {
     blocks: HashMap<u64, Block>,
     /// No cluster below this one is free.
     free_hint: u64,
+    /// One past the highest cluster allocated since open.
+    high: u64,
 }
 
 impl Refcounts {
@@ -61,6 +63,7 @@ impl Refcounts {
             table_dirty: false,
             blocks: HashMap::new(),
             free_hint: 0,
+            high: 0,
         })
     }
 
@@ -139,6 +142,11 @@ impl Refcounts {
     pub(crate) async fn update(&mut self, file: &Node, cluster: u64, delta: i64) -> Result<()> {
         let index = cluster / self.per_block();
         if !self.load(file, index).await? {
+            if delta < 0 {
+                return Err(self.bad(format!(
+                    "cluster {cluster} is referenced but has no refcount block"
+                )));
+            }
             self.create_block(file, index).await?;
         }
         let old = self.get(file, cluster).await?;
@@ -160,8 +168,17 @@ impl Refcounts {
     pub(crate) async fn alloc(&mut self, file: &Node, n: u64) -> Result<(u64, u64)> {
         'search: loop {
             let mut start = self.free_hint;
+            // Free clusters are found by the end of the file (or of what
+            // was allocated since); refcounts that claim clusters far past
+            // it are damage, which must not make the file grow without end.
+            let limit = (file.length() >> self.cluster_bits).max(self.high) + self.per_block() + 1;
             while self.get(file, start).await? != 0 {
                 start += 1;
+                if start > limit {
+                    return Err(self.bad(format!(
+                        "refcounts claim clusters past the end of the file (cluster {start})"
+                    )));
+                }
             }
             let mut len = 1;
             while len < n && self.get(file, start + len).await? == 0 {
@@ -181,6 +198,7 @@ impl Refcounts {
             if start <= self.free_hint {
                 self.free_hint = start + len;
             }
+            self.high = self.high.max(start + len);
             return Ok((start, len));
         }
     }
