@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use block::{BlockdevOptions, BoxFuture, Graph, IoBuf, Node, WriteHook, WriteRequest, ZeroFlags};
 use serde_json::json;
-use testkit::{require_tool, run};
+use testkit::{qemu_img_create_qcow2, require_tool, run};
 
 const SIZE: u64 = 8 << 20;
 const IMAGE_ENV: &str = "BITMIRROR_CRASH_IMAGE";
@@ -68,6 +68,34 @@ fn storm(seed: u64) -> impl Iterator<Item = Op> {
     })
 }
 
+/// Opens `image` writable, with discards passed down.
+async fn open_rw(g: &Graph, image: &str) -> Arc<Node> {
+    let o = json!({"driver": "qcow2", "node-name": "n", "discard": "unmap",
+                   "file": {"driver": "file", "filename": image}});
+    g.add(&BlockdevOptions::from_json(&o).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Issues one request of the storm.
+async fn apply(node: &Node, op: Op) {
+    match op {
+        Op::Write { off, len, byte } => {
+            let buf = IoBuf::from_vec(vec![byte; len as usize]);
+            node.write(off, buf, false).await.0.unwrap();
+        }
+        Op::Zero { off, len } => {
+            let flags = ZeroFlags {
+                may_unmap: true,
+                ..ZeroFlags::default()
+            };
+            node.write_zeroes(off, len, flags).await.unwrap();
+        }
+        Op::Discard { off, len } => node.discard(off, len).await.unwrap(),
+        Op::Flush => node.flush().await.unwrap(),
+    }
+}
+
 /// Run only as the child of [`kill_9_during_a_write_storm`]: writes the
 /// storm of `$BITMIRROR_CRASH_SEED` to `$BITMIRROR_CRASH_IMAGE` until killed,
 /// printing `S i` before request `i` and `F i` once the flush `i` is done.
@@ -77,35 +105,16 @@ async fn write_storm_child() {
     let image = std::env::var(IMAGE_ENV).expect("run by kill_9_during_a_write_storm");
     let seed: u64 = std::env::var(SEED_ENV).unwrap().parse().unwrap();
     let g = Graph::new();
-    let o = json!({"driver": "qcow2", "node-name": "n", "discard": "unmap",
-                   "file": {"driver": "file", "filename": image}});
-    let node = g
-        .add(&BlockdevOptions::from_json(&o).unwrap())
-        .await
-        .unwrap();
+    let node = open_rw(&g, &image).await;
     use std::io::Write;
     let mut out = std::io::stdout();
     for (i, op) in storm(seed).enumerate() {
         writeln!(out, "S {i}").unwrap();
         out.flush().unwrap();
-        match op {
-            Op::Write { off, len, byte } => {
-                let buf = IoBuf::from_vec(vec![byte; len as usize]);
-                node.write(off, buf, false).await.0.unwrap();
-            }
-            Op::Zero { off, len } => {
-                let flags = ZeroFlags {
-                    may_unmap: true,
-                    ..ZeroFlags::default()
-                };
-                node.write_zeroes(off, len, flags).await.unwrap();
-            }
-            Op::Discard { off, len } => node.discard(off, len).await.unwrap(),
-            Op::Flush => {
-                node.flush().await.unwrap();
-                writeln!(out, "F {i}").unwrap();
-                out.flush().unwrap();
-            }
+        apply(&node, op).await;
+        if let Op::Flush = op {
+            writeln!(out, "F {i}").unwrap();
+            out.flush().unwrap();
         }
     }
 }
@@ -116,19 +125,7 @@ fn kill_9_during_a_write_storm() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("crash.qcow2");
     let image = image.to_str().unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            image,
-            &SIZE.to_string(),
-        ],
-    );
+    qemu_img_create_qcow2(image, SIZE, "cluster_size=4096");
     let raw = dir.path().join("now.raw");
     let raw = raw.to_str().unwrap();
     let mut contents = vec![0u8; SIZE as usize];
@@ -272,26 +269,9 @@ async fn every_crash_point_leaves_a_consistent_image() {
     let image = path("points.qcow2");
     // 512-byte clusters and 64 KiB of refcounts per block: the storm needs
     // new L2 tables, new refcount blocks and a larger refcount table.
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            &image,
-            "12M",
-        ],
-    );
+    qemu_img_create_qcow2(&image, 12 << 20, "cluster_size=512");
     let g = Graph::new();
-    let o = json!({"driver": "qcow2", "node-name": "n", "discard": "unmap",
-                   "file": {"driver": "file", "filename": image}});
-    let node = g
-        .add(&BlockdevOptions::from_json(&o).unwrap())
-        .await
-        .unwrap();
+    let node = open_rw(&g, &image).await;
     let points = Arc::new(CrashPoints {
         image: image.clone(),
         copy: path("copy.qcow2"),
@@ -302,19 +282,7 @@ async fn every_crash_point_leaves_a_consistent_image() {
     let mut ops = 0;
     for (i, op) in storm(7).take(40).enumerate() {
         ops = i;
-        match op {
-            Op::Write { off, len, byte } => {
-                let buf = IoBuf::from_vec(vec![byte; len as usize]);
-                node.write(off, buf, false).await.0.unwrap();
-            }
-            Op::Zero { off, len } => {
-                node.write_zeroes(off, len, ZeroFlags::default())
-                    .await
-                    .unwrap();
-            }
-            Op::Discard { off, len } => node.discard(off, len).await.unwrap(),
-            Op::Flush => node.flush().await.unwrap(),
-        }
+        apply(&node, op).await;
     }
     // Fill the tail of the image to make the refcount table grow.
     let (r, _) = node

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use block::{BlockdevOptions, Graph, IoBuf, Node, ZeroFlags};
 use proptest::prelude::*;
 use serde_json::json;
-use testkit::{qemu_io_writes, require_tool, run};
+use testkit::{qemu_img_create_qcow2, qemu_io_writes, require_tool, run};
 
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
@@ -298,7 +298,7 @@ async fn concurrent_writes_into_one_cluster_all_land() {
     require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let image = path(dir.path(), "c.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "1M"]);
+    qemu_img_create_qcow2(&image, 1 << 20, "");
     let g = Graph::new();
     let node = open_rw(&g, "n", &image).await;
     let pieces = 4 * 128; // four 64 KiB clusters of 512-byte pieces
@@ -350,19 +350,7 @@ async fn the_refcount_table_grows() {
     let dir = tempfile::tempdir().unwrap();
     let image = path(dir.path(), "grow.qcow2");
     let size = 12u64 << 20;
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            &image,
-            &size.to_string(),
-        ],
-    );
+    qemu_img_create_qcow2(&image, size, "cluster_size=512");
     let before = table_clusters(&image);
     let g = Graph::new();
     let node = open_rw(&g, "n", &image).await;
@@ -393,7 +381,7 @@ async fn o_direct_images_are_written_too() {
     require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let image = path(dir.path(), "direct.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "4M"]);
+    qemu_img_create_qcow2(&image, 4 << 20, "");
     assert_ne!(std::fs::metadata(&image).unwrap().len() % 4096, 0);
     let g = Graph::new();
     let o = json!({"driver": "qcow2", "node-name": "d",
@@ -429,7 +417,7 @@ async fn fast_zeroing_changes_metadata_only_or_nothing() {
     require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let image = path(dir.path(), "fast.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &image, "1M"]);
+    qemu_img_create_qcow2(&image, 1 << 20, "");
     let g = Graph::new();
     let node = open_rw(&g, "n", &image).await;
     let data = pattern(1 << 20, 5);

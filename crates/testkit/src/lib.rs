@@ -49,6 +49,19 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Creates a qcow2 image of `size` bytes with `qemu-img create`; `options`
+/// go to `-o` (e.g. `cluster_size=512`) unless empty.
+pub fn qemu_img_create_qcow2(image: &str, size: u64, options: &str) {
+    require_tool("qemu-img", "qemu-utils");
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([image, size.as_str()]);
+    run("qemu-img", &args);
+}
+
 /// Writes to `image` (opened as `format`) with one `qemu-io` run: each
 /// `(offset, len, Some(pattern))` writes that byte, `(offset, len, None)`
 /// writes zeroes (`write -z`).

@@ -444,13 +444,20 @@ impl Qcow2Driver {
         )
     }
 
-    /// The L2 entry of guest cluster `cluster` (0 where no L2 table is).
-    async fn entry(&self, m: &mut Meta, cluster: u64) -> Result<u64> {
+    /// The L1 entry over guest cluster `cluster`, and the cluster's index
+    /// in its L2 table.
+    fn l1_entry(&self, m: &Meta, cluster: u64) -> Result<(u64, usize, usize)> {
         let (l1_index, l2_index) = self.l2_index(cluster);
         let l1 = *m
             .l1
             .get(l1_index)
             .ok_or_else(|| self.bad(format!("cluster {cluster} is past the L1 table")))?;
+        Ok((l1, l1_index, l2_index))
+    }
+
+    /// The L2 entry of guest cluster `cluster` (0 where no L2 table is).
+    async fn entry(&self, m: &mut Meta, cluster: u64) -> Result<u64> {
+        let (l1, _, l2_index) = self.l1_entry(m, cluster)?;
         let l2_offset = l1 & OFFSET_MASK;
         if l2_offset == 0 {
             return Ok(0);
@@ -465,11 +472,7 @@ impl Qcow2Driver {
     /// Sets the L2 entry of guest cluster `cluster`, creating its L2 table
     /// if needed; the old entry.
     async fn set_entry(&self, m: &mut Meta, cluster: u64, value: u64) -> Result<u64> {
-        let (l1_index, l2_index) = self.l2_index(cluster);
-        let l1 = *m
-            .l1
-            .get(l1_index)
-            .ok_or_else(|| self.bad(format!("cluster {cluster} is past the L1 table")))?;
+        let (l1, l1_index, l2_index) = self.l1_entry(m, cluster)?;
         let mut l2_offset = l1 & OFFSET_MASK;
         if l2_offset == 0 {
             let file = self.file.node();
