@@ -101,8 +101,8 @@ pub trait Driver: Send + Sync {
     fn reads_past_end(&self) -> bool {
         false
     }
-    /// Whether writes past the end extend the node (a writable file), for
-    /// [`Node::write_growing`].
+    /// Whether writes past the end extend the node (a writable file), when a
+    /// format driver writes its image file past its end.
     fn can_grow(&self) -> bool {
         false
     }
