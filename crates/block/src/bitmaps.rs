@@ -73,6 +73,17 @@ pub struct LoadedState {
     pub inconsistent: bool,
 }
 
+/// A persistent bitmap as a driver stores it.
+#[derive(Debug)]
+pub(crate) struct Saved {
+    pub name: String,
+    pub bits: HBitmap,
+    /// Recording writes: stored with QEMU's `auto` flag.
+    pub recording: bool,
+    /// Not loaded cleanly: stored still marked in use.
+    pub inconsistent: bool,
+}
+
 /// Which states a command refuses (QEMU's `BDRV_BITMAP_*` check flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -193,6 +204,8 @@ pub struct Bitmaps {
     list: RwLock<List>,
     /// Whether some bitmap is readonly: then the node refuses writes.
     has_readonly: AtomicBool,
+    /// Whether the node's driver stores persistent bitmaps.
+    persistence: AtomicBool,
     /// Bumped, under the lock, by every change other than marking: a write
     /// that sees the same value before and after it ran knows that nothing
     /// cleared its bits meanwhile, and can skip its second mark.
@@ -214,8 +227,37 @@ impl Bitmaps {
             default_granularity: cluster_size.map_or(1 << 16, |c| c.clamp(1 << 12, 1 << 16)),
             list: RwLock::new(List::default()),
             has_readonly: AtomicBool::new(false),
+            persistence: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Lets `persistent` bitmaps be added: the node's driver stores them.
+    pub(crate) fn allow_persistence(&self) {
+        self.persistence.store(true, Ordering::Release);
+    }
+
+    /// What a driver stores at close: every persistent named bitmap, with
+    /// the writes its successor recorded merged in (a superset is safe).
+    pub(crate) fn to_store(&self) -> Result<Vec<Saved>> {
+        let list = self.read();
+        let mut out = Vec::new();
+        for bm in list.bitmaps.iter().filter(|b| b.persistent) {
+            let Some(name) = bm.name.clone() else {
+                continue;
+            };
+            let mut bits = bm.bits.try_clone()?;
+            if let Some(s) = &bm.successor {
+                bits.merge(&s.bits)?;
+            }
+            out.push(Saved {
+                name,
+                bits,
+                recording: bm.recording(),
+                inconsistent: bm.inconsistent,
+            });
+        }
+        Ok(out)
     }
 
     /// Whether some bitmap is readonly. Writes to the node must then fail,
@@ -309,7 +351,7 @@ impl Bitmaps {
             Some(g) => g,
             None => self.default_granularity,
         };
-        if persistent {
+        if persistent && !self.persistence.load(Ordering::Acquire) {
             return Err(Error::PersistenceUnsupported(self.node.clone()));
         }
         if name.len() > MAX_BITMAP_NAME {

@@ -106,9 +106,15 @@ pub trait Driver: Send + Sync {
     fn can_grow(&self) -> bool {
         false
     }
-    /// Writes back whatever the driver caches (format metadata) before the
-    /// node goes away; the node takes no requests afterwards.
-    fn close(&self) -> BoxFuture<'_, Result<()>> {
+    /// Whether the driver stores persistent bitmaps (at close).
+    fn stores_bitmaps(&self) -> bool {
+        false
+    }
+    /// Writes back whatever the driver caches (format metadata) and stores
+    /// the persistent ones of `bitmaps` before the node goes away; the node
+    /// takes no requests afterwards.
+    fn close<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
+        let _ = bitmaps;
         Box::pin(async { Ok(()) })
     }
     /// How the driver submits I/O (`threads`, `io_uring`), if it does.
@@ -267,6 +273,9 @@ impl Node {
         children: Vec<(ChildRole, Arc<Edge>)>,
     ) -> Node {
         let bitmaps = Bitmaps::new(&name, driver.length(), driver.limits().cluster_size);
+        if driver.stores_bitmaps() && !settings.read_only {
+            bitmaps.allow_persistence();
+        }
         Node {
             name,
             implicit,
@@ -718,7 +727,7 @@ impl Node {
     /// skip it.
     pub async fn close(&self) -> Result<()> {
         self.drain().await;
-        self.driver.close().await
+        self.driver.close(&self.bitmaps).await
     }
 
     /// The status of `offset..offset + len` as a list of extents that cover

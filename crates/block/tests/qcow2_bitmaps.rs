@@ -5,7 +5,7 @@ use block::Graph;
 use serde_json::json;
 mod common;
 use common::open_qcow2;
-use testkit::{StorageDaemon, qemu_io_writes, require_tool, run};
+use testkit::{StorageDaemon, qemu_img_create_qcow2, qemu_io_writes, require_tool, run};
 
 #[tokio::test]
 async fn bitmaps_stored_by_qemu_load_with_the_same_bits() {
@@ -115,4 +115,174 @@ async fn a_bitmap_left_in_use_by_a_crash_loads_inconsistent() {
         node.bitmaps().snapshot("b").unwrap_err().to_string(),
         "Bitmap 'b' is inconsistent and cannot be used"
     );
+}
+
+/// The bitmaps of `image` as `qemu-img info` lists them: name, granularity
+/// and flags (sorted).
+fn qemu_listed(image: &str) -> Vec<(String, u64, Vec<String>)> {
+    let out = run(
+        "qemu-img",
+        &["info", "--force-share", "--output=json", image],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let list = &v["format-specific"]["data"]["bitmaps"];
+    let mut listed: Vec<_> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let mut flags: Vec<String> = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_owned())
+                .collect();
+            flags.sort();
+            (
+                b["name"].as_str().unwrap().to_owned(),
+                b["granularity"].as_u64().unwrap(),
+                flags,
+            )
+        })
+        .collect();
+    listed.sort();
+    listed
+}
+
+/// `qemu-img check` finds nothing: no corruption, no leak.
+fn assert_check_clean(image: &str) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "--output=json", image])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// qemu-storage-daemon's sha256 of each of `names` in `image`.
+fn qemu_sha256(dir: &std::path::Path, image: &str, names: &[&str]) -> Vec<String> {
+    let qsd = StorageDaemon::start(
+        dir,
+        &[
+            "--blockdev".into(),
+            format!("driver=qcow2,node-name=q,read-only=on,file.driver=file,file.filename={image}"),
+        ],
+    );
+    let mut qmp = qsd.qmp();
+    names
+        .iter()
+        .map(|name| {
+            let r = qmp.execute_ok(
+                "x-debug-block-dirty-bitmap-sha256",
+                json!({"node": "q", "name": name}),
+            );
+            r["sha256"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+async fn write(node: &block::Node, writes: &[(u64, usize)]) {
+    for &(off, len) in writes {
+        let (r, _) = node
+            .write(off, block::IoBuf::from_vec(vec![7; len]), false)
+            .await;
+        r.unwrap();
+    }
+}
+
+/// Bitmaps made by us on a writable image are stored at close: `qemu-img
+/// info` lists them with QEMU's flags, qemu-storage-daemon loads the same
+/// bits, and the image is clean.
+#[tokio::test]
+async fn bitmaps_we_store_load_in_qemu_with_the_same_bits() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("ours.qcow2");
+    let image = image.to_str().unwrap();
+    qemu_img_create_qcow2(image, 20_000 << 10, "cluster_size=4096");
+    let g = Graph::new();
+    let node = open_qcow2(&g, "q", image, json!({"read-only": false}))
+        .await
+        .unwrap();
+    let b = node.bitmaps();
+    b.add("b64k", Some(65536), true, false).unwrap();
+    b.add("b512", Some(512), true, false).unwrap();
+    b.add("off", None, true, true).unwrap();
+    b.add("temporary", None, false, false).unwrap();
+    write(
+        &node,
+        &[(0, 4096), (5_000_000, 300_000), (20_475_904, 4096)],
+    )
+    .await;
+    let names = ["b512", "b64k", "off"];
+    let ours: Vec<String> = names.iter().map(|n| b.sha256(n).unwrap()).collect();
+    drop(node);
+    g.remove("q").await.unwrap();
+
+    assert_eq!(
+        qemu_listed(image),
+        [
+            ("b512".to_owned(), 512, vec!["auto".to_owned()]),
+            ("b64k".to_owned(), 65536, vec!["auto".to_owned()]),
+            ("off".to_owned(), 4096, vec![]),
+        ]
+    );
+    assert_check_clean(image);
+    assert_eq!(qemu_sha256(dir.path(), image, &names), ours);
+    // And we load them back the same.
+    let node = open_qcow2(&g, "r", image, json!({})).await.unwrap();
+    let again: Vec<String> = names
+        .iter()
+        .map(|n| node.bitmaps().sha256(n).unwrap())
+        .collect();
+    assert_eq!(again, ours);
+}
+
+/// QEMU's bitmaps on an image we open writable: marked in use while we
+/// write (so a crash cannot leave them looking clean), recording our
+/// writes, stored clean at close; one removed meanwhile is gone from the
+/// image with its clusters.
+#[tokio::test]
+async fn qemu_bitmaps_record_our_writes_and_removed_ones_leave_the_image() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("theirs.qcow2");
+    let image = image.to_str().unwrap();
+    qemu_img_create_qcow2(image, 8 << 20, "");
+    run("qemu-img", &["bitmap", "--add", image, "keep"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "512", image, "gone"]);
+    qemu_io_writes(image, "qcow2", &[(1 << 20, 70_000, Some(1))]);
+    let g = Graph::new();
+    let node = open_qcow2(&g, "q", image, json!({"read-only": false}))
+        .await
+        .unwrap();
+    let in_use = vec!["auto".to_owned(), "in-use".to_owned()];
+    assert!(
+        qemu_listed(image).iter().all(|b| b.2 == in_use),
+        "{:?}",
+        qemu_listed(image)
+    );
+    let before = node.bitmaps().info();
+    assert!(
+        before
+            .iter()
+            .all(|i| i.recording && i.count > 0 && !i.inconsistent),
+        "{before:?}"
+    );
+    write(&node, &[(6 << 20, 4096)]).await;
+    node.bitmaps().remove("gone").unwrap();
+    let ours = node.bitmaps().sha256("keep").unwrap();
+    drop(node);
+    g.close_all().await.unwrap();
+
+    assert_eq!(
+        qemu_listed(image),
+        [("keep".to_owned(), 65536, vec!["auto".to_owned()])]
+    );
+    assert_check_clean(image);
+    assert_eq!(qemu_sha256(dir.path(), image, &["keep"]), [ours]);
 }

@@ -59,6 +59,12 @@ pub(crate) struct Header {
     pub backing_format: Option<String>,
     /// The bitmaps extension, when the autoclear bit says it is valid.
     pub bitmaps: Option<Vec<u8>>,
+    /// The fixed header as found (`header_length` bytes), every extension
+    /// in order (unknown ones included) and the backing file name's bytes:
+    /// what a rewrite of the header keeps.
+    pub raw: Vec<u8>,
+    pub extensions: Vec<Extension>,
+    pub backing_raw: Option<Vec<u8>>,
 }
 
 pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
@@ -219,16 +225,19 @@ impl Header {
                 "refcount table at {refcount_table_offset:#x} is outside the file"
             )));
         }
-        let backing_file = match (be64(first, 8), be32(first, 16) as usize) {
+        let backing_raw = match (be64(first, 8), be32(first, 16) as usize) {
             (0, _) | (_, 0) => None,
-            (offset, len) => {
-                let bytes = usize::try_from(offset)
+            (offset, len) => Some(
+                usize::try_from(offset)
                     .ok()
                     .and_then(|o| first.get(o..o.checked_add(len)?))
-                    .ok_or_else(|| bad("backing file name is outside the first cluster".into()))?;
-                Some(String::from_utf8_lossy(bytes).into_owned())
-            }
+                    .ok_or_else(|| bad("backing file name is outside the first cluster".into()))?
+                    .to_vec(),
+            ),
         };
+        let backing_file = backing_raw
+            .as_deref()
+            .map(|b| String::from_utf8_lossy(b).into_owned());
         let backing_format = extensions
             .iter()
             .find(|e| e.kind == EXT_BACKING_FORMAT)
@@ -253,12 +262,58 @@ impl Header {
                 .iter()
                 .find(|e| e.kind == EXT_BITMAPS && autoclear & AUTOCLEAR_BITMAPS != 0)
                 .map(|e| e.data.clone()),
+            raw: first[..header_length].to_vec(),
+            extensions,
+            backing_raw,
         })
     }
 
     /// Bytes per cluster.
     pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// The image's first bytes as they must be rewritten (version 3): the
+    /// fixed header with the refcount table at `reftable`, `autoclear`, and
+    /// the bitmaps extension replaced by `bitmaps` (none if `None`), every
+    /// other extension kept in order, then the backing file name.
+    pub(crate) fn rewrite(
+        &self,
+        node: &str,
+        reftable: (u64, u32),
+        autoclear: u64,
+        bitmaps: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        let mut out = self.raw.clone();
+        out[48..56].copy_from_slice(&reftable.0.to_be_bytes());
+        out[56..60].copy_from_slice(&reftable.1.to_be_bytes());
+        out[88..96].copy_from_slice(&autoclear.to_be_bytes());
+        out.resize(out.len().next_multiple_of(8), 0);
+        let kept = self.extensions.iter().filter(|e| e.kind != EXT_BITMAPS);
+        let new = bitmaps.map(|data| (EXT_BITMAPS, data));
+        for (kind, data) in kept.map(|e| (e.kind, e.data.as_slice())).chain(new) {
+            out.extend_from_slice(&kind.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len().next_multiple_of(8), 0);
+        }
+        out.extend_from_slice(&[0; 8]);
+        if let Some(name) = &self.backing_raw {
+            let at = out.len() as u64;
+            out[8..16].copy_from_slice(&at.to_be_bytes());
+            out.extend_from_slice(name);
+        }
+        if out.len() as u64 > self.cluster_size() {
+            return Err(Error::BadImage {
+                node: node.to_owned(),
+                format: "qcow2",
+                reason: format!(
+                    "the header and its extensions would take {} bytes, more than a cluster",
+                    out.len()
+                ),
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -1,7 +1,7 @@
 //! `qcow2`: QEMU's image format (`docs/interop/qcow2.txt`): versions 2 and
 //! 3, cluster sizes 512 B to 2 MiB, L1/L2 tables with a bounded L2 cache,
 //! zero clusters, zlib-compressed clusters, backing files, refcounts of
-//! every width, and persistent dirty bitmaps (loaded so far). Images that
+//! every width, and persistent dirty bitmaps (see [`persistent`]). Images that
 //! need a feature we lack (encryption, an external data file, extended L2
 //! entries, zstd) are refused with the feature's name.
 //!
@@ -25,21 +25,21 @@
 //! cluster that belongs to someone else by then.
 
 mod header;
+mod persistent;
 mod refcount;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use hbitmap::HBitmap;
 use tokio::sync::{Notify, RwLock, RwLockReadGuard};
 
-use crate::bitmaps::LoadedState;
+use crate::bitmaps::Bitmaps;
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, Node, ZeroFlags};
 
 pub(crate) use header::MAGIC;
-use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, be32, be64, field};
+use header::{AUTOCLEAR_BITMAPS, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, be32, be64, field};
 use refcount::Refcounts;
 
 /// Memory for cached L2 tables (QEMU's default maximum): 32 MiB covers
@@ -90,6 +90,11 @@ struct Meta {
     /// Host clusters that lost a reference in memory: their refcounts drop
     /// once the tables that no longer name them are on disk.
     pending_free: Vec<u64>,
+    /// Host clusters the stored bitmaps use (directory, tables, data),
+    /// freed when they are stored anew.
+    bitmap_clusters: Vec<u64>,
+    /// Whether the header has a bitmaps extension now.
+    has_bitmaps: bool,
 }
 
 /// An open qcow2 image.
@@ -99,6 +104,7 @@ pub(crate) struct Qcow2Driver {
     file: Arc<Edge>,
     backing: Option<Arc<Edge>>,
     header: Header,
+    writable: bool,
     meta: tokio::sync::Mutex<Meta>,
     /// Guest cluster ranges `[start, end)` whose mapping a request is
     /// changing.
@@ -187,12 +193,15 @@ impl Qcow2Driver {
             file,
             backing: None,
             header,
+            writable,
             meta: tokio::sync::Mutex::new(Meta {
                 l1,
                 l1_dirty: false,
                 l2: L2Cache::default(),
                 refcounts,
                 pending_free: Vec::new(),
+                bitmap_clusters: Vec::new(),
+                has_bitmaps: false,
             }),
             claims: Mutex::new(Vec::new()),
             claim_released: Notify::new(),
@@ -225,12 +234,6 @@ impl Qcow2Driver {
                 feature: "internal snapshots (when writing)".into(),
             });
         }
-        if header.bitmaps.is_some() {
-            return Err(Error::UnsupportedFeature {
-                node: node.to_owned(),
-                feature: "persistent bitmaps (when writing; open it read-only)".into(),
-            });
-        }
         let refcounts = Refcounts::open(
             node,
             file,
@@ -240,10 +243,17 @@ impl Qcow2Driver {
             header.refcount_table_clusters,
         )
         .await?;
-        // Autoclear features are for writers that maintain them; we do not
-        // (yet) maintain any, so we clear them before the first write.
-        if header.autoclear != 0 {
-            refcount::write(file, field::AUTOCLEAR, &0u64.to_be_bytes()).await?;
+        // Autoclear features are for writers that maintain them: we keep
+        // the bitmaps extension valid, and clear the others before the
+        // first write.
+        let keep = if header.bitmaps.is_some() {
+            AUTOCLEAR_BITMAPS
+        } else {
+            0
+        };
+        if header.autoclear & !keep != 0 {
+            let autoclear = header.autoclear & keep;
+            refcount::write(file, field::AUTOCLEAR, &autoclear.to_be_bytes()).await?;
             file.flush().await?;
         }
         Ok(refcounts)
@@ -253,90 +263,6 @@ impl Qcow2Driver {
     pub(crate) fn backing_file(&self) -> Option<(&str, Option<&str>)> {
         let name = self.header.backing_file.as_deref()?;
         Some((name, self.header.backing_format.as_deref()))
-    }
-
-    /// The persistent dirty bitmaps stored in the image, as QEMU stores
-    /// them: a bitmap marked in use was not saved cleanly and loads empty
-    /// and inconsistent; one without the `auto` flag loads disabled. The
-    /// image is open read-only, so every bitmap is readonly.
-    pub(crate) async fn load_bitmaps(&self) -> Result<Vec<(String, HBitmap, LoadedState)>> {
-        let Some(ext) = &self.header.bitmaps else {
-            return Ok(Vec::new());
-        };
-        if ext.len() < 24 {
-            return Err(self.bad("bitmaps extension is truncated".into()));
-        }
-        let count = be32(ext, 0) as usize;
-        let (dir_size, dir_offset) = (be64(ext, 8), be64(ext, 16));
-        if count > 65535 || dir_size > 64 << 20 {
-            return Err(self.bad(format!(
-                "bitmap directory of {count} entries, {dir_size} bytes"
-            )));
-        }
-        let file = self.file.node();
-        let dir = file.read(dir_offset, dir_size as usize).await?;
-        let dir = dir.as_slice();
-        let cs = self.header.cluster_size();
-        let mut out = Vec::new();
-        let mut at = 0usize;
-        for _ in 0..count {
-            let entry = dir
-                .get(at..at + 24)
-                .ok_or_else(|| self.bad("bitmap directory is truncated".into()))?;
-            let table_offset = be64(entry, 0);
-            let table_size = be32(entry, 8) as usize;
-            let flags = be32(entry, 12);
-            let (kind, gran_bits) = (entry[16], u32::from(entry[17]));
-            let name_size = usize::from(u16::from_be_bytes([entry[18], entry[19]]));
-            let extra = be32(entry, 20) as usize;
-            let name_at = at + 24 + extra;
-            let name = dir
-                .get(name_at..name_at + name_size)
-                .ok_or_else(|| self.bad("bitmap name is outside the directory".into()))?;
-            let name = String::from_utf8_lossy(name).into_owned();
-            at = (name_at + name_size).next_multiple_of(8);
-            if kind != 1 || !(9..=31).contains(&gran_bits) || name_size == 0 || name_size > 1023 {
-                return Err(self.bad(format!("bitmap '{name}' has an invalid directory entry")));
-            }
-            let in_use = flags & 1 != 0;
-            let state = LoadedState {
-                disabled: flags & 2 == 0,
-                readonly: true,
-                persistent: true,
-                inconsistent: in_use,
-            };
-            let mut bits = HBitmap::new(self.header.size, gran_bits)?;
-            if !in_use {
-                let bits_per_cluster = cs * 8;
-                let need = bits.bits().div_ceil(bits_per_cluster) as usize;
-                // QEMU's limit on a bitmap table, so that no header makes
-                // us read without bound.
-                if table_size != need || table_size > 0x800_0000 {
-                    return Err(self.bad(format!(
-                        "bitmap '{name}' has a table of {table_size} entries, not {need}"
-                    )));
-                }
-                let table = file.read(table_offset, table_size * 8).await?;
-                let items_per_cluster = bits_per_cluster << gran_bits;
-                let mut d = bits.deserializer();
-                for (i, e) in table.as_slice().chunks_exact(8).enumerate() {
-                    let entry = be64(e, 0);
-                    let start = i as u64 * items_per_cluster;
-                    let count = items_per_cluster.min(self.header.size - start);
-                    match entry & OFFSET_MASK {
-                        0 if entry & 1 != 0 => d.ones(start, count)?,
-                        0 => d.zeroes(start, count)?,
-                        data => {
-                            let cluster = file.read(data, cs as usize).await?;
-                            d.part(cluster.as_slice(), start, count)?;
-                        }
-                    }
-                }
-                d.finish();
-            }
-            out.push((name, bits, state));
-        }
-        Ok(out)
     }
 
     /// Attaches the backing node.
@@ -1143,8 +1069,29 @@ impl Driver for Qcow2Driver {
         Box::pin(self.flush_impl())
     }
 
-    fn close(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.flush_impl())
+    fn stores_bitmaps(&self) -> bool {
+        self.can_store_bitmaps()
+    }
+
+    fn close<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut m = self.meta.lock().await;
+            let mut stored = Ok(());
+            if self.can_store_bitmaps() {
+                stored = match bitmaps.to_store() {
+                    Ok(saved) if saved.is_empty() && !m.has_bitmaps => Ok(()),
+                    Ok(saved) => self.store_bitmaps(&mut m, saved).await,
+                    Err(e) => Err(e),
+                };
+            }
+            // The data's metadata goes back even if the bitmaps could not
+            // be stored (they then stay marked in use: inconsistent).
+            let written = self.write_back(&mut m).await;
+            drop(m);
+            stored?;
+            written?;
+            self.file.node().flush().await
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {

@@ -166,24 +166,40 @@ impl Refcounts {
     /// Allocates the first run of free clusters, at most `n` long (refcount
     /// 1 each); its first cluster's index and its length (at least 1).
     pub(crate) async fn alloc(&mut self, file: &Node, n: u64) -> Result<(u64, u64)> {
+        self.alloc_run(file, n, false).await
+    }
+
+    /// Allocates `n` contiguous free clusters; the first one's index.
+    pub(crate) async fn alloc_exact(&mut self, file: &Node, n: u64) -> Result<u64> {
+        Ok(self.alloc_run(file, n, true).await?.0)
+    }
+
+    async fn alloc_run(&mut self, file: &Node, n: u64, exact: bool) -> Result<(u64, u64)> {
         'search: loop {
             let mut start = self.free_hint;
             // Free clusters are found by the end of the file (or of what
             // was allocated since); refcounts that claim clusters far past
             // it are damage, which must not make the file grow without end.
-            let limit = (file.length() >> self.cluster_bits).max(self.high) + self.per_block() + 1;
-            while self.get(file, start).await? != 0 {
-                start += 1;
-                if start > limit {
-                    return Err(self.bad(format!(
-                        "refcounts claim clusters past the end of the file (cluster {start})"
-                    )));
+            let limit =
+                (file.length() >> self.cluster_bits).max(self.high) + self.per_block() + n + 1;
+            let len = loop {
+                while self.get(file, start).await? != 0 {
+                    start += 1;
+                    if start > limit {
+                        return Err(self.bad(format!(
+                            "refcounts claim clusters past the end of the file (cluster {start})"
+                        )));
+                    }
                 }
-            }
-            let mut len = 1;
-            while len < n && self.get(file, start + len).await? == 0 {
-                len += 1;
-            }
+                let mut len = 1;
+                while len < n && self.get(file, start + len).await? == 0 {
+                    len += 1;
+                }
+                if len == n || !exact {
+                    break len;
+                }
+                start += len;
+            };
             // Blocks created now may land inside the run: search again.
             let per = self.per_block();
             for index in start / per..=(start + len - 1) / per {
@@ -201,6 +217,12 @@ impl Refcounts {
             self.high = self.high.max(start + len);
             return Ok((start, len));
         }
+    }
+
+    /// Where the refcount table is: its offset and its length in clusters.
+    pub(crate) fn table_location(&self) -> (u64, u32) {
+        let clusters = (self.table.len() as u64 * 8).div_ceil(self.cluster_size());
+        (self.table_offset, clusters as u32)
     }
 
     /// Creates the missing refcount block `index`, growing the table when
