@@ -206,6 +206,8 @@ pub struct Bitmaps {
     has_readonly: AtomicBool,
     /// Whether the node's driver stores persistent bitmaps.
     persistence: AtomicBool,
+    /// Whether some bitmap is persistent.
+    has_persistent: AtomicBool,
     /// Bumped, under the lock, by every change other than marking: a write
     /// that sees the same value before and after it ran knows that nothing
     /// cleared its bits meanwhile, and can skip its second mark.
@@ -228,6 +230,7 @@ impl Bitmaps {
             list: RwLock::new(List::default()),
             has_readonly: AtomicBool::new(false),
             persistence: AtomicBool::new(false),
+            has_persistent: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
         }
     }
@@ -235,6 +238,19 @@ impl Bitmaps {
     /// Lets `persistent` bitmaps be added: the node's driver stores them.
     pub(crate) fn allow_persistence(&self) {
         self.persistence.store(true, Ordering::Release);
+    }
+
+    /// The names of the persistent bitmaps, sorted.
+    pub(crate) fn persistent_names(&self) -> Vec<String> {
+        let list = self.read();
+        let mut names: Vec<String> = list
+            .bitmaps
+            .iter()
+            .filter(|b| b.persistent)
+            .filter_map(|b| b.name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// What a driver stores at close: every persistent named bitmap, with
@@ -266,9 +282,18 @@ impl Bitmaps {
         self.has_readonly.load(Ordering::Acquire)
     }
 
-    fn update_readonly(&self, list: &List) {
+    /// Refreshes the flags writers read without the lock.
+    fn update_flags(&self, list: &List) {
         let any = list.bitmaps.iter().any(|b| b.readonly);
         self.has_readonly.store(any, Ordering::Release);
+        let any = list.bitmaps.iter().any(|b| b.persistent);
+        self.has_persistent.store(any, Ordering::Release);
+    }
+
+    /// Whether some bitmap is persistent: then writes pass the driver's
+    /// activity log before they are issued.
+    pub fn has_persistent(&self) -> bool {
+        self.has_persistent.load(Ordering::Acquire)
     }
 
     /// Shared access: marking and queries.
@@ -363,7 +388,9 @@ impl Bitmaps {
             persistent,
             ..LoadedState::default()
         };
-        self.lock_mut().insert(Some(name), bits, state)?;
+        let mut list = self.lock_mut();
+        list.insert(Some(name), bits, state)?;
+        self.update_flags(&list);
         Ok(())
     }
 
@@ -379,7 +406,7 @@ impl Bitmaps {
         }
         let mut list = self.lock_mut();
         list.insert(Some(name), bits, state)?;
-        self.update_readonly(&list);
+        self.update_flags(&list);
         Ok(())
     }
 
@@ -404,7 +431,7 @@ impl Bitmaps {
         let mut list = self.lock_mut();
         list.named(name)?.check(Check::AllowInconsistent)?;
         list.bitmaps.retain(|b| b.name.as_deref() != Some(name));
-        self.update_readonly(&list);
+        self.update_flags(&list);
         Ok(())
     }
 

@@ -110,6 +110,21 @@ pub trait Driver: Send + Sync {
     fn stores_bitmaps(&self) -> bool {
         false
     }
+    /// Records durably, before a write-type request on `offset..offset +
+    /// len` is issued, that persistent bitmaps may change there (the
+    /// activity log that makes them survive a crash). Called only while the
+    /// node has persistent bitmaps.
+    fn log_activity(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        let _ = (offset, len);
+        Box::pin(async { Ok(()) })
+    }
+    /// Stores the persistent ones of `bitmaps` if the driver finds it due
+    /// (its activity log is getting long); called after each flush while
+    /// the node has persistent bitmaps.
+    fn checkpoint<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
+        let _ = bitmaps;
+        Box::pin(async { Ok(()) })
+    }
     /// Writes back whatever the driver caches (format metadata) and stores
     /// the persistent ones of `bitmaps` before the node goes away; the node
     /// takes no requests afterwards.
@@ -554,6 +569,9 @@ impl Node {
         let _req = self.begin_write(offset, len, growing).await;
         let hooks = self.hooks();
         let ticket = self.bitmaps.mark(offset, len);
+        if self.bitmaps.has_persistent() {
+            check!(self.driver.log_activity(offset, len).await, buf);
+        }
         for hook in &hooks {
             let req = WriteRequest {
                 offset,
@@ -701,6 +719,9 @@ impl Node {
     ) -> Result<()> {
         let hooks = self.hooks();
         let ticket = self.bitmaps.mark(req.offset, req.len);
+        if self.bitmaps.has_persistent() {
+            self.driver.log_activity(req.offset, req.len).await?;
+        }
         for hook in &hooks {
             hook.before(self, req).await?;
         }
@@ -718,7 +739,11 @@ impl Node {
         if self.settings.no_flush {
             return Ok(());
         }
-        self.driver.flush().await
+        self.driver.flush().await?;
+        if self.bitmaps.has_persistent() {
+            self.driver.checkpoint(&self.bitmaps).await?;
+        }
+        Ok(())
     }
 
     /// Writes back what the driver caches once in-flight requests are

@@ -43,7 +43,7 @@ impl Op {
 }
 
 /// The storm a seed makes: the same sequence in child and parent.
-fn storm(seed: u64) -> impl Iterator<Item = Op> {
+fn storm(seed: u64, size: u64) -> impl Iterator<Item = Op> {
     let mut x = seed | 1;
     let mut next = move || {
         x ^= x << 13;
@@ -53,8 +53,8 @@ fn storm(seed: u64) -> impl Iterator<Item = Op> {
     };
     std::iter::from_fn(move || {
         let kind = next() % 16;
-        let off = next() % SIZE;
-        let len = (1 + next() % 200_000).min(SIZE - off);
+        let off = next() % size;
+        let len = (1 + next() % 200_000).min(size - off);
         Some(match kind {
             0 => Op::Flush,
             1 => Op::Zero { off, len },
@@ -102,13 +102,19 @@ async fn apply(node: &Node, op: Op) {
 #[tokio::test]
 #[ignore = "helper: runs as the child of kill_9_during_a_write_storm"]
 async fn write_storm_child() {
+    storm_until_killed().await;
+}
+
+/// The child's work: the storm of the seed, to the image, with progress on
+/// standard output.
+async fn storm_until_killed() {
     let image = std::env::var(IMAGE_ENV).expect("run by kill_9_during_a_write_storm");
     let seed: u64 = std::env::var(SEED_ENV).unwrap().parse().unwrap();
     let g = Graph::new();
     let node = open_rw(&g, &image).await;
     use std::io::Write;
     let mut out = std::io::stdout();
-    for (i, op) in storm(seed).enumerate() {
+    for (i, op) in storm(seed, node.length()).enumerate() {
         writeln!(out, "S {i}").unwrap();
         out.flush().unwrap();
         apply(&node, op).await;
@@ -185,7 +191,9 @@ fn kill_9_during_a_write_storm() {
         );
         // What the last completed flush made durable is there, where no
         // later request may have touched it.
-        let ops: Vec<Op> = storm(seed).take(started.map_or(0, |s| s + 1)).collect();
+        let ops: Vec<Op> = storm(seed, SIZE)
+            .take(started.map_or(0, |s| s + 1))
+            .collect();
         let durable = flushed.map_or(0, |f| f + 1);
         let mut want = contents.clone();
         for op in &ops[..durable] {
@@ -280,7 +288,7 @@ async fn every_crash_point_leaves_a_consistent_image() {
     let file = node.children()[0].1.node();
     file.add_write_hook(points.clone());
     let mut ops = 0;
-    for (i, op) in storm(7).take(40).enumerate() {
+    for (i, op) in storm(7, SIZE).take(40).enumerate() {
         ops = i;
         apply(&node, op).await;
     }
@@ -300,4 +308,121 @@ async fn every_crash_point_leaves_a_consistent_image() {
         corrupt[0]
     );
     assert!(checked > ops, "only {checked} crash points seen");
+}
+
+/// Run only as the child of [`kill_9_keeps_persistent_bitmaps_a_superset`]:
+/// the storm of [`write_storm_child`] on an image whose persistent bitmap
+/// records it.
+#[tokio::test]
+#[ignore = "helper: runs as the child of kill_9_keeps_persistent_bitmaps_a_superset"]
+async fn bitmap_storm_child() {
+    storm_until_killed().await;
+}
+
+/// `kill -9` during write storms on an image with a persistent recording
+/// bitmap, many rounds: after each, the bitmap loads consistent (not
+/// "inconsistent", as QEMU would have it) and marks every range any request
+/// of any round started to change: a superset of the writes.
+#[test]
+fn kill_9_keeps_persistent_bitmaps_a_superset() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("bitmap.qcow2");
+    let image = image.to_str().unwrap();
+    // Large enough that a round's writes leave most of the bitmap clean.
+    let size = 256 << 20;
+    qemu_img_create_qcow2(image, size, "cluster_size=4096");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let g = Graph::new();
+        let node = open_rw(&g, image).await;
+        node.bitmaps().add("b", Some(4096), true, false).unwrap();
+        g.close_all().await.unwrap();
+    });
+    let mut checkpoints_crossed = 0;
+    for round in 0..10u64 {
+        // Each round starts from a clean bitmap, so that what it finds
+        // dirty is this round's doing.
+        rt.block_on(async {
+            let g = Graph::new();
+            let node = open_rw(&g, image).await;
+            node.bitmaps().clear("b").unwrap();
+            g.close_all().await.unwrap();
+        });
+        let seed = 0x2545_f491_4f6c_dd1du64.wrapping_mul(round + 3);
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "bitmap_storm_child", "--nocapture"])
+            .env(IMAGE_ENV, image)
+            .env(SEED_ENV, seed.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150 + (seed >> 40) % 400));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        let mut started = None;
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            let mut w = line.split_whitespace();
+            match (w.next(), w.next().and_then(|n| n.parse::<usize>().ok())) {
+                (Some("S"), Some(i)) => started = Some(i),
+                (Some("F"), Some(_)) => checkpoints_crossed += 1,
+                _ => {}
+            }
+        }
+        assert!(
+            !status.success(),
+            "round {round}: the child ended by itself"
+        );
+        let ops: Vec<Op> = storm(seed, size)
+            .take(started.map_or(0, |s| s + 1))
+            .collect();
+        let written: Vec<(u64, u64)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Discard { .. } | Op::Flush => None,
+                op => op.range().map(|(a, b)| (a, b - a)),
+            })
+            .collect();
+        let out = Command::new("qemu-img")
+            .args(["check", "--output=json", image])
+            .output()
+            .unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "round {round}: qemu-img check: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Read-only: recovery reads the log and changes nothing.
+        rt.block_on(async {
+            let g = Graph::new();
+            let o = json!({"driver": "qcow2", "node-name": "r", "read-only": true,
+                           "file": {"driver": "file", "filename": image}});
+            let node = g
+                .add(&BlockdevOptions::from_json(&o).unwrap())
+                .await
+                .unwrap();
+            let info = node.bitmaps().info();
+            assert!(
+                info.len() == 1 && !info[0].inconsistent,
+                "round {round}: {info:?}"
+            );
+            let bits = node.bitmaps().snapshot("b").unwrap();
+            for &(off, len) in &written {
+                let clean = bits.next_zero(off, off + len);
+                assert!(
+                    clean.is_none(),
+                    "round {round}: {off}+{len} was written but byte {clean:?} is clean"
+                );
+            }
+        });
+    }
+    assert!(
+        checkpoints_crossed >= 5,
+        "only {checkpoints_crossed} flushes reached: too slow to judge"
+    );
 }

@@ -16,6 +16,8 @@ pub(crate) const EXT_END: u32 = 0;
 pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub(crate) const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
+/// bitmirror's activity log (ours; QEMU keeps unknown extensions).
+pub(crate) const EXT_ACTIVITY: u32 = 0x6269_746d;
 
 /// Byte offsets of header fields the driver rewrites.
 pub(crate) mod field {
@@ -32,6 +34,10 @@ pub(crate) const INCOMPAT_DIRTY: u64 = 1;
 pub(crate) const INCOMPAT_CORRUPT: u64 = 2;
 /// Autoclear feature bit 0: the bitmaps extension is valid.
 pub(crate) const AUTOCLEAR_BITMAPS: u64 = 1;
+/// Autoclear feature bit 63 (ours): the activity log is valid. QEMU clears
+/// it when it opens the image writable, as it must for bits it does not
+/// know, so a log it could not keep up to date is never trusted.
+pub(crate) const AUTOCLEAR_ACTIVITY: u64 = 1 << 63;
 
 /// A header extension, as found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +65,8 @@ pub(crate) struct Header {
     pub backing_format: Option<String>,
     /// The bitmaps extension, when the autoclear bit says it is valid.
     pub bitmaps: Option<Vec<u8>>,
+    /// Our activity log extension, when our autoclear bit says it is valid.
+    pub activity: Option<Vec<u8>>,
     /// The fixed header as found (`header_length` bytes), every extension
     /// in order (unknown ones included) and the backing file name's bytes:
     /// what a rewrite of the header keeps.
@@ -262,6 +270,10 @@ impl Header {
                 .iter()
                 .find(|e| e.kind == EXT_BITMAPS && autoclear & AUTOCLEAR_BITMAPS != 0)
                 .map(|e| e.data.clone()),
+            activity: extensions
+                .iter()
+                .find(|e| e.kind == EXT_ACTIVITY && autoclear & AUTOCLEAR_ACTIVITY != 0)
+                .map(|e| e.data.clone()),
             raw: first[..header_length].to_vec(),
             extensions,
             backing_raw,
@@ -274,24 +286,31 @@ impl Header {
     }
 
     /// The image's first bytes as they must be rewritten (version 3): the
-    /// fixed header with the refcount table at `reftable`, `autoclear`, and
-    /// the bitmaps extension replaced by `bitmaps` (none if `None`), every
-    /// other extension kept in order, then the backing file name.
+    /// fixed header with the refcount table at `reftable` and `autoclear`,
+    /// the extensions of the kinds in `replace` replaced by the data given
+    /// (dropped for `None`), every other extension kept in order, then the
+    /// backing file name.
     pub(crate) fn rewrite(
         &self,
         node: &str,
         reftable: (u64, u32),
         autoclear: u64,
-        bitmaps: Option<&[u8]>,
+        replace: &[(u32, Option<&[u8]>)],
     ) -> Result<Vec<u8>> {
         let mut out = self.raw.clone();
         out[48..56].copy_from_slice(&reftable.0.to_be_bytes());
         out[56..60].copy_from_slice(&reftable.1.to_be_bytes());
         out[88..96].copy_from_slice(&autoclear.to_be_bytes());
         out.resize(out.len().next_multiple_of(8), 0);
-        let kept = self.extensions.iter().filter(|e| e.kind != EXT_BITMAPS);
-        let new = bitmaps.map(|data| (EXT_BITMAPS, data));
-        for (kind, data) in kept.map(|e| (e.kind, e.data.as_slice())).chain(new) {
+        let kept = self
+            .extensions
+            .iter()
+            .filter(|e| replace.iter().all(|r| r.0 != e.kind))
+            .map(|e| (e.kind, e.data.as_slice()));
+        let new = replace
+            .iter()
+            .filter_map(|&(kind, data)| Some((kind, data?)));
+        for (kind, data) in kept.chain(new) {
             out.extend_from_slice(&kind.to_be_bytes());
             out.extend_from_slice(&(data.len() as u32).to_be_bytes());
             out.extend_from_slice(data);

@@ -24,6 +24,7 @@
 //! before they can be reused, so that a late write never lands in a
 //! cluster that belongs to someone else by then.
 
+mod activity;
 mod header;
 mod persistent;
 mod refcount;
@@ -95,6 +96,15 @@ struct Meta {
     bitmap_clusters: Vec<u64>,
     /// Whether the header has a bitmaps extension now.
     has_bitmaps: bool,
+    /// The bitmaps extension as on disk now.
+    bitmaps_ext: Option<Vec<u8>>,
+    /// The bitmap directory on disk now (0: none), the names of its
+    /// bitmaps (sorted) and which of its entries hold consistent bits.
+    directory: u64,
+    stored_names: Vec<String>,
+    stored_consistent: Vec<bool>,
+    /// The activity log's areas, once the image has one.
+    activity: Option<activity::Areas>,
 }
 
 /// An open qcow2 image.
@@ -116,6 +126,10 @@ pub(crate) struct Qcow2Driver {
     /// The last compressed cluster inflated, by host offset: small reads
     /// from one compressed cluster inflate it once.
     inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// The activity log (taken before `meta` when both are needed).
+    log: tokio::sync::Mutex<activity::Log>,
+    /// Extents hot in the log's current generation, a bit each.
+    hot: Mutex<Vec<u64>>,
 }
 
 /// A claim on guest clusters; released (and waiters woken) on drop, also
@@ -188,6 +202,8 @@ impl Qcow2Driver {
         } else {
             None
         };
+        let bitmaps_ext = header.bitmaps.clone();
+        let extents = header.size.div_ceil(1 << activity::EXTENT_BITS);
         Ok(Qcow2Driver {
             node: node.to_owned(),
             file,
@@ -202,7 +218,14 @@ impl Qcow2Driver {
                 pending_free: Vec::new(),
                 bitmap_clusters: Vec::new(),
                 has_bitmaps: false,
+                bitmaps_ext,
+                directory: 0,
+                stored_names: Vec::new(),
+                stored_consistent: Vec::new(),
+                activity: None,
             }),
+            log: tokio::sync::Mutex::new(activity::Log::default()),
+            hot: Mutex::new(vec![0; extents.div_ceil(64) as usize]),
             claims: Mutex::new(Vec::new()),
             claim_released: Notify::new(),
             io_gate: RwLock::new(()),
@@ -246,11 +269,13 @@ impl Qcow2Driver {
         // Autoclear features are for writers that maintain them: we keep
         // the bitmaps extension valid, and clear the others before the
         // first write.
-        let keep = if header.bitmaps.is_some() {
-            AUTOCLEAR_BITMAPS
-        } else {
-            0
-        };
+        let mut keep = 0;
+        if header.bitmaps.is_some() {
+            keep |= AUTOCLEAR_BITMAPS;
+        }
+        if header.activity.is_some() {
+            keep |= header::AUTOCLEAR_ACTIVITY;
+        }
         if header.autoclear & !keep != 0 {
             let autoclear = header.autoclear & keep;
             refcount::write(file, field::AUTOCLEAR, &autoclear.to_be_bytes()).await?;
@@ -1073,16 +1098,45 @@ impl Driver for Qcow2Driver {
         self.can_store_bitmaps()
     }
 
+    fn log_activity(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if self.can_store_bitmaps() {
+                self.touch(offset, len).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn checkpoint<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.can_store_bitmaps() {
+                Qcow2Driver::checkpoint(self, bitmaps).await?;
+            }
+            Ok(())
+        })
+    }
+
     fn close<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let mut m = self.meta.lock().await;
             let mut stored = Ok(());
+            // Stored clean, the bitmaps need no log: the header written
+            // below drops it, and its areas are freed, so that a cleanly
+            // closed image has nothing QEMU would count as leaked.
+            let log = m.activity.take();
             if self.can_store_bitmaps() {
                 stored = match bitmaps.to_store() {
-                    Ok(saved) if saved.is_empty() && !m.has_bitmaps => Ok(()),
-                    Ok(saved) => self.store_bitmaps(&mut m, saved).await,
+                    Ok(saved) if saved.is_empty() && !m.has_bitmaps && log.is_none() => Ok(()),
+                    Ok(saved) => self.store_bitmaps(&mut m, saved, false).await,
                     Err(e) => Err(e),
                 };
+            }
+            if let (Ok(()), Some(areas)) = (&stored, log) {
+                let clusters = areas.bytes.div_ceil(self.cluster_size());
+                for offset in areas.offsets {
+                    let first = offset >> self.header.cluster_bits;
+                    m.pending_free.extend(first..first + clusters);
+                }
             }
             // The data's metadata goes back even if the bitmaps could not
             // be stored (they then stay marked in use: inconsistent).

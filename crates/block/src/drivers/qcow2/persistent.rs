@@ -13,7 +13,7 @@
 
 use hbitmap::HBitmap;
 
-use super::header::{AUTOCLEAR_BITMAPS, be32, be64};
+use super::header::{be32, be64};
 use super::{Meta, OFFSET_MASK, Qcow2Driver, refcount};
 use crate::bitmaps::{LoadedState, Saved};
 use crate::error::Result;
@@ -68,11 +68,16 @@ impl Qcow2Driver {
         }
         let dir = file.read(dir_offset, dir_size as usize).await?;
         let mut dir = dir.into_vec();
+        // A crash left bitmaps in use: those our activity log vouches for
+        // load with every extent it names marked dirty.
+        let recovered = self.recover(dir_offset).await?;
+        let mut names = Vec::new();
+        let mut consistent_now = Vec::new();
         let cs = self.cluster_size();
         let mut clusters: Vec<u64> = self.clusters_of(dir_offset, dir_size).collect();
         let mut out = Vec::new();
         let mut at = 0usize;
-        for _ in 0..count {
+        for index in 0..count {
             let entry = dir
                 .get(at..at + 24)
                 .ok_or_else(|| self.bad("bitmap directory is truncated".into()))?;
@@ -92,7 +97,10 @@ impl Qcow2Driver {
             if kind != 1 || !(9..=31).contains(&gran_bits) || name_size == 0 || name_size > 1023 {
                 return Err(self.bad(format!("bitmap '{name}' has an invalid directory entry")));
             }
-            let in_use = flags & IN_USE != 0;
+            let vouched = recovered
+                .as_ref()
+                .is_some_and(|(_, ok)| ok.get(index).copied().unwrap_or(false));
+            let in_use = flags & IN_USE != 0 && !vouched;
             let state = LoadedState {
                 disabled: flags & AUTO == 0,
                 readonly: !self.writable,
@@ -137,6 +145,20 @@ impl Qcow2Driver {
                 }
                 d.finish();
             }
+            if flags & IN_USE != 0 && vouched {
+                if let Some((extents, _)) = &recovered {
+                    for &e in extents {
+                        let start = e << super::activity::EXTENT_BITS;
+                        if start < self.header.size {
+                            let len = (1u64 << super::activity::EXTENT_BITS)
+                                .min(self.header.size - start);
+                            bits.set(start, len)?;
+                        }
+                    }
+                }
+            }
+            names.push(name.clone());
+            consistent_now.push(!in_use);
             if self.writable {
                 let marked = flags | IN_USE;
                 dir[flags_at..flags_at + 4].copy_from_slice(&marked.to_be_bytes());
@@ -151,13 +173,23 @@ impl Qcow2Driver {
             let mut m = self.meta.lock().await;
             m.bitmap_clusters = clusters;
             m.has_bitmaps = true;
+            m.directory = dir_offset;
+            names.sort();
+            m.stored_names = names;
+            m.stored_consistent = consistent_now;
         }
         Ok(out)
     }
 
     /// Stores `saved` as the image's bitmaps (none: removes the extension),
-    /// replacing what was stored before.
-    pub(super) async fn store_bitmaps(&self, m: &mut Meta, saved: Vec<Saved>) -> Result<()> {
+    /// replacing what was stored before; marked in use if `in_use` (a
+    /// checkpoint while the image stays open), else clean.
+    pub(super) async fn store_bitmaps(
+        &self,
+        m: &mut Meta,
+        saved: Vec<Saved>,
+        in_use: bool,
+    ) -> Result<()> {
         if saved.len() > MAX_BITMAPS {
             return Err(self.bad(format!("{} bitmaps are too many to store", saved.len())));
         }
@@ -189,8 +221,8 @@ impl Qcow2Driver {
             }
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             let table_offset = self.alloc_written(m, &bytes, &mut clusters).await?;
-            let flags =
-                if b.inconsistent { IN_USE } else { 0 } | if b.recording { AUTO } else { 0 };
+            let in_use_flag = if b.inconsistent || in_use { IN_USE } else { 0 };
+            let flags = in_use_flag | if b.recording { AUTO } else { 0 };
             dir.extend_from_slice(&table_offset.to_be_bytes());
             dir.extend_from_slice(&(table_size as u32).to_be_bytes());
             dir.extend_from_slice(&flags.to_be_bytes());
@@ -213,22 +245,22 @@ impl Qcow2Driver {
             Some(ext)
         };
         // Everything the new directory names, and the refcounts that count
-        // it, are durable before the header points at it.
-        self.write_back(m).await?;
-        file.flush().await?;
-        let refcounts = m.refcounts.as_ref().ok_or_else(|| self.read_only())?;
-        let autoclear = match extension {
-            Some(_) => AUTOCLEAR_BITMAPS,
-            None => 0,
-        };
-        let header = self.header.rewrite(
-            &self.node,
-            refcounts.table_location(),
-            autoclear,
-            extension.as_deref(),
-        )?;
-        refcount::write(&file, 0, &header).await?;
-        file.flush().await?;
+        // it, are durable before the header points at it (and the log's
+        // checkpoint with it, in the same write).
+        let directory = extension.as_ref().map_or(0, |e| be64(e, 16));
+        let consistent: Vec<bool> = saved.iter().map(|b| !b.inconsistent).collect();
+        let activity = m.activity.map(|areas| super::activity::Extension {
+            areas,
+            directory,
+            consistent: consistent.clone(),
+        });
+        m.bitmaps_ext = extension.clone();
+        self.rewrite_header(m, activity).await?;
+        m.directory = directory;
+        let mut names: Vec<String> = saved.iter().map(|b| b.name.clone()).collect();
+        names.sort();
+        m.stored_names = names;
+        m.stored_consistent = consistent;
         // The old directory, tables and bits are no longer named.
         let mut old = std::mem::replace(&mut m.bitmap_clusters, clusters);
         old.sort_unstable();
