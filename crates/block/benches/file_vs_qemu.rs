@@ -3,7 +3,8 @@
 //! `docs/benchmarks.md`.
 //!
 //! Run: `cargo bench -p block --bench file_vs_qemu` (add `-- file`,
-//! `-- tracking`, `-- qcow2` or `-- qcow2-write` for one of the tables)
+//! `-- tracking`, `-- qcow2`, `-- qcow2-write` or `-- qcow2-bitmap` for one
+//! of the tables)
 //!
 //! Every figure is the best of three runs (the machine is shared); the
 //! ratios compare runs made minutes apart at most, in one process.
@@ -204,6 +205,9 @@ fn main() {
     if wants("qcow2-write") {
         qcow2_writes(&rt, &path);
     }
+    if wants("qcow2-bitmap") {
+        qcow2_bitmap_cost(&rt, &path);
+    }
 }
 
 /// Reads from a fully allocated qcow2 image (64 KiB clusters) made from the
@@ -349,6 +353,51 @@ fn qcow2_writes(rt: &tokio::runtime::Runtime, raw: &str) {
                 });
                 row(&[p.name, state, cache_name(direct)], p, theirs, mine);
             }
+        }
+    }
+}
+
+/// The cost of a persistent recording bitmap (with its activity log) on
+/// writes to an allocated qcow2 image: the same run with and without one.
+fn qcow2_bitmap_cost(rt: &tokio::runtime::Runtime, raw: &str) {
+    let allocated = format!("{raw}.full.qcow2");
+    let image = format!("{raw}.b.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2", raw, &allocated])
+        .status()
+        .expect("qemu-img runs (install qemu-utils)");
+    assert!(made.success(), "qemu-img convert failed");
+    println!();
+    println!("| qcow2 write pattern | cache | no bitmap | persistent bitmap | ratio |");
+    println!("|---|---|---|---|---|");
+    for p in &PATTERNS {
+        for direct in [false, true] {
+            let run = |bitmap: bool| {
+                std::fs::copy(&allocated, &image).expect("the image is copied");
+                let g = Graph::new();
+                let v = json!({"driver": "qcow2", "node-name": "q",
+                               "file": {"driver": "file", "filename": image,
+                                        "cache": {"direct": direct}}});
+                let options = BlockdevOptions::from_json(&v).expect("options");
+                let node = rt.block_on(g.add(&options)).expect("the node opens");
+                if bitmap {
+                    node.bitmaps()
+                        .add("b", None, true, false)
+                        .expect("the bitmap is added");
+                }
+                let took = rt.block_on(ours(&node, p, true));
+                drop(node);
+                rt.block_on(g.close_all()).expect("the image closes");
+                took
+            };
+            // Alternating, best of five each: drift on the shared machine
+            // hits both sides alike.
+            let (mut without, mut with) = (Duration::MAX, Duration::MAX);
+            for _ in 0..5 {
+                without = without.min(run(false));
+                with = with.min(run(true));
+            }
+            row(&[p.name, cache_name(direct)], p, without, with);
         }
     }
 }

@@ -112,11 +112,12 @@ pub trait Driver: Send + Sync {
     }
     /// Records durably, before a write-type request on `offset..offset +
     /// len` is issued, that persistent bitmaps may change there (the
-    /// activity log that makes them survive a crash). Called only while the
-    /// node has persistent bitmaps.
-    fn log_activity(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+    /// activity log that makes them survive a crash): `None` when nothing
+    /// needs doing, else what to wait for. Called only while the node has
+    /// persistent bitmaps.
+    fn log_activity(&self, offset: u64, len: u64) -> Option<BoxFuture<'_, Result<()>>> {
         let _ = (offset, len);
-        Box::pin(async { Ok(()) })
+        None
     }
     /// Stores the persistent ones of `bitmaps` if the driver finds it due
     /// (its activity log is getting long); called after each flush while
@@ -570,7 +571,9 @@ impl Node {
         let hooks = self.hooks();
         let ticket = self.bitmaps.mark(offset, len);
         if self.bitmaps.has_persistent() {
-            check!(self.driver.log_activity(offset, len).await, buf);
+            if let Some(logged) = self.driver.log_activity(offset, len) {
+                check!(logged.await, buf);
+            }
         }
         for hook in &hooks {
             let req = WriteRequest {
@@ -720,7 +723,9 @@ impl Node {
         let hooks = self.hooks();
         let ticket = self.bitmaps.mark(req.offset, req.len);
         if self.bitmaps.has_persistent() {
-            self.driver.log_activity(req.offset, req.len).await?;
+            if let Some(logged) = self.driver.log_activity(req.offset, req.len) {
+                logged.await?;
+            }
         }
         for hook in &hooks {
             hook.before(self, req).await?;

@@ -121,21 +121,34 @@ impl FileDriver {
         ))
     }
 
-    /// Writes `buf` at `offset` with the engine in use.
+    /// Writes `buf` at `offset` with the engine in use; with `fua`, durable
+    /// at completion (`RWF_DSYNC`, which writes back only this range; a
+    /// write and `fdatasync` where the kernel lacks it).
     async fn write_buf(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
         if let Some(uring) = &self.uring {
-            let (mut result, buf) = uring.submit(OpKind::Write, offset, buf).await;
-            if fua && result.is_ok() {
-                result = uring.submit(OpKind::Flush, 0, IoBuf::zeroed(0, 1)).await.0;
+            let kind = if fua {
+                OpKind::WriteDsync
+            } else {
+                OpKind::Write
+            };
+            let (mut result, buf) = uring.submit(kind, offset, buf).await;
+            if fua && result.as_ref().is_err_and(dsync_unsupported) {
+                let (again, buf) = uring.submit(OpKind::Write, offset, buf).await;
+                result = again;
+                if result.is_ok() {
+                    result = uring.submit(OpKind::Flush, 0, IoBuf::zeroed(0, 1)).await.0;
+                }
+                return (result.map_err(|e| Error::io("write", e)), buf);
             }
             return (result.map_err(|e| Error::io("write", e)), buf);
         }
         let file = self.file.clone();
         let task = super::pool::run(move || {
-            let mut result = file.write_all_at(buf.as_slice(), offset);
-            if fua && result.is_ok() {
-                result = file.sync_data();
-            }
+            let result = if fua {
+                write_dsync(&file, buf.as_slice(), offset)
+            } else {
+                file.write_all_at(buf.as_slice(), offset)
+            };
             (result, buf)
         });
         match task.await {
@@ -386,6 +399,40 @@ fn seek_status(file: &File, offset: u64, end: u64) -> io::Result<(bool, u64)> {
         Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok((true, end)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether a `RWF_DSYNC` write failed only because the kernel or the file
+/// system does not take the flag.
+fn dsync_unsupported(e: &io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL)
+    )
+}
+
+/// Writes all of `data` at `offset`, durable at return: `RWF_DSYNC` where
+/// the kernel has it, else a write and `fdatasync`.
+fn write_dsync(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let slice = [io::IoSlice::new(&data[done..])];
+        match rustix::io::pwritev2(
+            file,
+            &slice,
+            offset + done as u64,
+            rustix::io::ReadWriteFlags::DSYNC,
+        ) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) if dsync_unsupported(&e.into()) => {
+                file.write_all_at(&data[done..], offset + done as u64)?;
+                return file.sync_data();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Reads `buf.len()` bytes at `offset`, zero-filling past the end of the

@@ -30,6 +30,9 @@ const WAKE: u64 = u64::MAX;
 pub(crate) enum OpKind {
     Read,
     Write,
+    /// A write that is durable when it completes (`RWF_DSYNC`): only its
+    /// own range is written back, not every dirty page of the file.
+    WriteDsync,
     /// `fdatasync`.
     Flush,
 }
@@ -157,6 +160,10 @@ fn entry(file: &File, id: u64, p: &mut Pending) -> io_uring::squeue::Entry {
             .build(),
         OpKind::Write => opcode::Write::new(fd, rest.as_ptr(), len)
             .offset(offset)
+            .build(),
+        OpKind::WriteDsync => opcode::Write::new(fd, rest.as_ptr(), len)
+            .offset(offset)
+            .rw_flags(rustix::io::ReadWriteFlags::DSYNC.bits() as i32)
             .build(),
         OpKind::Flush => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)

@@ -20,10 +20,13 @@
 use super::header::{AUTOCLEAR_ACTIVITY, AUTOCLEAR_BITMAPS, EXT_ACTIVITY, EXT_BITMAPS, be32, be64};
 use super::{Meta, Qcow2Driver, refcount};
 use crate::bitmaps::Bitmaps;
+use crate::buf::IoBuf;
 use crate::error::Result;
 
 /// log2 of the extent size: 4 MiB, DRBD's.
 pub(super) const EXTENT_BITS: u32 = 22;
+/// Extents logged ahead of a writer that streams through the image.
+const LOOK_AHEAD: u64 = 7;
 /// Hot extents after which a flush checkpoints: a quarter of the image, at
 /// most 256 (1 GiB to count as dirty after a crash on top of what the
 /// bitmaps say).
@@ -36,16 +39,19 @@ pub(super) struct Areas {
     pub bytes: u64,
 }
 
-/// The log's state, behind its own lock, which is always taken before the
-/// metadata lock.
+/// The log's state in memory, behind a short lock; `log_io` (taken before
+/// the metadata lock) serialises the writes of the areas.
 #[derive(Debug, Default)]
 pub(super) struct Log {
-    /// The bits of each area as on disk.
+    /// The bits of each area, at least as set as on disk.
     pub bits: [Vec<u8>; 2],
     /// The area of the current generation.
     pub current: usize,
-    /// Extents made hot in this generation.
+    /// Extents durable in the current generation.
     pub hot: u64,
+    /// Requests that set bits, counted; and how many of them are durable.
+    pub requested: u64,
+    pub durable: u64,
 }
 
 /// What the extension says.
@@ -97,14 +103,17 @@ impl Extension {
     }
 }
 
+/// Bytes of one log area for an image of `size` bytes: a bit per extent,
+/// whole 512-byte sectors.
+pub(super) fn area_bytes(size: u64) -> u64 {
+    size.div_ceil(1 << EXTENT_BITS)
+        .div_ceil(8)
+        .next_multiple_of(512)
+}
+
 impl Qcow2Driver {
-    /// Bytes of one log area: a bit per extent, whole 512-byte sectors.
     fn area_bytes(&self) -> u64 {
-        self.header
-            .size
-            .div_ceil(1 << EXTENT_BITS)
-            .div_ceil(8)
-            .next_multiple_of(512)
+        area_bytes(self.header.size)
     }
 
     /// The extents `offset..offset + len` touches.
@@ -112,48 +121,80 @@ impl Qcow2Driver {
         (offset >> EXTENT_BITS)..(offset + len.max(1)).div_ceil(1 << EXTENT_BITS)
     }
 
+    /// Whether every extent of `offset..offset + len` is hot already.
+    pub(super) fn logged(&self, offset: u64, len: u64) -> bool {
+        self.all_hot(Self::extents(offset, len))
+    }
+
     /// Makes the extents of `offset..offset + len` durable in the log before
-    /// a write-type request there is issued.
+    /// a write-type request there is issued. Requests arriving while the
+    /// log is being written are made durable together by the next write
+    /// (group commit).
     pub(super) async fn touch(&self, offset: u64, len: u64) -> Result<()> {
         let extents = Self::extents(offset, len);
-        if self.all_hot(extents.clone()) {
-            return Ok(());
+        // A writer streaming through the image (the extent before is hot)
+        // gets the next extents logged now too: one durable write per
+        // LOOK_AHEAD + 1 extents instead of one each.
+        let total = self.header.size.div_ceil(1 << EXTENT_BITS);
+        let streaming = extents.start > 0 && self.is_hot(extents.start - 1);
+        let end = if streaming {
+            (extents.end + LOOK_AHEAD).min(total)
+        } else {
+            extents.end
+        };
+        let mine = {
+            let mut log = self.lock_log();
+            let current = log.current;
+            for e in extents.start..end {
+                if let Some(b) = log.bits[current].get_mut((e / 8) as usize) {
+                    *b |= 1 << (e % 8);
+                }
+            }
+            log.requested += 1;
+            log.requested
+        };
+        loop {
+            let _io = self.log_io.lock().await;
+            if self.lock_log().durable >= mine {
+                return Ok(());
+            }
+            self.write_current_area().await?;
         }
-        let mut log = self.log.lock().await;
+    }
+
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the current area as it is in memory, durably, giving the image
+    /// a log first if it has none; the caller holds `log_io`.
+    async fn write_current_area(&self) -> Result<()> {
         if self.meta.lock().await.activity.is_none() {
-            self.enable_log(&mut log).await?;
+            self.enable_log().await?;
         }
         let Some(areas) = self.meta.lock().await.activity else {
             return Ok(());
         };
-        let current = log.current;
-        let (mut low, mut high) = (u64::MAX, 0);
-        let mut newly = Vec::new();
-        for e in extents {
-            if self.is_hot(e) {
-                continue;
-            }
-            let byte = (e / 8) as usize;
-            if let Some(b) = log.bits[current].get_mut(byte) {
-                *b |= 1 << (e % 8);
-            }
-            low = low.min(byte as u64 / 512 * 512);
-            high = high.max((byte as u64 / 512 + 1) * 512);
-            newly.push(e);
-        }
-        if newly.is_empty() {
-            return Ok(());
-        }
-        let high = high.min(areas.bytes);
+        let (current, bytes, seq) = {
+            let log = self.lock_log();
+            (log.current, log.bits[log.current].clone(), log.requested)
+        };
         let file = self.file.node();
-        let sectors = &log.bits[current][low as usize..high as usize];
-        refcount::write(&file, areas.offsets[current] + low, sectors).await?;
-        file.flush().await?;
-        log.hot += newly.len() as u64;
-        let mut hot = self.lock_hot();
-        for e in newly {
-            if let Some(w) = hot.get_mut((e / 64) as usize) {
-                *w |= 1 << (e % 64);
+        // A DSYNC write of the area alone, not a flush of every dirty page
+        // of the image.
+        let buf = IoBuf::copy_from(&bytes, file.limits().memory_alignment);
+        file.write_growing(areas.offsets[current], buf, true)
+            .await
+            .0?;
+        let mut log = self.lock_log();
+        if log.current == current {
+            log.durable = log.durable.max(seq);
+            log.hot = bytes.iter().map(|b| u64::from(b.count_ones())).sum();
+            let mut hot = self.lock_hot();
+            for (w, chunk) in hot.iter_mut().zip(bytes.chunks(8)) {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                *w = u64::from_le_bytes(word);
             }
         }
         Ok(())
@@ -177,8 +218,9 @@ impl Qcow2Driver {
 
     /// Gives the image a log: two zeroed areas, then the extension and our
     /// autoclear bit, pointing at the bitmaps stored now (those loaded
-    /// consistent at open are a checkpoint as good as any).
-    async fn enable_log(&self, log: &mut Log) -> Result<()> {
+    /// consistent at open are a checkpoint as good as any). The caller
+    /// holds `log_io`.
+    async fn enable_log(&self) -> Result<()> {
         let mut m = self.meta.lock().await;
         let file = self.file.node();
         let bytes = self.area_bytes();
@@ -198,8 +240,6 @@ impl Qcow2Driver {
             consistent: m.stored_consistent.clone(),
         };
         m.activity = Some(areas);
-        log.bits = [zeroes.clone(), zeroes];
-        log.current = 0;
         self.rewrite_header(&mut m, Some(ext)).await
     }
 
@@ -240,31 +280,49 @@ impl Qcow2Driver {
     /// they were last stored (a new one is crash-safe from its first
     /// checkpoint on).
     pub(super) async fn checkpoint(&self, bitmaps: &Bitmaps) -> Result<()> {
-        let mut log = self.log.lock().await;
+        let io = self.log_io.lock().await;
         let names = bitmaps.persistent_names();
         let changed = names != self.meta.lock().await.stored_names;
         let extents = self.header.size.div_ceil(1 << EXTENT_BITS);
         let due = CHECKPOINT_EXTENTS.min((extents / 4).max(1));
-        if log.hot < due && !changed {
+        let (hot, pending) = {
+            let log = self.lock_log();
+            (log.hot, log.requested > log.durable)
+        };
+        if hot < due && !changed {
             return Ok(());
+        }
+        // What requests asked for is durable before the generation moves on.
+        if pending {
+            self.write_current_area().await?;
         }
         // Writes from now on go to the other area: whatever the snapshot
         // below misses, the new generation has.
-        let old = log.current;
-        log.current ^= 1;
-        log.hot = 0;
+        let old = {
+            let mut log = self.lock_log();
+            let old = log.current;
+            log.current ^= 1;
+            log.hot = 0;
+            old
+        };
         self.lock_hot().fill(0);
+        drop(io);
         let saved = bitmaps.to_store()?;
         let mut m = self.meta.lock().await;
         self.store_bitmaps(&mut m, saved, true).await?;
+        let areas = m.activity;
         drop(m);
         // The stored bitmaps cover everything the old generation named.
-        let areas = self.meta.lock().await.activity;
         if let Some(areas) = areas {
-            log.bits[old].fill(0);
+            let _io = self.log_io.lock().await;
+            let zeroes = {
+                let mut log = self.lock_log();
+                log.bits[old].fill(0);
+                log.bits[old].clone()
+            };
             let file = self.file.node();
-            refcount::write(&file, areas.offsets[old], &log.bits[old]).await?;
-            file.flush().await?;
+            let buf = IoBuf::copy_from(&zeroes, file.limits().memory_alignment);
+            file.write_growing(areas.offsets[old], buf, true).await.0?;
         }
         Ok(())
     }
@@ -304,9 +362,11 @@ impl Qcow2Driver {
             bits[i] = area;
         }
         if self.writable {
-            let mut log = self.log.lock().await;
-            log.bits = bits;
-            log.current = 0;
+            {
+                let mut log = self.lock_log();
+                log.bits = bits;
+                log.current = 0;
+            }
             self.meta.lock().await.activity = Some(ext.areas);
         }
         extents.sort_unstable();

@@ -126,8 +126,10 @@ pub(crate) struct Qcow2Driver {
     /// The last compressed cluster inflated, by host offset: small reads
     /// from one compressed cluster inflate it once.
     inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
-    /// The activity log (taken before `meta` when both are needed).
-    log: tokio::sync::Mutex<activity::Log>,
+    /// The activity log's state, and the lock that serialises writing it
+    /// (taken before `meta` when both are needed).
+    log: Mutex<activity::Log>,
+    log_io: tokio::sync::Mutex<()>,
     /// Extents hot in the log's current generation, a bit each.
     hot: Mutex<Vec<u64>>,
 }
@@ -204,6 +206,7 @@ impl Qcow2Driver {
         };
         let bitmaps_ext = header.bitmaps.clone();
         let extents = header.size.div_ceil(1 << activity::EXTENT_BITS);
+        let area_bytes = activity::area_bytes(header.size) as usize;
         Ok(Qcow2Driver {
             node: node.to_owned(),
             file,
@@ -224,7 +227,11 @@ impl Qcow2Driver {
                 stored_consistent: Vec::new(),
                 activity: None,
             }),
-            log: tokio::sync::Mutex::new(activity::Log::default()),
+            log: Mutex::new(activity::Log {
+                bits: [vec![0; area_bytes], vec![0; area_bytes]],
+                ..activity::Log::default()
+            }),
+            log_io: tokio::sync::Mutex::new(()),
             hot: Mutex::new(vec![0; extents.div_ceil(64) as usize]),
             claims: Mutex::new(Vec::new()),
             claim_released: Notify::new(),
@@ -1098,13 +1105,11 @@ impl Driver for Qcow2Driver {
         self.can_store_bitmaps()
     }
 
-    fn log_activity(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            if self.can_store_bitmaps() {
-                self.touch(offset, len).await?;
-            }
-            Ok(())
-        })
+    fn log_activity(&self, offset: u64, len: u64) -> Option<BoxFuture<'_, Result<()>>> {
+        if !self.can_store_bitmaps() || self.logged(offset, len) {
+            return None;
+        }
+        Some(Box::pin(self.touch(offset, len)))
     }
 
     fn checkpoint<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
