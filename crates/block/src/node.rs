@@ -120,8 +120,9 @@ pub trait Driver: Send + Sync {
         None
     }
     /// Stores the persistent ones of `bitmaps` if the driver finds it due
-    /// (its activity log is getting long); called after each flush while
-    /// the node has persistent bitmaps.
+    /// (its activity log is getting long, or the set of persistent bitmaps
+    /// changed); called after each flush while the node has persistent
+    /// bitmaps, and when one is added or removed.
     fn checkpoint<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
         let _ = bitmaps;
         Box::pin(async { Ok(()) })
@@ -355,6 +356,38 @@ impl Node {
     /// The named and anonymous dirty bitmaps of this node.
     pub fn bitmaps(&self) -> &Bitmaps {
         &self.bitmaps
+    }
+
+    /// `block-dirty-bitmap-add`: [`Bitmaps::add`], and a persistent bitmap
+    /// is stored with the image at once (so it is crash-safe from now on,
+    /// where the driver keeps an activity log).
+    pub async fn add_bitmap(
+        &self,
+        name: &str,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<()> {
+        self.bitmaps.add(name, granularity, persistent, disabled)?;
+        if persistent {
+            self.driver.checkpoint(&self.bitmaps).await?;
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-remove`: [`Bitmaps::remove`], and a persistent
+    /// bitmap leaves the image at once, as in QEMU.
+    pub async fn remove_bitmap(&self, name: &str) -> Result<()> {
+        let persistent = self
+            .bitmaps
+            .info()
+            .iter()
+            .any(|i| i.name == name && i.persistent);
+        self.bitmaps.remove(name)?;
+        if persistent {
+            self.driver.checkpoint(&self.bitmaps).await?;
+        }
+        Ok(())
     }
 
     /// The live edges that point at this node.

@@ -244,8 +244,8 @@ async fn bitmaps_we_store_load_in_qemu_with_the_same_bits() {
 
 /// QEMU's bitmaps on an image we open writable: marked in use while we
 /// write (so a crash cannot leave them looking clean), recording our
-/// writes, stored clean at close; one removed meanwhile is gone from the
-/// image with its clusters.
+/// writes, stored clean at close; one removed meanwhile leaves the image at
+/// once, with its clusters, and one added appears at once.
 #[tokio::test]
 async fn qemu_bitmaps_record_our_writes_and_removed_ones_leave_the_image() {
     require_tool("qemu-img", "qemu-utils");
@@ -274,15 +274,34 @@ async fn qemu_bitmaps_record_our_writes_and_removed_ones_leave_the_image() {
         "{before:?}"
     );
     write(&node, &[(6 << 20, 4096)]).await;
-    node.bitmaps().remove("gone").unwrap();
+    // Added and removed while open: the image follows at once.
+    node.remove_bitmap("gone").await.unwrap();
+    node.add_bitmap("new", Some(1 << 20), true, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        qemu_listed(image),
+        [
+            ("keep".to_owned(), 65536, in_use.clone()),
+            ("new".to_owned(), 1 << 20, in_use.clone()),
+        ]
+    );
+    write(&node, &[(7 << 20, 4096)]).await;
     let ours = node.bitmaps().sha256("keep").unwrap();
+    let new = node.bitmaps().sha256("new").unwrap();
     drop(node);
     g.close_all().await.unwrap();
 
     assert_eq!(
         qemu_listed(image),
-        [("keep".to_owned(), 65536, vec!["auto".to_owned()])]
+        [
+            ("keep".to_owned(), 65536, vec!["auto".to_owned()]),
+            ("new".to_owned(), 1 << 20, vec!["auto".to_owned()]),
+        ]
     );
     assert_check_clean(image);
-    assert_eq!(qemu_sha256(dir.path(), image, &["keep"]), [ours]);
+    assert_eq!(
+        qemu_sha256(dir.path(), image, &["keep", "new"]),
+        [ours, new]
+    );
 }
