@@ -148,7 +148,9 @@ impl Graph {
                         .open_child(file, options, &name, ChildRole::File, created)
                         .await?;
                     children.push((ChildRole::File, edge.clone()));
-                    Box::new(RawDriver::new(edge, *offset, *size)?)
+                    let driver = RawDriver::new(&name, edge, *offset, *size, !read_only)?;
+                    loaded = driver.load_bitmaps().await?;
+                    Box::new(driver)
                 }
                 DriverOptions::Qcow2 { file, backing } => {
                     let edge = self

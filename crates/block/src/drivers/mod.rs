@@ -6,6 +6,7 @@ mod null;
 mod pool;
 mod qcow2;
 mod raw;
+mod sidecar;
 mod uring;
 
 pub(crate) use file::FileDriver;

@@ -3,6 +3,10 @@
 
 use std::sync::Arc;
 
+use hbitmap::HBitmap;
+
+use super::sidecar::Sidecar;
+use crate::bitmaps::{Bitmaps, LoadedState};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, ZeroFlags};
@@ -13,11 +17,20 @@ pub(crate) struct RawDriver {
     file: Arc<Edge>,
     offset: u64,
     size: u64,
+    /// Where persistent bitmaps go: beside the image file, for a raw node
+    /// that is all of a `file` node.
+    sidecar: Option<Sidecar>,
 }
 
 impl RawDriver {
     /// Checks the window against the child, with QEMU's messages.
-    pub(crate) fn new(file: Arc<Edge>, offset: u64, size: Option<u64>) -> Result<RawDriver> {
+    pub(crate) fn new(
+        node: &str,
+        file: Arc<Edge>,
+        offset: u64,
+        size: Option<u64>,
+        writable: bool,
+    ) -> Result<RawDriver> {
         let file_size = file.node().length();
         if offset > file_size {
             return Err(Error::RawOffsetTooLarge { offset, file_size });
@@ -34,7 +47,26 @@ impl RawDriver {
             Some(size) => size,
             None => file_size - offset,
         };
-        Ok(RawDriver { file, offset, size })
+        let sidecar = match file.node().filename() {
+            Some(image) if offset == 0 && size == file_size => {
+                Some(Sidecar::new(node, size, image, writable))
+            }
+            _ => None,
+        };
+        Ok(RawDriver {
+            file,
+            offset,
+            size,
+            sidecar,
+        })
+    }
+
+    /// The persistent bitmaps stored beside the image.
+    pub(crate) async fn load_bitmaps(&self) -> Result<Vec<(String, HBitmap, LoadedState)>> {
+        match &self.sidecar {
+            Some(sidecar) => sidecar.load().await,
+            None => Ok(Vec::new()),
+        }
     }
 }
 
@@ -45,6 +77,28 @@ impl Driver for RawDriver {
 
     fn length(&self) -> u64 {
         self.size
+    }
+
+    fn stores_bitmaps(&self) -> bool {
+        self.sidecar.is_some()
+    }
+
+    fn log_activity(&self, offset: u64, len: u64) -> Option<BoxFuture<'_, Result<()>>> {
+        self.sidecar.as_ref()?.log_activity(offset, len)
+    }
+
+    fn checkpoint<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
+        match &self.sidecar {
+            Some(sidecar) => sidecar.checkpoint(bitmaps),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+
+    fn close<'a>(&'a self, bitmaps: &'a Bitmaps) -> BoxFuture<'a, Result<()>> {
+        match &self.sidecar {
+            Some(sidecar) => sidecar.close(bitmaps),
+            None => Box::pin(async { Ok(()) }),
+        }
     }
 
     fn limits(&self) -> Limits {

@@ -1,5 +1,7 @@
-//! Persistent bitmaps that QEMU stored in qcow2 images load with exactly
-//! QEMU's bits and states.
+//! Persistent bitmaps, both ways between QEMU and us: QEMU's load with
+//! exactly QEMU's bits and states; ours (qcow2, and raw images through
+//! their sidecar) are listed by `qemu-img info` with QEMU's flags and load
+//! in qemu-storage-daemon with the same bits.
 
 use block::Graph;
 use serde_json::json;
@@ -303,5 +305,84 @@ async fn qemu_bitmaps_record_our_writes_and_removed_ones_leave_the_image() {
     assert_eq!(
         qemu_sha256(dir.path(), image, &["keep", "new"]),
         [ours, new]
+    );
+}
+
+/// Persistent bitmaps on a raw image live in `IMAGE.bitmaps.qcow2`, a
+/// data-less qcow2 sidecar: QEMU lists and loads them there with the same
+/// bits, and we load them back with the image. A raw window of a file (an
+/// offset) has no sidecar and refuses them as QEMU refuses them on raw.
+#[tokio::test]
+async fn raw_image_bitmaps_live_in_a_sidecar_qemu_reads() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(20_000 << 10)
+        .unwrap();
+    let image = image.to_str().unwrap();
+    let sidecar = format!("{image}.bitmaps.qcow2");
+    let raw = |name: &str, extra: serde_json::Value| {
+        let mut v = json!({"driver": "raw", "node-name": name,
+                           "file": {"driver": "file", "filename": image}});
+        if let (serde_json::Value::Object(v), serde_json::Value::Object(extra)) = (&mut v, extra) {
+            v.extend(extra);
+        }
+        block::BlockdevOptions::from_json(&v).unwrap()
+    };
+    let g = Graph::new();
+    let node = g.add(&raw("r", json!({}))).await.unwrap();
+    node.add_bitmap("b", Some(65536), true, false)
+        .await
+        .unwrap();
+    node.add_bitmap("off", None, true, true).await.unwrap();
+    assert!(std::path::Path::new(&sidecar).exists());
+    write(
+        &node,
+        &[(0, 4096), (5_000_000, 300_000), (20_475_904, 4096)],
+    )
+    .await;
+    let names = ["b", "off"];
+    let ours: Vec<String> = names
+        .iter()
+        .map(|n| node.bitmaps().sha256(n).unwrap())
+        .collect();
+    drop(node);
+    g.close_all().await.unwrap();
+
+    assert_eq!(
+        qemu_listed(&sidecar),
+        [
+            ("b".to_owned(), 65536, vec!["auto".to_owned()]),
+            ("off".to_owned(), 65536, vec![]),
+        ]
+    );
+    assert_check_clean(&sidecar);
+    assert_eq!(qemu_sha256(dir.path(), &sidecar, &names), ours);
+
+    let node = g.add(&raw("again", json!({}))).await.unwrap();
+    let again: Vec<String> = names
+        .iter()
+        .map(|n| node.bitmaps().sha256(n).unwrap())
+        .collect();
+    assert_eq!(again, ours);
+    let info = node.bitmaps().info();
+    assert!(
+        info.iter().all(|i| i.persistent && !i.inconsistent),
+        "{info:?}"
+    );
+
+    let window = g
+        .add(&raw("w", json!({"offset": 512, "size": 1 << 20})))
+        .await
+        .unwrap();
+    assert_eq!(
+        window
+            .add_bitmap("x", None, true, false)
+            .await
+            .unwrap_err()
+            .to_string(),
+        "Can't store persistent bitmaps to w: Operation not supported"
     );
 }

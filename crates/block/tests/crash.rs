@@ -1,8 +1,10 @@
-//! `kill -9` in the middle of a write storm on a qcow2 image, many rounds on
-//! the same image: after every kill, `qemu-img check` finds no corruption
-//! (leaked clusters are allowed), and everything written before the last
-//! completed flush reads back, except where a later request may have
-//! changed it.
+//! `kill -9` in the middle of write storms, many rounds on the same image.
+//! qcow2: after every kill, `qemu-img check` finds no corruption (leaked
+//! clusters are allowed), and everything written before the last completed
+//! flush reads back, except where a later request may have changed it; and
+//! `qemu-img check` at every point a crash could stop the file writes.
+//! Persistent bitmaps (qcow2, and raw with its sidecar) survive every kill
+//! as a superset of the writes.
 //!
 //! The writer is this test binary itself, run again as a child with
 //! `--ignored --exact write_storm_child`; the parent kills it at a random
@@ -68,13 +70,22 @@ fn storm(seed: u64, size: u64) -> impl Iterator<Item = Op> {
     })
 }
 
-/// Opens `image` writable, with discards passed down.
+/// Opens `image` writable (raw if it ends in `.raw`, else qcow2), with
+/// discards passed down.
 async fn open_rw(g: &Graph, image: &str) -> Arc<Node> {
-    let o = json!({"driver": "qcow2", "node-name": "n", "discard": "unmap",
+    let o = json!({"driver": format_of(image), "node-name": "n", "discard": "unmap",
                    "file": {"driver": "file", "filename": image}});
     g.add(&BlockdevOptions::from_json(&o).unwrap())
         .await
         .unwrap()
+}
+
+fn format_of(image: &str) -> &'static str {
+    if image.ends_with(".raw") {
+        "raw"
+    } else {
+        "qcow2"
+    }
 }
 
 /// Issues one request of the storm.
@@ -319,19 +330,33 @@ async fn bitmap_storm_child() {
     storm_until_killed().await;
 }
 
-/// `kill -9` during write storms on an image with a persistent recording
-/// bitmap, many rounds: after each, the bitmap loads consistent (not
-/// "inconsistent", as QEMU would have it) and marks every range any request
-/// of any round started to change: a superset of the writes.
+/// `kill -9` during write storms on a qcow2 image with a persistent
+/// recording bitmap, many rounds: after each, the bitmap loads consistent
+/// (not "inconsistent", as QEMU would have it) and marks every range any
+/// request of the round started to change: a superset of the writes.
 #[test]
 fn kill_9_keeps_persistent_bitmaps_a_superset() {
+    bitmap_crash_rounds("bitmap.qcow2");
+}
+
+/// The same for a raw image, whose bitmaps live in a qcow2 sidecar.
+#[test]
+fn kill_9_keeps_raw_image_bitmaps_a_superset() {
+    bitmap_crash_rounds("bitmap.raw");
+}
+
+fn bitmap_crash_rounds(name: &str) {
     require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("bitmap.qcow2");
+    let image = dir.path().join(name);
     let image = image.to_str().unwrap();
     // Large enough that a round's writes leave most of the bitmap clean.
     let size = 256 << 20;
-    qemu_img_create_qcow2(image, size, "cluster_size=4096");
+    if format_of(image) == "raw" {
+        std::fs::File::create(image).unwrap().set_len(size).unwrap();
+    } else {
+        qemu_img_create_qcow2(image, size, "cluster_size=4096");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -339,7 +364,7 @@ fn kill_9_keeps_persistent_bitmaps_a_superset() {
     rt.block_on(async {
         let g = Graph::new();
         let node = open_rw(&g, image).await;
-        node.bitmaps().add("b", Some(4096), true, false).unwrap();
+        node.add_bitmap("b", Some(4096), true, false).await.unwrap();
         g.close_all().await.unwrap();
     });
     let mut checkpoints_crossed = 0;
@@ -388,8 +413,13 @@ fn kill_9_keeps_persistent_bitmaps_a_superset() {
                 op => op.range().map(|(a, b)| (a, b - a)),
             })
             .collect();
+        let checked = if format_of(image) == "raw" {
+            format!("{image}.bitmaps.qcow2")
+        } else {
+            image.to_owned()
+        };
         let out = Command::new("qemu-img")
-            .args(["check", "--output=json", image])
+            .args(["check", "--output=json", &checked])
             .output()
             .unwrap();
         assert!(
@@ -400,7 +430,7 @@ fn kill_9_keeps_persistent_bitmaps_a_superset() {
         // Read-only: recovery reads the log and changes nothing.
         rt.block_on(async {
             let g = Graph::new();
-            let o = json!({"driver": "qcow2", "node-name": "r", "read-only": true,
+            let o = json!({"driver": format_of(image), "node-name": "r", "read-only": true,
                            "file": {"driver": "file", "filename": image}});
             let node = g
                 .add(&BlockdevOptions::from_json(&o).unwrap())
