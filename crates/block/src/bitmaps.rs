@@ -379,6 +379,14 @@ impl Bitmaps {
         if persistent && !self.persistence.load(Ordering::Acquire) {
             return Err(Error::PersistenceUnsupported(self.node.clone()));
         }
+        // QEMU's limit on the stored bits of one bitmap (qcow2's
+        // `BME_MAX_PHYS_SIZE`); every store of ours is qcow2.
+        if persistent && self.length.div_ceil(granularity).div_ceil(8) > 512 << 20 {
+            return Err(Error::BitmapTooLarge {
+                name: name.to_owned(),
+                node: self.node.clone(),
+            });
+        }
         if name.len() > MAX_BITMAP_NAME {
             return Err(Error::BitmapNameTooLong(name.to_owned()));
         }

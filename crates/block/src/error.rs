@@ -224,6 +224,18 @@ pub enum Error {
     /// A persistent bitmap on a node that cannot store one.
     #[error("Can't store persistent bitmaps to {0}: Operation not supported")]
     PersistenceUnsupported(String),
+    /// A persistent bitmap whose stored bits would exceed QEMU's limit
+    /// (512 MiB).
+    #[error(
+        "Can't make bitmap '{name}' persistent in '{node}': Too much space will be occupied by \
+         the bitmap. Use larger granularity"
+    )]
+    BitmapTooLarge {
+        /// The bitmap.
+        name: String,
+        /// The node.
+        node: String,
+    },
     /// The bitmap engine refused (e.g. out of memory).
     #[error(transparent)]
     Bitmap(#[from] hbitmap::Error),

@@ -386,3 +386,40 @@ async fn raw_image_bitmaps_live_in_a_sidecar_qemu_reads() {
         "Can't store persistent bitmaps to w: Operation not supported"
     );
 }
+
+/// A persistent bitmap too large for QEMU to store (512 MiB of bits) is
+/// refused with qemu-storage-daemon's words; a coarser one is fine.
+#[tokio::test]
+async fn a_bitmap_too_large_to_store_is_refused_as_qemu_refuses_it() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("big.qcow2");
+    let image = image.to_str().unwrap();
+    qemu_img_create_qcow2(image, 4 << 40, "");
+    let args = json!({"node": "q", "name": "b", "granularity": 512, "persistent": true});
+    let theirs = {
+        let qsd = StorageDaemon::start(
+            dir.path(),
+            &[
+                "--blockdev".into(),
+                format!("driver=qcow2,node-name=q,file.driver=file,file.filename={image}"),
+            ],
+        );
+        qsd.qmp()
+            .execute("block-dirty-bitmap-add", args)
+            .unwrap_err()
+            .desc
+    };
+    let g = Graph::new();
+    let node = open_qcow2(&g, "q", image, json!({"read-only": false}))
+        .await
+        .unwrap();
+    let ours = node
+        .add_bitmap("b", Some(512), true, false)
+        .await
+        .unwrap_err();
+    assert_eq!(ours.to_string(), theirs);
+    node.add_bitmap("b", Some(65536), true, false)
+        .await
+        .unwrap();
+}
