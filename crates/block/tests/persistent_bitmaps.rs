@@ -423,3 +423,89 @@ async fn a_bitmap_too_large_to_store_is_refused_as_qemu_refuses_it() {
         .await
         .unwrap();
 }
+
+/// Storing bitmaps rewrites the header cluster: the backing file name and
+/// format, and extensions we do not know, survive it.
+#[tokio::test]
+async fn storing_bitmaps_keeps_the_backing_file_and_other_extensions() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let (base, top) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img_create_qcow2(base, 4 << 20, "");
+    qemu_io_writes(base, "qcow2", &[(0, 65536, Some(9))]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            top,
+        ],
+    );
+    // An extension nobody knows, after the end of the known ones.
+    let mut bytes = std::fs::read(top).unwrap();
+    let header_length = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    let mut at = header_length.next_multiple_of(8);
+    while u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) != 0 {
+        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        at += 8 + len.next_multiple_of(8);
+    }
+    let backing_at = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    let backing_len = u32::from_be_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    let name = bytes[backing_at..backing_at + backing_len].to_vec();
+    let unknown = [
+        0x12u8, 0x34, 0x56, 0x78, 0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0,
+    ];
+    bytes[at..at + 16].copy_from_slice(&unknown);
+    bytes[at + 16..at + 24].fill(0);
+    bytes[at + 24..at + 24 + name.len()].copy_from_slice(&name);
+    bytes[8..16].copy_from_slice(&((at + 24) as u64).to_be_bytes());
+    std::fs::write(top, &bytes).unwrap();
+    assert_check_clean(top);
+
+    let g = Graph::new();
+    let node = open_qcow2(&g, "t", top, json!({"read-only": false}))
+        .await
+        .unwrap();
+    node.add_bitmap("b", None, true, false).await.unwrap();
+    write(&node, &[(1 << 20, 4096)]).await;
+    drop(node);
+    g.close_all().await.unwrap();
+
+    let info = run("qemu-img", &["info", "--output=json", top]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["backing-filename"], "base.qcow2", "{info}");
+    assert_eq!(v["backing-filename-format"], "qcow2", "{info}");
+    assert_eq!(qemu_listed(top).len(), 1, "{info}");
+    assert_check_clean(top);
+    let after = std::fs::read(top).unwrap();
+    assert!(
+        after[..65536].windows(16).any(|w| w == unknown),
+        "the unknown extension is gone"
+    );
+    // QEMU reads the guest data through the backing file as before.
+    let raw = dir.path().join("want.raw");
+    let mut want = vec![0u8; 4 << 20];
+    want[..65536].fill(9);
+    want[1 << 20..(1 << 20) + 4096].fill(7);
+    std::fs::write(&raw, &want).unwrap();
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            top,
+            raw.to_str().unwrap(),
+        ],
+    );
+}
