@@ -152,7 +152,11 @@ impl Graph {
                     loaded = driver.load_bitmaps().await?;
                     Box::new(driver)
                 }
-                DriverOptions::Qcow2 { file, backing } => {
+                DriverOptions::Qcow2 {
+                    file,
+                    backing,
+                    l2_cache_size,
+                } => {
                     let edge = self
                         .open_child(file, options, &name, ChildRole::File, created)
                         .await?;
@@ -162,7 +166,8 @@ impl Graph {
                         return Err(Error::ReadOnly(edge.node().name().to_owned()));
                     }
                     read_only |= file_read_only;
-                    let mut driver = Qcow2Driver::open(&name, edge.clone(), !read_only).await?;
+                    let mut driver =
+                        Qcow2Driver::open(&name, edge.clone(), !read_only, *l2_cache_size).await?;
                     loaded = driver.load_bitmaps().await?;
                     let backing = match backing {
                         Some(child) => child.clone(),
@@ -359,6 +364,7 @@ fn backing_from_header(
         "qcow2" => DriverOptions::Qcow2 {
             file,
             backing: None,
+            l2_cache_size: None,
         },
         other => {
             return Err(Error::UnsupportedFeature {

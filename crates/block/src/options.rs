@@ -79,6 +79,9 @@ pub enum DriverOptions {
         /// against the image's directory), `Some(None)` for no backing
         /// (`"backing": null`), `Some(Some(child))` for this one.
         backing: Option<Option<ChildRef>>,
+        /// Memory for cached L2 tables in bytes (`l2-cache-size`; 32 MiB
+        /// by default, at least two tables).
+        l2_cache_size: Option<u64>,
     },
     /// `null-co`: a device that reads zeroes and forgets writes.
     NullCo {
@@ -260,6 +263,7 @@ fn parse(mut f: Fields) -> Result<BlockdevOptions> {
         "qcow2" => DriverOptions::Qcow2 {
             file: f.req_child("file")?,
             backing: f.opt_nullable_child("backing")?,
+            l2_cache_size: f.opt_u64("l2-cache-size")?,
         },
         "null-co" => DriverOptions::NullCo {
             size: f.opt_u64("size")?.unwrap_or(NULL_CO_DEFAULT_SIZE),

@@ -290,7 +290,15 @@ async fn every_crash_point_leaves_a_consistent_image() {
     // new L2 tables, new refcount blocks and a larger refcount table.
     qemu_img_create_qcow2(&image, 12 << 20, "cluster_size=512");
     let g = Graph::new();
-    let node = open_rw(&g, &image).await;
+    // Two cached L2 tables: changed ones are written back on eviction all
+    // the time, and every such write-back is a crash point too.
+    let o = json!({"driver": "qcow2", "node-name": "n", "discard": "unmap",
+                   "l2-cache-size": 1024,
+                   "file": {"driver": "file", "filename": image}});
+    let node = g
+        .add(&BlockdevOptions::from_json(&o).unwrap())
+        .await
+        .unwrap();
     let points = Arc::new(CrashPoints {
         image: image.clone(),
         copy: path("copy.qcow2"),

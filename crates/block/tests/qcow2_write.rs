@@ -19,8 +19,16 @@ fn path(dir: &Path, name: &str) -> String {
 
 /// Opens `image` writable, with discards passed down.
 async fn open_rw(g: &Graph, name: &str, image: &str) -> Arc<Node> {
-    let o = json!({"driver": "qcow2", "node-name": name, "discard": "unmap",
-                   "file": {"driver": "file", "filename": image}});
+    open_rw_cached(g, name, image, None).await
+}
+
+/// [`open_rw`] with `l2-cache-size` set when given.
+async fn open_rw_cached(g: &Graph, name: &str, image: &str, l2_cache: Option<u64>) -> Arc<Node> {
+    let mut o = json!({"driver": "qcow2", "node-name": name, "discard": "unmap",
+                       "file": {"driver": "file", "filename": image}});
+    if let Some(bytes) = l2_cache {
+        o["l2-cache-size"] = json!(bytes);
+    }
     g.add(&BlockdevOptions::from_json(&o).unwrap())
         .await
         .unwrap()
@@ -90,6 +98,9 @@ struct Case {
     start: Start,
     /// Bytes past a whole number of clusters: a partial last cluster.
     tail: u64,
+    /// Cache two L2 tables only, so that changed ones are evicted (and
+    /// written back) all the time.
+    small_cache: bool,
     ops: Vec<Op>,
 }
 
@@ -119,21 +130,25 @@ fn case() -> impl Strategy<Value = Case> {
             Just(Start::Compressed)
         ],
         prop_oneof![Just(0u64), Just(3 << 10), Just(511)],
+        any::<bool>(),
     )
-        .prop_flat_map(|(cluster_bits, refcount_bits, compat, start, tail)| {
-            // Version 2 has 16-bit refcounts only.
-            let refcount_bits = if compat == "0.10" { 16 } else { refcount_bits };
-            let tail = tail % (1 << cluster_bits);
-            let size = BASE + tail;
-            prop::collection::vec(op(size), 1..24).prop_map(move |ops| Case {
-                cluster_bits,
-                refcount_bits,
-                compat,
-                start,
-                tail,
-                ops,
-            })
-        })
+        .prop_flat_map(
+            |(cluster_bits, refcount_bits, compat, start, tail, small_cache)| {
+                // Version 2 has 16-bit refcounts only.
+                let refcount_bits = if compat == "0.10" { 16 } else { refcount_bits };
+                let tail = tail % (1 << cluster_bits);
+                let size = BASE + tail;
+                prop::collection::vec(op(size), 1..24).prop_map(move |ops| Case {
+                    cluster_bits,
+                    refcount_bits,
+                    compat,
+                    start,
+                    tail,
+                    small_cache,
+                    ops,
+                })
+            },
+        )
 }
 
 fn pattern(len: u64, seed: u8) -> Vec<u8> {
@@ -205,6 +220,7 @@ fn run_case(c: Case) {
     let initial = make_image(&c, dir.path(), &image);
     let size = BASE + c.tail;
     let cs = 1u64 << c.cluster_bits;
+    let l2_cache = c.small_cache.then_some(2 * cs);
     let backing_data: Option<Vec<u8>> = match c.start {
         Start::RawBacking | Start::Qcow2Backing => Some(initial.clone()),
         _ => None,
@@ -216,7 +232,7 @@ fn run_case(c: Case) {
         .unwrap();
     rt.block_on(async {
         let g = Graph::new();
-        let mut node = open_rw(&g, "n", &image).await;
+        let mut node = open_rw_cached(&g, "n", &image, l2_cache).await;
         for op in &c.ops {
             match *op {
                 Op::Write { off, len, seed } => {
@@ -263,7 +279,7 @@ fn run_case(c: Case) {
                     drop(node);
                     g.remove("n").await.unwrap();
                     assert_check_clean(&image);
-                    node = open_rw(&g, "n", &image).await;
+                    node = open_rw_cached(&g, "n", &image, l2_cache).await;
                 }
             }
         }

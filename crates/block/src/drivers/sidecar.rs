@@ -78,7 +78,7 @@ impl Sidecar {
                 role: ChildRole::File,
             },
         );
-        let store = Qcow2Driver::open(&name, edge, self.writable).await?;
+        let store = Qcow2Driver::open(&name, edge, self.writable, None).await?;
         if store.length() != self.size {
             return Err(Error::BadImage {
                 node: self.node.clone(),

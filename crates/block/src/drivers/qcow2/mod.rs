@@ -115,6 +115,8 @@ pub(crate) struct Qcow2Driver {
     backing: Option<Arc<Edge>>,
     header: Header,
     writable: bool,
+    /// L2 tables the cache holds at most.
+    l2_capacity: usize,
     meta: tokio::sync::Mutex<Meta>,
     /// Guest cluster ranges `[start, end)` whose mapping a request is
     /// changing.
@@ -177,7 +179,12 @@ impl Qcow2Driver {
     /// Reads and checks the header and the L1 table from `file`; for a
     /// writable open also the refcount table, refusing images that must not
     /// be written as they are.
-    pub(crate) async fn open(node: &str, file: Arc<Edge>, writable: bool) -> Result<Qcow2Driver> {
+    pub(crate) async fn open(
+        node: &str,
+        file: Arc<Edge>,
+        writable: bool,
+        l2_cache_size: Option<u64>,
+    ) -> Result<Qcow2Driver> {
         let child = file.node();
         let file_len = child.length();
         let probe = child
@@ -204,6 +211,8 @@ impl Qcow2Driver {
         } else {
             None
         };
+        // As QEMU: any size is taken, at least two tables are cached.
+        let l2_capacity = (l2_cache_size.unwrap_or(L2_CACHE_BYTES) / header.cluster_size()).max(2);
         let bitmaps_ext = header.bitmaps.clone();
         let extents = header.size.div_ceil(1 << activity::EXTENT_BITS);
         let area_bytes = activity::area_bytes(header.size) as usize;
@@ -213,6 +222,7 @@ impl Qcow2Driver {
             backing: None,
             header,
             writable,
+            l2_capacity: l2_capacity as usize,
             meta: tokio::sync::Mutex::new(Meta {
                 l1,
                 l1_dirty: false,
@@ -364,8 +374,7 @@ impl Qcow2Driver {
         if offset % cs != 0 || offset.saturating_add(cs) > file.length() {
             return Err(self.bad(format!("L2 table at {offset:#x} is outside the file")));
         }
-        let capacity = (L2_CACHE_BYTES / cs).max(1) as usize;
-        if m.l2.order.len() >= capacity {
+        if m.l2.order.len() >= self.l2_capacity {
             let clean =
                 m.l2.order
                     .iter()
