@@ -175,6 +175,10 @@ impl List {
         self.bitmaps.iter_mut().find(|b| b.id == id)
     }
 
+    fn by_id_ref(&self, id: BitmapId) -> Option<&Bitmap> {
+        self.bitmaps.iter().find(|b| b.id == id)
+    }
+
     /// Puts a new bitmap first in the list, refusing a taken name.
     fn insert(
         &mut self,
@@ -577,6 +581,14 @@ impl Bitmaps {
     /// (jobs read and reset through this). `None` if it no longer exists.
     pub fn with_bits<R>(&self, id: BitmapId, f: impl FnOnce(&mut HBitmap) -> R) -> Option<R> {
         self.lock_mut().by_id(id).map(|bm| f(&mut bm.bits))
+    }
+
+    /// Runs `f` on the bits of a bitmap, named or anonymous, under the shared
+    /// lock: writes keep marking meanwhile (marking is atomic), so `f` sees
+    /// every write that completed before it was called. Exports read a
+    /// published bitmap through this. `None` if it no longer exists.
+    pub fn read_bits<R>(&self, id: BitmapId, f: impl FnOnce(&HBitmap) -> R) -> Option<R> {
+        self.read().by_id_ref(id).map(|bm| f(&bm.bits))
     }
 
     /// The id of a named bitmap.

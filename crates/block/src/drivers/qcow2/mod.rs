@@ -1028,6 +1028,13 @@ impl Qcow2Driver {
         let (first, run) = {
             let mut m = self.meta.lock().await;
             let first = self.decode(self.entry(&mut m, offset / cs).await?)?;
+            if let Mapping::Data(_) = first {
+                // Data runs must be contiguous in the file: the file's own
+                // status refines them below.
+                let (first, run) = self.run_at(&mut m, offset, len).await?;
+                drop(m);
+                return self.data_status(offset, first, run).await;
+            }
             let kind = std::mem::discriminant(&first);
             let mut next = (offset / cs + 1) * cs;
             while next < end
@@ -1064,6 +1071,38 @@ impl Qcow2Driver {
             allocated,
             depth,
         })
+    }
+}
+
+impl Qcow2Driver {
+    /// The status of a run of data clusters contiguous in the file: data,
+    /// and also zero where the file reads as zeroes there (a hole, or past
+    /// its end), cut where the file's status changes — as QEMU reports it.
+    async fn data_status(&self, offset: u64, mapping: Mapping, run: u64) -> Result<Extent> {
+        let mut e = Extent {
+            offset,
+            len: run,
+            data: true,
+            zero: false,
+            allocated: true,
+            depth: 1,
+        };
+        let Mapping::Data(host) = mapping else {
+            return Ok(e);
+        };
+        let file = self.file.node();
+        let at = host + offset % self.cluster_size();
+        if at >= file.length() {
+            e.zero = true;
+            return Ok(e);
+        }
+        // Extra information only: a failure leaves the run plain data.
+        let inner = file.block_status(at, run.min(file.length() - at)).await;
+        if let Some(first) = inner.ok().and_then(|x| x.first().copied()) {
+            e.len = first.len;
+            e.zero = first.zero;
+        }
+        Ok(e)
     }
 }
 

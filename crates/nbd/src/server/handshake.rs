@@ -1,0 +1,310 @@
+//! The server side of the fixed newstyle handshake: options until the
+//! client picks an export (GO or EXPORT_NAME) or leaves.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::Server;
+use super::export::{Context, Export};
+use crate::error::{Error, Result};
+use crate::proto::{
+    self, CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+    InfoRequest, MAX_OPTION, MAX_PAYLOAD, MetaContextRequest, NBD_MAGIC, OPTION_HEADER_SIZE,
+    OptionHeader, info, opt, option_reply, rep,
+};
+
+/// What the handshake settled: the export and how replies look.
+pub(super) struct Negotiated {
+    pub export: Arc<Export>,
+    pub client: u64,
+    pub close: watch::Receiver<bool>,
+    pub structured: bool,
+    pub contexts: Vec<Context>,
+}
+
+impl Drop for Negotiated {
+    fn drop(&mut self) {
+        self.export.detach(self.client);
+    }
+}
+
+/// The meta contexts a client selected, for one export.
+struct Selected {
+    export: String,
+    contexts: Vec<Context>,
+}
+
+/// Runs the handshake. `Ok(None)`: the client left (ABORT, or asked for an
+/// export that does not exist with EXPORT_NAME, which has no error reply).
+pub(super) async fn negotiate<R, W>(
+    server: &Server,
+    r: &mut R,
+    w: &mut W,
+) -> Result<Option<Negotiated>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    send(w, &hello).await?;
+    let client_flags = r.read_u32().await.map_err(lost)?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(Error::Refused(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut selected: Option<Selected> = None;
+    loop {
+        let mut head = [0u8; OPTION_HEADER_SIZE];
+        r.read_exact(&mut head).await.map_err(lost)?;
+        let OptionHeader { option, len } = OptionHeader::parse(&head)?;
+        if len > MAX_OPTION {
+            tokio::io::copy(&mut r.take(u64::from(len)), &mut tokio::io::sink())
+                .await
+                .map_err(lost)?;
+            reply_err(w, option, rep::ERR_TOO_BIG, "option too long").await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data).await.map_err(lost)?;
+        match option {
+            opt::EXPORT_NAME => {
+                let name = String::from_utf8(data)
+                    .map_err(|_| Error::Refused("export name is not UTF-8".into()))?;
+                let Some(export) = server.find_by_name(&name) else {
+                    return Ok(None);
+                };
+                let Some(node) = export.node() else {
+                    return Ok(None);
+                };
+                let Some((client, close)) = export.attach() else {
+                    return Ok(None);
+                };
+                let mut b = Vec::with_capacity(134);
+                b.extend_from_slice(&node.length().to_be_bytes());
+                b.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
+                if !no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                let contexts = take_contexts(&mut selected, &name);
+                let n = Negotiated {
+                    export,
+                    client,
+                    close,
+                    structured,
+                    contexts,
+                };
+                send(w, &b).await?;
+                return Ok(Some(n));
+            }
+            opt::ABORT => {
+                let _ = send(w, &option_reply(option, rep::ACK, &[])).await;
+                return Ok(None);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    reply_err(w, option, rep::ERR_INVALID, "no payload expected").await?;
+                    continue;
+                }
+                let mut out = Vec::new();
+                for e in server.exports().iter().filter(|e| !e.is_removed()) {
+                    let o = e.options();
+                    let mut p = Vec::new();
+                    proto::put_string32(&mut p, &o.name);
+                    p.extend_from_slice(o.description.as_deref().unwrap_or("").as_bytes());
+                    out.extend_from_slice(&option_reply(option, rep::SERVER, &p));
+                }
+                out.extend_from_slice(&option_reply(option, rep::ACK, &[]));
+                send(w, &out).await?;
+            }
+            opt::STARTTLS => {
+                reply_err(w, option, rep::ERR_POLICY, "TLS not configured").await?;
+            }
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply_err(w, option, rep::ERR_INVALID, "no payload expected").await?;
+                } else if structured {
+                    reply_err(
+                        w,
+                        option,
+                        rep::ERR_INVALID,
+                        "structured reply already negotiated",
+                    )
+                    .await?;
+                } else {
+                    structured = true;
+                    send(w, &option_reply(option, rep::ACK, &[])).await?;
+                }
+            }
+            opt::INFO | opt::GO => {
+                let req = match InfoRequest::parse(&data) {
+                    Ok(req) => req,
+                    Err(e) => {
+                        reply_err(w, option, rep::ERR_INVALID, &e.to_string()).await?;
+                        continue;
+                    }
+                };
+                let Some(export) = server.find_by_name(&req.name) else {
+                    let msg = format!("export '{}' not present", req.name);
+                    reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
+                    continue;
+                };
+                if !send_info(w, option, &export, &req, structured).await? {
+                    continue;
+                }
+                if option == opt::GO {
+                    let Some((client, close)) = export.attach() else {
+                        let msg = format!("export '{}' not present", req.name);
+                        reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
+                        continue;
+                    };
+                    let contexts = take_contexts(&mut selected, &req.name);
+                    return Ok(Some(Negotiated {
+                        export,
+                        client,
+                        close,
+                        structured,
+                        contexts,
+                    }));
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let listing = option == opt::LIST_META_CONTEXT;
+                if !structured {
+                    let msg = "request option when structured reply is not negotiated";
+                    reply_err(w, option, rep::ERR_INVALID, msg).await?;
+                    continue;
+                }
+                let req = match MetaContextRequest::parse(&data) {
+                    Ok(req) => req,
+                    Err(e) => {
+                        reply_err(w, option, rep::ERR_INVALID, &e.to_string()).await?;
+                        continue;
+                    }
+                };
+                let Some(export) = server.find_by_name(&req.export) else {
+                    let msg = format!("export '{}' not present", req.export);
+                    reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
+                    continue;
+                };
+                let mut contexts: Vec<Context> = if listing && req.queries.is_empty() {
+                    export.contexts()
+                } else {
+                    req.queries
+                        .iter()
+                        .flat_map(|q| export.query(q, listing))
+                        .collect()
+                };
+                contexts.sort();
+                contexts.dedup();
+                let mut out = Vec::new();
+                for c in &contexts {
+                    let mut p = c.id().to_be_bytes().to_vec();
+                    p.extend_from_slice(export.context_name(*c).as_bytes());
+                    out.extend_from_slice(&option_reply(option, rep::META_CONTEXT, &p));
+                }
+                out.extend_from_slice(&option_reply(option, rep::ACK, &[]));
+                send(w, &out).await?;
+                if !listing {
+                    selected = Some(Selected {
+                        export: req.export,
+                        contexts,
+                    });
+                }
+            }
+            other => {
+                let msg = format!("unsupported option {other}");
+                reply_err(w, option, rep::ERR_UNSUP, &msg).await?;
+            }
+        }
+    }
+}
+
+/// The contexts selected for `name` (none if they were for another export).
+fn take_contexts(selected: &mut Option<Selected>, name: &str) -> Vec<Context> {
+    match selected.take() {
+        Some(s) if s.export == name => s.contexts,
+        _ => Vec::new(),
+    }
+}
+
+/// Sends the INFO replies for `export` and the final ACK; `false` if an
+/// error reply was sent instead.
+async fn send_info<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    option: u32,
+    export: &Export,
+    req: &InfoRequest,
+    structured: bool,
+) -> Result<bool> {
+    let Some(node) = export.node() else {
+        let msg = format!("export '{}' not present", req.name);
+        reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
+        return Ok(false);
+    };
+    let asked_block_size = req.requests.contains(&info::BLOCK_SIZE);
+    let align = node
+        .limits()
+        .request_alignment
+        .clamp(1, u64::from(MAX_PAYLOAD)) as u32;
+    if option == opt::GO && align > 1 && !asked_block_size {
+        let msg = "request NBD_INFO_BLOCK_SIZE to use this export";
+        reply_err(w, option, rep::ERR_BLOCK_SIZE_REQD, msg).await?;
+        return Ok(false);
+    }
+    let o = export.options();
+    let mut out = Vec::new();
+    let mut info_reply = |kind: u16, body: &[u8]| {
+        let mut p = kind.to_be_bytes().to_vec();
+        p.extend_from_slice(body);
+        out.extend_from_slice(&option_reply(option, rep::INFO, &p));
+    };
+    if req.requests.contains(&info::NAME) {
+        info_reply(info::NAME, o.name.as_bytes());
+    }
+    let description = o.description.as_deref().filter(|d| !d.is_empty());
+    if let Some(d) = description.filter(|_| req.requests.contains(&info::DESCRIPTION)) {
+        info_reply(info::DESCRIPTION, d.as_bytes());
+    }
+    let min = if option == opt::INFO || asked_block_size {
+        align
+    } else {
+        1
+    };
+    let mut sizes = Vec::with_capacity(12);
+    sizes.extend_from_slice(&min.to_be_bytes());
+    sizes.extend_from_slice(&min.max(4096).to_be_bytes());
+    sizes.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+    info_reply(info::BLOCK_SIZE, &sizes);
+    let mut e = node.length().to_be_bytes().to_vec();
+    e.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
+    info_reply(info::EXPORT, &e);
+    out.extend_from_slice(&option_reply(option, rep::ACK, &[]));
+    send(w, &out).await?;
+    Ok(true)
+}
+
+async fn reply_err<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    option: u32,
+    error: u32,
+    message: &str,
+) -> Result<()> {
+    send(w, &option_reply(option, error, message.as_bytes())).await
+}
+
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<()> {
+    w.write_all(bytes).await.map_err(lost)?;
+    w.flush().await.map_err(lost)
+}
+
+fn lost(e: std::io::Error) -> Error {
+    Error::Disconnected(e.to_string())
+}

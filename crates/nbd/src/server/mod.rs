@@ -1,0 +1,304 @@
+//! The NBD server: exports of block nodes over TCP and unix sockets.
+//!
+//! Guarantees:
+//! - every connection is served by its own task; a client that stalls,
+//!   vanishes or sends garbage affects only its own connection;
+//! - a connection may have up to [`MAX_IN_FLIGHT`] requests in flight,
+//!   answered as they complete (out of order);
+//! - `CAN_MULTI_CONN` is advertised on every export: all connections go to
+//!   one node, so a write that completed is visible to every connection and
+//!   a flush on any connection makes every completed write durable;
+//! - the handshake must end within [`ServerOptions::handshake_timeout`];
+//! - with [`ServerOptions::max_connections`] set, further clients wait in
+//!   the listen backlog until a connection ends (as QEMU does).
+
+mod export;
+mod handshake;
+mod transmission;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use block::Node;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+pub use export::{Export, ExportOptions};
+
+use crate::error::{Error, Result};
+
+/// Requests in flight per connection (QEMU's `NBD_MAX_REQUESTS`).
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// Settings of a server (`nbd-server-start`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Most connections at once; 0 means no limit (QEMU's default).
+    pub max_connections: u32,
+    /// How long a client may take to finish the handshake (QEMU: 10 s).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            max_connections: 0,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP host and port (port 0: any free port).
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A unix socket path; an existing file there is replaced (as QEMU
+    /// does).
+    Unix(PathBuf),
+}
+
+/// How an export is removed (`block-export-del`'s `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveMode {
+    /// Refuse while clients are connected.
+    Safe,
+    /// Disconnect the clients (after their requests in flight finish).
+    Hard,
+}
+
+/// An NBD server: a set of exports and the sockets it listens on.
+#[derive(Debug, Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    options: ServerOptions,
+    /// In the order they were added (LIST shows them so).
+    exports: Mutex<Vec<Arc<Export>>>,
+    slots: Option<Arc<Semaphore>>,
+    listeners: Mutex<Vec<JoinHandle<()>>>,
+    /// Turns true when the server stops: every connection closes.
+    stop: watch::Sender<bool>,
+}
+
+impl Server {
+    /// A server with no exports that listens nowhere yet.
+    pub fn new(options: ServerOptions) -> Server {
+        let slots = (options.max_connections > 0)
+            .then(|| Arc::new(Semaphore::new(options.max_connections as usize)));
+        Server {
+            shared: Arc::new(Shared {
+                options,
+                exports: Mutex::new(Vec::new()),
+                slots,
+                listeners: Mutex::new(Vec::new()),
+                stop: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// The server's settings.
+    pub fn options(&self) -> &ServerOptions {
+        &self.shared.options
+    }
+
+    fn lock_exports(&self) -> MutexGuard<'_, Vec<Arc<Export>>> {
+        self.shared
+            .exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes `node` (see [`ExportOptions`]); ids and names are unique.
+    pub fn add_export(&self, node: &Arc<Node>, options: ExportOptions) -> Result<Arc<Export>> {
+        let mut exports = self.lock_exports();
+        if exports.iter().any(|e| e.options().id == options.id) {
+            return Err(Error::ExportIdExists(options.id));
+        }
+        if exports.iter().any(|e| e.options().name == options.name) {
+            return Err(Error::ExportNameExists(options.name));
+        }
+        let export = Arc::new(Export::new(node, options)?);
+        exports.push(export.clone());
+        Ok(export)
+    }
+
+    /// The export with this id.
+    pub fn export(&self, id: &str) -> Option<Arc<Export>> {
+        self.lock_exports()
+            .iter()
+            .find(|e| e.options().id == id)
+            .cloned()
+    }
+
+    /// The exports, in the order they were added.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.lock_exports().clone()
+    }
+
+    pub(crate) fn find_by_name(&self, name: &str) -> Option<Arc<Export>> {
+        self.lock_exports()
+            .iter()
+            .find(|e| e.options().name == name && !e.is_removed())
+            .cloned()
+    }
+
+    /// Removes the export with this id. When this returns `Ok`, no client
+    /// uses it any more, its node may be deleted and its bitmaps are no
+    /// longer busy.
+    pub async fn remove_export(&self, id: &str, mode: RemoveMode) -> Result<()> {
+        let export = self
+            .export(id)
+            .ok_or_else(|| Error::ExportNotFound(id.to_owned()))?;
+        export.shut_down(mode == RemoveMode::Hard).await?;
+        self.lock_exports().retain(|e| !Arc::ptr_eq(e, &export));
+        export.release();
+        Ok(())
+    }
+
+    /// Starts listening; returns where (with the real port when 0 was
+    /// asked). Connections are served until [`Server::stop`].
+    pub async fn listen(&self, addr: &ListenAddr) -> Result<ListenAddr> {
+        let (task, bound) = match addr {
+            ListenAddr::Tcp { host, port } => {
+                let listener =
+                    TcpListener::bind((host.as_str(), *port))
+                        .await
+                        .map_err(|source| Error::Socket {
+                            what: format!("Failed to bind socket to {host}:{port}"),
+                            source,
+                        })?;
+                let local = listener.local_addr().map_err(|source| Error::Socket {
+                    what: "Failed to read the bound address".into(),
+                    source,
+                })?;
+                let server = self.clone();
+                let task = tokio::spawn(async move {
+                    server
+                        .accept_loop(|| async {
+                            listener.accept().await.map(|(s, _)| {
+                                let _ = s.set_nodelay(true);
+                                s
+                            })
+                        })
+                        .await
+                });
+                let bound = ListenAddr::Tcp {
+                    host: host.clone(),
+                    port: local.port(),
+                };
+                (task, bound)
+            }
+            ListenAddr::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = UnixListener::bind(path).map_err(|source| Error::Socket {
+                    what: format!("Failed to bind socket to {}", path.display()),
+                    source,
+                })?;
+                let server = self.clone();
+                let task = tokio::spawn(async move {
+                    server
+                        .accept_loop(|| async { listener.accept().await.map(|(s, _)| s) })
+                        .await
+                });
+                (task, addr.clone())
+            }
+        };
+        self.shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        Ok(bound)
+    }
+
+    async fn accept_loop<S, F, Fut>(&self, mut accept: F)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<S>>,
+    {
+        loop {
+            let permit = match &self.shared.slots {
+                Some(slots) => match slots.clone().acquire_owned().await {
+                    Ok(p) => Some(p),
+                    Err(_) => return,
+                },
+                None => None,
+            };
+            let stream = match accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("NBD server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                server.serve(stream).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Serves one client on `stream` until it disconnects, is told to
+    /// close, or breaks the protocol. Never panics on what the client
+    /// sends.
+    pub async fn serve<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let mut stop = self.shared.stop.subscribe();
+        if *stop.borrow() {
+            return;
+        }
+        let (reader, writer) = tokio::io::split(stream);
+        let mut reader = tokio::io::BufReader::new(reader);
+        let mut writer = tokio::io::BufWriter::new(writer);
+        let negotiated = tokio::select! {
+            r = tokio::time::timeout(
+                self.shared.options.handshake_timeout,
+                handshake::negotiate(self, &mut reader, &mut writer),
+            ) => match r {
+                Ok(Ok(Some(n))) => n,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    tracing::debug!("NBD handshake ended: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!("NBD client did not finish the handshake in time");
+                    return;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        transmission::run(negotiated, reader, writer, stop).await;
+    }
+
+    /// Stops listening and disconnects every client.
+    pub fn stop(&self) {
+        self.shared.stop.send_replace(true);
+        for task in self
+            .shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}

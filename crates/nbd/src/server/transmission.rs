@@ -1,0 +1,479 @@
+//! The transmission phase on the server: requests are read in order, run
+//! concurrently (up to [`MAX_IN_FLIGHT`](super::MAX_IN_FLIGHT) per
+//! connection) and answered as they complete.
+
+use std::sync::Arc;
+
+use block::{IoBuf, Node, ZeroFlags};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{Mutex, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use super::MAX_IN_FLIGHT;
+use super::export::{Context, Export};
+use super::handshake::Negotiated;
+use crate::proto::Command;
+use crate::proto::{
+    MAX_PAYLOAD, REQUEST_SIZE, Request, cflag, chunk, errno, error_chunk_payload, simple_reply,
+    state, structured_header,
+};
+
+/// Most block status descriptors in one reply chunk (QEMU's limit).
+const MAX_EXTENTS: usize = 128 * 1024;
+
+/// A refused request: the wire error number and a message for the log and
+/// for structured error chunks.
+type Refusal = (u32, String);
+
+struct Conn<W> {
+    export: Arc<Export>,
+    structured: bool,
+    contexts: Vec<Context>,
+    writer: Mutex<BufWriter<W>>,
+}
+
+/// What the reader does with one request.
+enum Next {
+    /// Run it.
+    Run(Request, Option<IoBuf>),
+    /// Answer it with an error at once.
+    Refuse(Request, Refusal),
+    /// Answer it with an error, then close (its payload was not read).
+    RefuseAndClose(Request, Refusal),
+    /// The client said goodbye.
+    Disconnect,
+}
+
+/// Serves requests until the client disconnects, breaks framing, or the
+/// export or the server tells the connection to close; then waits for the
+/// requests in flight and closes.
+pub(super) async fn run<R, W>(
+    n: Negotiated,
+    mut reader: BufReader<R>,
+    writer: BufWriter<W>,
+    mut stop: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut close = n.close.clone();
+    let conn = Arc::new(Conn {
+        export: n.export.clone(),
+        structured: n.structured,
+        contexts: n.contexts.clone(),
+        writer: Mutex::new(writer),
+    });
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let next = tokio::select! {
+            biased;
+            _ = close.wait_for(|c| *c) => break,
+            _ = stop.wait_for(|s| *s) => break,
+            next = read_next(&conn, &mut reader) => next,
+        };
+        let next = match next {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::debug!("NBD connection ends: {e}");
+                break;
+            }
+        };
+        match next {
+            Next::Run(req, payload) => {
+                let permit = tokio::select! {
+                    biased;
+                    _ = close.wait_for(|c| *c) => break,
+                    _ = stop.wait_for(|s| *s) => break,
+                    p = slots.clone().acquire_owned() => p,
+                };
+                let conn = conn.clone();
+                tasks.spawn(async move {
+                    conn.handle(req, payload).await;
+                    drop(permit);
+                });
+            }
+            Next::Refuse(req, refusal) => {
+                tracing::debug!("NBD request refused: {}", refusal.1);
+                if conn.reply_error(req.cookie, &refusal).await.is_err() {
+                    break;
+                }
+            }
+            Next::RefuseAndClose(req, refusal) => {
+                tracing::info!("NBD request refused, closing: {}", refusal.1);
+                let _ = conn.reply_error(req.cookie, &refusal).await;
+                break;
+            }
+            Next::Disconnect => break,
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut w = conn.writer.lock().await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+    drop(w);
+    drop(n);
+}
+
+async fn read_next<R, W>(conn: &Conn<W>, reader: &mut BufReader<R>) -> std::io::Result<Next>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut head = [0u8; REQUEST_SIZE];
+    reader.read_exact(&mut head).await?;
+    let req = Request::parse(&head)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    if req.command == Command::Disc {
+        return Ok(Next::Disconnect);
+    }
+    let payload = if req.command == Command::Write {
+        if req.len > MAX_PAYLOAD {
+            let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
+            return Ok(Next::RefuseAndClose(req, (errno::EINVAL, msg)));
+        }
+        let align = conn
+            .export
+            .node()
+            .map_or(1, |n| n.limits().memory_alignment);
+        let mut buf = IoBuf::zeroed(req.len as usize, align);
+        reader.read_exact(buf.as_mut_slice()).await?;
+        Some(buf)
+    } else {
+        None
+    };
+    Ok(match conn.check(&req) {
+        Ok(()) => Next::Run(req, payload),
+        Err(refusal) => Next::Refuse(req, refusal),
+    })
+}
+
+impl<W: AsyncWrite + Unpin + Send> Conn<W> {
+    /// QEMU's checks, in QEMU's order.
+    fn check(&self, req: &Request) -> Result<(), Refusal> {
+        let Some(node) = self.export.node() else {
+            return Err((errno::ESHUTDOWN, "export is gone".into()));
+        };
+        if req.command == Command::Read && req.len > MAX_PAYLOAD {
+            let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
+            return Err((errno::EINVAL, msg));
+        }
+        let writes = matches!(
+            req.command,
+            Command::Write | Command::WriteZeroes | Command::Trim
+        );
+        if writes && !self.export.options().writable {
+            return Err((errno::EPERM, "Export is read-only".into()));
+        }
+        let size = node.length();
+        let len = u64::from(req.len);
+        if req.offset > size || len > size - req.offset {
+            let msg = format!(
+                "operation past EOF; From: {}, Len: {}, Size: {size}",
+                req.offset, req.len
+            );
+            let e = match req.command {
+                Command::Write | Command::WriteZeroes => errno::ENOSPC,
+                _ => errno::EINVAL,
+            };
+            return Err((e, msg));
+        }
+        let mut valid = cflag::FUA;
+        match req.command {
+            Command::Read if self.structured => valid |= cflag::DF,
+            Command::WriteZeroes => valid |= cflag::NO_HOLE | cflag::FAST_ZERO,
+            Command::BlockStatus => valid |= cflag::REQ_ONE,
+            _ => {}
+        }
+        if req.flags & !valid != 0 {
+            let msg = format!(
+                "unsupported flags for command {:?} (got {:#x})",
+                req.command, req.flags
+            );
+            return Err((errno::EINVAL, msg));
+        }
+        match req.command {
+            Command::BlockStatus if !self.structured || self.contexts.is_empty() => {
+                Err((errno::EINVAL, "CMD_BLOCK_STATUS not negotiated".into()))
+            }
+            Command::BlockStatus if req.len == 0 => {
+                Err((errno::EINVAL, "need non-zero length".into()))
+            }
+            Command::Resize | Command::Unknown(_) => Err((
+                errno::EINVAL,
+                format!("invalid request type ({}) received", req.command.to_wire()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn handle(&self, req: Request, payload: Option<IoBuf>) {
+        let Some(node) = self.export.node() else {
+            let _ = self
+                .reply_error(req.cookie, &(errno::ESHUTDOWN, "export is gone".into()))
+                .await;
+            return;
+        };
+        let fua = req.flags & cflag::FUA != 0;
+        let (offset, len) = (req.offset, u64::from(req.len));
+        let result = match req.command {
+            Command::Read => return self.read(&node, req).await,
+            Command::BlockStatus => return self.block_status(&node, req).await,
+            Command::Write => match payload {
+                Some(buf) if !buf.is_empty() => node.write(offset, buf, fua).await.0,
+                _ => Ok(()),
+            },
+            Command::Flush => node.flush().await,
+            Command::Trim if len == 0 => Ok(()),
+            Command::Trim => match node.discard(offset, len).await {
+                Ok(()) if fua => node.flush().await,
+                r => r,
+            },
+            Command::WriteZeroes if len == 0 => Ok(()),
+            Command::WriteZeroes => {
+                let flags = ZeroFlags {
+                    may_unmap: req.flags & cflag::NO_HOLE == 0,
+                    fast: req.flags & cflag::FAST_ZERO != 0,
+                    fua,
+                };
+                node.write_zeroes(offset, len, flags).await
+            }
+            // Advisory: the node's own caches decide what stays warm.
+            Command::Cache => Ok(()),
+            Command::Disc | Command::Resize | Command::Unknown(_) => Ok(()),
+        };
+        let _ = match result {
+            Ok(()) => self.send(&[&simple_reply(0, req.cookie)]).await,
+            Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
+        };
+    }
+
+    async fn read(&self, node: &Node, req: Request) {
+        let (offset, len) = (req.offset, req.len as usize);
+        if !self.structured {
+            let _ = match node.read(offset, len).await {
+                Ok(data) => {
+                    self.send(&[&simple_reply(0, req.cookie), data.as_slice()])
+                        .await
+                }
+                Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
+            };
+            return;
+        }
+        if len == 0 {
+            let _ = self
+                .send(&[&structured_header(
+                    chunk::FLAG_DONE,
+                    chunk::NONE,
+                    req.cookie,
+                    0,
+                )])
+                .await;
+            return;
+        }
+        // Zeroes are sent as holes unless the client asked for one chunk.
+        let extents = if req.flags & cflag::DF != 0 {
+            None
+        } else {
+            node.block_status(offset, len as u64).await.ok()
+        };
+        let sparse = extents.filter(|x| x.iter().any(|e| e.zero));
+        let Some(extents) = sparse else {
+            let _ = match node.read(offset, len).await {
+                Ok(data) => {
+                    let h = structured_header(
+                        chunk::FLAG_DONE,
+                        chunk::OFFSET_DATA,
+                        req.cookie,
+                        8 + req.len,
+                    );
+                    self.send(&[&h, &offset.to_be_bytes(), data.as_slice()])
+                        .await
+                }
+                Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
+            };
+            return;
+        };
+        let mut parts: Vec<(Vec<u8>, Option<IoBuf>)> = Vec::with_capacity(extents.len());
+        for (i, e) in extents.iter().enumerate() {
+            let flags = if i + 1 == extents.len() {
+                chunk::FLAG_DONE
+            } else {
+                0
+            };
+            if e.zero {
+                let mut h = structured_header(flags, chunk::OFFSET_HOLE, req.cookie, 12).to_vec();
+                h.extend_from_slice(&e.offset.to_be_bytes());
+                h.extend_from_slice(&(e.len as u32).to_be_bytes());
+                parts.push((h, None));
+            } else {
+                match node.read(e.offset, e.len as usize).await {
+                    Ok(data) => {
+                        let n = 8 + e.len as u32;
+                        let mut h =
+                            structured_header(flags, chunk::OFFSET_DATA, req.cookie, n).to_vec();
+                        h.extend_from_slice(&e.offset.to_be_bytes());
+                        parts.push((h, Some(data)));
+                    }
+                    Err(err) => {
+                        let _ = self.reply_error(req.cookie, &refusal(&err)).await;
+                        return;
+                    }
+                }
+            }
+        }
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(parts.len() * 2);
+        for (h, data) in &parts {
+            slices.push(h);
+            if let Some(d) = data {
+                slices.push(d.as_slice());
+            }
+        }
+        let _ = self.send(&slices).await;
+    }
+
+    async fn block_status(&self, node: &Node, req: Request) {
+        let (offset, len) = (req.offset, u64::from(req.len));
+        let limit = if req.flags & cflag::REQ_ONE != 0 {
+            1
+        } else {
+            MAX_EXTENTS
+        };
+        let mut chunks = Vec::new();
+        let mut alloc = None;
+        for (i, c) in self.contexts.iter().enumerate() {
+            let extents = match c {
+                Context::BaseAllocation | Context::AllocationDepth => {
+                    if alloc.is_none() {
+                        match node.block_status(offset, len).await {
+                            Ok(x) => alloc = Some(x),
+                            Err(e) => {
+                                let _ = self.reply_error(req.cookie, &refusal(&e)).await;
+                                return;
+                            }
+                        }
+                    }
+                    let x = alloc.as_deref().unwrap_or_default();
+                    let base = *c == Context::BaseAllocation;
+                    merge(
+                        x.iter().map(|e| {
+                            let flags = if base {
+                                (if e.data { 0 } else { state::HOLE })
+                                    | (if e.zero { state::ZERO } else { 0 })
+                            } else {
+                                e.depth
+                            };
+                            (e.len, flags)
+                        }),
+                        limit,
+                    )
+                }
+                Context::Bitmap(b) => self.bitmap_extents(*b, offset, len, limit),
+            };
+            let mut p = Vec::with_capacity(4 + extents.len() * 8);
+            p.extend_from_slice(&c.id().to_be_bytes());
+            for (l, f) in extents {
+                p.extend_from_slice(&l.to_be_bytes());
+                p.extend_from_slice(&f.to_be_bytes());
+            }
+            let flags = if i + 1 == self.contexts.len() {
+                chunk::FLAG_DONE
+            } else {
+                0
+            };
+            let mut h =
+                structured_header(flags, chunk::BLOCK_STATUS, req.cookie, p.len() as u32).to_vec();
+            h.extend_from_slice(&p);
+            chunks.push(h);
+        }
+        let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        let _ = self.send(&slices).await;
+    }
+
+    /// Dirty and clean runs of published bitmap `b` over `offset..+len`.
+    fn bitmap_extents(&self, b: usize, offset: u64, len: u64, limit: usize) -> Vec<(u32, u32)> {
+        let p = &self.export.bitmaps[b];
+        let end = offset + len;
+        let runs = p.node.bitmaps().read_bits(p.id, |bits| {
+            let mut out = Vec::new();
+            let mut pos = offset;
+            while pos < end && out.len() < limit {
+                let dirty = bits.get(pos);
+                let next = if pos >= bits.len() {
+                    end
+                } else if dirty {
+                    bits.next_zero(pos, end).unwrap_or(end.min(bits.len()))
+                } else {
+                    bits.next_dirty(pos, end).unwrap_or(end)
+                };
+                let next = if next <= pos { end } else { next };
+                out.push((next - pos, if dirty { state::DIRTY } else { 0 }));
+                pos = next;
+            }
+            out
+        });
+        let runs = runs.unwrap_or_else(|| vec![(len, 0)]);
+        merge(runs.into_iter(), limit)
+    }
+
+    async fn reply_error(&self, cookie: u64, (err, msg): &Refusal) -> std::io::Result<()> {
+        if self.structured {
+            let p = error_chunk_payload(*err, msg);
+            let h = structured_header(chunk::FLAG_DONE, chunk::ERROR, cookie, p.len() as u32);
+            self.send(&[&h, &p]).await
+        } else {
+            self.send(&[&simple_reply(*err, cookie)]).await
+        }
+    }
+
+    /// Writes one reply (all of its parts) and pushes it out.
+    async fn send(&self, parts: &[&[u8]]) -> std::io::Result<()> {
+        let mut w = self.writer.lock().await;
+        for p in parts {
+            w.write_all(p).await?;
+        }
+        w.flush().await
+    }
+}
+
+/// Merges neighbours with equal flags, splits lengths to fit u32, and stops
+/// after `limit` descriptors.
+fn merge(runs: impl Iterator<Item = (u64, u32)>, limit: usize) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for (len, flags) in runs {
+        match out.last_mut() {
+            Some(last) if last.1 == flags => last.0 += len,
+            _ => {
+                if out.len() == limit {
+                    break;
+                }
+                out.push((len, flags));
+            }
+        }
+    }
+    // Request lengths are u32, so a merged run never exceeds u32::MAX.
+    out.into_iter()
+        .map(|(l, f)| (l.min(u64::from(u32::MAX)) as u32, f))
+        .collect()
+}
+
+/// The wire error for a block layer error (QEMU's mapping: unknown errors
+/// become EINVAL).
+fn refusal(e: &block::Error) -> Refusal {
+    const EROFS: i32 = 30;
+    const EFBIG: i32 = 27;
+    const EDQUOT: i32 = 122;
+    const EOPNOTSUPP: i32 = 95;
+    let wire = match e.errno() {
+        1 | EROFS => errno::EPERM,
+        5 => errno::EIO,
+        12 => errno::ENOMEM,
+        28 | EFBIG | EDQUOT => errno::ENOSPC,
+        75 => errno::EOVERFLOW,
+        EOPNOTSUPP => errno::ENOTSUP,
+        108 => errno::ESHUTDOWN,
+        _ => errno::EINVAL,
+    };
+    (wire, e.to_string())
+}
