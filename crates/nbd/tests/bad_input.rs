@@ -1,0 +1,505 @@
+//! Clients that break the protocol, stall or vanish: each gets the
+//! protocol's error or a disconnect, and every other client keeps being
+//! served. Also the export rules (removal, bitmaps, limits).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::Fixture;
+use nbd::proto::{
+    self, Command, InfoRequest, MetaContextRequest, OptionHeader, OptionReplyHeader, Request,
+    cflag, errno, info, opt, rep,
+};
+use nbd::{ExportOptions, RemoveMode, ServerOptions};
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+
+/// A blocking client that speaks the protocol byte by byte, so tests can
+/// break it anywhere.
+struct Raw {
+    s: UnixStream,
+}
+
+impl Raw {
+    /// Connects and reads the greeting.
+    fn connect(sock: &Path) -> Raw {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut raw = Raw { s };
+        let mut hello = [0u8; 18];
+        raw.s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        assert_eq!(&hello[8..16], b"IHAVEOPT");
+        raw
+    }
+
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Sends the client flags (fixed newstyle, no zeroes).
+    fn flags(&mut self) {
+        self.send(&3u32.to_be_bytes());
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let h = OptionHeader {
+            option,
+            len: data.len() as u32,
+        };
+        self.send(&h.encode());
+        self.send(data);
+    }
+
+    fn option_reply(&mut self) -> (OptionReplyHeader, Vec<u8>) {
+        let mut h = [0u8; OptionReplyHeader::SIZE];
+        self.s.read_exact(&mut h).unwrap();
+        let h = OptionReplyHeader::parse(&h).unwrap();
+        let mut p = vec![0u8; h.len as usize];
+        self.s.read_exact(&mut p).unwrap();
+        (h, p)
+    }
+
+    /// Structured replies, the given meta contexts, then GO; returns the
+    /// export's size and transmission flags.
+    fn open(sock: &Path, export: &str, contexts: &[&str]) -> (Raw, u64, u16) {
+        let mut c = Raw::connect(sock);
+        c.flags();
+        c.option(opt::STRUCTURED_REPLY, &[]);
+        assert_eq!(c.option_reply().0.reply, rep::ACK);
+        if !contexts.is_empty() {
+            let req = MetaContextRequest {
+                export: export.into(),
+                queries: contexts.iter().map(|s| s.to_string()).collect(),
+            };
+            c.option(opt::SET_META_CONTEXT, &req.encode());
+            while c.option_reply().0.reply != rep::ACK {}
+        }
+        let req = InfoRequest {
+            name: export.into(),
+            requests: vec![info::BLOCK_SIZE],
+        };
+        c.option(opt::GO, &req.encode());
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let (h, p) = c.option_reply();
+            match h.reply {
+                rep::ACK => break,
+                rep::INFO if p[..2] == info::EXPORT.to_be_bytes() => {
+                    size = u64::from_be_bytes(p[2..10].try_into().unwrap());
+                    flags = u16::from_be_bytes([p[10], p[11]]);
+                }
+                rep::INFO => {}
+                other => panic!("GO answered {other:#x}: {}", String::from_utf8_lossy(&p)),
+            }
+        }
+        (c, size, flags)
+    }
+
+    fn request(&mut self, command: Command, flags: u16, cookie: u64, offset: u64, len: u32) {
+        let r = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        };
+        self.send(&r.encode());
+    }
+
+    /// Reads one whole reply: (cookie, error, data of a read).
+    fn reply(&mut self) -> (u64, u32, Vec<u8>) {
+        let mut data = Vec::new();
+        loop {
+            let mut h = [0u8; 16];
+            self.s.read_exact(&mut h).unwrap();
+            match proto::ReplyStart::parse(&h).unwrap() {
+                proto::ReplyStart::Simple { error, cookie } => return (cookie, error, data),
+                proto::ReplyStart::Structured {
+                    flags,
+                    kind,
+                    cookie,
+                } => {
+                    let mut l = [0u8; 4];
+                    self.s.read_exact(&mut l).unwrap();
+                    let mut p = vec![0u8; u32::from_be_bytes(l) as usize];
+                    self.s.read_exact(&mut p).unwrap();
+                    let mut error = 0;
+                    match kind {
+                        proto::chunk::OFFSET_DATA => data.extend_from_slice(&p[8..]),
+                        proto::chunk::OFFSET_HOLE => {
+                            let n = u32::from_be_bytes(p[8..12].try_into().unwrap());
+                            data.resize(data.len() + n as usize, 0);
+                        }
+                        proto::chunk::ERROR => {
+                            error = u32::from_be_bytes(p[..4].try_into().unwrap())
+                        }
+                        _ => {}
+                    }
+                    if flags & proto::chunk::FLAG_DONE != 0 {
+                        return (cookie, error, data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (within the read timeout).
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// A writable 4 MiB raw export `disk` whose bytes are `i % 251`.
+fn fixture_with_disk(options: ServerOptions) -> Fixture {
+    let f = Fixture::with_options(options);
+    let path = f.path("disk.raw");
+    let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let node = f.add_node(json!({"driver": "raw", "node-name": "disk",
+        "file": {"driver": "file", "filename": path}}));
+    f.export(&node, "disk", true, &[]);
+    f
+}
+
+/// A read of 4 KiB at `offset` succeeds with the expected bytes.
+fn assert_serves(c: &mut Raw, offset: u64) {
+    c.request(Command::Read, 0, 7, offset, 4096);
+    let (cookie, error, data) = c.reply();
+    assert_eq!((cookie, error), (7, 0));
+    let want: Vec<u8> = (offset..offset + 4096).map(|i| (i % 251) as u8).collect();
+    assert_eq!(data, want);
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_connection_goes_on() {
+    let f = fixture_with_disk(ServerOptions::default());
+    let (mut c, size, flags) = Raw::open(&f.sock, "disk", &[]);
+    assert_eq!(size, 4 * MIB);
+    assert_ne!(flags & proto::tflag::CAN_MULTI_CONN, 0);
+    let cases: &[(Command, u16, u64, u32, u32)] = &[
+        (Command::Read, 0, 4 * MIB - 10, 11, errno::EINVAL),
+        (Command::Read, 0, u64::MAX - 1, 4096, errno::EINVAL),
+        (Command::Read, 0, 0, 33 * MIB as u32, errno::EINVAL),
+        (Command::Read, 1 << 9, 0, 512, errno::EINVAL),
+        (Command::Trim, 0, 4 * MIB, 1, errno::EINVAL),
+        (Command::WriteZeroes, 0, 4 * MIB - 1, 2, errno::ENOSPC),
+        (Command::WriteZeroes, cflag::REQ_ONE, 0, 512, errno::EINVAL),
+        (Command::BlockStatus, 0, 0, 512, errno::EINVAL),
+        (Command::Unknown(99), 0, 0, 0, errno::EINVAL),
+        (Command::Resize, 0, 0, 0, errno::EINVAL),
+    ];
+    for (i, &(cmd, fl, offset, len, want)) in cases.iter().enumerate() {
+        c.request(cmd, fl, 100 + i as u64, offset, len);
+        let (cookie, error, _) = c.reply();
+        assert_eq!(
+            (cookie, error),
+            (100 + i as u64, want),
+            "{cmd:?} {offset} {len}"
+        );
+        assert_serves(&mut c, 4096 * i as u64);
+    }
+    // A write past the end: the payload is consumed, ENOSPC answered.
+    c.request(Command::Write, 0, 200, 4 * MIB - 512, 1024);
+    c.send(&[0u8; 1024]);
+    assert_eq!(c.reply().1, errno::ENOSPC);
+    assert_serves(&mut c, 0);
+    // A write larger than 32 MiB: refused, and the connection closes since
+    // its payload was not read.
+    c.request(Command::Write, 0, 201, 0, 33 * MIB as u32);
+    assert_eq!(c.reply().1, errno::EINVAL);
+    assert!(c.closed());
+
+    let (mut c, _, _) = Raw::open(&f.sock, "disk", &[]);
+    c.send(b"this is not a request header");
+    assert!(c.closed(), "bad request magic closes the connection");
+}
+
+#[test]
+fn a_read_only_export_refuses_writes_with_eperm() {
+    let f = Fixture::new();
+    let path = f.path("ro.raw");
+    std::fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+    let node = f.add_node(json!({"driver": "raw", "node-name": "ro",
+        "file": {"driver": "file", "filename": path}}));
+    f.export(&node, "ro", false, &[]);
+    let (mut c, _, flags) = Raw::open(&f.sock, "ro", &[]);
+    assert_ne!(flags & proto::tflag::READ_ONLY, 0);
+    c.request(Command::Write, 0, 1, 0, 512);
+    c.send(&[1u8; 512]);
+    assert_eq!(c.reply().1, errno::EPERM);
+    c.request(Command::Trim, 0, 2, 0, 512);
+    assert_eq!(c.reply().1, errno::EPERM);
+    c.request(Command::WriteZeroes, 0, 3, 0, 512);
+    assert_eq!(c.reply().1, errno::EPERM);
+    c.request(Command::Read, 0, 4, 0, 512);
+    assert_eq!(c.reply(), (4, 0, vec![0u8; 512]));
+}
+
+#[test]
+fn bad_handshakes_get_errors_or_a_disconnect() {
+    let f = fixture_with_disk(ServerOptions::default());
+    // Unknown client flags.
+    let mut c = Raw::connect(&f.sock);
+    c.send(&0x80u32.to_be_bytes());
+    assert!(c.closed());
+    // Bad option magic.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.send(&[0u8; 16]);
+    assert!(c.closed());
+    // Errors that keep the handshake going.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.option(4242, b"whatever");
+    assert_eq!(c.option_reply().0.reply, rep::ERR_UNSUP);
+    c.option(opt::GO, &[0, 0, 0, 9, b'x']);
+    assert_eq!(c.option_reply().0.reply, rep::ERR_INVALID);
+    let go = |name: &str| {
+        InfoRequest {
+            name: name.into(),
+            requests: vec![],
+        }
+        .encode()
+    };
+    c.option(opt::GO, &go("nope"));
+    let (h, msg) = c.option_reply();
+    assert_eq!(h.reply, rep::ERR_UNKNOWN);
+    assert_eq!(String::from_utf8_lossy(&msg), "export 'nope' not present");
+    c.option(opt::LIST, b"x");
+    assert_eq!(c.option_reply().0.reply, rep::ERR_INVALID);
+    let meta = MetaContextRequest {
+        export: "disk".into(),
+        queries: vec![],
+    };
+    c.option(opt::SET_META_CONTEXT, &meta.encode());
+    assert_eq!(
+        c.option_reply().0.reply,
+        rep::ERR_INVALID,
+        "meta contexts need structured replies first"
+    );
+    c.option(opt::STARTTLS, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ERR_POLICY);
+    // An option too large to read is skipped and refused.
+    let big = vec![0u8; 2 * MIB as usize];
+    c.option(opt::INFO, &big);
+    assert_eq!(c.option_reply().0.reply, rep::ERR_TOO_BIG);
+    // … and the same connection still works.
+    c.option(opt::LIST, &[]);
+    let (h, p) = c.option_reply();
+    assert_eq!(h.reply, rep::SERVER);
+    assert_eq!(&p[4..], b"disk");
+    assert_eq!(c.option_reply().0.reply, rep::ACK);
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ACK);
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ERR_INVALID);
+    c.option(opt::ABORT, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ACK);
+    assert!(c.closed());
+    // EXPORT_NAME of an unknown export can only be answered by closing.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.option(opt::EXPORT_NAME, b"nope");
+    assert!(c.closed());
+    // EXPORT_NAME of a known one: size and flags, no zeroes.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.option(opt::EXPORT_NAME, b"disk");
+    let mut b = [0u8; 10];
+    c.s.read_exact(&mut b).unwrap();
+    assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), 4 * MIB);
+    c.request(Command::Read, 0, 9, 4096, 4096);
+    assert_eq!(c.reply().1, 0);
+}
+
+#[test]
+fn stalled_and_vanished_clients_do_not_stop_the_others() {
+    let f = fixture_with_disk(ServerOptions::default());
+    // Stalls in the handshake, in a request header, in a write payload.
+    let mut quiet = Raw::connect(&f.sock);
+    quiet.flags();
+    let (mut half_header, _, _) = Raw::open(&f.sock, "disk", &[]);
+    half_header.send(&[0x25, 0x60]);
+    let (mut half_write, _, _) = Raw::open(&f.sock, "disk", &[]);
+    half_write.request(Command::Write, 0, 1, 0, 65536);
+    half_write.send(&[0u8; 1000]);
+    // Vanish with requests in flight.
+    for _ in 0..4 {
+        let (mut gone, _, _) = Raw::open(&f.sock, "disk", &[]);
+        for i in 0..8 {
+            gone.request(Command::Read, 0, i, i * 65536, 65536);
+        }
+        drop(gone);
+    }
+    let (mut c, _, _) = Raw::open(&f.sock, "disk", &[]);
+    for i in 0..16 {
+        assert_serves(&mut c, i * 4096);
+    }
+    // Hard removal disconnects every one of them, stalled or not.
+    f.rt.block_on(f.server.remove_export("disk", RemoveMode::Hard))
+        .unwrap();
+    assert!(half_header.closed());
+    assert!(half_write.closed());
+    assert!(c.closed());
+}
+
+#[test]
+fn requests_run_concurrently_and_replies_come_as_they_complete() {
+    let f = fixture_with_disk(ServerOptions::default());
+    let (mut c, _, _) = Raw::open(&f.sock, "disk", &[]);
+    // 32 pipelined requests of mixed kinds and sizes.
+    for i in 0..32u64 {
+        if i % 4 == 3 {
+            c.request(Command::Write, cflag::FUA, i, 2 * MIB + i * 4096, 4096);
+            c.send(&[i as u8; 4096]);
+        } else {
+            c.request(Command::Read, 0, i, i * 65536, 65536 >> (i % 3));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..32 {
+        let (cookie, error, data) = c.reply();
+        assert_eq!(error, 0);
+        assert!(seen.insert(cookie), "cookie {cookie} answered twice");
+        if cookie % 4 != 3 {
+            let off = cookie * 65536;
+            let want: Vec<u8> = (off..off + (65536 >> (cookie % 3)))
+                .map(|i| (i % 251) as u8)
+                .collect();
+            assert_eq!(data, want, "read {cookie}");
+        }
+    }
+    for i in (3..32u64).step_by(4) {
+        c.request(Command::Read, 0, 1000 + i, 2 * MIB + i * 4096, 4096);
+        assert_eq!(c.reply(), (1000 + i, 0, vec![i as u8; 4096]));
+    }
+}
+
+#[test]
+fn the_handshake_times_out() {
+    let f = fixture_with_disk(ServerOptions {
+        max_connections: 0,
+        handshake_timeout: Duration::from_millis(300),
+    });
+    let start = Instant::now();
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    assert!(c.closed());
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // A client that finishes in time stays.
+    let (mut ok, _, _) = Raw::open(&f.sock, "disk", &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_serves(&mut ok, 0);
+}
+
+#[test]
+fn max_connections_holds_further_clients_back() {
+    let f = fixture_with_disk(ServerOptions {
+        max_connections: 1,
+        handshake_timeout: Duration::from_secs(10),
+    });
+    let (mut first, _, _) = Raw::open(&f.sock, "disk", &[]);
+    let second = UnixStream::connect(&f.sock).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 8];
+    assert!((&second).read_exact(&mut b).is_err(), "no greeting yet");
+    first.request(Command::Disc, 0, 0, 0, 0);
+    assert!(first.closed());
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (&second).read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"NBDMAGIC");
+}
+
+#[test]
+fn export_rules_follow_qemu() {
+    let f = Fixture::new();
+    let img = f.path("a.qcow2");
+    testkit::qemu_img_create_qcow2(&img, 4 * MIB, "");
+    let node = f.add_node(json!({"driver": "qcow2", "node-name": "n",
+        "file": {"driver": "file", "filename": img}}));
+    let bitmaps = node.bitmaps();
+    bitmaps.add("on", None, false, false).unwrap();
+    bitmaps.add("off", None, false, true).unwrap();
+    let opts = |id: &str, writable: bool, b: &[&str]| ExportOptions {
+        id: id.into(),
+        name: id.into(),
+        description: Some("a disk".into()),
+        writable,
+        bitmaps: b.iter().map(|s| s.to_string()).collect(),
+        allocation_depth: false,
+    };
+    let err = |o| f.server.add_export(&node, o).unwrap_err().to_string();
+    assert_eq!(
+        err(opts("e", false, &["on"])),
+        "Enabled bitmap 'on' incompatible with readonly export"
+    );
+    assert_eq!(
+        err(opts("e", false, &["nope"])),
+        "Bitmap 'nope' is not found"
+    );
+    f.server
+        .add_export(&node, opts("e", false, &["off"]))
+        .unwrap();
+    assert_eq!(
+        err(opts("e", true, &[])),
+        "Block export id 'e' is already in use"
+    );
+    let mut dup = opts("e2", true, &[]);
+    dup.name = "e".into();
+    assert_eq!(err(dup), "NBD server already has export named 'e'");
+    assert_eq!(
+        err(opts("e3", false, &["off"])),
+        "Bitmap 'off' is currently in use by another operation and cannot be used"
+    );
+    assert_eq!(
+        bitmaps.remove("off").unwrap_err().to_string(),
+        "Bitmap 'off' is currently in use by another operation and cannot be used"
+    );
+    f.server
+        .add_export(&node, opts("w", true, &["on"]))
+        .unwrap();
+
+    // Safe removal is refused while a client is connected; hard removal
+    // disconnects it and frees the bitmap.
+    let (mut c, _, _) = Raw::open(&f.sock, "e", &["qemu:dirty-bitmap:off"]);
+    let e = f.rt.block_on(f.server.remove_export("e", RemoveMode::Safe));
+    assert_eq!(e.unwrap_err().to_string(), "export 'e' still in use");
+    assert_eq!(
+        f.rt.block_on(f.server.remove_export("x", RemoveMode::Safe))
+            .unwrap_err()
+            .to_string(),
+        "Export 'x' is not found"
+    );
+    c.request(Command::BlockStatus, 0, 5, 0, 4096);
+    assert_eq!(c.reply().1, 0);
+    f.rt.block_on(f.server.remove_export("e", RemoveMode::Hard))
+        .unwrap();
+    assert!(c.closed());
+    bitmaps.remove("off").unwrap();
+    // The removed export is gone from LIST and GO.
+    let mut l = Raw::connect(&f.sock);
+    l.flags();
+    l.option(opt::LIST, &[]);
+    let (h, p) = l.option_reply();
+    assert_eq!(h.reply, rep::SERVER);
+    assert_eq!(&p[4..5], b"w");
+    assert_eq!(&p[5..], b"a disk");
+    assert_eq!(l.option_reply().0.reply, rep::ACK);
+    // With no client, safe removal works at once.
+    f.rt.block_on(f.server.remove_export("w", RemoveMode::Safe))
+        .unwrap();
+    assert!(f.server.exports().is_empty());
+}
