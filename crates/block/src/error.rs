@@ -135,6 +135,19 @@ pub enum Error {
         /// Why, and what to do about it.
         reason: String,
     },
+    /// A driver that this process has not registered (see
+    /// [`crate::Graph::register_driver`]).
+    #[error("Driver '{0}' is not available here")]
+    DriverUnavailable(&'static str),
+    /// A driver talking to a peer failed, with the peer's or the driver's
+    /// words (e.g. an NBD server refusing an export or a request).
+    #[error("{message}")]
+    Peer {
+        /// The POSIX errno protocols should report.
+        errno: i32,
+        /// What went wrong.
+        message: String,
+    },
     /// Opening an image file failed.
     #[error("Could not open '{path}': {}", os_message(.source))]
     Open {
@@ -249,6 +262,7 @@ impl Error {
                 .raw_os_error()
                 .unwrap_or(rustix::io::Errno::IO.raw_os_error()),
             Error::ReadOnly(_) => rustix::io::Errno::PERM.raw_os_error(),
+            Error::Peer { errno, .. } => *errno,
             Error::OutOfRange { .. } => rustix::io::Errno::INVAL.raw_os_error(),
             Error::NotSupported(_) => rustix::io::Errno::NOTSUP.raw_os_error(),
             Error::Bitmap(hbitmap::Error::OutOfMemory { .. }) => {

@@ -32,6 +32,31 @@ impl Inner {
 pub struct Graph {
     inner: Mutex<Inner>,
     adding: tokio::sync::Mutex<()>,
+    factories: Mutex<Factories>,
+}
+
+/// Opens the nodes of a driver that lives outside this crate (the NBD
+/// client lives in the `nbd` crate, which depends on this one).
+pub trait DriverFactory: Send + Sync {
+    /// Opens node `node` with `options` (whose driver is this factory's).
+    /// Returns the driver and whether the node must be read-only (e.g. the
+    /// peer only allows reading).
+    fn open<'a>(
+        &'a self,
+        node: &'a str,
+        options: &'a BlockdevOptions,
+    ) -> BoxFuture<'a, Result<(Box<dyn Driver>, bool)>>;
+}
+
+#[derive(Default)]
+struct Factories(Vec<(&'static str, Arc<dyn DriverFactory>)>);
+
+impl std::fmt::Debug for Factories {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(n, _)| n))
+            .finish()
+    }
 }
 
 impl Graph {
@@ -42,6 +67,22 @@ impl Graph {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets nodes of driver `name` be opened by `factory` (replacing an
+    /// earlier registration).
+    pub fn register_driver(&self, name: &'static str, factory: Arc<dyn DriverFactory>) {
+        let mut f = self.factories.lock().unwrap_or_else(|e| e.into_inner());
+        f.0.retain(|(n, _)| *n != name);
+        f.0.push((name, factory));
+    }
+
+    fn factory(&self, name: &'static str) -> Result<Arc<dyn DriverFactory>> {
+        let f = self.factories.lock().unwrap_or_else(|e| e.into_inner());
+        f.0.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| f.clone())
+            .ok_or(Error::DriverUnavailable(name))
     }
 
     /// Opens a node and its inline children (`blockdev-add`). The root must
@@ -132,6 +173,12 @@ impl Graph {
             let mut loaded = Vec::new();
             let driver: Box<dyn Driver> = match &options.driver {
                 DriverOptions::NullCo { size, .. } => Box::new(NullDriver::new(*size)),
+                DriverOptions::Nbd { .. } => {
+                    let factory = self.factory(options.driver.name())?;
+                    let (driver, ro) = factory.open(&name, options).await?;
+                    read_only |= ro;
+                    driver
+                }
                 DriverOptions::File { filename, aio } => {
                     let (driver, ro) = FileDriver::open(
                         filename,

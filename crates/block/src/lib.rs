@@ -35,9 +35,9 @@ pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState, 
 pub use buf::IoBuf;
 pub use create::{Qcow2Create, create_qcow2};
 pub use error::{Error, Result};
-pub use graph::Graph;
+pub use graph::{DriverFactory, Graph};
 pub use node::{
     BoxFuture, BufResult, ChildRole, Driver, Edge, Extent, Limits, Node, User, WriteHook,
     WriteKind, WriteRequest, ZeroFlags,
 };
-pub use options::BlockdevOptions;
+pub use options::{BlockdevOptions, SocketAddress};

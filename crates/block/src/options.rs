@@ -83,6 +83,17 @@ pub enum DriverOptions {
         /// by default, at least two tables).
         l2_cache_size: Option<u64>,
     },
+    /// `nbd`: an export on an NBD server (opened by the driver the NBD
+    /// crate registers with [`crate::Graph::register_driver`]).
+    Nbd {
+        /// Where the server listens.
+        server: SocketAddress,
+        /// The export's name (`""` by default).
+        export: Option<String>,
+        /// A metadata context whose block status replaces `base:allocation`
+        /// (QEMU's `x-dirty-bitmap`, e.g. `qemu:dirty-bitmap:B`).
+        x_dirty_bitmap: Option<String>,
+    },
     /// `null-co`: a device that reads zeroes and forgets writes.
     NullCo {
         /// Length in bytes (QEMU's default: 1 GiB).
@@ -101,6 +112,33 @@ impl DriverOptions {
             DriverOptions::Raw { .. } => "raw",
             DriverOptions::Qcow2 { .. } => "qcow2",
             DriverOptions::NullCo { .. } => "null-co",
+            DriverOptions::Nbd { .. } => "nbd",
+        }
+    }
+}
+
+/// Where a network peer listens (QAPI's `SocketAddress`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAddress {
+    /// A unix socket.
+    Unix {
+        /// Its path.
+        path: String,
+    },
+    /// A TCP host and port.
+    Inet {
+        /// Host name or address.
+        host: String,
+        /// Port number or service name (a string, as in QAPI).
+        port: String,
+    },
+}
+
+impl std::fmt::Display for SocketAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketAddress::Unix { path } => write!(f, "{path}"),
+            SocketAddress::Inet { host, port } => write!(f, "{host}:{port}"),
         }
     }
 }
@@ -265,6 +303,30 @@ fn parse(mut f: Fields) -> Result<BlockdevOptions> {
             backing: f.opt_nullable_child("backing")?,
             l2_cache_size: f.opt_u64("l2-cache-size")?,
         },
+        "nbd" => {
+            let mut server = f
+                .opt_object("server")?
+                .ok_or_else(|| Error::MissingParameter(f.name("server")))?;
+            let unix = server
+                .opt_enum("type", &[("unix", true), ("inet", false)])?
+                .ok_or_else(|| Error::MissingParameter(server.name("type")))?;
+            let address = if unix {
+                SocketAddress::Unix {
+                    path: server.req_str("path")?,
+                }
+            } else {
+                SocketAddress::Inet {
+                    host: server.req_str("host")?,
+                    port: server.req_str("port")?,
+                }
+            };
+            server.finish()?;
+            DriverOptions::Nbd {
+                server: address,
+                export: f.opt_str("export")?,
+                x_dirty_bitmap: f.opt_str("x-dirty-bitmap")?,
+            }
+        }
         "null-co" => DriverOptions::NullCo {
             size: f.opt_u64("size")?.unwrap_or(NULL_CO_DEFAULT_SIZE),
             read_zeroes: f.opt_bool("read-zeroes")?.unwrap_or(false),

@@ -55,10 +55,39 @@ pub enum Error {
     /// The server refused an option or a request.
     #[error("{0}")]
     Refused(String),
+    /// The server answered a request with an error.
+    #[error("{message}")]
+    Request {
+        /// The error number the server sent.
+        errno: i32,
+        /// What it said.
+        message: String,
+    },
     /// The connection failed or was closed.
     #[error("NBD connection lost: {0}")]
     Disconnected(String),
 }
+
+impl Error {
+    /// This error as the block layer reports it: a server's error number
+    /// is kept; a lost connection is `EIO`.
+    pub fn into_block(self) -> block::Error {
+        match self {
+            Error::Block(e) => e,
+            Error::Request { errno, message } => block::Error::Peer { errno, message },
+            Error::Disconnected(_) => block::Error::Peer {
+                errno: EIO,
+                message: self.to_string(),
+            },
+            other => block::Error::Peer {
+                errno: EIO,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+const EIO: i32 = 5;
 
 /// A result with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;

@@ -9,9 +9,13 @@
 //! The crate knows the block layer (it serves nodes) and nothing of QMP,
 //! jobs or the daemon.
 
+pub mod client;
+mod driver;
 mod error;
 pub mod proto;
 pub mod server;
 
+pub use client::{Client, ClientOptions};
+pub use driver::{NbdFactory, register};
 pub use error::{Error, Result};
 pub use server::{Export, ExportOptions, ListenAddr, RemoveMode, Server, ServerOptions};
