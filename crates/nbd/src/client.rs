@@ -195,6 +195,16 @@ impl Client {
                 Box::new(s)
             }
         };
+        Client::over(stream, options).await
+    }
+
+    /// Negotiates over an already connected `stream` (`options.server`
+    /// only names it); the fuzz target drives the client this way.
+    pub async fn over<S>(stream: S, options: &ClientOptions) -> Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let stream: Box<dyn Stream> = Box::new(stream);
         let (r, mut w) = tokio::io::split(stream);
         let mut r = BufReader::new(r);
         let hs = handshake(&mut r, &mut w, options).await?;
@@ -356,12 +366,7 @@ impl Client {
 
     /// Block status of `offset..offset + len` (len < 4 GiB) for every
     /// selected context: `(context id, [(length, flags)])`.
-    pub async fn block_status(
-        &self,
-        offset: u64,
-        len: u32,
-        one: bool,
-    ) -> Result<StatusReply> {
+    pub async fn block_status(&self, offset: u64, len: u32, one: bool) -> Result<StatusReply> {
         if !self.structured || self.contexts.is_empty() {
             return Err(Error::Refused("no metadata context was negotiated".into()));
         }
@@ -507,10 +512,17 @@ where
                     info::EXPORT => export = Some((rd.u64()?, rd.u16()?)),
                     info::BLOCK_SIZE => {
                         let (minimum, preferred, maximum) = (rd.u32()?, rd.u32()?, rd.u32()?);
+                        if !minimum.is_power_of_two() || minimum > 64 * 1024 || maximum < minimum {
+                            return Err(Error::Refused(format!(
+                                "the server sent invalid block sizes \
+                                 {minimum}/{preferred}/{maximum}"
+                            )));
+                        }
                         block_sizes = BlockSizes {
-                            minimum: minimum.max(1),
+                            minimum,
                             preferred,
-                            maximum: maximum.clamp(minimum.max(1), MAX_PAYLOAD),
+                            // A multiple of the minimum, at most 32 MiB.
+                            maximum: maximum.min(MAX_PAYLOAD) / minimum * minimum,
                         };
                     }
                     _ => {}
@@ -644,6 +656,13 @@ async fn read_reply<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Whether `o..o + n` lies inside the read `offset..offset + len`.
+fn inside(o: u64, n: u64, offset: u64, len: usize) -> bool {
+    o >= offset
+        && o.checked_add(n)
+            .is_some_and(|end| end <= offset + len as u64)
+}
+
 async fn read_chunk<R: AsyncRead + Unpin>(
     r: &mut R,
     waiter: &mut Waiter,
@@ -664,7 +683,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
         ) => {
             let n = u64::from(len.checked_sub(8).ok_or("data chunk too short")?);
             let o = r.read_u64().await.map_err(io)?;
-            if o < *offset || o + n > *offset + *want as u64 {
+            if !inside(o, n, *offset, *want) {
                 return Err(format!("data chunk {o}+{n} outside the read"));
             }
             let from = *at + (o - *offset) as usize;
@@ -687,7 +706,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             }
             let o = r.read_u64().await.map_err(io)?;
             let n = u64::from(r.read_u32().await.map_err(io)?);
-            if o < *offset || o + n > *offset + *want as u64 {
+            if !inside(o, n, *offset, *want) {
                 return Err(format!("hole chunk {o}+{n} outside the read"));
             }
             let from = *at + (o - *offset) as usize;
