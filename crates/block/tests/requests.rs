@@ -421,3 +421,38 @@ async fn direct_io_reaches_the_last_sector() {
         "the file did not grow"
     );
 }
+
+/// Buffered reads try the page cache on the calling thread first and fall
+/// back to the thread pool for what is not cached: data dropped from the
+/// cache, half-cached requests and the end of the file all read right.
+#[tokio::test]
+async fn reads_partly_out_of_the_page_cache_read_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cold.img");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    let g = Graph::new();
+    let v = json!({"driver": "file", "node-name": "f", "filename": path.to_str().unwrap()});
+    let f = g
+        .add(&BlockdevOptions::from_json(&v).unwrap())
+        .await
+        .unwrap();
+    let evict = || {
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    };
+    for (offset, len) in [(0u64, 8usize << 20), (4096, 1 << 20), (3 << 20, 3 << 20)] {
+        evict();
+        // Warm the first half only.
+        let _ = f.read(offset, len / 2).await.unwrap();
+        let got = f.read(offset, len).await.unwrap();
+        assert!(
+            got.as_slice() == &data[offset as usize..offset as usize + len],
+            "{offset}+{len}"
+        );
+    }
+    evict();
+    let tail = f.read((8 << 20) - 100, 100).await.unwrap();
+    assert_eq!(tail.as_slice(), &data[(8 << 20) - 100..]);
+}

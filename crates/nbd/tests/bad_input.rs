@@ -503,3 +503,23 @@ fn export_rules_follow_qemu() {
         .unwrap();
     assert!(f.server.exports().is_empty());
 }
+
+/// The multi-conn guarantee: a write completed on one connection is read
+/// by every other, and a flush on any connection covers it.
+#[test]
+fn multi_conn_connections_see_one_export() {
+    let f = fixture_with_disk(ServerOptions::default());
+    let (mut a, _, flags) = Raw::open(&f.sock, "disk", &[]);
+    assert_ne!(flags & proto::tflag::CAN_MULTI_CONN, 0);
+    let (mut b, _, _) = Raw::open(&f.sock, "disk", &[]);
+    a.request(Command::Write, 0, 1, 65536, 4096);
+    a.send(&[0xeeu8; 4096]);
+    assert_eq!(a.reply().1, 0);
+    b.request(Command::Flush, 0, 2, 0, 0);
+    assert_eq!(b.reply().1, 0);
+    b.request(Command::Read, 0, 3, 65536, 4096);
+    assert_eq!(b.reply(), (3, 0, vec![0xeeu8; 4096]));
+    // The flush on b reached the file: read it behind the server's back.
+    let on_disk = std::fs::read(f.path("disk.raw")).unwrap();
+    assert_eq!(&on_disk[65536..65536 + 4096], &[0xeeu8; 4096][..]);
+}

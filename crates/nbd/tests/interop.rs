@@ -260,3 +260,37 @@ fn block_status_matches_qemu_nbd() {
     };
     assert_eq!(list(&f.uri("top")), list(&peer.uri("top")));
 }
+
+/// TCP listeners serve the same as unix ones, to QEMU and to our client.
+#[test]
+fn tcp_listener_serves_qemu_io_and_our_client() {
+    let f = Fixture::new();
+    let (_, node) = raw_node(&f, "disk", 4 * MIB);
+    f.export(&node, "disk", true, &[]);
+    let bound =
+        f.rt.block_on(f.server.listen(&nbd::ListenAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        }))
+        .unwrap();
+    let nbd::ListenAddr::Tcp { port, .. } = bound else {
+        panic!("a TCP address")
+    };
+    assert_ne!(port, 0);
+    let uri = format!("nbd://127.0.0.1:{port}/disk");
+    let out = qemu_io(&[
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x3c 4k 8k",
+        "-c",
+        "read -P 0x3c 4k 8k",
+    ]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    nbd::register(&f.graph);
+    let remote = f.add_node(json!({"driver": "nbd", "node-name": "r", "export": "disk",
+        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}));
+    let data = f.rt.block_on(remote.read(4096, 8192)).unwrap();
+    assert_eq!(data.as_slice(), &[0x3cu8; 8192][..]);
+}

@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
@@ -45,6 +45,11 @@ pub(crate) struct FileDriver {
     alignment: u64,
     /// The io_uring engine, when asked for and granted.
     uring: Option<Uring>,
+    /// Whether buffered reads and writes are first tried on the calling
+    /// thread with `RWF_NOWAIT` (turned off for good where the kernel or
+    /// the file system refuses the flag).
+    nowait_reads: AtomicBool,
+    nowait_writes: AtomicBool,
     /// The path as given.
     path: String,
 }
@@ -114,6 +119,8 @@ impl FileDriver {
                 writable: !read_only,
                 direct,
                 alignment,
+                nowait_reads: AtomicBool::new(!direct),
+                nowait_writes: AtomicBool::new(!direct),
                 uring,
                 path: path.to_owned(),
             },
@@ -142,12 +149,23 @@ impl FileDriver {
             }
             return (result.map_err(|e| Error::io("write", e)), buf);
         }
+        let mut done = 0;
+        if !fua && self.nowait_writes.load(Ordering::Relaxed) {
+            done = nowait(&self.nowait_writes, buf.len(), |at| {
+                let slice = [io::IoSlice::new(&buf.as_slice()[at..])];
+                rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
+            });
+            if done == buf.len() {
+                return (Ok(()), buf);
+            }
+        }
         let file = self.file.clone();
         let task = super::pool::run(move || {
+            let (rest, at) = (&buf.as_slice()[done..], offset + done as u64);
             let result = if fua {
-                write_dsync(&file, buf.as_slice(), offset)
+                write_dsync(&file, rest, at)
             } else {
-                file.write_all_at(buf.as_slice(), offset)
+                file.write_all_at(rest, at)
             };
             (result, buf)
         });
@@ -257,10 +275,23 @@ impl Driver for FileDriver {
                 let (result, buf) = uring.submit(OpKind::Read, offset, buf).await;
                 return (result.map_err(|e| Error::io("read", e)), buf);
             }
+            let mut buf = buf;
+            let mut done = 0;
+            if self.nowait_reads.load(Ordering::Relaxed) {
+                let len = buf.len();
+                done = nowait(&self.nowait_reads, len, |at| {
+                    let mut slice = [io::IoSliceMut::new(&mut buf.as_mut_slice()[at..])];
+                    rustix::io::preadv2(&*self.file, &mut slice, offset + at as u64, NOWAIT)
+                });
+                if done == len {
+                    return (Ok(()), buf);
+                }
+            }
             let file = self.file.clone();
             let task = super::pool::run(move || {
                 let mut buf = buf;
-                let result = read_full(&file, buf.as_mut_slice(), offset);
+                let result =
+                    read_full(&file, &mut buf.as_mut_slice()[done..], offset + done as u64);
                 (result, buf)
             });
             match task.await {
@@ -399,6 +430,38 @@ fn seek_status(file: &File, offset: u64, end: u64) -> io::Result<(bool, u64)> {
         Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok((true, end)),
         Err(e) => Err(e.into()),
     }
+}
+
+const NOWAIT: rustix::io::ReadWriteFlags = rustix::io::ReadWriteFlags::NOWAIT;
+
+/// Runs `op(at)` (a `RWF_NOWAIT` read or write of the bytes from `at` on)
+/// on the calling thread until `len` bytes are done or it would block;
+/// returns the bytes done. The page cache serves such requests without
+/// waiting for a device, so cached data costs no trip to the thread pool.
+/// A kernel or file system that refuses the flag turns the fast path off
+/// through `enabled`. A read that meets the end of the file stops short;
+/// the slow path zero-fills it (and reports errors).
+fn nowait(
+    enabled: &AtomicBool,
+    len: usize,
+    mut op: impl FnMut(usize) -> rustix::io::Result<usize>,
+) -> usize {
+    let mut done = 0;
+    while done < len {
+        match op(done) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                enabled.store(false, Ordering::Relaxed);
+                break;
+            }
+            // EAGAIN: it would wait. Anything else: the slow path retries
+            // and reports it.
+            Err(_) => break,
+        }
+    }
+    done
 }
 
 /// Whether a `RWF_DSYNC` write failed only because the kernel or the file

@@ -1,0 +1,401 @@
+//! Our NBD server side by side with `qemu-nbd` and `nbdkit file` serving the
+//! same 4 GiB raw file, driven by the same clients (`nbdcopy`,
+//! `qemu-img convert`, and our client for random 4 KiB requests at QD 16).
+//! Each server runs as its own process; its CPU time (user + system, from
+//! `/proc/PID/stat`) is measured around every run. Prints markdown tables
+//! for `docs/benchmarks.md`.
+//!
+//! Run: `cargo bench -p nbd --bench server_vs_peers` (add `-- buffered` or
+//! `-- direct` for one cache mode). The file lives in `$BENCH_DIR`
+//! (default `/var/tmp`); it needs 8 GiB free.
+//!
+//! Every figure is the best of `RUNS` runs (the machine is shared).
+
+#![allow(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use block::{BlockdevOptions, Graph, IoBuf, SocketAddress};
+use nbd::{Client, ClientOptions, ExportOptions, ListenAddr, Server, ServerOptions};
+use serde_json::json;
+
+const SIZE: u64 = 4 << 30;
+const GIB: f64 = (1u64 << 30) as f64;
+const RUNS: usize = 2;
+const RANDOM_OPS: u64 = 200_000;
+const DEPTH: u64 = 16;
+
+/// The server process of one row.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Peer {
+    Ours,
+    QemuNbd,
+    Nbdkit,
+}
+
+const PEERS: [Peer; 3] = [Peer::Ours, Peer::QemuNbd, Peer::Nbdkit];
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Ours => "bitmirror",
+            Peer::QemuNbd => "qemu-nbd",
+            Peer::Nbdkit => "nbdkit file",
+        }
+    }
+
+    fn start(self, file: &Path, sock: &Path, direct: bool) -> Child {
+        let _ = std::fs::remove_file(sock);
+        let (f, s) = (file.to_str().unwrap(), sock.to_str().unwrap());
+        let mut cmd = match self {
+            Peer::Ours => {
+                let mut c = Command::new(std::env::current_exe().unwrap());
+                c.env("NBD_BENCH_SERVE", format!("{s}|{f}|{}", u8::from(direct)));
+                c
+            }
+            Peer::QemuNbd => {
+                let mut c = Command::new("qemu-nbd");
+                c.args(["-t", "-e", "16", "-k", s, "-f", "raw"]);
+                if direct {
+                    c.args(["--cache=none", "--aio=native"]);
+                }
+                c.arg(f);
+                c
+            }
+            Peer::Nbdkit => {
+                let mut c = Command::new("nbdkit");
+                c.args(["--foreground", "--unix", s, "file", f]);
+                if direct {
+                    // nbdkit's file plugin has no O_DIRECT; this is its
+                    // closest setting (page cache dropped behind requests).
+                    c.arg("cache=none");
+                }
+                c
+            }
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(Instant::now() < deadline, "{} did not listen", self.name());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// The in-process server the bench re-executes itself as.
+fn serve(spec: &str) {
+    let parts: Vec<&str> = spec.split('|').collect();
+    let (sock, file, direct) = (parts[0], parts[1], parts[2] == "1");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let graph = Graph::new();
+        let o = BlockdevOptions::from_json(&json!({"driver": "raw", "node-name": "disk",
+            "file": {"driver": "file", "filename": file, "cache": {"direct": direct}}}))
+        .unwrap();
+        let node = graph.add(&o).await.unwrap();
+        let server = Server::new(ServerOptions::default());
+        server
+            .add_export(
+                &node,
+                ExportOptions {
+                    id: "disk".into(),
+                    name: String::new(),
+                    description: None,
+                    writable: true,
+                    bitmaps: vec![],
+                    allocation_depth: false,
+                },
+            )
+            .unwrap();
+        server
+            .listen(&ListenAddr::Unix(PathBuf::from(sock)))
+            .await
+            .unwrap();
+        std::future::pending::<()>().await;
+    });
+}
+
+/// Runs `program args` to completion; fails loudly.
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Random 4 KiB requests at QD 16 with our client; returns the time taken.
+fn random_4k(rt: &tokio::runtime::Runtime, sock: &Path, write: bool) -> Duration {
+    rt.block_on(async {
+        let client = Arc::new(
+            Client::connect(&ClientOptions {
+                server: SocketAddress::Unix {
+                    path: sock.to_str().unwrap().into(),
+                },
+                export: String::new(),
+                contexts: vec![],
+            })
+            .await
+            .unwrap(),
+        );
+        let next = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..DEPTH)
+            .map(|w| {
+                let (client, next) = (client.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ w;
+                    let data = vec![0x5au8; 4096];
+                    let mut buf = IoBuf::zeroed(4096, 1);
+                    while next.fetch_add(1, Ordering::Relaxed) < RANDOM_OPS {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let offset = (x % (SIZE / 4096)) * 4096;
+                        if write {
+                            client.write(offset, &data, false).await.unwrap();
+                        } else {
+                            let (r, b) = client.read(offset, buf).await;
+                            r.unwrap();
+                            buf = b;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let took = start.elapsed();
+        client.disconnect().await;
+        took
+    })
+}
+
+struct Row {
+    name: &'static str,
+    /// Bytes (or operations) per run.
+    amount: f64,
+    unit: &'static str,
+    /// Best time and the server CPU seconds of that run, per peer.
+    results: Vec<(Duration, f64)>,
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("NBD_BENCH_SERVE") {
+        serve(&spec);
+        return;
+    }
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    for tool in ["qemu-nbd", "nbdkit", "nbdcopy", "qemu-img"] {
+        testkit::require_tool(
+            tool,
+            if tool == "nbdcopy" {
+                "libnbd-bin"
+            } else {
+                tool
+            },
+        );
+    }
+    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let file = dir.path().join("disk.raw");
+    let source = dir.path().join("source.raw");
+    let sock = dir.path().join("nbd.sock");
+    eprintln!("writing {} GiB of data…", SIZE >> 30);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x = 1u64;
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&source).unwrap());
+        for _ in 0..SIZE >> 20 {
+            for b in chunk.chunks_mut(8) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+            }
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    std::fs::copy(&source, &file).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let (f, src) = (file.to_str().unwrap(), source.to_str().unwrap());
+    for direct in [false, true] {
+        let mode = if direct { "direct" } else { "buffered" };
+        if filter.as_deref().is_some_and(|f| f != mode) {
+            continue;
+        }
+        type Job<'a> = Box<dyn Fn() -> Duration + 'a>;
+        let timed = |program: &'static str, args: Vec<String>| -> Job<'_> {
+            Box::new(move || {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                let t = Instant::now();
+                run(program, &a);
+                t.elapsed()
+            })
+        };
+        let jobs: Vec<(&'static str, f64, &'static str, Job)> = vec![
+            (
+                "sequential read, nbdcopy → null:",
+                SIZE as f64,
+                "MB/s",
+                timed("nbdcopy", vec![uri.clone(), "null:".into()]),
+            ),
+            (
+                "sequential write, nbdcopy file →",
+                SIZE as f64,
+                "MB/s",
+                timed("nbdcopy", vec![src.into(), uri.clone()]),
+            ),
+            (
+                "sequential read, qemu-img convert → null-co",
+                SIZE as f64,
+                "MB/s",
+                timed(
+                    "qemu-img",
+                    vec![
+                        "convert".into(),
+                        "-n".into(),
+                        "-f".into(),
+                        "raw".into(),
+                        uri.clone(),
+                        "--target-image-opts".into(),
+                        format!("driver=null-co,size={SIZE}"),
+                    ],
+                ),
+            ),
+            (
+                "sequential write, qemu-img convert file →",
+                SIZE as f64,
+                "MB/s",
+                timed(
+                    "qemu-img",
+                    vec![
+                        "convert".into(),
+                        "-n".into(),
+                        "-f".into(),
+                        "raw".into(),
+                        "-O".into(),
+                        "raw".into(),
+                        src.into(),
+                        uri.clone(),
+                    ],
+                ),
+            ),
+            (
+                "random 4 KiB read, QD 16",
+                RANDOM_OPS as f64,
+                "IOPS",
+                Box::new(|| random_4k(&rt, &sock, false)),
+            ),
+            (
+                "random 4 KiB write, QD 16",
+                RANDOM_OPS as f64,
+                "IOPS",
+                Box::new(|| random_4k(&rt, &sock, true)),
+            ),
+        ];
+        let mut rows = Vec::new();
+        for (name, amount, unit, job) in &jobs {
+            let mut results = Vec::new();
+            for peer in PEERS {
+                let mut child = peer.start(Path::new(f), &sock, direct);
+                let mut best: Option<(Duration, f64)> = None;
+                for _ in 0..RUNS {
+                    let c0 = cpu_seconds(child.id());
+                    let t = job();
+                    let cpu = cpu_seconds(child.id()) - c0;
+                    if best.is_none_or(|b| t < b.0) {
+                        best = Some((t, cpu));
+                    }
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                let best = best.unwrap();
+                eprintln!(
+                    "{mode} {name} {}: {:?}, {:.1} s CPU",
+                    peer.name(),
+                    best.0,
+                    best.1
+                );
+                results.push(best);
+            }
+            rows.push(Row {
+                name,
+                amount: *amount,
+                unit,
+                results,
+            });
+        }
+        print_table(mode, &rows);
+    }
+}
+
+fn print_table(mode: &str, rows: &[Row]) {
+    println!("\n#### {mode}\n");
+    println!(
+        "| workload | bitmirror | qemu-nbd | nbdkit file | ours ÷ best peer | server CPU s/GiB (or per 100k ops): bitmirror / qemu-nbd / nbdkit |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
+    for r in rows {
+        let rate = |d: Duration| {
+            let per_s = r.amount / d.as_secs_f64();
+            if r.unit == "MB/s" { per_s / 1e6 } else { per_s }
+        };
+        let rates: Vec<f64> = r.results.iter().map(|(d, _)| rate(*d)).collect();
+        let best_peer = rates[1].max(rates[2]);
+        let cpu: Vec<String> = r
+            .results
+            .iter()
+            .map(|(_, c)| {
+                let per = if r.unit == "MB/s" {
+                    c / (r.amount / GIB)
+                } else {
+                    c / (r.amount / 100_000.0)
+                };
+                format!("{per:.2}")
+            })
+            .collect();
+        println!(
+            "| {} ({}) | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+            r.name,
+            r.unit,
+            rates[0],
+            rates[1],
+            rates[2],
+            rates[0] / best_peer,
+            cpu.join(" / ")
+        );
+    }
+}
