@@ -27,6 +27,32 @@ impl IoBuf {
         }
     }
 
+    /// This buffer's memory, reused for `len` bytes aligned to `align`
+    /// when it is large enough (the bytes are then whatever they were),
+    /// else a new zero-filled buffer. Servers keep buffers this way instead
+    /// of allocating and clearing one per request.
+    pub fn reuse(self, len: usize, align: usize) -> IoBuf {
+        let align = align.max(1).next_power_of_two();
+        let start = self.storage.as_ptr().align_offset(align);
+        if start
+            .checked_add(len)
+            .is_some_and(|end| end <= self.storage.len())
+        {
+            IoBuf {
+                storage: self.storage,
+                start,
+                len,
+            }
+        } else {
+            IoBuf::zeroed(len, align)
+        }
+    }
+
+    /// Bytes of memory held (at least [`len`](Self::len)).
+    pub fn capacity(&self) -> usize {
+        self.storage.len()
+    }
+
     /// Wraps `data` without copying; its alignment is whatever the allocator
     /// gave.
     pub fn from_vec(data: Vec<u8>) -> IoBuf {
@@ -117,5 +143,19 @@ mod tests {
         }
         assert_eq!(IoBuf::copy_from(b"abc", 64).into_vec(), b"abc");
         assert!(IoBuf::zeroed(0, 4096).is_empty());
+    }
+
+    #[test]
+    fn reuse_keeps_large_enough_memory_aligned() {
+        let mut b = IoBuf::zeroed(8192, 512);
+        b.as_mut_slice()[0] = 9;
+        let cap = b.capacity();
+        let r = b.reuse(4096, 4096);
+        assert_eq!(r.len(), 4096);
+        assert!(r.is_aligned(4096) || r.capacity() != cap);
+        let big = r.reuse(1 << 20, 512);
+        assert_eq!(big.len(), 1 << 20);
+        assert!(big.is_aligned(512));
+        assert!(big.is_zero(), "a new buffer when the old one is too small");
     }
 }

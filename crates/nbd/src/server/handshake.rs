@@ -156,24 +156,29 @@ where
                     reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
-                if !send_info(w, option, &export, &req, structured).await? {
+                if option == opt::INFO {
+                    send_info(w, option, &export, &req, structured).await?;
                     continue;
                 }
-                if option == opt::GO {
-                    let Some((client, close)) = export.attach() else {
-                        let msg = format!("export '{}' not present", req.name);
-                        reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
-                        continue;
-                    };
-                    let contexts = take_contexts(&mut selected, &req.name);
-                    return Ok(Some(Negotiated {
-                        export,
-                        client,
-                        close,
-                        structured,
-                        contexts,
-                    }));
+                // Attached before the final ACK: once the client has it, the
+                // export counts it (safe removal is refused from then on).
+                let Some((client, close)) = export.attach() else {
+                    let msg = format!("export '{}' not present", req.name);
+                    reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
+                    continue;
+                };
+                let mut n = Negotiated {
+                    export: export.clone(),
+                    client,
+                    close,
+                    structured,
+                    contexts: Vec::new(),
+                };
+                if !send_info(w, option, &export, &req, structured).await? {
+                    continue; // dropping `n` detaches
                 }
+                n.contexts = take_contexts(&mut selected, &req.name);
+                return Ok(Some(n));
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let listing = option == opt::LIST_META_CONTEXT;

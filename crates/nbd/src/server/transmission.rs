@@ -25,11 +25,20 @@ const MAX_EXTENTS: usize = 128 * 1024;
 /// for structured error chunks.
 type Refusal = (u32, String);
 
+/// Buffers kept per connection for reuse, and the largest one kept.
+const POOL_BUFFERS: usize = 16;
+const POOL_MAX_BYTES: usize = (4 << 20) + 4096;
+/// Replies up to this size go through the write buffer (tokio's default
+/// 8 KiB); larger ones are written with vectored writes.
+const SMALL_REPLY: usize = 8192;
+
 struct Conn<W> {
     export: Arc<Export>,
     structured: bool,
     contexts: Vec<Context>,
     writer: Mutex<BufWriter<W>>,
+    /// Payload buffers of finished requests, for the next ones.
+    pool: std::sync::Mutex<Vec<IoBuf>>,
 }
 
 /// What the reader does with one request.
@@ -62,6 +71,7 @@ pub(super) async fn run<R, W>(
         structured: n.structured,
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
+        pool: std::sync::Mutex::new(Vec::new()),
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
@@ -137,7 +147,7 @@ where
             .export
             .node()
             .map_or(1, |n| n.limits().memory_alignment);
-        let mut buf = IoBuf::zeroed(req.len as usize, align);
+        let mut buf = conn.buffer(req.len as usize, align);
         reader.read_exact(buf.as_mut_slice()).await?;
         Some(buf)
     } else {
@@ -150,6 +160,39 @@ where
 }
 
 impl<W: AsyncWrite + Unpin + Send> Conn<W> {
+    /// A buffer of `len` bytes (contents unspecified), from the pool when
+    /// one there is large enough.
+    fn buffer(&self, len: usize, align: usize) -> IoBuf {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let fit = pool.iter().position(|b| b.capacity() >= len + align);
+        match fit {
+            Some(i) => pool.swap_remove(i).reuse(len, align),
+            None => IoBuf::zeroed(len, align),
+        }
+    }
+
+    /// Gives a finished request's buffer back to the pool.
+    fn recycle(&self, buf: IoBuf) {
+        if buf.capacity() <= POOL_MAX_BYTES {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < POOL_BUFFERS {
+                pool.push(buf);
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset` into a pooled buffer.
+    async fn read_pooled(&self, node: &Node, offset: u64, len: usize) -> block::Result<IoBuf> {
+        let buf = self.buffer(len, node.limits().memory_alignment);
+        match node.read_into(offset, buf).await {
+            (Ok(()), buf) => Ok(buf),
+            (Err(e), buf) => {
+                self.recycle(buf);
+                Err(e)
+            }
+        }
+    }
+
     /// QEMU's checks, in QEMU's order.
     fn check(&self, req: &Request) -> Result<(), Refusal> {
         let Some(node) = self.export.node() else {
@@ -221,7 +264,11 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             Command::Read => return self.read(&node, req).await,
             Command::BlockStatus => return self.block_status(&node, req).await,
             Command::Write => match payload {
-                Some(buf) if !buf.is_empty() => node.write(offset, buf, fua).await.0,
+                Some(buf) if !buf.is_empty() => {
+                    let (r, buf) = node.write(offset, buf, fua).await;
+                    self.recycle(buf);
+                    r
+                }
                 _ => Ok(()),
             },
             Command::Flush => node.flush().await,
@@ -252,10 +299,13 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     async fn read(&self, node: &Node, req: Request) {
         let (offset, len) = (req.offset, req.len as usize);
         if !self.structured {
-            let _ = match node.read(offset, len).await {
+            let _ = match self.read_pooled(node, offset, len).await {
                 Ok(data) => {
-                    self.send(&[&simple_reply(0, req.cookie), data.as_slice()])
-                        .await
+                    let r = self
+                        .send(&[&simple_reply(0, req.cookie), data.as_slice()])
+                        .await;
+                    self.recycle(data);
+                    r
                 }
                 Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
             };
@@ -280,7 +330,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         };
         let sparse = extents.filter(|x| x.iter().any(|e| e.zero));
         let Some(extents) = sparse else {
-            let _ = match node.read(offset, len).await {
+            let _ = match self.read_pooled(node, offset, len).await {
                 Ok(data) => {
                     let h = structured_header(
                         chunk::FLAG_DONE,
@@ -288,8 +338,11 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                         req.cookie,
                         8 + req.len,
                     );
-                    self.send(&[&h, &offset.to_be_bytes(), data.as_slice()])
-                        .await
+                    let r = self
+                        .send(&[&h, &offset.to_be_bytes(), data.as_slice()])
+                        .await;
+                    self.recycle(data);
+                    r
                 }
                 Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
             };
@@ -308,7 +361,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 h.extend_from_slice(&(e.len as u32).to_be_bytes());
                 parts.push((h, None));
             } else {
-                match node.read(e.offset, e.len as usize).await {
+                match self.read_pooled(node, e.offset, e.len as usize).await {
                     Ok(data) => {
                         let n = 8 + e.len as u32;
                         let mut h =
@@ -331,6 +384,12 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             }
         }
         let _ = self.send(&slices).await;
+        drop(slices);
+        for (_, data) in parts {
+            if let Some(d) = data {
+                self.recycle(d);
+            }
+        }
     }
 
     async fn block_status(&self, node: &Node, req: Request) {
@@ -427,13 +486,57 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         }
     }
 
-    /// Writes one reply (all of its parts) and pushes it out.
+    /// Writes one reply (all of its parts) and pushes it out: small ones
+    /// through the write buffer, large ones with vectored writes (the
+    /// buffer is empty between replies: every reply flushes it).
     async fn send(&self, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut w = self.writer.lock().await;
-        for p in parts {
-            w.write_all(p).await?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total <= SMALL_REPLY {
+            for p in parts {
+                w.write_all(p).await?;
+            }
+            return w.flush().await;
         }
-        w.flush().await
+        write_all_vectored(w.get_mut(), parts).await
+    }
+}
+
+/// Writes every byte of `parts`, in order, with as few syscalls as the
+/// socket takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let (mut idx, mut off) = (0, 0);
+    loop {
+        while idx < parts.len() && off == parts[idx].len() {
+            idx += 1;
+            off = 0;
+        }
+        if idx == parts.len() {
+            return Ok(());
+        }
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[idx][off..])
+            .chain(parts[idx + 1..].iter().copied())
+            .take(64)
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let rest = parts[idx].len() - off;
+            if n >= rest {
+                n -= rest;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
     }
 }
 
