@@ -23,6 +23,8 @@ const MIB: u64 = 1 << 20;
 /// break it anywhere.
 struct Raw {
     s: UnixStream,
+    /// `OFFSET_HOLE` chunks received so far.
+    holes: usize,
 }
 
 impl Raw {
@@ -30,7 +32,7 @@ impl Raw {
     fn connect(sock: &Path) -> Raw {
         let s = UnixStream::connect(sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut raw = Raw { s };
+        let mut raw = Raw { s, holes: 0 };
         let mut hello = [0u8; 18];
         raw.s.read_exact(&mut hello).unwrap();
         assert_eq!(&hello[..8], b"NBDMAGIC");
@@ -133,6 +135,7 @@ impl Raw {
                     match kind {
                         proto::chunk::OFFSET_DATA => data.extend_from_slice(&p[8..]),
                         proto::chunk::OFFSET_HOLE => {
+                            self.holes += 1;
                             let n = u32::from_be_bytes(p[8..12].try_into().unwrap());
                             data.resize(data.len() + n as usize, 0);
                         }
@@ -522,4 +525,32 @@ fn multi_conn_connections_see_one_export() {
     // The flush on b reached the file: read it behind the server's back.
     let on_disk = std::fs::read(f.path("disk.raw")).unwrap();
     assert_eq!(&on_disk[65536..65536 + 4096], &[0xeeu8; 4096][..]);
+}
+
+/// Large reads of sparse ranges send the holes as `OFFSET_HOLE` chunks (and
+/// read back right); small reads and reads with DF come as data.
+#[test]
+fn sparse_reads_send_holes() {
+    let f = Fixture::new();
+    let path = f.path("sparse.raw");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(4 * MIB).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&[0x42u8; 65536], MIB).unwrap();
+    let node = f.add_node(json!({"driver": "raw", "node-name": "sparse",
+        "file": {"driver": "file", "filename": path}}));
+    f.export(&node, "sparse", false, &[]);
+    let (mut c, _, _) = Raw::open(&f.sock, "sparse", &[]);
+    c.request(Command::Read, 0, 1, 0, 2 * MIB as u32);
+    let (_, error, data) = c.reply();
+    assert_eq!(error, 0);
+    let mut want = vec![0u8; 2 * MIB as usize];
+    want[MIB as usize..MIB as usize + 65536].fill(0x42);
+    assert!(data == want);
+    assert_eq!(c.holes, 2, "the zeroes before and after the data");
+    c.request(Command::Read, cflag::DF, 2, 0, 2 * MIB as u32);
+    assert!(c.reply().2 == want);
+    c.request(Command::Read, 0, 3, 0, 4096);
+    assert_eq!(c.reply().2, vec![0u8; 4096]);
+    assert_eq!(c.holes, 2, "no holes with DF or for small reads");
 }

@@ -25,6 +25,9 @@ const MAX_EXTENTS: usize = 128 * 1024;
 /// for structured error chunks.
 type Refusal = (u32, String);
 
+/// Reads at least this long are checked for holes, which go back as
+/// `OFFSET_HOLE` chunks instead of zero bytes.
+const SPARSE_READ_MIN: usize = 64 * 1024;
 /// Buffers kept per connection for reuse, and the largest one kept.
 const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BYTES: usize = (4 << 20) + 4096;
@@ -322,8 +325,9 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 .await;
             return;
         }
-        // Zeroes are sent as holes unless the client asked for one chunk.
-        let extents = if req.flags & cflag::DF != 0 {
+        // Zeroes are sent as holes unless the client asked for one chunk,
+        // or the read is small (asking costs more than the bytes saved).
+        let extents = if req.flags & cflag::DF != 0 || len < SPARSE_READ_MIN {
             None
         } else {
             node.block_status(offset, len as u64).await.ok()
