@@ -132,6 +132,16 @@ impl FileDriver {
     /// at completion (`RWF_DSYNC`, which writes back only this range; a
     /// write and `fdatasync` where the kernel lacks it).
     async fn write_buf(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
+        let mut done = 0;
+        if !fua && self.nowait_writes.load(Ordering::Relaxed) {
+            done = nowait(&self.nowait_writes, buf.len(), |at| {
+                let slice = [io::IoSlice::new(&buf.as_slice()[at..])];
+                rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
+            });
+            if done == buf.len() {
+                return (Ok(()), buf);
+            }
+        }
         if let Some(uring) = &self.uring {
             let kind = if fua {
                 OpKind::WriteDsync
@@ -148,16 +158,6 @@ impl FileDriver {
                 return (result.map_err(|e| Error::io("write", e)), buf);
             }
             return (result.map_err(|e| Error::io("write", e)), buf);
-        }
-        let mut done = 0;
-        if !fua && self.nowait_writes.load(Ordering::Relaxed) {
-            done = nowait(&self.nowait_writes, buf.len(), |at| {
-                let slice = [io::IoSlice::new(&buf.as_slice()[at..])];
-                rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
-            });
-            if done == buf.len() {
-                return (Ok(()), buf);
-            }
         }
         let file = self.file.clone();
         let task = super::pool::run(move || {
@@ -271,10 +271,6 @@ impl Driver for FileDriver {
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
-            if let Some(uring) = &self.uring {
-                let (result, buf) = uring.submit(OpKind::Read, offset, buf).await;
-                return (result.map_err(|e| Error::io("read", e)), buf);
-            }
             let mut buf = buf;
             let mut done = 0;
             if self.nowait_reads.load(Ordering::Relaxed) {
@@ -286,6 +282,12 @@ impl Driver for FileDriver {
                 if done == len {
                     return (Ok(()), buf);
                 }
+            }
+            if let Some(uring) = &self.uring {
+                // The ring reads the whole request (what the fast path got
+                // is cached: reading it again is a copy).
+                let (result, buf) = uring.submit(OpKind::Read, offset, buf).await;
+                return (result.map_err(|e| Error::io("read", e)), buf);
             }
             let file = self.file.clone();
             let task = super::pool::run(move || {
