@@ -36,6 +36,17 @@ session += req(3, 6, 0, 0) + req(5, 7, 0, 4096) + req(2, 8, 0, 0)
 write("seeds/nbd_server/session", session)
 write("seeds/nbd_server/list", struct.pack(">I", 3) + opt(3) + opt(9, s32(b"") + struct.pack(">I", 0)) + opt(1, b"ro") + req(0, 1, 0, 512))
 
+# The same with extended headers (32-byte requests).
+def xreq(cmd, cookie, offset, length, flags=0):
+    return struct.pack(">IHHQQQ", 0x21E41C71, flags, cmd, cookie, offset, length)
+
+
+ext = struct.pack(">I", 3) + opt(11) + opt(10, meta) + opt(7, s32(b"") + struct.pack(">HH", 1, 3))
+ext += xreq(0, 1, 0, 4096) + xreq(1, 2, 512, 512, 0x20) + b"\xcd" * 512
+ext += xreq(7, 3, 0, 1 << 40) + xreq(6, 4, 0, 4096, 2) + xreq(3, 5, 0, 16, 0x20) + b"\0" * 16
+ext += xreq(2, 6, 0, 0)
+write("seeds/nbd_server/extended", ext)
+
 # What a server sends to the client target.
 def rep(code, kind, data=b""):
     return struct.pack(">QIII", 0x3E889045565A9, code, kind, len(data)) + data

@@ -413,7 +413,7 @@ fn request(command: Command, flags: u16, offset: u64, len: u32) -> Request {
         command,
         cookie: 0,
         offset,
-        len,
+        len: u64::from(len),
     }
 }
 

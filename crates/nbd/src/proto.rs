@@ -20,6 +20,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic of an extended request (extended headers negotiated).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of an extended reply chunk.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flag: fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -82,6 +86,8 @@ pub mod rep {
     pub const ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
     /// The option or its reply is too large.
     pub const ERR_TOO_BIG: u32 = (1 << 31) + 9;
+    /// Extended headers are required, or already negotiated.
+    pub const ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 }
 
 /// Information types of INFO/GO replies.
@@ -152,6 +158,9 @@ pub mod chunk {
     pub const OFFSET_HOLE: u16 = 2;
     /// Block status extents of one context.
     pub const BLOCK_STATUS: u16 = 5;
+    /// Block status extents of one context, 64-bit lengths (extended
+    /// headers only).
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// An error with a message.
     pub const ERROR: u16 = (1 << 15) + 1;
     /// An error at an offset, with a message.
@@ -199,6 +208,10 @@ pub const MAX_STRING: usize = 4096;
 pub const MAX_OPTION: u32 = 1 << 20;
 /// Size of a compact request header.
 pub const REQUEST_SIZE: usize = 28;
+/// Size of an extended request header.
+pub const EXTENDED_REQUEST_SIZE: usize = 32;
+/// Size of an extended reply header.
+pub const EXTENDED_REPLY_SIZE: usize = 32;
 /// Size of an option header (magic, option, length).
 pub const OPTION_HEADER_SIZE: usize = 16;
 /// The context name prefix of QEMU's dirty bitmaps.
@@ -542,8 +555,9 @@ pub struct Request {
     pub cookie: u64,
     /// Byte offset.
     pub offset: u64,
-    /// Length in bytes.
-    pub len: u32,
+    /// Length in bytes (32 bits on the wire unless extended headers were
+    /// negotiated).
+    pub len: u64,
 }
 
 impl Request {
@@ -562,14 +576,46 @@ impl Request {
             command: Command::from_wire(r.u16()?),
             cookie: r.u64()?,
             offset: r.u64()?,
-            len: r.u32()?,
+            len: u64::from(r.u32()?),
         })
     }
 
-    /// The 28 bytes of this header.
+    /// Parses the 32 bytes of an extended request header.
+    pub fn parse_extended(b: &[u8; EXTENDED_REQUEST_SIZE]) -> Result<Request, ProtoError> {
+        let mut r = Reader::new(b, "extended request");
+        let magic = r.u32()?;
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(ProtoError::BadMagic {
+                what: "extended request",
+                got: u64::from(magic),
+            });
+        }
+        Ok(Request {
+            flags: r.u16()?,
+            command: Command::from_wire(r.u16()?),
+            cookie: r.u64()?,
+            offset: r.u64()?,
+            len: r.u64()?,
+        })
+    }
+
+    /// The 28 bytes of this header (a compact header: `len` must fit in
+    /// 32 bits; larger lengths are cut to them).
     pub fn encode(&self) -> [u8; REQUEST_SIZE] {
         let mut b = [0u8; REQUEST_SIZE];
         b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.command.to_wire().to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..].copy_from_slice(&(self.len as u32).to_be_bytes());
+        b
+    }
+
+    /// The 32 bytes of this header as an extended header.
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_SIZE] {
+        let mut b = [0u8; EXTENDED_REQUEST_SIZE];
+        b[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
         b[4..6].copy_from_slice(&self.flags.to_be_bytes());
         b[6..8].copy_from_slice(&self.command.to_wire().to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
@@ -596,6 +642,19 @@ pub fn structured_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; 2
     b[6..8].copy_from_slice(&kind.to_be_bytes());
     b[8..16].copy_from_slice(&cookie.to_be_bytes());
     b[16..].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// The 32 bytes of an extended reply chunk header; `offset` is the
+/// request's.
+pub fn extended_header(flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) -> [u8; 32] {
+    let mut b = [0u8; EXTENDED_REPLY_SIZE];
+    b[..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..].copy_from_slice(&len.to_be_bytes());
     b
 }
 
@@ -660,9 +719,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn requests_round_trip(flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32) {
-            let r = Request { flags, command: Command::from_wire(cmd), cookie, offset, len };
+        fn requests_round_trip(flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32, big: u64) {
+            let r = Request { flags, command: Command::from_wire(cmd), cookie, offset, len: u64::from(len) };
             prop_assert_eq!(Request::parse(&r.encode()), Ok(r));
+            let r = Request { len: big, ..r };
+            prop_assert_eq!(Request::parse_extended(&r.encode_extended()), Ok(r));
         }
 
         #[test]

@@ -21,6 +21,8 @@ pub(super) struct Negotiated {
     pub client: u64,
     pub close: watch::Receiver<bool>,
     pub structured: bool,
+    /// Extended headers: 32-byte requests and replies, no simple replies.
+    pub extended: bool,
     pub contexts: Vec<Context>,
 }
 
@@ -60,6 +62,7 @@ where
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let mut structured = false;
+    let mut extended = false;
     let mut selected: Option<Selected> = None;
     loop {
         let mut head = [0u8; OPTION_HEADER_SIZE];
@@ -75,6 +78,11 @@ where
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await.map_err(lost)?;
         match option {
+            opt::EXPORT_NAME if extended => {
+                return Err(Error::Refused(
+                    "EXPORT_NAME after extended headers were negotiated".into(),
+                ));
+            }
             opt::EXPORT_NAME => {
                 let name = String::from_utf8(data)
                     .map_err(|_| Error::Refused("export name is not UTF-8".into()))?;
@@ -99,6 +107,7 @@ where
                     client,
                     close,
                     structured,
+                    extended,
                     contexts,
                 };
                 send(w, &b).await?;
@@ -126,6 +135,21 @@ where
             }
             opt::STARTTLS => {
                 reply_err(w, option, rep::ERR_POLICY, "TLS not configured").await?;
+            }
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply_err(w, option, rep::ERR_INVALID, "no payload expected").await?;
+                } else if extended {
+                    let msg = "extended headers already negotiated";
+                    reply_err(w, option, rep::ERR_INVALID, msg).await?;
+                } else {
+                    extended = true;
+                    send(w, &option_reply(option, rep::ACK, &[])).await?;
+                }
+            }
+            opt::STRUCTURED_REPLY if extended => {
+                let msg = "extended headers already negotiated";
+                reply_err(w, option, rep::ERR_EXT_HEADER_REQD, msg).await?;
             }
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -156,8 +180,9 @@ where
                     reply_err(w, option, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
+                let replies = structured || extended;
                 if option == opt::INFO {
-                    send_info(w, option, &export, &req, structured).await?;
+                    send_info(w, option, &export, &req, replies).await?;
                     continue;
                 }
                 // Attached before the final ACK: once the client has it, the
@@ -172,9 +197,10 @@ where
                     client,
                     close,
                     structured,
+                    extended,
                     contexts: Vec::new(),
                 };
-                if !send_info(w, option, &export, &req, structured).await? {
+                if !send_info(w, option, &export, &req, replies).await? {
                     continue; // dropping `n` detaches
                 }
                 n.contexts = take_contexts(&mut selected, &req.name);
@@ -182,7 +208,7 @@ where
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let listing = option == opt::LIST_META_CONTEXT;
-                if !structured {
+                if !structured && !extended {
                     let msg = "request option when structured reply is not negotiated";
                     reply_err(w, option, rep::ERR_INVALID, msg).await?;
                     continue;

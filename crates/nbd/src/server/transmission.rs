@@ -14,8 +14,8 @@ use super::export::{Context, Export};
 use super::handshake::Negotiated;
 use crate::proto::Command;
 use crate::proto::{
-    MAX_PAYLOAD, REQUEST_SIZE, Request, cflag, chunk, errno, error_chunk_payload, simple_reply,
-    state, structured_header,
+    EXTENDED_REQUEST_SIZE, MAX_PAYLOAD, REQUEST_SIZE, Request, cflag, chunk, errno,
+    error_chunk_payload, extended_header, simple_reply, state, structured_header,
 };
 
 /// Most block status descriptors in one reply chunk (QEMU's limit).
@@ -37,7 +37,11 @@ const SMALL_REPLY: usize = 8192;
 
 struct Conn<W> {
     export: Arc<Export>,
+    /// Replies in chunks (structured replies or extended headers).
     structured: bool,
+    /// Extended headers: 32-byte requests and chunk headers, no simple
+    /// replies.
+    extended: bool,
     contexts: Vec<Context>,
     writer: Mutex<BufWriter<W>>,
     /// Payload buffers of finished requests, for the next ones.
@@ -71,7 +75,8 @@ pub(super) async fn run<R, W>(
     let mut close = n.close.clone();
     let conn = Arc::new(Conn {
         export: n.export.clone(),
-        structured: n.structured,
+        structured: n.structured || n.extended,
+        extended: n.extended,
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
         pool: std::sync::Mutex::new(Vec::new()),
@@ -109,13 +114,13 @@ pub(super) async fn run<R, W>(
             }
             Next::Refuse(req, refusal) => {
                 tracing::debug!("NBD request refused: {}", refusal.1);
-                if conn.reply_error(req.cookie, &refusal).await.is_err() {
+                if conn.reply_error(&req, &refusal).await.is_err() {
                     break;
                 }
             }
             Next::RefuseAndClose(req, refusal) => {
                 tracing::info!("NBD request refused, closing: {}", refusal.1);
-                let _ = conn.reply_error(req.cookie, &refusal).await;
+                let _ = conn.reply_error(&req, &refusal).await;
                 break;
             }
             Next::Disconnect => break,
@@ -134,15 +139,39 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send,
 {
-    let mut head = [0u8; REQUEST_SIZE];
-    reader.read_exact(&mut head).await?;
-    let req = Request::parse(&head)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let bad = |e: crate::proto::ProtoError| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+    };
+    let mut req = if conn.extended {
+        let mut head = [0u8; EXTENDED_REQUEST_SIZE];
+        reader.read_exact(&mut head).await?;
+        Request::parse_extended(&head).map_err(bad)?
+    } else {
+        let mut head = [0u8; REQUEST_SIZE];
+        reader.read_exact(&mut head).await?;
+        Request::parse(&head).map_err(bad)?
+    };
     if req.command == Command::Disc {
         return Ok(Next::Disconnect);
     }
-    let payload = if req.command == Command::Write {
-        if req.len > MAX_PAYLOAD {
+    // With extended headers, PAYLOAD_LEN announces a payload. A write
+    // always carries one (QEMU 10's client does not set the flag on
+    // writes); any other command with a payload is refused, the payload
+    // skipped.
+    let announced = conn.extended && req.flags & cflag::PAYLOAD_LEN != 0;
+    req.flags &= !cflag::PAYLOAD_LEN;
+    let has_payload = req.command == Command::Write;
+    if announced && !has_payload {
+        let msg = "PAYLOAD_LEN on a command that takes no payload".to_owned();
+        if req.len > u64::from(MAX_PAYLOAD) {
+            return Ok(Next::RefuseAndClose(req, (errno::EINVAL, msg)));
+        }
+        let mut skip = vec![0u8; req.len as usize];
+        reader.read_exact(&mut skip).await?;
+        return Ok(Next::Refuse(req, (errno::EINVAL, msg)));
+    }
+    let payload = if has_payload {
+        if req.len > u64::from(MAX_PAYLOAD) {
             let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
             return Ok(Next::RefuseAndClose(req, (errno::EINVAL, msg)));
         }
@@ -184,6 +213,16 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         }
     }
 
+    /// A chunk header for `req`'s reply: structured (20 bytes) or
+    /// extended (32 bytes, carrying the request's offset).
+    fn chunk(&self, flags: u16, kind: u16, req: &Request, len: usize) -> Vec<u8> {
+        if self.extended {
+            extended_header(flags, kind, req.cookie, req.offset, len as u64).to_vec()
+        } else {
+            structured_header(flags, kind, req.cookie, len as u32).to_vec()
+        }
+    }
+
     /// Reads `len` bytes at `offset` into a pooled buffer.
     async fn read_pooled(&self, node: &Node, offset: u64, len: usize) -> block::Result<IoBuf> {
         let buf = self.buffer(len, node.limits().memory_alignment);
@@ -201,7 +240,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         let Some(node) = self.export.node() else {
             return Err((errno::ESHUTDOWN, "export is gone".into()));
         };
-        if req.command == Command::Read && req.len > MAX_PAYLOAD {
+        if req.command == Command::Read && req.len > u64::from(MAX_PAYLOAD) {
             let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
             return Err((errno::EINVAL, msg));
         }
@@ -213,8 +252,11 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             return Err((errno::EPERM, "Export is read-only".into()));
         }
         let size = node.length();
-        let len = u64::from(req.len);
-        if req.offset > size || len > size - req.offset {
+        let len = req.len;
+        // Block status lengths are a hint: one that runs past the end is
+        // answered up to the end.
+        let hint = req.command == Command::BlockStatus && req.offset < size;
+        if !hint && (req.offset > size || len > size - req.offset) {
             let msg = format!(
                 "operation past EOF; From: {}, Len: {}, Size: {size}",
                 req.offset, req.len
@@ -257,12 +299,12 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     async fn handle(&self, req: Request, payload: Option<IoBuf>) {
         let Some(node) = self.export.node() else {
             let _ = self
-                .reply_error(req.cookie, &(errno::ESHUTDOWN, "export is gone".into()))
+                .reply_error(&req, &(errno::ESHUTDOWN, "export is gone".into()))
                 .await;
             return;
         };
         let fua = req.flags & cflag::FUA != 0;
-        let (offset, len) = (req.offset, u64::from(req.len));
+        let (offset, len) = (req.offset, req.len);
         let result = match req.command {
             Command::Read => return self.read(&node, req).await,
             Command::BlockStatus => return self.block_status(&node, req).await,
@@ -294,8 +336,12 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             Command::Disc | Command::Resize | Command::Unknown(_) => Ok(()),
         };
         let _ = match result {
+            Ok(()) if self.extended => {
+                let h = extended_header(chunk::FLAG_DONE, chunk::NONE, req.cookie, offset, 0);
+                self.send(&[&h]).await
+            }
             Ok(()) => self.send(&[&simple_reply(0, req.cookie)]).await,
-            Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
+            Err(e) => self.reply_error(&req, &refusal(&e)).await,
         };
     }
 
@@ -310,18 +356,13 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                     self.recycle(data);
                     r
                 }
-                Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
+                Err(e) => self.reply_error(&req, &refusal(&e)).await,
             };
             return;
         }
         if len == 0 {
             let _ = self
-                .send(&[&structured_header(
-                    chunk::FLAG_DONE,
-                    chunk::NONE,
-                    req.cookie,
-                    0,
-                )])
+                .send(&[&self.chunk(chunk::FLAG_DONE, chunk::NONE, &req, 0)])
                 .await;
             return;
         }
@@ -336,19 +377,14 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         let Some(extents) = sparse else {
             let _ = match self.read_pooled(node, offset, len).await {
                 Ok(data) => {
-                    let h = structured_header(
-                        chunk::FLAG_DONE,
-                        chunk::OFFSET_DATA,
-                        req.cookie,
-                        8 + req.len,
-                    );
+                    let h = self.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + len);
                     let r = self
                         .send(&[&h, &offset.to_be_bytes(), data.as_slice()])
                         .await;
                     self.recycle(data);
                     r
                 }
-                Err(e) => self.reply_error(req.cookie, &refusal(&e)).await,
+                Err(e) => self.reply_error(&req, &refusal(&e)).await,
             };
             return;
         };
@@ -360,21 +396,20 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 0
             };
             if e.zero {
-                let mut h = structured_header(flags, chunk::OFFSET_HOLE, req.cookie, 12).to_vec();
+                let mut h = self.chunk(flags, chunk::OFFSET_HOLE, &req, 12);
                 h.extend_from_slice(&e.offset.to_be_bytes());
                 h.extend_from_slice(&(e.len as u32).to_be_bytes());
                 parts.push((h, None));
             } else {
                 match self.read_pooled(node, e.offset, e.len as usize).await {
                     Ok(data) => {
-                        let n = 8 + e.len as u32;
-                        let mut h =
-                            structured_header(flags, chunk::OFFSET_DATA, req.cookie, n).to_vec();
+                        let n = 8 + e.len as usize;
+                        let mut h = self.chunk(flags, chunk::OFFSET_DATA, &req, n);
                         h.extend_from_slice(&e.offset.to_be_bytes());
                         parts.push((h, Some(data)));
                     }
                     Err(err) => {
-                        let _ = self.reply_error(req.cookie, &refusal(&err)).await;
+                        let _ = self.reply_error(&req, &refusal(&err)).await;
                         return;
                     }
                 }
@@ -397,7 +432,13 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     }
 
     async fn block_status(&self, node: &Node, req: Request) {
-        let (offset, len) = (req.offset, u64::from(req.len));
+        // Up to the end of the export, and at most 4 GiB (extended requests
+        // may ask for more; a reply may cover less than asked).
+        let end = node.length().min(req.offset.saturating_add(req.len));
+        let (offset, len) = (
+            req.offset,
+            (end - req.offset).min(u64::from(u32::MAX) & !511),
+        );
         let limit = if req.flags & cflag::REQ_ONE != 0 {
             1
         } else {
@@ -412,7 +453,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                         match node.block_status(offset, len).await {
                             Ok(x) => alloc = Some(x),
                             Err(e) => {
-                                let _ = self.reply_error(req.cookie, &refusal(&e)).await;
+                                let _ = self.reply_error(&req, &refusal(&e)).await;
                                 return;
                             }
                         }
@@ -434,10 +475,18 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 }
                 Context::Bitmap(b) => self.bitmap_extents(*b, offset, len, limit),
             };
-            let mut p = Vec::with_capacity(4 + extents.len() * 8);
+            let mut p = Vec::with_capacity(8 + extents.len() * 16);
             p.extend_from_slice(&c.id().to_be_bytes());
+            if self.extended {
+                p.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+            }
             for (l, f) in extents {
-                p.extend_from_slice(&l.to_be_bytes());
+                if self.extended {
+                    p.extend_from_slice(&u64::from(l).to_be_bytes());
+                    p.extend_from_slice(&0u32.to_be_bytes());
+                } else {
+                    p.extend_from_slice(&l.to_be_bytes());
+                }
                 p.extend_from_slice(&f.to_be_bytes());
             }
             let flags = if i + 1 == self.contexts.len() {
@@ -445,8 +494,12 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             } else {
                 0
             };
-            let mut h =
-                structured_header(flags, chunk::BLOCK_STATUS, req.cookie, p.len() as u32).to_vec();
+            let kind = if self.extended {
+                chunk::BLOCK_STATUS_EXT
+            } else {
+                chunk::BLOCK_STATUS
+            };
+            let mut h = self.chunk(flags, kind, &req, p.len());
             h.extend_from_slice(&p);
             chunks.push(h);
         }
@@ -480,13 +533,13 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         merge(runs.into_iter(), limit)
     }
 
-    async fn reply_error(&self, cookie: u64, (err, msg): &Refusal) -> std::io::Result<()> {
+    async fn reply_error(&self, req: &Request, (err, msg): &Refusal) -> std::io::Result<()> {
         if self.structured {
             let p = error_chunk_payload(*err, msg);
-            let h = structured_header(chunk::FLAG_DONE, chunk::ERROR, cookie, p.len() as u32);
+            let h = self.chunk(chunk::FLAG_DONE, chunk::ERROR, req, p.len());
             self.send(&[&h, &p]).await
         } else {
-            self.send(&[&simple_reply(*err, cookie)]).await
+            self.send(&[&simple_reply(*err, req.cookie)]).await
         }
     }
 
