@@ -150,6 +150,10 @@ mod tests {
         let mut b = IoBuf::zeroed(8192, 512);
         b.as_mut_slice()[0] = 9;
         let cap = b.capacity();
+        // Exactly what `zeroed` would hold is enough to reuse.
+        let same = IoBuf::zeroed(4096, 4096);
+        let ptr = same.as_slice().as_ptr();
+        assert_eq!(same.reuse(4096, 4096).as_slice().as_ptr(), ptr);
         let r = b.reuse(4096, 4096);
         assert_eq!(r.len(), 4096);
         assert!(r.is_aligned(4096) || r.capacity() != cap);

@@ -196,7 +196,10 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     /// one there is large enough.
     fn buffer(&self, len: usize, align: usize) -> IoBuf {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        let fit = pool.iter().position(|b| b.capacity() >= len + align);
+        // `IoBuf::zeroed(len, align)` holds len + align - 1 bytes: enough
+        // for any placement of an aligned start.
+        let need = len + align.max(1) - 1;
+        let fit = pool.iter().position(|b| b.capacity() >= need);
         match fit {
             Some(i) => pool.swap_remove(i).reuse(len, align),
             None => IoBuf::zeroed(len, align),
