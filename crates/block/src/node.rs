@@ -796,8 +796,21 @@ impl Node {
     /// The status of `offset..offset + len` as a list of extents that cover
     /// it exactly, in order.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status_upto(offset, len, usize::MAX).await
+    }
+
+    /// Like [`block_status`](Self::block_status), but stops after `max`
+    /// extents (at least one): they cover a prefix of the range, each
+    /// whole (the walk goes on until the status changes). What servers
+    /// answer a bounded query with.
+    pub async fn block_status_upto(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
-        let mut extents = Vec::new();
+        let mut extents: Vec<Extent> = Vec::new();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -805,8 +818,10 @@ impl Node {
             e.offset = pos;
             e.len = e.len.clamp(1, end - pos);
             pos += e.len;
+            let full = extents.len() >= max.max(1);
             match extents.last_mut() {
                 Some(last) if same_status(last, &e) => last.len += e.len,
+                _ if full => break,
                 _ => extents.push(e),
             }
         }

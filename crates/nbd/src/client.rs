@@ -70,6 +70,9 @@ enum Waiter {
         at: usize,
         len: usize,
         buf: IoBuf,
+        /// Ranges (relative to `offset`) the chunks filled so far: a
+        /// structured reply must cover the read exactly once.
+        covered: Vec<(u64, u64)>,
         error: Option<Error>,
         tx: oneshot::Sender<ReadResult>,
     },
@@ -98,7 +101,31 @@ impl Waiter {
 
     fn finish(self) {
         match self {
-            Waiter::Read { buf, error, tx, .. } => {
+            Waiter::Read {
+                buf,
+                mut error,
+                tx,
+                mut covered,
+                len,
+                ..
+            } => {
+                covered.sort_unstable();
+                let mut end = 0;
+                for (from, to) in covered {
+                    if from != end {
+                        break;
+                    }
+                    end = to;
+                }
+                if error.is_none() && end != len as u64 {
+                    error = Some(Error::Request {
+                        errno: 5,
+                        message: format!(
+                            "server reply covered the read only partly or twice \
+                             ({end} of {len} bytes in order)"
+                        ),
+                    });
+                }
                 let _ = tx.send((error.map_or(Ok(()), Err), buf));
             }
             Waiter::Status { got, error, tx } => {
@@ -286,6 +313,10 @@ impl Client {
             }
             p.waiters.insert(cookie, waiter);
         }
+        // If this future is dropped mid-write, the stream is out of step:
+        // the guard then fails the connection rather than let the server
+        // read the rest of a request as the next one.
+        let guard = DieUnlessSent(Some(&self.shared));
         let sent = async {
             let mut w = self.shared.writer.lock().await;
             w.write_all(&req.encode()).await?;
@@ -295,6 +326,7 @@ impl Client {
             w.flush().await
         }
         .await;
+        guard.disarm();
         if let Err(e) = sent {
             self.shared.die(format!("sending a request failed: {e}"));
         }
@@ -315,6 +347,7 @@ impl Client {
                 at,
                 len,
                 buf,
+                covered: Vec::new(),
                 error: None,
                 tx,
             };
@@ -404,6 +437,23 @@ impl Client {
             .await;
         rx.await
             .unwrap_or_else(|_| Err(lost("the reply reader stopped")))
+    }
+}
+
+/// Fails the connection when dropped armed (see [`Client::submit`]).
+struct DieUnlessSent<'a>(Option<&'a Shared>);
+
+impl DieUnlessSent<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DieUnlessSent<'_> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0 {
+            shared.die("a request was cancelled while being sent".into());
+        }
     }
 }
 
@@ -635,10 +685,18 @@ async fn read_reply<R: AsyncRead + Unpin>(
         ReplyStart::Simple { error, .. } => {
             if error != 0 {
                 waiter.set_error(server_error(error, ""));
-            } else if let Waiter::Read { at, len, buf, .. } = &mut waiter {
+            } else if let Waiter::Read {
+                at,
+                len,
+                buf,
+                covered,
+                ..
+            } = &mut waiter
+            {
                 r.read_exact(&mut buf.as_mut_slice()[*at..*at + *len])
                     .await
                     .map_err(io)?;
+                covered.push((0, *len as u64));
             }
             true
         }
@@ -678,6 +736,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                 at,
                 len: want,
                 buf,
+                covered,
                 ..
             },
         ) => {
@@ -690,6 +749,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             r.read_exact(&mut buf.as_mut_slice()[from..from + n as usize])
                 .await
                 .map_err(io)?;
+            covered.push((o - *offset, o - *offset + n));
         }
         (
             chunk::OFFSET_HOLE,
@@ -698,6 +758,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                 at,
                 len: want,
                 buf,
+                covered,
                 ..
             },
         ) => {
@@ -711,6 +772,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             }
             let from = *at + (o - *offset) as usize;
             buf.as_mut_slice()[from..from + n as usize].fill(0);
+            covered.push((o - *offset, o - *offset + n));
         }
         (chunk::BLOCK_STATUS, Waiter::Status { got, .. }) => {
             if len < 4 || (len - 4) % 8 != 0 || len > 8 * 1024 * 1024 {

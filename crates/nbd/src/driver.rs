@@ -211,7 +211,7 @@ impl Driver for NbdDriver {
             let ask = len.min((u64::from(u32::MAX) / align) * align) as u32;
             let replies = self
                 .client
-                .block_status(offset, ask, false)
+                .block_status(offset, ask, true)
                 .await
                 .map_err(|e| e.into_block())?;
             let first = replies

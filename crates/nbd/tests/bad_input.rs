@@ -25,6 +25,8 @@ struct Raw {
     s: UnixStream,
     /// `OFFSET_HOLE` chunks received so far.
     holes: usize,
+    /// Command, offset and length of each request sent, by cookie.
+    sent: std::collections::HashMap<u64, (Command, u64, u64)>,
 }
 
 impl Raw {
@@ -32,7 +34,11 @@ impl Raw {
     fn connect(sock: &Path) -> Raw {
         let s = UnixStream::connect(sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut raw = Raw { s, holes: 0 };
+        let mut raw = Raw {
+            s,
+            holes: 0,
+            sent: Default::default(),
+        };
         let mut hello = [0u8; 18];
         raw.s.read_exact(&mut hello).unwrap();
         assert_eq!(&hello[..8], b"NBDMAGIC");
@@ -104,6 +110,7 @@ impl Raw {
     }
 
     fn request(&mut self, command: Command, flags: u16, cookie: u64, offset: u64, len: u32) {
+        self.sent.insert(cookie, (command, offset, u64::from(len)));
         let r = Request {
             flags,
             command,
@@ -114,14 +121,24 @@ impl Raw {
         self.send(&r.encode());
     }
 
-    /// Reads one whole reply: (cookie, error, data of a read).
+    /// Reads one whole reply: (cookie, error, data of a read). Structured
+    /// read chunks are placed at their offsets; a read whose chunks do not
+    /// cover it exactly once fails the test.
     fn reply(&mut self) -> (u64, u32, Vec<u8>) {
         let mut data = Vec::new();
+        let mut covered: Vec<(u64, u64)> = Vec::new();
         loop {
             let mut h = [0u8; 16];
             self.s.read_exact(&mut h).unwrap();
             match proto::ReplyStart::parse(&h).unwrap() {
-                proto::ReplyStart::Simple { error, cookie } => return (cookie, error, data),
+                proto::ReplyStart::Simple { error, cookie } => {
+                    let sent = self.sent.get(&cookie).copied();
+                    if let Some((Command::Read, _, len)) = sent.filter(|_| error == 0) {
+                        data.resize(len as usize, 0);
+                        self.s.read_exact(&mut data).unwrap();
+                    }
+                    return (cookie, error, data);
+                }
                 proto::ReplyStart::Structured {
                     flags,
                     kind,
@@ -132,12 +149,26 @@ impl Raw {
                     let mut p = vec![0u8; u32::from_be_bytes(l) as usize];
                     self.s.read_exact(&mut p).unwrap();
                     let mut error = 0;
+                    let (_, base, len) =
+                        self.sent
+                            .get(&cookie)
+                            .copied()
+                            .unwrap_or((Command::Read, 0, 0));
+                    data.resize(len as usize, 0);
+                    let at = |p: &[u8]| u64::from_be_bytes(p[..8].try_into().unwrap()) - base;
                     match kind {
-                        proto::chunk::OFFSET_DATA => data.extend_from_slice(&p[8..]),
+                        proto::chunk::OFFSET_DATA => {
+                            let from = at(&p);
+                            let n = (p.len() - 8) as u64;
+                            data[from as usize..(from + n) as usize].copy_from_slice(&p[8..]);
+                            covered.push((from, from + n));
+                        }
                         proto::chunk::OFFSET_HOLE => {
                             self.holes += 1;
-                            let n = u32::from_be_bytes(p[8..12].try_into().unwrap());
-                            data.resize(data.len() + n as usize, 0);
+                            let from = at(&p);
+                            let n = u64::from(u32::from_be_bytes(p[8..12].try_into().unwrap()));
+                            data[from as usize..(from + n) as usize].fill(0);
+                            covered.push((from, from + n));
                         }
                         proto::chunk::ERROR => {
                             error = u32::from_be_bytes(p[..4].try_into().unwrap())
@@ -145,6 +176,21 @@ impl Raw {
                         _ => {}
                     }
                     if flags & proto::chunk::FLAG_DONE != 0 {
+                        if error == 0 && !covered.is_empty() {
+                            covered.sort_unstable();
+                            let mut end = 0;
+                            for (from, to) in &covered {
+                                assert_eq!(
+                                    *from, end,
+                                    "chunks overlap or leave a gap: {covered:?}"
+                                );
+                                end = *to;
+                            }
+                            assert_eq!(end, len, "chunks cover the read: {covered:?}");
+                        }
+                        if covered.is_empty() {
+                            data.clear();
+                        }
                         return (cookie, error, data);
                     }
                 }
@@ -522,7 +568,8 @@ fn multi_conn_connections_see_one_export() {
     assert_eq!(b.reply().1, 0);
     b.request(Command::Read, 0, 3, 65536, 4096);
     assert_eq!(b.reply(), (3, 0, vec![0xeeu8; 4096]));
-    // The flush on b reached the file: read it behind the server's back.
+    // The write reached the file itself, read behind the server's back.
+    // (That the flush made it durable cannot be seen without a crash.)
     let on_disk = std::fs::read(f.path("disk.raw")).unwrap();
     assert_eq!(&on_disk[65536..65536 + 4096], &[0xeeu8; 4096][..]);
 }
@@ -661,4 +708,96 @@ fn extended_headers_work_end_to_end() {
     assert_eq!(extended_chunk(&mut c).1, proto::chunk::NONE);
     extended_request(&mut c, Command::Read, cflag::DF, 8, 0, 512);
     assert_eq!(&extended_chunk(&mut c).4[8..], &[0x11u8; 512][..]);
+}
+
+/// A client that keeps asking but never reads the replies fills the socket:
+/// hard removal still disconnects it at once, and the export goes away.
+#[test]
+fn hard_removal_disconnects_a_client_that_stopped_reading() {
+    let f = fixture_with_disk(ServerOptions::default());
+    let (mut c, _, _) = Raw::open(&f.sock, "disk", &[]);
+    c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Far more reply bytes than any socket buffer holds.
+    for i in 0..200u64 {
+        let r = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: i,
+            offset: 0,
+            len: MIB,
+        };
+        if c.s.write_all(&r.encode()).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    f.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            f.server.remove_export("disk", RemoveMode::Hard),
+        )
+        .await
+    })
+    .expect("hard removal does not wait for the client")
+    .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(f.server.exports().is_empty());
+}
+
+/// Meta contexts selected for an export do not carry over to another one
+/// of the same name (removed and added again before GO), and a failed
+/// SET_META_CONTEXT drops the earlier selection.
+#[test]
+fn selected_contexts_belong_to_one_export() {
+    let f = Fixture::new();
+    let path = f.path("m.raw");
+    std::fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+    let node = f.add_node(json!({"driver": "raw", "node-name": "m",
+        "file": {"driver": "file", "filename": path}}));
+    node.bitmaps().add("b", None, false, false).unwrap();
+    f.export(&node, "m", true, &["b"]);
+    let set = |c: &mut Raw, export: &str| {
+        let req = MetaContextRequest {
+            export: export.into(),
+            queries: vec!["qemu:dirty-bitmap:b".into()],
+        };
+        c.option(opt::SET_META_CONTEXT, &req.encode());
+        loop {
+            let r = c.option_reply().0.reply;
+            if r != rep::META_CONTEXT {
+                return r;
+            }
+        }
+    };
+    let go = |c: &mut Raw, export: &str| {
+        let req = InfoRequest {
+            name: export.into(),
+            requests: vec![],
+        };
+        c.option(opt::GO, &req.encode());
+        while c.option_reply().0.reply != rep::ACK {}
+    };
+    // Selected, then the export is replaced by one without the bitmap.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ACK);
+    assert_eq!(set(&mut c, "m"), rep::ACK);
+    f.rt.block_on(f.server.remove_export("m", RemoveMode::Safe))
+        .unwrap();
+    f.export(&node, "m", true, &[]);
+    go(&mut c, "m");
+    c.request(Command::BlockStatus, 0, 1, 0, 4096);
+    assert_eq!(c.reply().1, errno::EINVAL, "no context is selected");
+    // A failed SET clears what an earlier one selected.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ACK);
+    assert_eq!(set(&mut c, "m"), rep::ACK);
+    assert_eq!(set(&mut c, "nope"), rep::ERR_UNKNOWN);
+    go(&mut c, "m");
+    c.request(Command::BlockStatus, 0, 2, 0, 4096);
+    assert_eq!(c.reply().1, errno::EINVAL);
 }

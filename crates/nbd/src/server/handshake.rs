@@ -32,9 +32,10 @@ impl Drop for Negotiated {
     }
 }
 
-/// The meta contexts a client selected, for one export.
+/// The meta contexts a client selected, for one export (this one: an
+/// export removed and added again under the same name is another).
 struct Selected {
-    export: String,
+    export: Arc<Export>,
     contexts: Vec<Context>,
 }
 
@@ -101,7 +102,7 @@ where
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
-                let contexts = take_contexts(&mut selected, &name);
+                let contexts = take_contexts(&mut selected, &export);
                 let n = Negotiated {
                     export,
                     client,
@@ -203,11 +204,15 @@ where
                 if !send_info(w, option, &export, &req, replies).await? {
                     continue; // dropping `n` detaches
                 }
-                n.contexts = take_contexts(&mut selected, &req.name);
+                n.contexts = take_contexts(&mut selected, &export);
                 return Ok(Some(n));
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let listing = option == opt::LIST_META_CONTEXT;
+                if !listing {
+                    // Every SET replaces the selection, even one that fails.
+                    selected = None;
+                }
                 if !structured && !extended {
                     let msg = "request option when structured reply is not negotiated";
                     reply_err(w, option, rep::ERR_INVALID, msg).await?;
@@ -244,10 +249,7 @@ where
                 out.extend_from_slice(&option_reply(option, rep::ACK, &[]));
                 send(w, &out).await?;
                 if !listing {
-                    selected = Some(Selected {
-                        export: req.export,
-                        contexts,
-                    });
+                    selected = Some(Selected { export, contexts });
                 }
             }
             other => {
@@ -258,10 +260,10 @@ where
     }
 }
 
-/// The contexts selected for `name` (none if they were for another export).
-fn take_contexts(selected: &mut Option<Selected>, name: &str) -> Vec<Context> {
+/// The contexts selected for `export` (none if they were for another).
+fn take_contexts(selected: &mut Option<Selected>, export: &Arc<Export>) -> Vec<Context> {
     match selected.take() {
-        Some(s) if s.export == name => s.contexts,
+        Some(s) if Arc::ptr_eq(&s.export, export) => s.contexts,
         _ => Vec::new(),
     }
 }

@@ -28,6 +28,9 @@ type Refusal = (u32, String);
 /// Reads at least this long are checked for holes, which go back as
 /// `OFFSET_HOLE` chunks instead of zero bytes.
 const SPARSE_READ_MIN: usize = 64 * 1024;
+/// How long requests in flight may take to be answered once the client has
+/// left or broken the protocol.
+const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Buffers kept per connection for reuse, and the largest one kept.
 const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BYTES: usize = (4 << 20) + 4096;
@@ -46,6 +49,8 @@ struct Conn<W> {
     writer: Mutex<BufWriter<W>>,
     /// Payload buffers of finished requests, for the next ones.
     pool: std::sync::Mutex<Vec<IoBuf>>,
+    /// Turns true when unsent replies are to be dropped: sends give up.
+    aborted: watch::Receiver<bool>,
 }
 
 /// What the reader does with one request.
@@ -73,6 +78,7 @@ pub(super) async fn run<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut close = n.close.clone();
+    let (abort, aborted) = watch::channel(false);
     let conn = Arc::new(Conn {
         export: n.export.clone(),
         structured: n.structured || n.extended,
@@ -80,15 +86,27 @@ pub(super) async fn run<R, W>(
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
         pool: std::sync::Mutex::new(Vec::new()),
+        aborted,
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
+    // Whether the export or the server told the connection to close (a
+    // hard close: replies still unsent are dropped).
+    let mut told = false;
     loop {
         while tasks.try_join_next().is_some() {}
+        // A slot first: a request (and its payload buffer) is read only
+        // when it can run.
+        let permit = tokio::select! {
+            biased;
+            _ = close.wait_for(|c| *c) => { told = true; break }
+            _ = stop.wait_for(|s| *s) => { told = true; break }
+            p = slots.clone().acquire_owned() => p,
+        };
         let next = tokio::select! {
             biased;
-            _ = close.wait_for(|c| *c) => break,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = close.wait_for(|c| *c) => { told = true; break }
+            _ = stop.wait_for(|s| *s) => { told = true; break }
             next = read_next(&conn, &mut reader) => next,
         };
         let next = match next {
@@ -98,39 +116,57 @@ pub(super) async fn run<R, W>(
                 break;
             }
         };
-        match next {
+        let (req, refusal, fatal) = match next {
             Next::Run(req, payload) => {
-                let permit = tokio::select! {
-                    biased;
-                    _ = close.wait_for(|c| *c) => break,
-                    _ = stop.wait_for(|s| *s) => break,
-                    p = slots.clone().acquire_owned() => p,
-                };
                 let conn = conn.clone();
                 tasks.spawn(async move {
                     conn.handle(req, payload).await;
                     drop(permit);
                 });
+                continue;
             }
-            Next::Refuse(req, refusal) => {
-                tracing::debug!("NBD request refused: {}", refusal.1);
-                if conn.reply_error(&req, &refusal).await.is_err() {
-                    break;
-                }
-            }
-            Next::RefuseAndClose(req, refusal) => {
-                tracing::info!("NBD request refused, closing: {}", refusal.1);
-                let _ = conn.reply_error(&req, &refusal).await;
-                break;
-            }
+            Next::Refuse(req, refusal) => (req, refusal, false),
+            Next::RefuseAndClose(req, refusal) => (req, refusal, true),
             Next::Disconnect => break,
+        };
+        tracing::debug!("NBD request refused: {}", refusal.1);
+        let sent = tokio::select! {
+            biased;
+            _ = close.wait_for(|c| *c) => { told = true; break }
+            _ = stop.wait_for(|s| *s) => { told = true; break }
+            r = conn.reply_error(&req, &refusal) => r,
+        };
+        if fatal || sent.is_err() {
+            break;
         }
     }
-    while tasks.join_next().await.is_some() {}
-    let mut w = conn.writer.lock().await;
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
-    drop(w);
+    // Requests in flight finish their I/O. Their replies still go out,
+    // unless the connection was told to close or the client does not take
+    // them within the grace period (a client that stopped reading must not
+    // hold the export forever).
+    if told {
+        abort.send_replace(true);
+    }
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    let late = async {
+        tokio::select! {
+            _ = close.wait_for(|c| *c) => {}
+            _ = stop.wait_for(|s| *s) => {}
+            _ = tokio::time::sleep(REPLY_GRACE) => {}
+        }
+    };
+    tokio::select! {
+        _ = drained => {}
+        _ = late => {
+            abort.send_replace(true);
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+    if !*conn.aborted.borrow() {
+        let mut w = conn.writer.lock().await;
+        let _ = w.flush().await;
+        let _ = w.shutdown().await;
+    }
     drop(n);
 }
 
@@ -438,10 +474,17 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         // Up to the end of the export, and at most 4 GiB (extended requests
         // may ask for more; a reply may cover less than asked).
         let end = node.length().min(req.offset.saturating_add(req.len));
-        let (offset, len) = (
-            req.offset,
-            (end - req.offset).min(u64::from(u32::MAX) & !511),
-        );
+        let len = end
+            .saturating_sub(req.offset)
+            .min(u64::from(u32::MAX) & !511);
+        if len == 0 {
+            // The node shrank, or a pivot put a shorter one here, since
+            // the request was checked.
+            let refusal = (errno::EINVAL, "operation past EOF".to_owned());
+            let _ = self.reply_error(&req, &refusal).await;
+            return;
+        }
+        let offset = req.offset;
         let limit = if req.flags & cflag::REQ_ONE != 0 {
             1
         } else {
@@ -453,7 +496,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             let extents = match c {
                 Context::BaseAllocation | Context::AllocationDepth => {
                     if alloc.is_none() {
-                        match node.block_status(offset, len).await {
+                        match node.block_status_upto(offset, len, limit).await {
                             Ok(x) => alloc = Some(x),
                             Err(e) => {
                                 let _ = self.reply_error(&req, &refusal(&e)).await;
@@ -550,6 +593,16 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     /// through the write buffer, large ones with vectored writes (the
     /// buffer is empty between replies: every reply flushes it).
     async fn send(&self, parts: &[&[u8]]) -> std::io::Result<()> {
+        let mut aborted = self.aborted.clone();
+        tokio::select! {
+            r = self.send_now(parts) => r,
+            _ = aborted.wait_for(|a| *a) => {
+                Err(std::io::Error::other("the connection is closing"))
+            }
+        }
+    }
+
+    async fn send_now(&self, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut w = self.writer.lock().await;
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total <= SMALL_REPLY {
