@@ -681,7 +681,34 @@ async fn read_reply<R: AsyncRead + Unpin>(
         .waiters
         .remove(&cookie)
         .ok_or_else(|| format!("reply to unknown cookie {cookie}"))?;
-    let done = match start {
+    let done = deliver(r, start, &mut waiter).await;
+    match done {
+        Ok(true) => waiter.finish(),
+        Ok(false) => {
+            shared.lock().waiters.insert(cookie, waiter);
+        }
+        Err(e) => {
+            // Back in the map, so that failing the connection answers it
+            // (with the caller's buffer).
+            shared.lock().waiters.insert(cookie, waiter);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the rest of a reply that starts with `start` into `waiter`;
+/// whether it was the last chunk.
+async fn deliver<R: AsyncRead + Unpin>(
+    r: &mut R,
+    start: ReplyStart,
+    waiter: &mut Waiter,
+) -> std::result::Result<bool, String> {
+    let io = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_owned(),
+        _ => e.to_string(),
+    };
+    Ok(match start {
         ReplyStart::Simple { error, .. } => {
             if error != 0 {
                 waiter.set_error(server_error(error, ""));
@@ -691,7 +718,7 @@ async fn read_reply<R: AsyncRead + Unpin>(
                 buf,
                 covered,
                 ..
-            } = &mut waiter
+            } = waiter
             {
                 r.read_exact(&mut buf.as_mut_slice()[*at..*at + *len])
                     .await
@@ -702,16 +729,10 @@ async fn read_reply<R: AsyncRead + Unpin>(
         }
         ReplyStart::Structured { flags, kind, .. } => {
             let len = r.read_u32().await.map_err(io)?;
-            read_chunk(r, &mut waiter, kind, len).await?;
+            read_chunk(r, waiter, kind, len).await?;
             flags & chunk::FLAG_DONE != 0
         }
-    };
-    if done {
-        waiter.finish();
-    } else {
-        shared.lock().waiters.insert(cookie, waiter);
-    }
-    Ok(())
+    })
 }
 
 /// Whether `o..o + n` lies inside the read `offset..offset + len`.

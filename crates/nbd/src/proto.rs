@@ -704,7 +704,12 @@ impl ReplyStart {
 
 /// The payload of an error chunk: error number and message.
 pub fn error_chunk_payload(error: u32, message: &str) -> Vec<u8> {
-    let msg = &message.as_bytes()[..message.len().min(MAX_STRING)];
+    // At most MAX_STRING bytes, cut at a character boundary.
+    let mut cut = message.len().min(MAX_STRING);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let msg = &message.as_bytes()[..cut];
     let mut b = Vec::with_capacity(6 + msg.len());
     b.extend_from_slice(&error.to_be_bytes());
     b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -743,6 +748,22 @@ mod tests {
             let _ = InfoRequest::parse(&data);
             let _ = MetaContextRequest::parse(&data);
         }
+    }
+
+    #[test]
+    fn error_messages_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_STRING); // 2 bytes each
+        let p = error_chunk_payload(5, &long);
+        let n = usize::from(u16::from_be_bytes([p[4], p[5]]));
+        assert_eq!(n, MAX_STRING);
+        assert!(std::str::from_utf8(&p[6..]).is_ok());
+        let odd = format!("x{long}");
+        let p = error_chunk_payload(5, &odd);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([p[4], p[5]])),
+            MAX_STRING - 1
+        );
+        assert!(std::str::from_utf8(&p[6..]).is_ok());
     }
 
     #[test]

@@ -237,6 +237,7 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
         (Command::Read, 0, u64::MAX - 1, 4096, errno::EINVAL),
         (Command::Read, 0, 0, 33 * MIB as u32, errno::EINVAL),
         (Command::Read, 1 << 9, 0, 512, errno::EINVAL),
+        (Command::Read, cflag::PAYLOAD_LEN, 0, 512, errno::EINVAL),
         (Command::Trim, 0, 4 * MIB, 1, errno::EINVAL),
         (Command::WriteZeroes, 0, 4 * MIB - 1, 2, errno::ENOSPC),
         (Command::WriteZeroes, cflag::REQ_ONE, 0, 512, errno::EINVAL),

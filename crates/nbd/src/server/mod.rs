@@ -160,6 +160,7 @@ impl Server {
     pub async fn remove_export(&self, id: &str, mode: RemoveMode) -> Result<()> {
         let export = self
             .export(id)
+            .filter(|e| !e.is_removed())
             .ok_or_else(|| Error::ExportNotFound(id.to_owned()))?;
         export.shut_down(mode == RemoveMode::Hard).await?;
         self.lock_exports().retain(|e| !Arc::ptr_eq(e, &export));

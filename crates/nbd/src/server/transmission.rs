@@ -195,7 +195,11 @@ where
     // writes); any other command with a payload is refused, the payload
     // skipped.
     let announced = conn.extended && req.flags & cflag::PAYLOAD_LEN != 0;
-    req.flags &= !cflag::PAYLOAD_LEN;
+    if conn.extended {
+        // Compact headers have no such flag: there it stays, and the
+        // flag check refuses it.
+        req.flags &= !cflag::PAYLOAD_LEN;
+    }
     let has_payload = req.command == Command::Write;
     if announced && !has_payload {
         let msg = "PAYLOAD_LEN on a command that takes no payload".to_owned();
