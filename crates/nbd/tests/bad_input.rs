@@ -802,3 +802,54 @@ fn selected_contexts_belong_to_one_export() {
     c.request(Command::BlockStatus, 0, 2, 0, 4096);
     assert_eq!(c.reply().1, errno::EINVAL);
 }
+
+/// Delays writes at one offset (a slow disk region).
+struct SlowAt(u64);
+
+impl block::WriteHook for SlowAt {
+    fn before<'a>(
+        &'a self,
+        _node: &'a block::Node,
+        req: block::WriteRequest<'a>,
+    ) -> block::BoxFuture<'a, block::Result<()>> {
+        Box::pin(async move {
+            if req.offset == self.0 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            Ok(())
+        })
+    }
+
+    fn after<'a>(
+        &'a self,
+        _node: &'a block::Node,
+        _req: block::WriteRequest<'a>,
+    ) -> block::BoxFuture<'a, block::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Replies come as requests complete, not in the order they were sent: a
+/// slow write does not hold back the reads behind it.
+#[test]
+fn a_slow_request_does_not_hold_back_the_next_ones() {
+    let f = Fixture::new();
+    let path = f.path("slow.raw");
+    std::fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+    let node = f.add_node(json!({"driver": "raw", "node-name": "slow",
+        "file": {"driver": "file", "filename": path}}));
+    node.add_write_hook(std::sync::Arc::new(SlowAt(0)));
+    f.export(&node, "slow", true, &[]);
+    let (mut c, _, _) = Raw::open(&f.sock, "slow", &[]);
+    c.request(Command::Write, 0, 1, 0, 4096);
+    c.send(&[1u8; 4096]);
+    for i in 0..4 {
+        c.request(Command::Read, 0, 10 + i, 65536, 4096);
+    }
+    let order: Vec<u64> = (0..5).map(|_| c.reply().0).collect();
+    assert_eq!(
+        order.last(),
+        Some(&1),
+        "the slow write answers last: {order:?}"
+    );
+}
