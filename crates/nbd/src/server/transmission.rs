@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use block::{IoBuf, Node, ZeroFlags};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Mutex, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{Mutex, watch};
 
 use super::MAX_IN_FLIGHT;
 use super::export::{Context, Export};
@@ -70,7 +71,7 @@ enum Next {
 /// requests in flight and closes.
 pub(super) async fn run<R, W>(
     n: Negotiated,
-    mut reader: BufReader<R>,
+    reader: BufReader<R>,
     writer: BufWriter<W>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -88,56 +89,65 @@ pub(super) async fn run<R, W>(
         pool: std::sync::Mutex::new(Vec::new()),
         aborted,
     });
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut tasks = JoinSet::new();
+    // Requests run as futures of this connection's task, not as tasks of
+    // their own: a request the page cache answers completes on its first
+    // poll, with no wake-up of another runtime thread.
+    let mut inflight = FuturesUnordered::new();
     // Whether the export or the server told the connection to close (a
     // hard close: replies still unsent are dropped).
     let mut told = false;
-    loop {
-        while tasks.try_join_next().is_some() {}
-        // A slot first: a request (and its payload buffer) is read only
-        // when it can run.
-        let permit = tokio::select! {
-            biased;
-            _ = close.wait_for(|c| *c) => { told = true; break }
-            _ = stop.wait_for(|s| *s) => { told = true; break }
-            p = slots.clone().acquire_owned() => p,
-        };
-        let next = tokio::select! {
-            biased;
-            _ = close.wait_for(|c| *c) => { told = true; break }
-            _ = stop.wait_for(|s| *s) => { told = true; break }
-            next = read_next(&conn, &mut reader) => next,
-        };
-        let next = match next {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::debug!("NBD connection ends: {e}");
+    {
+        // The read of the next request lives across loop turns: it is not
+        // cancel-safe (a header may be half read when a request completes).
+        let mut reader = Some(reader);
+        let mut reading = None;
+        loop {
+            if inflight.len() < MAX_IN_FLIGHT {
+                if let Some(r) = reader.take() {
+                    let conn = conn.clone();
+                    reading = Some(Box::pin(async move {
+                        let mut r = r;
+                        let next = read_next(&conn, &mut r).await;
+                        (r, next)
+                    }));
+                }
+            }
+            let (r, next) = tokio::select! {
+                biased;
+                _ = close.wait_for(|c| *c) => { told = true; break }
+                _ = stop.wait_for(|s| *s) => { told = true; break }
+                Some(()) = inflight.next(), if !inflight.is_empty() => continue,
+                Some(done) = async { Some(reading.as_mut()?.await) }, if reading.is_some() => done,
+            };
+            reading = None;
+            reader = Some(r);
+            let next = match next {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::debug!("NBD connection ends: {e}");
+                    break;
+                }
+            };
+            let (req, refusal, fatal) = match next {
+                Next::Run(req, payload) => {
+                    let conn = conn.clone();
+                    inflight.push(async move { conn.handle(req, payload).await });
+                    continue;
+                }
+                Next::Refuse(req, refusal) => (req, refusal, false),
+                Next::RefuseAndClose(req, refusal) => (req, refusal, true),
+                Next::Disconnect => break,
+            };
+            tracing::debug!("NBD request refused: {}", refusal.1);
+            let sent = tokio::select! {
+                biased;
+                _ = close.wait_for(|c| *c) => { told = true; break }
+                _ = stop.wait_for(|s| *s) => { told = true; break }
+                r = conn.reply_error(&req, &refusal) => r,
+            };
+            if fatal || sent.is_err() {
                 break;
             }
-        };
-        let (req, refusal, fatal) = match next {
-            Next::Run(req, payload) => {
-                let conn = conn.clone();
-                tasks.spawn(async move {
-                    conn.handle(req, payload).await;
-                    drop(permit);
-                });
-                continue;
-            }
-            Next::Refuse(req, refusal) => (req, refusal, false),
-            Next::RefuseAndClose(req, refusal) => (req, refusal, true),
-            Next::Disconnect => break,
-        };
-        tracing::debug!("NBD request refused: {}", refusal.1);
-        let sent = tokio::select! {
-            biased;
-            _ = close.wait_for(|c| *c) => { told = true; break }
-            _ = stop.wait_for(|s| *s) => { told = true; break }
-            r = conn.reply_error(&req, &refusal) => r,
-        };
-        if fatal || sent.is_err() {
-            break;
         }
     }
     // Requests in flight finish their I/O. Their replies still go out,
@@ -147,7 +157,7 @@ pub(super) async fn run<R, W>(
     if told {
         abort.send_replace(true);
     }
-    let drained = async { while tasks.join_next().await.is_some() {} };
+    let drained = async { while inflight.next().await.is_some() {} };
     let late = async {
         tokio::select! {
             _ = close.wait_for(|c| *c) => {}
@@ -159,7 +169,7 @@ pub(super) async fn run<R, W>(
         _ = drained => {}
         _ = late => {
             abort.send_replace(true);
-            while tasks.join_next().await.is_some() {}
+            while inflight.next().await.is_some() {}
         }
     }
     if !*conn.aborted.borrow() {
