@@ -853,3 +853,27 @@ fn a_slow_request_does_not_hold_back_the_next_ones() {
         "the slow write answers last: {order:?}"
     );
 }
+
+/// A refused request while earlier replies are still being sent (the
+/// client reads them only afterwards): every reply arrives (the fuzzer
+/// found a deadlock here).
+#[test]
+fn a_refusal_behind_large_replies_does_not_deadlock() {
+    let f = fixture_with_disk(ServerOptions::default());
+    let (mut c, _, _) = Raw::open(&f.sock, "disk", &[]);
+    for i in 0..8u64 {
+        c.request(Command::Read, 0, i, 0, MIB as u32);
+    }
+    c.request(Command::Unknown(77), 0, 100, 0, 0);
+    c.request(Command::Read, 0, 101, 0, 4096);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let (cookie, error, _) = c.reply();
+        got.push((cookie, error));
+    }
+    got.sort_unstable();
+    assert_eq!(got[8], (100, errno::EINVAL));
+    assert_eq!(got[9], (101, 0));
+    assert!(got[..8].iter().all(|&(_, e)| e == 0));
+}

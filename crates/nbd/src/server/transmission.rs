@@ -54,6 +54,14 @@ struct Conn<W> {
     aborted: watch::Receiver<bool>,
 }
 
+/// What a request future does.
+enum Work {
+    /// Run the request.
+    Run(Request, Option<IoBuf>),
+    /// Answer it with an error.
+    Refuse(Request, Refusal),
+}
+
 /// What the reader does with one request.
 enum Next {
     /// Run it.
@@ -128,24 +136,18 @@ pub(super) async fn run<R, W>(
                     break;
                 }
             };
-            let (req, refusal, fatal) = match next {
-                Next::Run(req, payload) => {
-                    let conn = conn.clone();
-                    inflight.push(async move { conn.handle(req, payload).await });
-                    continue;
-                }
-                Next::Refuse(req, refusal) => (req, refusal, false),
-                Next::RefuseAndClose(req, refusal) => (req, refusal, true),
+            // Refusals are answered by futures like the rest: awaiting the
+            // writer here, while the futures holding it are not polled,
+            // would deadlock.
+            let (work, last) = match next {
+                Next::Run(req, payload) => (Work::Run(req, payload), false),
+                Next::Refuse(req, refusal) => (Work::Refuse(req, refusal), false),
+                Next::RefuseAndClose(req, refusal) => (Work::Refuse(req, refusal), true),
                 Next::Disconnect => break,
             };
-            tracing::debug!("NBD request refused: {}", refusal.1);
-            let sent = tokio::select! {
-                biased;
-                _ = close.wait_for(|c| *c) => { told = true; break }
-                _ = stop.wait_for(|s| *s) => { told = true; break }
-                r = conn.reply_error(&req, &refusal) => r,
-            };
-            if fatal || sent.is_err() {
+            let conn = conn.clone();
+            inflight.push(async move { conn.perform(work).await });
+            if last {
                 break;
             }
         }
@@ -346,6 +348,16 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 format!("invalid request type ({}) received", req.command.to_wire()),
             )),
             _ => Ok(()),
+        }
+    }
+
+    async fn perform(&self, work: Work) {
+        match work {
+            Work::Run(req, payload) => self.handle(req, payload).await,
+            Work::Refuse(req, refusal) => {
+                tracing::debug!("NBD request refused: {}", refusal.1);
+                let _ = self.reply_error(&req, &refusal).await;
+            }
         }
     }
 
