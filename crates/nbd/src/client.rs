@@ -751,7 +751,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
     let io = |e: io::Error| e.to_string();
     match (kind, &mut *waiter) {
         (
-            chunk::OFFSET_DATA,
+            chunk::OFFSET_DATA | chunk::OFFSET_HOLE,
             Waiter::Read {
                 offset,
                 at,
@@ -761,38 +761,26 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                 ..
             },
         ) => {
-            let n = u64::from(len.checked_sub(8).ok_or("data chunk too short")?);
-            let o = r.read_u64().await.map_err(io)?;
-            if !inside(o, n, *offset, *want) {
-                return Err(format!("data chunk {o}+{n} outside the read"));
-            }
-            let from = *at + (o - *offset) as usize;
-            r.read_exact(&mut buf.as_mut_slice()[from..from + n as usize])
-                .await
-                .map_err(io)?;
-            covered.push((o - *offset, o - *offset + n));
-        }
-        (
-            chunk::OFFSET_HOLE,
-            Waiter::Read {
-                offset,
-                at,
-                len: want,
-                buf,
-                covered,
-                ..
-            },
-        ) => {
-            if len != 12 {
+            let data = kind == chunk::OFFSET_DATA;
+            if !data && len != 12 {
                 return Err("bad hole chunk".into());
             }
             let o = r.read_u64().await.map_err(io)?;
-            let n = u64::from(r.read_u32().await.map_err(io)?);
+            let n = if data {
+                u64::from(len.checked_sub(8).ok_or("data chunk too short")?)
+            } else {
+                u64::from(r.read_u32().await.map_err(io)?)
+            };
             if !inside(o, n, *offset, *want) {
-                return Err(format!("hole chunk {o}+{n} outside the read"));
+                return Err(format!("chunk {o}+{n} outside the read"));
             }
             let from = *at + (o - *offset) as usize;
-            buf.as_mut_slice()[from..from + n as usize].fill(0);
+            let target = &mut buf.as_mut_slice()[from..from + n as usize];
+            if data {
+                r.read_exact(target).await.map_err(io)?;
+            } else {
+                target.fill(0);
+            }
             covered.push((o - *offset, o - *offset + n));
         }
         (chunk::BLOCK_STATUS, Waiter::Status { got, .. }) => {
