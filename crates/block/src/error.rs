@@ -10,36 +10,10 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // ---- options ---------------------------------------------------------
-    /// A parameter has the wrong JSON type.
-    #[error("Invalid parameter type for '{name}', expected: {expected}")]
-    InvalidParameterType {
-        /// Dotted name of the parameter.
-        name: String,
-        /// QAPI's name of the expected type (`boolean`, `string`, …).
-        expected: &'static str,
-    },
-    /// A parameter that the driver does not know.
-    #[error("Parameter '{0}' is unexpected")]
-    UnexpectedParameter(String),
-    /// A mandatory parameter is absent.
-    #[error("Parameter '{0}' is missing")]
-    MissingParameter(String),
-    /// An enum parameter with a value outside its set.
-    #[error("Parameter '{name}' does not accept value '{value}'")]
-    InvalidValue {
-        /// Dotted name of the parameter.
-        name: String,
-        /// The value given.
-        value: String,
-    },
-    /// An integer parameter outside its type's range.
-    #[error("Parameter '{name}' expects {expected}")]
-    ParameterRange {
-        /// Dotted name of the parameter.
-        name: String,
-        /// QAPI's name of the type (`uint64`, `uint32_t`, …).
-        expected: &'static str,
-    },
+    /// Options that break QAPI's rules (missing, unexpected or ill-typed
+    /// members).
+    #[error(transparent)]
+    Qapi(#[from] qapi::Error),
     /// `detect-zeroes=unmap` without `discard=unmap`.
     #[error(
         "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"

@@ -5,7 +5,8 @@
 //! input is read with [`BlockdevOptions::from_keyval_json`]). Field names,
 //! defaults and error texts are QEMU's.
 
-use serde_json::{Map, Value};
+use qapi::Object;
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 
@@ -214,13 +215,13 @@ pub const NULL_CO_DEFAULT_SIZE: u64 = 1 << 30;
 impl BlockdevOptions {
     /// Parses QMP's JSON form (`blockdev-add` arguments).
     pub fn from_json(value: &Value) -> Result<BlockdevOptions> {
-        parse(Fields::new(value, "", false)?)
+        parse(Object::json(value)?)
     }
 
     /// Parses the JSON that QEMU's key=value syntax produces, where every
     /// scalar is a string (`"read-only": "on"`, `"size": "1G"`).
     pub fn from_keyval_json(value: &Value) -> Result<BlockdevOptions> {
-        parse(Fields::new(value, "", true)?)
+        parse(Object::keyval(value)?)
     }
 
     /// Options for a node of `driver` with everything else at its default.
@@ -239,7 +240,7 @@ impl BlockdevOptions {
     }
 }
 
-fn parse(mut f: Fields) -> Result<BlockdevOptions> {
+fn parse(mut f: Object) -> Result<BlockdevOptions> {
     let driver_name = f.req_str("driver")?;
     let node_name = f.opt_str("node-name")?;
     let read_only = f.opt_bool("read-only")?;
@@ -294,22 +295,18 @@ fn parse(mut f: Fields) -> Result<BlockdevOptions> {
                 .unwrap_or_default(),
         },
         "raw" => DriverOptions::Raw {
-            file: f.req_child("file")?,
-            offset: f.opt_u64("offset")?.unwrap_or(0),
-            size: f.opt_u64("size")?,
+            file: req_child(&mut f, "file")?,
+            offset: f.opt_size("offset")?.unwrap_or(0),
+            size: f.opt_size("size")?,
         },
         "qcow2" => DriverOptions::Qcow2 {
-            file: f.req_child("file")?,
-            backing: f.opt_nullable_child("backing")?,
-            l2_cache_size: f.opt_u64("l2-cache-size")?,
+            file: req_child(&mut f, "file")?,
+            backing: opt_nullable_child(&mut f, "backing")?,
+            l2_cache_size: f.opt_size("l2-cache-size")?,
         },
         "nbd" => {
-            let mut server = f
-                .opt_object("server")?
-                .ok_or_else(|| Error::MissingParameter(f.name("server")))?;
-            let unix = server
-                .opt_enum("type", &[("unix", true), ("inet", false)])?
-                .ok_or_else(|| Error::MissingParameter(server.name("type")))?;
+            let mut server = f.req_object("server")?;
+            let unix = server.req_enum("type", &[("unix", true), ("inet", false)])?;
             let address = if unix {
                 SocketAddress::Unix {
                     path: server.req_str("path")?,
@@ -328,14 +325,15 @@ fn parse(mut f: Fields) -> Result<BlockdevOptions> {
             }
         }
         "null-co" => DriverOptions::NullCo {
-            size: f.opt_u64("size")?.unwrap_or(NULL_CO_DEFAULT_SIZE),
+            size: f.opt_size("size")?.unwrap_or(NULL_CO_DEFAULT_SIZE),
             read_zeroes: f.opt_bool("read-zeroes")?.unwrap_or(false),
         },
         other => {
-            return Err(Error::InvalidValue {
+            return Err(qapi::Error::InvalidValue {
                 name: "driver".into(),
                 value: other.into(),
-            });
+            }
+            .into());
         }
     };
     f.finish()?;
@@ -355,169 +353,29 @@ fn parse(mut f: Fields) -> Result<BlockdevOptions> {
     })
 }
 
-/// A QAPI-style reader of one JSON object: takes fields by name, checks
-/// their types with QEMU's messages, and complains about leftovers.
-struct Fields {
-    map: Map<String, Value>,
-    prefix: String,
-    keyval: bool,
-}
-
-impl Fields {
-    fn new(value: &Value, prefix: &str, keyval: bool) -> Result<Fields> {
-        match value {
-            Value::Object(map) => Ok(Fields {
-                map: map.clone(),
-                prefix: prefix.to_owned(),
-                keyval,
-            }),
-            _ => Err(Error::InvalidParameterType {
-                name: if prefix.is_empty() {
-                    "null".into()
-                } else {
-                    prefix.trim_end_matches('.').to_owned()
-                },
-                expected: "object",
-            }),
+/// Reads a child member: a reference (`"file": "f0"`) or inline options.
+fn req_child(f: &mut Object, key: &str) -> Result<ChildRef> {
+    match f.take(key) {
+        None => Err(f.missing(key).into()),
+        Some(Value::String(s)) => Ok(ChildRef::Reference(s)),
+        Some(v @ Value::Object(_)) => {
+            let child = Object::nested(&v, &f.name(key), f.is_keyval())?;
+            Ok(ChildRef::Inline(Box::new(parse(child)?)))
         }
-    }
-
-    fn name(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
-    }
-
-    fn type_error(&self, key: &str, expected: &'static str) -> Error {
-        Error::InvalidParameterType {
-            name: self.name(key),
-            expected,
-        }
-    }
-
-    fn opt_str(&mut self, key: &str) -> Result<Option<String>> {
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(self.type_error(key, "string")),
-        }
-    }
-
-    fn req_str(&mut self, key: &str) -> Result<String> {
-        self.opt_str(key)?
-            .ok_or_else(|| Error::MissingParameter(self.name(key)))
-    }
-
-    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>> {
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(Value::String(s)) if self.keyval => match s.as_str() {
-                "on" | "yes" | "true" | "y" => Ok(Some(true)),
-                "off" | "no" | "false" | "n" => Ok(Some(false)),
-                _ => Err(Error::InvalidValue {
-                    name: self.name(key),
-                    value: s,
-                }),
-            },
-            Some(_) => Err(self.type_error(key, "boolean")),
-        }
-    }
-
-    fn opt_u64(&mut self, key: &str) -> Result<Option<u64>> {
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(v) => Ok(Some(v)),
-                None => Err(Error::ParameterRange {
-                    name: self.name(key),
-                    expected: "uint64",
-                }),
-            },
-            Some(Value::String(s)) if self.keyval => {
-                parse_size(&s)
-                    .map(Some)
-                    .ok_or_else(|| Error::ParameterRange {
-                        name: self.name(key),
-                        expected: "uint64",
-                    })
-            }
-            Some(_) => Err(self.type_error(key, "integer")),
-        }
-    }
-
-    fn opt_enum<T: Copy>(&mut self, key: &str, values: &[(&str, T)]) -> Result<Option<T>> {
-        let Some(s) = self.opt_str(key)? else {
-            return Ok(None);
-        };
-        values
-            .iter()
-            .find(|(name, _)| *name == s)
-            .map(|&(_, v)| Some(v))
-            .ok_or_else(|| Error::InvalidValue {
-                name: self.name(key),
-                value: s,
-            })
-    }
-
-    fn opt_object(&mut self, key: &str) -> Result<Option<Fields>> {
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(v @ Value::Object(_)) => {
-                Fields::new(&v, &format!("{}.", self.name(key)), self.keyval).map(Some)
-            }
-            Some(_) => Err(self.type_error(key, "object")),
-        }
-    }
-
-    fn req_child(&mut self, key: &str) -> Result<ChildRef> {
-        match self.map.remove(key) {
-            None => Err(Error::MissingParameter(self.name(key))),
-            Some(Value::String(s)) => Ok(ChildRef::Reference(s)),
-            Some(v @ Value::Object(_)) => {
-                let fields = Fields::new(&v, &format!("{}.", self.name(key)), self.keyval)?;
-                Ok(ChildRef::Inline(Box::new(parse(fields)?)))
-            }
-            Some(_) => Err(self.type_error(key, "BlockdevRef")),
-        }
-    }
-
-    /// A child that may also be `null` (none at all): absent → `None`.
-    fn opt_nullable_child(&mut self, key: &str) -> Result<Option<Option<ChildRef>>> {
-        match self.map.get(key) {
-            None => Ok(None),
-            Some(Value::Null) => {
-                self.map.remove(key);
-                Ok(Some(None))
-            }
-            Some(_) => self.req_child(key).map(|c| Some(Some(c))),
-        }
-    }
-
-    fn finish(self) -> Result<()> {
-        match self.map.keys().next() {
-            Some(key) => Err(Error::UnexpectedParameter(self.name(key))),
-            None => Ok(()),
-        }
+        Some(_) => Err(f.type_error(key, "BlockdevRef").into()),
     }
 }
 
-/// Parses a size as QEMU's key=value syntax writes it: a number with an
-/// optional `k`/`M`/`G`/`T`/`P`/`E` suffix (powers of 1024).
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, suffix) = s.split_at(split);
-    let n: u64 = digits.parse().ok()?;
-    let shift = match suffix {
-        "" | "b" | "B" => 0,
-        "k" | "K" => 10,
-        "m" | "M" => 20,
-        "g" | "G" => 30,
-        "t" | "T" => 40,
-        "p" | "P" => 50,
-        "e" | "E" => 60,
-        _ => return None,
-    };
-    n.checked_mul(1u64 << shift)
+/// A child that may also be `null` (none at all): absent → `None`.
+fn opt_nullable_child(f: &mut Object, key: &str) -> Result<Option<Option<ChildRef>>> {
+    match f.get(key) {
+        None => Ok(None),
+        Some(Value::Null) => {
+            f.take(key);
+            Ok(Some(None))
+        }
+        Some(_) => req_child(f, key).map(|c| Some(Some(c))),
+    }
 }
 
 /// Checks a node name against QEMU's rules: 1..=31 bytes, letters, digits,
