@@ -239,6 +239,7 @@ impl Graph {
                 read_only,
                 discard: options.discard,
                 detect_zeroes: options.detect_zeroes,
+                direct: options.cache_direct,
                 no_flush: options.cache_no_flush,
             };
             let node = Arc::new(Node::new(name, implicit, settings, driver, children));

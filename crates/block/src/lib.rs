@@ -37,7 +37,7 @@ pub use create::{Qcow2Create, create_qcow2};
 pub use error::{Error, Result};
 pub use graph::{DriverFactory, Graph};
 pub use node::{
-    BoxFuture, BufResult, ChildRole, Driver, Edge, Extent, Limits, Node, User, WriteHook,
-    WriteKind, WriteRequest, ZeroFlags,
+    BoxFuture, BufResult, ChildRole, Driver, Edge, Extent, FormatSpecific, ImageInfo, Limits, Node,
+    User, WriteHook, WriteKind, WriteRequest, ZeroFlags,
 };
 pub use options::{BlockdevOptions, SocketAddress};

@@ -142,6 +142,50 @@ pub trait Driver: Send + Sync {
     fn filename(&self) -> Option<&str> {
         None
     }
+    /// What the driver knows about its image (see [`ImageInfo`]).
+    fn image_info(&self) -> ImageInfo {
+        ImageInfo::default()
+    }
+}
+
+/// What a node's image is like, as QEMU's `query-named-block-nodes`
+/// reports it; `None` where the driver has no such notion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Bytes the image occupies on the host (`actual-size`).
+    pub actual_size: Option<u64>,
+    /// The format's cluster size.
+    pub cluster_size: Option<u64>,
+    /// Whether the image is marked dirty (`dirty-flag`).
+    pub dirty: Option<bool>,
+    /// The backing file name as the image writes it.
+    pub backing_filename: Option<String>,
+    /// The backing format as the image writes it.
+    pub backing_format: Option<String>,
+    /// Details of the format.
+    pub format_specific: Option<FormatSpecific>,
+}
+
+/// Format details (QEMU's `ImageInfoSpecific`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatSpecific {
+    /// A host file.
+    File,
+    /// A qcow2 image.
+    Qcow2 {
+        /// `0.10` (version 2) or `1.1` (version 3).
+        compat: &'static str,
+        /// Whether refcount updates may be deferred (version 3 only).
+        lazy_refcounts: Option<bool>,
+        /// Width of a refcount.
+        refcount_bits: u32,
+        /// Whether the image was found corrupt (version 3 only).
+        corrupt: Option<bool>,
+        /// Whether L2 entries have subclusters (version 3 only).
+        extended_l2: Option<bool>,
+        /// `zlib` or `zstd`.
+        compression_type: &'static str,
+    },
 }
 
 /// What a write-type request does, as hooks see it.
@@ -255,6 +299,7 @@ pub(crate) struct Settings {
     pub read_only: bool,
     pub discard: Discard,
     pub detect_zeroes: DetectZeroes,
+    pub direct: bool,
     pub no_flush: bool,
 }
 
@@ -338,6 +383,20 @@ impl Node {
         self.driver.engine()
     }
 
+    /// What the node's image is like; the host size comes from the `file`
+    /// child when the driver does not know it.
+    pub fn image_info(&self) -> ImageInfo {
+        let mut info = self.driver.image_info();
+        if info.actual_size.is_none() {
+            info.actual_size = self
+                .children
+                .iter()
+                .find(|(role, _)| *role == ChildRole::File)
+                .and_then(|(_, edge)| edge.node().image_info().actual_size);
+        }
+        info
+    }
+
     /// The driver's constraints.
     pub fn limits(&self) -> Limits {
         self.driver.limits()
@@ -346,6 +405,16 @@ impl Node {
     /// Whether every write is refused.
     pub fn is_read_only(&self) -> bool {
         self.settings.read_only
+    }
+
+    /// The node's `detect-zeroes` setting.
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        self.settings.detect_zeroes
+    }
+
+    /// The node's cache settings: (`cache.direct`, `cache.no-flush`).
+    pub fn cache(&self) -> (bool, bool) {
+        (self.settings.direct, self.settings.no_flush)
     }
 
     /// The children, with their roles.

@@ -135,6 +135,48 @@ pub enum SocketAddress {
     },
 }
 
+impl SocketAddress {
+    /// Reads QAPI's flat `SocketAddress` (`{"type": "unix", "path": …}` or
+    /// `{"type": "inet", "host": …, "port": …}`) from `obj`, leaving any
+    /// other member for the caller. Options that only tune the socket
+    /// (`numeric`, `ipv4`, `ipv6`, `keep-alive`, `tight`, …) are accepted
+    /// and have no effect.
+    pub fn read(obj: &mut Object) -> Result<SocketAddress> {
+        let unix = obj.req_enum("type", &[("unix", true), ("inet", false)])?;
+        Self::read_members(obj, unix)
+    }
+
+    /// Reads QAPI's `SocketAddressLegacy` (`{"type": "unix", "data":
+    /// {"path": …}}`), as `nbd-server-start` takes it.
+    pub fn read_legacy(obj: &mut Object) -> Result<SocketAddress> {
+        let unix = obj.req_enum("type", &[("unix", true), ("inet", false)])?;
+        let mut data = obj.req_object("data")?;
+        let address = Self::read_members(&mut data, unix)?;
+        data.finish()?;
+        Ok(address)
+    }
+
+    fn read_members(obj: &mut Object, unix: bool) -> Result<SocketAddress> {
+        let address = if unix {
+            let path = obj.req_str("path")?;
+            obj.opt_bool("abstract")?;
+            obj.opt_bool("tight")?;
+            SocketAddress::Unix { path }
+        } else {
+            let host = obj.req_str("host")?;
+            let port = obj.req_str("port")?;
+            obj.opt_bool("numeric")?;
+            obj.opt_u16("to")?;
+            obj.opt_bool("ipv4")?;
+            obj.opt_bool("ipv6")?;
+            obj.opt_bool("keep-alive")?;
+            obj.opt_bool("mptcp")?;
+            SocketAddress::Inet { host, port }
+        };
+        Ok(address)
+    }
+}
+
 impl std::fmt::Display for SocketAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -306,17 +348,7 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
         },
         "nbd" => {
             let mut server = f.req_object("server")?;
-            let unix = server.req_enum("type", &[("unix", true), ("inet", false)])?;
-            let address = if unix {
-                SocketAddress::Unix {
-                    path: server.req_str("path")?,
-                }
-            } else {
-                SocketAddress::Inet {
-                    host: server.req_str("host")?,
-                    port: server.req_str("port")?,
-                }
-            };
+            let address = SocketAddress::read(&mut server)?;
             server.finish()?;
             DriverOptions::Nbd {
                 server: address,

@@ -293,6 +293,12 @@ impl Object {
             .map(Some)
     }
 
+    /// Takes every member not taken yet (for types whose members are
+    /// read elsewhere, like QOM properties).
+    pub fn take_rest(&mut self) -> Map<String, Value> {
+        std::mem::take(&mut self.map)
+    }
+
     /// Ends reading: fails with "Parameter '…' is unexpected" for the first
     /// member nobody took.
     pub fn finish(self) -> Result<()> {

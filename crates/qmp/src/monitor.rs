@@ -131,7 +131,7 @@ impl Monitor {
                         send(&mut writer, &event).await?;
                     }
                 }
-                _ = shutdown.wait_for(|stop| *stop) => {
+                () = stopped(&mut shutdown) => {
                     if let Some(rx) = events.as_mut() {
                         while let Ok(event) = rx.try_recv() {
                             send(&mut writer, &event).await?;
@@ -310,6 +310,11 @@ fn parse_error_text(e: &serde_json::Error) -> String {
         Some(cut) => text[..cut].to_owned(),
         None => text,
     }
+}
+
+/// Returns once `shutdown` is true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 async fn next_event(events: &mut Option<broadcast::Receiver<Arc<str>>>) -> Option<Arc<str>> {

@@ -24,7 +24,9 @@ use rustix::io::Errno;
 use super::uring::{OpKind, Uring};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
-use crate::node::{BoxFuture, BufResult, Driver, Extent, Limits, ZeroFlags};
+use crate::node::{
+    BoxFuture, BufResult, Driver, Extent, FormatSpecific, ImageInfo, Limits, ZeroFlags,
+};
 use crate::options::Aio;
 
 /// Memory alignment for `O_DIRECT`, and the request alignment when probing
@@ -371,6 +373,17 @@ impl Driver for FileDriver {
 
     fn filename(&self) -> Option<&str> {
         Some(&self.path)
+    }
+
+    fn image_info(&self) -> ImageInfo {
+        ImageInfo {
+            actual_size: rustix::fs::fstat(&*self.file)
+                .ok()
+                .map(|st| st.st_blocks as u64 * 512),
+            dirty: Some(false),
+            format_specific: Some(FormatSpecific::File),
+            ..ImageInfo::default()
+        }
     }
 
     fn engine(&self) -> Option<&'static str> {

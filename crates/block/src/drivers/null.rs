@@ -2,7 +2,7 @@
 
 use crate::buf::IoBuf;
 use crate::error::Result;
-use crate::node::{BoxFuture, BufResult, Driver, Extent, Limits, ZeroFlags};
+use crate::node::{BoxFuture, BufResult, Driver, Extent, ImageInfo, Limits, ZeroFlags};
 
 /// A device of a given length that reads as zeroes and discards writes.
 #[derive(Debug)]
@@ -27,6 +27,13 @@ impl Driver for NullDriver {
 
     fn limits(&self) -> Limits {
         Limits::default()
+    }
+
+    fn image_info(&self) -> ImageInfo {
+        ImageInfo {
+            actual_size: Some(0),
+            ..ImageInfo::default()
+        }
     }
 
     fn read(&self, _offset: u64, mut buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {

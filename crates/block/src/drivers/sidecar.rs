@@ -61,6 +61,7 @@ impl Sidecar {
             read_only,
             discard: Discard::Ignore,
             detect_zeroes: DetectZeroes::Off,
+            direct: false,
             no_flush: false,
         };
         let name = format!("{}#bitmaps", self.node);

@@ -37,7 +37,9 @@ use tokio::sync::{Notify, RwLock, RwLockReadGuard};
 use crate::bitmaps::Bitmaps;
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
-use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, Node, ZeroFlags};
+use crate::node::{
+    BoxFuture, BufResult, Driver, Edge, Extent, FormatSpecific, ImageInfo, Limits, Node, ZeroFlags,
+};
 
 pub(crate) use header::MAGIC;
 use header::{AUTOCLEAR_BITMAPS, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, be32, be64, field};
@@ -1109,6 +1111,31 @@ impl Qcow2Driver {
 impl Driver for Qcow2Driver {
     fn name(&self) -> &'static str {
         "qcow2"
+    }
+
+    fn image_info(&self) -> ImageInfo {
+        let h = &self.header;
+        let v3 = h.version >= 3;
+        let compatible = if v3 && h.raw.len() >= 88 {
+            be64(&h.raw, 80)
+        } else {
+            0
+        };
+        ImageInfo {
+            actual_size: None,
+            cluster_size: Some(self.cluster_size()),
+            dirty: Some(h.incompatible & INCOMPAT_DIRTY != 0),
+            backing_filename: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            format_specific: Some(FormatSpecific::Qcow2 {
+                compat: if v3 { "1.1" } else { "0.10" },
+                lazy_refcounts: v3.then_some(compatible & 1 != 0),
+                refcount_bits: 1 << h.refcount_order,
+                corrupt: v3.then_some(h.incompatible & INCOMPAT_CORRUPT != 0),
+                extended_l2: v3.then_some(false),
+                compression_type: "zlib",
+            }),
+        }
     }
 
     fn length(&self) -> u64 {

@@ -1,0 +1,146 @@
+//! Character devices that carry QMP monitors: unix and TCP sockets (as a
+//! server, one client at a time like QEMU, or as a client) and stdio.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use qmp::Monitor;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::cli::ChardevBackend;
+
+/// Starts serving `monitor` on `backend`. With `wait=on` (QEMU's default
+/// for servers) this returns only once the first client has connected.
+pub async fn serve(
+    backend: ChardevBackend,
+    monitor: Arc<Monitor>,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, String> {
+    match backend {
+        ChardevBackend::Socket {
+            path,
+            server: true,
+            wait,
+        } => {
+            // QEMU replaces a stale socket file.
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path)
+                .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
+            let first = if wait {
+                Some(listener.accept().await.map_err(|e| e.to_string())?.0)
+            } else {
+                None
+            };
+            Ok(tokio::spawn(async move {
+                accept_loop(
+                    first,
+                    || async { listener.accept().await.map(|(s, _)| s) },
+                    monitor,
+                    stop,
+                )
+                .await;
+                let _ = std::fs::remove_file(&path);
+            }))
+        }
+        ChardevBackend::Socket {
+            path,
+            server: false,
+            ..
+        } => {
+            let stream = UnixStream::connect(&path)
+                .await
+                .map_err(|e| format!("Failed to connect to '{}': {e}", path.display()))?;
+            Ok(tokio::spawn(session(stream, monitor, stop)))
+        }
+        ChardevBackend::Tcp {
+            host,
+            port,
+            server: true,
+            wait,
+        } => {
+            let listener = TcpListener::bind(format!("{host}:{port}"))
+                .await
+                .map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}"))?;
+            let first = if wait {
+                Some(listener.accept().await.map_err(|e| e.to_string())?.0)
+            } else {
+                None
+            };
+            Ok(tokio::spawn(async move {
+                accept_loop(
+                    first,
+                    || async { listener.accept().await.map(|(s, _)| s) },
+                    monitor,
+                    stop,
+                )
+                .await;
+            }))
+        }
+        ChardevBackend::Tcp {
+            host,
+            port,
+            server: false,
+            ..
+        } => {
+            let stream = TcpStream::connect(format!("{host}:{port}"))
+                .await
+                .map_err(|e| format!("Failed to connect to '{host}:{port}': {e}"))?;
+            Ok(tokio::spawn(session(stream, monitor, stop)))
+        }
+        ChardevBackend::Stdio => Ok(tokio::spawn(async move {
+            if let Err(e) = monitor
+                .serve(tokio::io::stdin(), tokio::io::stdout(), stop)
+                .await
+            {
+                tracing::debug!("stdio monitor ended: {e}");
+            }
+        })),
+    }
+}
+
+/// Serves clients one after another (further clients wait in the backlog,
+/// as with QEMU's socket chardev), until `stop`.
+async fn accept_loop<S, F, Fut>(
+    first: Option<S>,
+    mut accept: F,
+    monitor: Arc<Monitor>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<S>>,
+{
+    if let Some(stream) = first {
+        session(stream, monitor.clone(), stop.clone()).await;
+    }
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let stream = tokio::select! {
+            r = accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("monitor: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        };
+        session(stream, monitor.clone(), stop.clone()).await;
+    }
+}
+
+async fn session<S>(stream: S, monitor: Arc<Monitor>, stop: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    if let Err(e) = monitor.serve(reader, writer, stop).await {
+        tracing::debug!("monitor session ended: {e}");
+    }
+}

@@ -1,0 +1,416 @@
+//! The daemon's state: the node graph, the NBD server and its exports,
+//! user-created objects, monitors, and the way out.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use block::{Graph, SocketAddress};
+use nbd::server::{ExportOptions, ListenAddr, RemoveMode, Server, ServerOptions};
+use qmp::{Events, Monitor, MonitorConfig, QmpError};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::args::{BitmapRef, ExportArgs, NbdServerArgs, ObjectArgs};
+use super::chardev;
+use super::cli::{ChardevBackend, ItemKind, Options};
+
+/// The QEMU version whose storage daemon we stand in for; clients read it
+/// from the greeting and `query-version` to decide what they may use.
+pub const QEMU_VERSION: (u64, u64, u64) = (10, 0, 0);
+/// [`QEMU_VERSION`] as text.
+pub const QEMU_VERSION_STRING: &str = "10.0.0";
+
+/// A user-created object (`object-add`).
+#[derive(Debug, Clone)]
+pub struct QomObject {
+    /// Its id.
+    pub id: String,
+}
+
+/// Everything the daemon holds. Commands reach it through QMP
+/// (`commands.rs`); the command line carries out the same operations.
+pub struct Daemon {
+    /// The node graph.
+    pub graph: Graph,
+    /// The event stream all monitors receive.
+    pub events: Events,
+    nbd: tokio::sync::Mutex<Option<Server>>,
+    objects: Mutex<Vec<QomObject>>,
+    /// Why the daemon is stopping, once it is.
+    shutdown: watch::Sender<Option<String>>,
+    /// Turns true when monitors should write their last events and end.
+    monitors_stop: watch::Sender<bool>,
+    monitor_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Default for Daemon {
+    fn default() -> Daemon {
+        Daemon::new()
+    }
+}
+
+impl Daemon {
+    /// A daemon with nothing in it yet.
+    pub fn new() -> Daemon {
+        let graph = Graph::new();
+        nbd::register(&graph);
+        Daemon {
+            graph,
+            events: Events::new(),
+            nbd: tokio::sync::Mutex::new(None),
+            objects: Mutex::new(Vec::new()),
+            shutdown: watch::channel(None).0,
+            monitors_stop: watch::channel(false).0,
+            monitor_tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn objects(&self) -> MutexGuard<'_, Vec<QomObject>> {
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Carries out the command line in order. The first failure is
+    /// returned with the option it came from.
+    pub async fn start(self: &Arc<Self>, options: &Options) -> Result<(), String> {
+        let mut chardevs: Vec<(String, ChardevBackend)> = Vec::new();
+        let mut stdio_used = false;
+        for item in &options.items {
+            let fail = |e: String| format!("{}: {e}", item.origin);
+            match &item.kind {
+                ItemKind::Blockdev(o) => {
+                    self.graph.add(o).await.map_err(|e| fail(e.to_string()))?;
+                }
+                ItemKind::Chardev(c) => {
+                    if chardevs.iter().any(|(id, _)| *id == c.id) {
+                        return Err(fail(format!("attempt to add duplicate chardev '{}'", c.id)));
+                    }
+                    chardevs.push((c.id.clone(), c.backend.clone()));
+                }
+                ItemKind::Monitor { chardev } => {
+                    let Some(pos) = chardevs.iter().position(|(id, _)| id == chardev) else {
+                        return Err(fail(format!("chardev \"{chardev}\" not found")));
+                    };
+                    let (_, backend) = chardevs.remove(pos);
+                    if backend == ChardevBackend::Stdio {
+                        if stdio_used {
+                            return Err(fail(
+                                "cannot use stdio by multiple character devices".into(),
+                            ));
+                        }
+                        stdio_used = true;
+                    }
+                    self.start_monitor(backend).await.map_err(fail)?;
+                }
+                ItemKind::NbdServer(a) => {
+                    self.nbd_server_start(a).await.map_err(|e| fail(e.desc))?;
+                }
+                ItemKind::Export(a) => {
+                    self.export_add(a).await.map_err(|e| fail(e.desc))?;
+                }
+                ItemKind::Object(a) => {
+                    self.object_add(a).map_err(|e| fail(e.desc))?;
+                }
+            }
+        }
+        if let Some(path) = &options.pidfile {
+            write_pidfile(path)
+                .map_err(|e| format!("cannot create PID file: {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a QMP monitor on a chardev.
+    async fn start_monitor(self: &Arc<Self>, backend: ChardevBackend) -> Result<(), String> {
+        let monitor = Arc::new(Monitor::new(
+            MonitorConfig {
+                version: self.version(),
+                oob: backend != ChardevBackend::Stdio,
+            },
+            Arc::new(super::commands::Commands::new(self)),
+            self.events.clone(),
+        ));
+        let task = chardev::serve(backend, monitor, self.monitors_stop.subscribe()).await?;
+        self.monitor_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        Ok(())
+    }
+
+    /// The `version` object of the greeting and `query-version`.
+    pub fn version(&self) -> Value {
+        let (major, minor, micro) = QEMU_VERSION;
+        json!({
+            "qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": format!("bitmirror {}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    /// Asks the daemon to stop, for `reason` (QEMU's `SHUTDOWN` reasons:
+    /// `host-qmp-quit`, `host-signal`).
+    pub fn request_shutdown(&self, reason: &str) {
+        self.shutdown.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason.to_owned());
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Waits for `quit`, SIGTERM, SIGINT or SIGHUP; the reason.
+    pub async fn wait_for_shutdown(&self) -> String {
+        let mut rx = self.shutdown.subscribe();
+        let signal = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
+                tracing::error!("cannot catch signals; stop the daemon with `quit`");
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {}
+            }
+        };
+        tokio::select! {
+            r = rx.wait_for(Option::is_some) => {
+                if let Ok(r) = r {
+                    return r.clone().unwrap_or_default();
+                }
+            }
+            () = signal => self.request_shutdown("host-signal"),
+        }
+        self.shutdown.borrow().clone().unwrap_or_default()
+    }
+
+    /// The way out: `SHUTDOWN` to every monitor, exports removed, nodes
+    /// closed (persistent bitmaps stored), monitors flushed.
+    pub async fn close(&self) {
+        let reason = self
+            .shutdown
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "host-error".into());
+        self.events
+            .emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+        if let Some(server) = self.nbd.lock().await.take() {
+            self.stop_server(&server).await;
+        }
+        if let Err(e) = self.graph.close_all().await {
+            tracing::error!("closing the nodes failed: {e}");
+        }
+        self.monitors_stop.send_replace(true);
+        let tasks: Vec<_> = self
+            .monitor_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
+
+    // ---- NBD -------------------------------------------------------------
+
+    /// `nbd-server-start` / `--nbd-server`.
+    pub async fn nbd_server_start(&self, args: &NbdServerArgs) -> Result<(), QmpError> {
+        let mut nbd = self.nbd.lock().await;
+        if nbd.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        if args.tls_creds.is_some() {
+            return Err(QmpError::generic(
+                "TLS for NBD is not supported yet by bitmirror",
+            ));
+        }
+        let server = Server::new(ServerOptions {
+            max_connections: args.max_connections,
+            handshake_timeout: match args.handshake_max_seconds {
+                0 => Duration::MAX,
+                s => Duration::from_secs(s.into()),
+            },
+        });
+        let addr = match &args.addr {
+            SocketAddress::Unix { path } => ListenAddr::Unix(path.into()),
+            SocketAddress::Inet { host, port } => ListenAddr::Tcp {
+                host: host.clone(),
+                port: port.parse().map_err(|_| {
+                    QmpError::generic(format!("Service '{port}' is not a valid port number"))
+                })?,
+            },
+        };
+        server
+            .listen(&addr)
+            .await
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        *nbd = Some(server);
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: removes every NBD export (clients are
+    /// disconnected) and stops listening.
+    pub async fn nbd_server_stop(&self) -> Result<(), QmpError> {
+        let server = self
+            .nbd
+            .lock()
+            .await
+            .take()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        self.stop_server(&server).await;
+        Ok(())
+    }
+
+    async fn stop_server(&self, server: &Server) {
+        for export in server.exports() {
+            let id = export.options().id.clone();
+            match server.remove_export(&id, RemoveMode::Hard).await {
+                Ok(()) => self.export_deleted(&id),
+                Err(e) => tracing::error!(export = id, "removing the export failed: {e}"),
+            }
+        }
+        server.stop();
+    }
+
+    fn export_deleted(&self, id: &str) {
+        self.events
+            .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+    }
+
+    /// `block-export-add` / `--export`.
+    pub async fn export_add(&self, args: &ExportArgs) -> Result<(), QmpError> {
+        let nbd = self.nbd.lock().await;
+        let server = nbd
+            .as_ref()
+            .ok_or_else(|| QmpError::generic("NBD server not running"))?;
+        let node = self.graph.get(&args.node_name).map_err(qerr)?;
+        let mut bitmaps = Vec::new();
+        for b in &args.bitmaps {
+            match b {
+                BitmapRef::Local(name) => bitmaps.push(name.clone()),
+                BitmapRef::External { node: n, name } => {
+                    if n != &args.node_name {
+                        return Err(QmpError::generic(format!(
+                            "Bitmap '{name}' on node '{n}' is not on the exported node; \
+                             bitmirror publishes bitmaps of the exported node and its \
+                             backing chain"
+                        )));
+                    }
+                    bitmaps.push(name.clone());
+                }
+            }
+        }
+        let name = args.name.clone().unwrap_or_else(|| args.node_name.clone());
+        server
+            .add_export(
+                &node,
+                ExportOptions {
+                    id: args.id.clone(),
+                    name,
+                    description: args.description.clone(),
+                    writable: args.writable,
+                    bitmaps,
+                    allocation_depth: args.allocation_depth,
+                },
+            )
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        Ok(())
+    }
+
+    /// `block-export-del`.
+    pub async fn export_del(&self, id: &str, mode: RemoveMode) -> Result<(), QmpError> {
+        let nbd = self.nbd.lock().await;
+        let Some(server) = nbd.as_ref() else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        server
+            .remove_export(id, mode)
+            .await
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        self.export_deleted(id);
+        Ok(())
+    }
+
+    /// `query-block-exports`.
+    pub async fn exports(&self) -> Vec<Value> {
+        let nbd = self.nbd.lock().await;
+        let Some(server) = nbd.as_ref() else {
+            return Vec::new();
+        };
+        server
+            .exports()
+            .iter()
+            .map(|e| {
+                json!({
+                    "type": "nbd",
+                    "id": e.options().id,
+                    "node-name": e.node().map(|n| n.name().to_owned()).unwrap_or_default(),
+                    "shutting-down": false,
+                })
+            })
+            .collect()
+    }
+
+    // ---- objects ---------------------------------------------------------
+
+    /// `object-add` / `--object`.
+    pub fn object_add(&self, args: &ObjectArgs) -> Result<(), QmpError> {
+        match args.qom_type.as_str() {
+            "iothread" => {
+                let mut props =
+                    qapi::Object::nested(&Value::Object(args.props.clone()), "", args.keyval)?;
+                props.opt_i64("poll-max-ns")?;
+                props.opt_i64("poll-grow")?;
+                props.opt_i64("poll-shrink")?;
+                props.opt_i64("aio-max-batch")?;
+                props.opt_i64("thread-pool-min")?;
+                props.opt_i64("thread-pool-max")?;
+                props.finish()?;
+            }
+            other => {
+                return Err(qapi::Error::InvalidValue {
+                    name: "qom-type".into(),
+                    value: other.into(),
+                }
+                .into());
+            }
+        };
+        let mut objects = self.objects();
+        if objects.iter().any(|o| o.id == args.id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{}' to object (type 'container')",
+                args.id
+            )));
+        }
+        objects.push(QomObject {
+            id: args.id.clone(),
+        });
+        Ok(())
+    }
+
+    /// `object-del`.
+    pub fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        let mut objects = self.objects();
+        let before = objects.len();
+        objects.retain(|o| o.id != id);
+        if objects.len() == before {
+            return Err(QmpError::generic(format!("object '{id}' not found")));
+        }
+        Ok(())
+    }
+}
+
+/// A block-layer error as QMP reports it.
+pub fn qerr(e: block::Error) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(path, format!("{}\n", std::process::id()))
+}

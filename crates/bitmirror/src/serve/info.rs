@@ -1,0 +1,167 @@
+//! Nodes as QEMU's query commands describe them (`BlockDeviceInfo`,
+//! `ImageInfo`, `BlockDirtyInfo`), field by field as qemu-storage-daemon
+//! 10.0 answers.
+
+use std::sync::Arc;
+
+use block::options::DetectZeroes;
+use block::{ChildRole, FormatSpecific, Node};
+use serde_json::{Map, Value, json};
+
+/// `query-named-block-nodes`' entry for `node`; `flat` leaves out the
+/// backing images.
+pub fn block_device_info(node: &Arc<Node>, flat: bool) -> Value {
+    let (direct, no_flush) = node.cache();
+    let depth = if flat { 0 } else { backing_depth(node) };
+    let mut info = json!({
+        "file": filename(node),
+        "node-name": node.name(),
+        "ro": node.is_read_only(),
+        "drv": node.driver_name(),
+        "backing_file_depth": depth,
+        "encrypted": false,
+        "detect_zeroes": match node.detect_zeroes() {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        },
+        "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "image": image_info(node, flat),
+        "cache": {"writeback": true, "direct": direct, "no-flush": no_flush},
+        "write_threshold": 0,
+        "active": true,
+    });
+    if let Some(backing) = backing(node) {
+        info["backing_file"] = json!(filename(&backing));
+    }
+    let bitmaps = dirty_bitmaps(node);
+    if !bitmaps.is_empty() {
+        info["dirty-bitmaps"] = Value::Array(bitmaps);
+    }
+    info
+}
+
+/// `ImageInfo` of `node`, with the backing chain unless `flat`.
+fn image_info(node: &Arc<Node>, flat: bool) -> Value {
+    let info = node.image_info();
+    let mut image = Map::new();
+    image.insert("filename".into(), json!(filename(node)));
+    image.insert("format".into(), json!(node.driver_name()));
+    // QEMU counts lengths in 512-byte sectors: a file's is rounded up.
+    let length = match node.driver_name() {
+        "file" => node.length().div_ceil(512) * 512,
+        _ => node.length(),
+    };
+    image.insert("virtual-size".into(), json!(length));
+    if let Some(size) = info.actual_size {
+        image.insert("actual-size".into(), json!(size));
+    }
+    if let Some(size) = info.cluster_size {
+        image.insert("cluster-size".into(), json!(size));
+    }
+    if let Some(dirty) = info.dirty {
+        image.insert("dirty-flag".into(), json!(dirty));
+    }
+    if let Some(specific) = &info.format_specific {
+        image.insert("format-specific".into(), format_specific(specific));
+    }
+    if let Some(name) = &info.backing_filename {
+        image.insert("backing-filename".into(), json!(name));
+        if let Some(format) = &info.backing_format {
+            image.insert("backing-filename-format".into(), json!(format));
+        }
+    }
+    if let Some(backing) = backing(node) {
+        image.insert("full-backing-filename".into(), json!(filename(&backing)));
+        if !flat {
+            image.insert("backing-image".into(), image_info(&backing, false));
+        }
+    }
+    Value::Object(image)
+}
+
+fn format_specific(specific: &FormatSpecific) -> Value {
+    match specific {
+        FormatSpecific::File => json!({"type": "file", "data": {}}),
+        FormatSpecific::Qcow2 {
+            compat,
+            lazy_refcounts,
+            refcount_bits,
+            corrupt,
+            extended_l2,
+            compression_type,
+        } => {
+            let mut data = json!({
+                "compat": compat,
+                "compression-type": compression_type,
+                "refcount-bits": refcount_bits,
+            });
+            if let Some(v) = lazy_refcounts {
+                data["lazy-refcounts"] = json!(v);
+            }
+            if let Some(v) = corrupt {
+                data["corrupt"] = json!(v);
+            }
+            if let Some(v) = extended_l2 {
+                data["extended-l2"] = json!(v);
+            }
+            json!({"type": "qcow2", "data": data})
+        }
+    }
+}
+
+/// `BlockDirtyInfo` of each named bitmap of `node`.
+pub fn dirty_bitmaps(node: &Node) -> Vec<Value> {
+    node.bitmaps()
+        .info()
+        .into_iter()
+        .map(|b| {
+            let mut v = json!({
+                "name": b.name,
+                "recording": b.recording,
+                "persistent": b.persistent,
+                "busy": b.busy,
+                "granularity": b.granularity,
+                "count": b.count,
+            });
+            if b.inconsistent {
+                v["inconsistent"] = json!(true);
+            }
+            v
+        })
+        .collect()
+}
+
+/// QEMU's `filename` of a node: the file a protocol driver opened, a
+/// format driver's `file` child's, or a `json:` description.
+pub fn filename(node: &Node) -> String {
+    if let Some(name) = node.filename() {
+        return name.to_owned();
+    }
+    if let Some((_, edge)) = node.children().iter().find(|(r, _)| *r == ChildRole::File) {
+        return filename(&edge.node());
+    }
+    let description = match node.driver_name() {
+        "null-co" => json!({"driver": "null-co", "size": node.length()}),
+        other => json!({"driver": other}),
+    };
+    format!("json:{}", qmp::json::to_string(&description))
+}
+
+fn backing(node: &Node) -> Option<Arc<Node>> {
+    node.children()
+        .iter()
+        .find(|(r, _)| *r == ChildRole::Backing)
+        .map(|(_, e)| e.node())
+}
+
+fn backing_depth(node: &Arc<Node>) -> u64 {
+    let mut depth = 0;
+    let mut cur = backing(node);
+    while let Some(n) = cur {
+        depth += 1;
+        cur = backing(&n);
+    }
+    depth
+}
