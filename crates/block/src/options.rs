@@ -338,13 +338,13 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
         },
         "raw" => DriverOptions::Raw {
             file: req_child(&mut f, "file")?,
-            offset: f.opt_size("offset")?.unwrap_or(0),
-            size: f.opt_size("size")?,
+            offset: f.opt_u64("offset")?.unwrap_or(0),
+            size: f.opt_u64("size")?,
         },
         "qcow2" => DriverOptions::Qcow2 {
             file: req_child(&mut f, "file")?,
             backing: opt_nullable_child(&mut f, "backing")?,
-            l2_cache_size: f.opt_size("l2-cache-size")?,
+            l2_cache_size: f.opt_u64("l2-cache-size")?,
         },
         "nbd" => {
             let mut server = f.req_object("server")?;
@@ -357,7 +357,14 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
             }
         }
         "null-co" => DriverOptions::NullCo {
-            size: f.opt_size("size")?.unwrap_or(NULL_CO_DEFAULT_SIZE),
+            // QAPI's `int`; QEMU 10.0 aborts on a negative one.
+            size: match f.opt_i64("size")? {
+                None => NULL_CO_DEFAULT_SIZE,
+                Some(v) => u64::try_from(v).map_err(|_| qapi::Error::ParameterRange {
+                    name: f.name("size"),
+                    expected: "a non-negative size",
+                })?,
+            },
             read_zeroes: f.opt_bool("read-zeroes")?.unwrap_or(false),
         },
         other => {
@@ -522,14 +529,14 @@ mod tests {
         assert_eq!(err(json!({"driver": "raw"})), "Parameter 'file' is missing");
         assert_eq!(
             err(json!({"driver": "null-co", "size": -1})),
-            "Parameter 'size' expects uint64"
+            "Parameter 'size' expects a non-negative size"
         );
     }
 
     #[test]
     fn keyval_scalars_are_strings() {
         let o = BlockdevOptions::from_keyval_json(&json!({
-            "driver": "null-co", "node-name": "n", "size": "2G", "read-only": "on"
+            "driver": "null-co", "node-name": "n", "size": "2147483648", "read-only": "on"
         }))
         .unwrap();
         assert!(o.read_only);

@@ -200,27 +200,33 @@ impl Object {
         }
     }
 
+    /// QEMU's unsigned rules: JSON numbers go through `uint64` (negative
+    /// ones wrap, as in QEMU) and are then range-checked; anything else
+    /// "expects uint64". Key=value strings are C integers.
     fn opt_unsigned(&mut self, key: &str, expected: &'static str, max: u64) -> Result<Option<u64>> {
-        let range = |o: &Object| Error::ParameterRange {
+        let range = |o: &Object, expected| Error::ParameterRange {
             name: o.name(key),
             expected,
         };
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(v) if v <= max => Ok(Some(v)),
-                _ => Err(range(self)),
+        let v = match self.map.remove(key) {
+            None => return Ok(None),
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(v), _) => v,
+                (None, Some(v)) => v as u64,
+                _ => return Err(range(self, "uint64")),
             },
-            Some(Value::String(s)) if self.keyval => match parse_c_integer(&s) {
-                Some(v) if v <= max => Ok(Some(v)),
-                _ => Err(Error::ParameterRange {
-                    name: self.name(key),
-                    expected: "integer",
-                }),
-            },
-            Some(_) if !self.keyval && expected == "uint64" => Err(range(self)),
-            Some(_) => Err(self.type_error(key, "integer")),
+            Some(Value::String(s)) if self.keyval => {
+                match parse_c_integer(&s).filter(|v| *v <= max) {
+                    Some(v) => return Ok(Some(v)),
+                    None => return Err(range(self, "integer")),
+                }
+            }
+            Some(_) => return Err(range(self, "uint64")),
+        };
+        if v > max {
+            return Err(range(self, expected));
         }
+        Ok(Some(v))
     }
 
     /// An optional enum member: one of `values` by name.
@@ -377,8 +383,9 @@ mod tests {
         let v = json!({"u": -1, "s": "1", "w": 4294967296u64, "i": 1.5});
         let mut o = Object::json(&v).unwrap();
         assert_eq!(
-            o.opt_u64("u").unwrap_err().to_string(),
-            "Parameter 'u' expects uint64"
+            o.opt_u64("u").unwrap(),
+            Some(u64::MAX),
+            "negatives wrap, as in QEMU"
         );
         assert_eq!(
             o.opt_u64("s").unwrap_err().to_string(),

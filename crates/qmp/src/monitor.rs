@@ -163,7 +163,8 @@ impl Monitor {
             ));
         };
         let id = request.get("id").cloned();
-        let result = match check_request(&request) {
+        let oob_enabled = *mode == Mode::Command { oob: true };
+        let result = match check_request(&request, oob_enabled) {
             Ok(call) => self.run(call, mode).await,
             Err(e) => Err(e),
         };
@@ -227,8 +228,13 @@ impl Monitor {
                     }
                     oob = true;
                 }
+                // QEMU names an enum list element 'null' here.
                 Value::String(s) => {
-                    return Err(qapi::Error::InvalidValue { name, value: s }.into());
+                    return Err(qapi::Error::InvalidValue {
+                        name: "null".into(),
+                        value: s,
+                    }
+                    .into());
                 }
                 _ => {
                     return Err(qapi::Error::InvalidParameterType {
@@ -250,14 +256,15 @@ struct Call {
     oob: bool,
 }
 
-/// QEMU's checks of a request's members, in QEMU's order.
-fn check_request(request: &Map<String, Value>) -> Result<Call, QmpError> {
+/// QEMU's checks of a request's members, in QEMU's order. `exec-oob` is
+/// an unexpected member unless the session enabled `oob`.
+fn check_request(request: &Map<String, Value>, oob_enabled: bool) -> Result<Call, QmpError> {
     let mut command = None;
     let mut oob = false;
     let mut arguments = Map::new();
     for (key, value) in request {
         match key.as_str() {
-            "execute" | "exec-oob" => {
+            "execute" | "exec-oob" if key == "execute" || oob_enabled => {
                 let Value::String(name) = value else {
                     return Err(QmpError::generic(format!(
                         "QMP input member '{key}' must be a string"

@@ -127,6 +127,67 @@ impl Qmp {
         qmp
     }
 
+    /// Connects to the QMP socket at `path` and reads the greeting, without
+    /// negotiating: the session is left in capabilities negotiation mode.
+    /// Returns the greeting too.
+    pub fn connect_raw(path: &Path) -> (Qmp, Value) {
+        let stream = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("cannot connect to QMP at {}: {e}", path.display()));
+        stream
+            .set_read_timeout(Some(PEER_TIMEOUT))
+            .unwrap_or_else(|e| panic!("cannot set a QMP read timeout: {e}"));
+        let writer = stream
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone the QMP socket: {e}"));
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message();
+        (qmp, greeting)
+    }
+
+    /// Sends `text` as it is (no newline added).
+    pub fn send_raw(&mut self, text: &str) {
+        self.writer
+            .write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("cannot send over QMP: {e}"));
+    }
+
+    /// The next message that is not an event (events are kept in
+    /// [`events`](Self::events)): a whole reply, `return` or `error`.
+    pub fn read_reply(&mut self) -> Value {
+        loop {
+            let message = self.read_message();
+            if message.get("event").is_some() {
+                self.events.push(message);
+            } else {
+                return message;
+            }
+        }
+    }
+
+    /// Sends `request` (any JSON) and returns the whole reply.
+    pub fn request(&mut self, request: &Value) -> Value {
+        self.send_raw(&format!("{request}\n"));
+        self.read_reply()
+    }
+
+    /// Waits until `count` events have been received (or fails the test
+    /// after [`PEER_TIMEOUT`]); returns them all and forgets them.
+    pub fn take_events(&mut self, count: usize) -> Vec<Value> {
+        while self.events.len() < count {
+            let message = self.read_message();
+            assert!(
+                message.get("event").is_some(),
+                "expected an event, got {message}"
+            );
+            self.events.push(message);
+        }
+        std::mem::take(&mut self.events)
+    }
+
     /// Sends a command and waits for its reply.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let request = json!({ "execute": command, "arguments": arguments });
@@ -159,7 +220,8 @@ impl Qmp {
             .unwrap_or_else(|e| panic!("QMP {command} {arguments} failed: {e:?}"))
     }
 
-    fn read_message(&mut self) -> Value {
+    /// The next message, event or not.
+    pub fn read_message(&mut self) -> Value {
         let mut line = String::new();
         let n = self
             .reader
@@ -170,8 +232,9 @@ impl Qmp {
     }
 }
 
-/// A running `qemu-storage-daemon` with a QMP monitor on a Unix socket.
-/// Killed when dropped.
+/// A running storage daemon — `qemu-storage-daemon`, or `bitmirror serve`
+/// standing in for it — with a QMP monitor on a Unix socket. Killed when
+/// dropped.
 pub struct StorageDaemon {
     child: Child,
     qmp_path: PathBuf,
@@ -183,12 +246,24 @@ impl StorageDaemon {
     /// connections.
     pub fn start(dir: &Path, args: &[String]) -> StorageDaemon {
         let program = require_tool("qemu-storage-daemon", "qemu-utils");
+        StorageDaemon::start_program(&program, &[], dir, args)
+    }
+
+    /// Like [`start`](Self::start), running `program` with `prefix` before
+    /// the daemon's options (e.g. bitmirror with `["serve"]`).
+    pub fn start_program(
+        program: &Path,
+        prefix: &[&str],
+        dir: &Path,
+        args: &[String],
+    ) -> StorageDaemon {
         let qmp_path = dir.join("qmp.sock");
         let chardev = format!(
             "socket,id=qmp0,path={},server=on,wait=off",
             qmp_path.display()
         );
-        let child = Command::new(&program)
+        let child = Command::new(program)
+            .args(prefix)
             .args(args)
             .args(["--chardev", &chardev, "--monitor", "chardev=qmp0"])
             .stdin(Stdio::null())
@@ -204,6 +279,34 @@ impl StorageDaemon {
     /// A new QMP connection to the daemon, past capabilities negotiation.
     pub fn qmp(&self) -> Qmp {
         Qmp::connect(&self.qmp_path)
+    }
+
+    /// Where the QMP socket is.
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp_path
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the daemon to exit (after `quit` or a signal), at most
+    /// [`PEER_TIMEOUT`]; its exit code (`None` if killed by a signal).
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code(),
+                Ok(None) => {}
+                Err(e) => panic!("cannot wait for the daemon: {e}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit within {PEER_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn wait_for_socket(&mut self) {

@@ -73,8 +73,9 @@ impl BitmapRef {
                 o.finish()?;
                 Ok(BitmapRef::External { node, name: bitmap })
             }
+            // QEMU names a mistyped alternate 'null'.
             _ => Err(qapi::Error::InvalidParameterType {
-                name: name.to_owned(),
+                name: "null".into(),
                 expected: "BlockDirtyBitmapOrStr",
             }),
         }

@@ -340,7 +340,7 @@ mod tests {
     fn options_in_order() {
         let Parsed::Run(o) = parse(&args(&[
             "--blockdev",
-            "null-co,node-name=n,size=1M",
+            "null-co,node-name=n,size=1048576",
             "--chardev",
             "socket,path=/tmp/q.sock,server=on,wait=off,id=m0",
             "--monitor",

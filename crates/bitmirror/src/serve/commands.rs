@@ -75,6 +75,15 @@ impl Dispatcher for Commands {
     }
 }
 
+/// The node of a bitmap command that names an existing bitmap (QEMU's
+/// words differ from other node lookups).
+fn bitmap_node(daemon: &Daemon, name: &str) -> Result<Arc<block::Node>, QmpError> {
+    daemon
+        .graph
+        .find(name)
+        .ok_or_else(|| qerr(block::Error::BitmapNodeNotFound(name.to_owned())))
+}
+
 /// Reads no more arguments: the leftovers are unexpected.
 fn done(args: &mut Object) -> Result<(), QmpError> {
     std::mem::replace(args, empty()).finish()?;
@@ -157,7 +166,7 @@ async fn run(
             let node = args.req_str("node")?;
             let name = args.req_str("name")?;
             done(args)?;
-            let node = daemon.graph.get(&node).map_err(qerr)?;
+            let node = bitmap_node(daemon, &node)?;
             let bitmaps = node.bitmaps();
             match command {
                 "block-dirty-bitmap-remove" => node.remove_bitmap(&name).await.map(drop),
@@ -183,7 +192,7 @@ async fn run(
                 .map(|(name, v)| BitmapRef::read(name, v, false))
                 .collect::<qapi::Result<Vec<_>>>()?;
             done(args)?;
-            let target_node = daemon.graph.get(&node).map_err(qerr)?;
+            let target_node = bitmap_node(daemon, &node)?;
             target_node
                 .bitmaps()
                 .check(&target, block::Check::Default)

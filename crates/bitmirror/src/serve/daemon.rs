@@ -285,11 +285,16 @@ impl Daemon {
 
     /// `block-export-add` / `--export`.
     pub async fn export_add(&self, args: &ExportArgs) -> Result<(), QmpError> {
+        let node = self.graph.find(&args.node_name).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='' nor node-name='{}'",
+                args.node_name
+            ))
+        })?;
         let nbd = self.nbd.lock().await;
         let server = nbd
             .as_ref()
             .ok_or_else(|| QmpError::generic("NBD server not running"))?;
-        let node = self.graph.get(&args.node_name).map_err(qerr)?;
         let mut bitmaps = Vec::new();
         for b in &args.bitmaps {
             match b {

@@ -143,6 +143,9 @@ pub fn filename(node: &Node) -> String {
         return filename(&edge.node());
     }
     let description = match node.driver_name() {
+        "null-co" if node.length() == block::options::NULL_CO_DEFAULT_SIZE => {
+            return "null-co://".into();
+        }
         "null-co" => json!({"driver": "null-co", "size": node.length()}),
         other => json!({"driver": other}),
     };

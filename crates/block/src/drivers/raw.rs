@@ -9,7 +9,7 @@ use super::sidecar::Sidecar;
 use crate::bitmaps::{Bitmaps, LoadedState};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
-use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, Limits, ZeroFlags};
+use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, ImageInfo, Limits, ZeroFlags};
 
 /// A window `offset..offset + size` of the child node.
 #[derive(Debug)]
@@ -71,6 +71,13 @@ impl RawDriver {
 }
 
 impl Driver for RawDriver {
+    fn image_info(&self) -> ImageInfo {
+        ImageInfo {
+            dirty: Some(false),
+            ..ImageInfo::default()
+        }
+    }
+
     fn name(&self) -> &'static str {
         "raw"
     }

@@ -1,0 +1,600 @@
+//! The same QMP sessions against `qemu-storage-daemon` and `bitmirror
+//! serve`, live, in one test: every reply and event must match, apart from
+//! version strings, timestamps, generated node names, and host sizes of
+//! image files (see [`normalize`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+use testkit::{Qmp, StorageDaemon, require_tool, run};
+
+/// One daemon of a pair, in its own directory.
+struct Side {
+    name: &'static str,
+    daemon: StorageDaemon,
+    qmp: Qmp,
+    dir: tempfile::TempDir,
+}
+
+/// `qemu-storage-daemon` and `bitmirror serve`, set up alike.
+struct Pair {
+    qemu: Side,
+    ours: Side,
+}
+
+fn bitmirror() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bitmirror"))
+}
+
+impl Pair {
+    /// Prepares a directory for each side with `setup` and starts each
+    /// daemon with the options `args` gives for that directory.
+    fn start(setup: impl Fn(&Path), args: impl Fn(&Path) -> Vec<String>) -> Pair {
+        let qemu_program = require_tool("qemu-storage-daemon", "qemu-utils");
+        let side = |name: &'static str, program: &Path, prefix: &[&str]| {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            setup(dir.path());
+            let daemon =
+                StorageDaemon::start_program(program, prefix, dir.path(), &args(dir.path()));
+            let qmp = daemon.qmp();
+            Side {
+                name,
+                daemon,
+                qmp,
+                dir,
+            }
+        };
+        Pair {
+            qemu: side("qemu-storage-daemon", &qemu_program, &[]),
+            ours: side("bitmirror", &bitmirror(), &["serve"]),
+        }
+    }
+
+    /// Sends `request` (with `$DIR` standing for each side's directory) to
+    /// both and asserts the replies match; returns ours, normalized.
+    fn both(&mut self, request: Value) -> Value {
+        let text = request.to_string();
+        self.both_raw(&format!("{text}\n"))
+    }
+
+    /// Like [`both`](Self::both) for raw text.
+    fn both_raw(&mut self, text: &str) -> Value {
+        let mut replies = Vec::new();
+        for side in [&mut self.qemu, &mut self.ours] {
+            let dir = side.dir.path().display().to_string();
+            side.qmp.send_raw(&text.replace("$DIR", &dir));
+            let reply = side.qmp.read_reply();
+            replies.push(normalize(reply, &dir));
+        }
+        if let Some(diff) = difference(&replies[1], &replies[0], "") {
+            panic!("bitmirror and qemu-storage-daemon differ on {text}: {diff}");
+        }
+        replies.pop().unwrap_or_default()
+    }
+
+    /// Asserts both sides have received the same `count` events since the
+    /// last call.
+    fn same_events(&mut self, count: usize) -> Vec<Value> {
+        let mut all = Vec::new();
+        for side in [&mut self.qemu, &mut self.ours] {
+            let dir = side.dir.path().display().to_string();
+            let events: Vec<Value> = side
+                .qmp
+                .take_events(count)
+                .into_iter()
+                .map(|e| normalize(e, &dir))
+                .collect();
+            assert_eq!(events.len(), count, "{}: {events:?}", side.name);
+            all.push(events);
+        }
+        assert_eq!(all[1], all[0], "events differ (bitmirror left)");
+        all.pop().unwrap_or_default()
+    }
+}
+
+/// Where `ours` and `theirs` first differ, and how.
+fn difference(ours: &Value, theirs: &Value, path: &str) -> Option<String> {
+    match (ours, theirs) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get(k) {
+                    None => return Some(format!("{path}.{k} missing in ours (theirs: {v})")),
+                    Some(w) => {
+                        if let Some(d) = difference(w, v, &format!("{path}.{k}")) {
+                            return Some(d);
+                        }
+                    }
+                }
+            }
+            a.keys()
+                .find(|k| !b.contains_key(*k))
+                .map(|k| format!("{path}.{k} only in ours ({})", a[k.as_str()]))
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| difference(x, y, &format!("{path}[{i}]"))),
+        _ if ours == theirs => None,
+        _ => Some(format!("{path}: ours {ours}, theirs {theirs}")),
+    }
+}
+
+/// What may differ between the two daemons: timestamps (dropped), the
+/// version's micro number and package, generated node names (`#block123`
+/// becomes `#block`), each side's directory (`$DIR`), and host sizes of
+/// image files (`actual-size`, and `virtual-size` of `file` nodes: we store
+/// persistent bitmaps as soon as they are added, QEMU at close). Lists of
+/// nodes are sorted, since implicit nodes are numbered differently.
+fn normalize(value: Value, dir: &str) -> Value {
+    match value {
+        Value::String(s) => {
+            let s = s.replace(dir, "$DIR");
+            Value::String(match s.find("#block") {
+                Some(i) => {
+                    let digits = s[i + 6..].chars().take_while(char::is_ascii_digit).count();
+                    format!("{}#block{}", &s[..i], &s[i + 6 + digits..])
+                }
+                None => s,
+            })
+        }
+        Value::Array(items) => {
+            let mut items: Vec<Value> = items.into_iter().map(|v| normalize(v, dir)).collect();
+            if items.iter().all(|v| v.get("node-name").is_some()) {
+                items.sort_by_key(|v| v.to_string());
+            }
+            Value::Array(items)
+        }
+        Value::Object(map) => {
+            let is_file = map.get("format") == Some(&json!("file"));
+            let mut out = serde_json::Map::new();
+            for (k, v) in map {
+                match k.as_str() {
+                    "timestamp" | "actual-size" | "package" | "micro" => {}
+                    "virtual-size" if is_file => {}
+                    _ => {
+                        out.insert(k, normalize(v, dir));
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+        other => other,
+    }
+}
+
+fn qcow2(dir: &Path, name: &str, size: &str, backing: Option<&str>) {
+    let path = dir.join(name);
+    let path = path.to_str().expect("a UTF-8 path");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        args.extend(["-b", b, "-F", "qcow2"]);
+    }
+    args.extend([path, size]);
+    run("qemu-img", &args);
+}
+
+#[test]
+fn protocol_and_argument_errors_match() {
+    let second = |dir: &Path| {
+        vec![
+            "--chardev".into(),
+            format!(
+                "socket,id=m1,path={},server=on,wait=off",
+                dir.join("qmp2.sock").display()
+            ),
+            "--monitor".into(),
+            "m1".into(),
+        ]
+    };
+    let mut p = Pair::start(|_| {}, second);
+    // A session on the second monitor, still negotiating.
+    let (mut q, qemu_greeting) = Qmp::connect_raw(&p.qemu.dir.path().join("qmp2.sock"));
+    let (mut o, our_greeting) = Qmp::connect_raw(&p.ours.dir.path().join("qmp2.sock"));
+    let (qg, og) = (normalize(qemu_greeting, ""), normalize(our_greeting, ""));
+    assert_eq!(difference(&og, &qg, ""), None, "greetings");
+    for request in [
+        json!({"execute": "query-version"}),
+        json!({"execute": "qmp_capabilities", "arguments": {"enable": ["nosuch"]}}),
+        json!({"execute": "qmp_capabilities", "arguments": {"bogus": 1}}),
+        json!({"execute": "qmp_capabilities", "id": "neg"}),
+        json!({"execute": "qmp_capabilities"}),
+    ] {
+        let (a, b) = (q.request(&request), o.request(&request));
+        if let Some(d) = difference(&normalize(b, ""), &normalize(a, ""), "") {
+            panic!("negotiation differs on {request}: {d}");
+        }
+    }
+    drop((q, o));
+
+    // The negotiated sessions: malformed requests and argument errors.
+    for raw in [
+        "[1, 2]\n",
+        "\"str\"\n",
+        "{\"foo\": 1}\n",
+        "{\"execute\": 1}\n",
+        "{\"execute\": \"query-version\", \"arguments\": []}\n",
+        "{\"execute\": \"query-version\", \"id\": {\"a\": [1]}, \"bogus\": 2}\n",
+        "{\"execute\": \"query-version\", \"exec-oob\": \"quit\"}\n",
+        "{\"exec-oob\": \"query-version\"}\n",
+        "{\"execute\":\n \"query-version\",\n \"id\": 7}{\"execute\": \"nosuch\", \"id\": \"x\"}",
+    ] {
+        p.both_raw(raw);
+    }
+    p.both_raw("{\"execute\": \"nosuch\", \"id\": \"x\"}\n");
+    for request in [
+        json!({"execute": "query-version", "id": 1.5}),
+        json!({"execute": "qmp_capabilities"}),
+        json!({"execute": "query-version", "arguments": {"x": 1}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": 5, "name": "b"}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "n", "name": "b", "extra": 1}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "n", "name": "b", "granularity": "x"}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "n", "name": "b", "granularity": -1}}),
+        json!({"execute": "block-dirty-bitmap-add", "arguments": {"node": "n", "name": "b", "persistent": "yes"}}),
+        json!({"execute": "blockdev-del", "arguments": {"node-name": "nosuch"}}),
+        json!({"execute": "query-named-block-nodes", "arguments": {"flat": 1}}),
+        json!({"execute": "block-export-del", "arguments": {"id": "nosuch"}}),
+        json!({"execute": "nbd-server-stop"}),
+        json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "n"}}),
+        json!({"execute": "block-export-add", "arguments": {"type": "fuse2", "id": "e", "node-name": "n"}}),
+        json!({"execute": "object-del", "arguments": {"id": "nosuch"}}),
+        json!({"execute": "query-block"}),
+    ] {
+        p.both(request);
+    }
+}
+
+#[test]
+fn nodes_and_bitmaps_match() {
+    let mut p = Pair::start(
+        |dir| {
+            qcow2(dir, "base.qcow2", "64M", None);
+            qcow2(dir, "top.qcow2", "64M", Some("base.qcow2"));
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "raw",
+                    dir.join("d.raw").to_str().unwrap_or_default(),
+                    "4M",
+                ],
+            );
+        },
+        |dir| {
+            vec![
+                "--blockdev".into(),
+                format!(
+                    "driver=file,node-name=f0,filename={}",
+                    dir.join("top.qcow2").display()
+                ),
+                "--blockdev".into(),
+                "qcow2,node-name=q0,file=f0".into(),
+                "--blockdev".into(),
+                "null-co,node-name=n0,size=1048576".into(),
+            ]
+        },
+    );
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    for request in [
+        ex("query-named-block-nodes", json!({})),
+        ex("query-named-block-nodes", json!({"flat": true})),
+        ex(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r0",
+            "file": {"driver": "file", "filename": "$DIR/d.raw"}}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r0",
+            "file": {"driver": "file", "filename": "$DIR/d.raw"}}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "nosuch", "node-name": "x"}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "x", "filename": "$DIR/missing"}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "1bad"}),
+        ),
+        ex("blockdev-add", json!({"driver": "null-co"})),
+        ex(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "ro", "read-only": true,
+            "detect-zeroes": "on", "cache": {"no-flush": true}}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "n0", "name": "b1", "granularity": 512, "disabled": true}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "n0", "name": "b2", "granularity": 1000}),
+        ),
+        ex("block-dirty-bitmap-add", json!({"node": "n0", "name": ""})),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "nosuch", "name": "b"}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "n0", "name": "p", "persistent": true}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "r0", "name": "b3", "granularity": 65536}),
+        ),
+        ex("query-named-block-nodes", json!({})),
+        ex(
+            "block-dirty-bitmap-disable",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex(
+            "block-dirty-bitmap-enable",
+            json!({"node": "n0", "name": "b1"}),
+        ),
+        ex(
+            "block-dirty-bitmap-enable",
+            json!({"node": "n0", "name": "nosuch"}),
+        ),
+        ex(
+            "block-dirty-bitmap-clear",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex(
+            "block-dirty-bitmap-merge",
+            json!({"node": "q0", "target": "b0", "bitmaps": ["nosuch"]}),
+        ),
+        ex(
+            "block-dirty-bitmap-merge",
+            json!({"node": "q0", "target": "b0",
+            "bitmaps": [{"node": "n0", "name": "b1"}]}),
+        ),
+        ex(
+            "block-dirty-bitmap-merge",
+            json!({"node": "q0", "target": "b0",
+            "bitmaps": [{"node": "r0", "name": "b3"}]}),
+        ),
+        ex(
+            "block-dirty-bitmap-merge",
+            json!({"node": "q0", "target": "b0", "bitmaps": [1]}),
+        ),
+        ex(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": "q0", "name": "nosuch"}),
+        ),
+        ex(
+            "block-dirty-bitmap-remove",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex(
+            "block-dirty-bitmap-remove",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex("query-named-block-nodes", json!({"flat": true})),
+        ex("blockdev-del", json!({"node-name": "f0"})),
+        ex("blockdev-del", json!({"node-name": "q0"})),
+        ex("blockdev-del", json!({"node-name": "f0"})),
+        ex("query-named-block-nodes", json!({})),
+    ] {
+        p.both(request);
+    }
+}
+
+#[test]
+fn nbd_server_and_exports_match() {
+    let mut p = Pair::start(
+        |dir| qcow2(dir, "a.qcow2", "16M", None),
+        |dir| {
+            vec![
+                "--blockdev".into(),
+                format!(
+                    "driver=qcow2,node-name=q0,file.driver=file,file.filename={}",
+                    dir.join("a.qcow2").display()
+                ),
+            ]
+        },
+    );
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    for request in [
+        ex("query-block-exports", json!({})),
+        ex(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "path": "$DIR/nbd.sock"}}),
+        ),
+        ex(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": "$DIR/nbd.sock"}}}),
+        ),
+        ex(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": "$DIR/nbd.sock"}}}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "q0", "name": "b0", "disabled": true}),
+        ),
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "q0", "name": "live"}),
+        ),
+        ex(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "q0",
+            "writable": true, "bitmaps": ["b0"]}),
+        ),
+        ex(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "q0"}),
+        ),
+        ex(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "q0", "name": "q0"}),
+        ),
+        ex(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e2", "node-name": "q0", "name": "x",
+            "bitmaps": ["live"]}),
+        ),
+        ex(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e3", "node-name": "q0", "name": "y",
+            "bitmaps": ["nosuch"]}),
+        ),
+        ex(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e4", "node-name": "nosuch"}),
+        ),
+        ex("query-block-exports", json!({})),
+        ex(
+            "block-dirty-bitmap-remove",
+            json!({"node": "q0", "name": "b0"}),
+        ),
+        ex("blockdev-del", json!({"node-name": "q0"})),
+        ex("block-export-del", json!({"id": "e0", "mode": "bogus"})),
+    ] {
+        p.both(request);
+    }
+    p.both(ex("block-export-del", json!({"id": "e0"})));
+    p.same_events(1);
+    p.both(ex("query-block-exports", json!({})));
+    p.both(ex(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e5", "node-name": "q0", "name": "z"}),
+    ));
+    p.both(ex("nbd-server-stop", json!({})));
+    p.same_events(1);
+    p.both(ex("query-block-exports", json!({})));
+    p.both(ex(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}),
+    ));
+    p.both(ex("nbd-server-stop", json!({})));
+}
+
+#[test]
+fn objects_match() {
+    let mut p = Pair::start(
+        |_| {},
+        |_| vec!["--object".into(), "iothread,id=io0".into()],
+    );
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    for request in [
+        ex("object-add", json!({"qom-type": "iothread", "id": "io0"})),
+        ex(
+            "object-add",
+            json!({"qom-type": "iothread", "id": "io1", "poll-max-ns": 0}),
+        ),
+        ex(
+            "object-add",
+            json!({"qom-type": "iothread", "id": "io2", "bogus": 0}),
+        ),
+        ex("object-add", json!({"qom-type": "nosuch", "id": "x"})),
+        ex("object-add", json!({"id": "x"})),
+        ex("object-del", json!({"id": "io1"})),
+        ex("object-del", json!({"id": "io1"})),
+    ] {
+        p.both(request);
+    }
+}
+
+#[test]
+fn quit_matches() {
+    let mut p = Pair::start(
+        |_| {},
+        |_| vec!["--blockdev".into(), "null-co,node-name=n".into()],
+    );
+    p.both(json!({"execute": "quit", "id": 1}));
+    // qemu-storage-daemon sends no SHUTDOWN event: the monitor just closes.
+    for side in [&mut p.qemu, &mut p.ours] {
+        assert!(
+            side.qmp.events.is_empty(),
+            "{}: {:?}",
+            side.name,
+            side.qmp.events
+        );
+    }
+    assert_eq!(p.qemu.daemon.wait_exit(), Some(0));
+    assert_eq!(p.ours.daemon.wait_exit(), Some(0));
+}
+
+/// Runs `program` with `args`; (exit code, stderr with the program's name
+/// cut off).
+fn run_cli(program: &Path, prefix: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(program)
+        .args(prefix)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let message = stderr
+        .split_once(": ")
+        .map(|(_, m)| m.to_owned())
+        .unwrap_or(stderr);
+    (out.status.code(), message)
+}
+
+#[test]
+fn command_line_errors_match() {
+    let qemu = require_tool("qemu-storage-daemon", "qemu-utils");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let img = dir.path().join("x.qcow2");
+    qcow2(dir.path(), "x.qcow2", "1M", None);
+    let valid = format!("driver=file,node-name=f,filename={}", img.display());
+    let cases: Vec<Vec<String>> = vec![
+        vec!["--blockdev".into(), "driver=nosuch,node-name=x".into()],
+        vec!["--blockdev".into(), "node-name=x".into()],
+        vec![
+            "--blockdev".into(),
+            "driver=file,node-name=x,filename=/nonexistent/x".into(),
+        ],
+        vec!["--blockdev".into(), "null-co,node-name=a,,b".into()],
+        vec!["--blockdev".into(), "null-co,node-name=n,size=x".into()],
+        vec![
+            "--blockdev".into(),
+            "null-co,node-name=n,read-only=maybe".into(),
+        ],
+        vec!["--blockdev".into()],
+        vec!["--frobnicate".into()],
+        vec!["stray".into()],
+        vec![
+            "--nbd-server".into(),
+            "addr.type=inet,addr.host=127.0.0.1".into(),
+        ],
+        vec![
+            "--export".into(),
+            "type=nbd,id=e0,node-name=missing,name=x".into(),
+        ],
+        vec!["--monitor".into(), "chardev=nosuch".into()],
+        vec!["--object".into(), "iothread".into()],
+        vec!["--blockdev".into(), valid.clone(), "--frobnicate".into()],
+    ];
+    for case in cases {
+        let args: Vec<&str> = case.iter().map(String::as_str).collect();
+        let theirs = run_cli(&qemu, &[], &args);
+        let ours = run_cli(&bitmirror(), &["serve"], &args);
+        assert_eq!(
+            ours, theirs,
+            "bitmirror (left) and qemu-storage-daemon differ on {args:?}"
+        );
+    }
+}
