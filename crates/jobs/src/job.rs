@@ -1,0 +1,731 @@
+//! A job and the registry that runs jobs through QEMU's state machine.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+
+use crate::status::{JobStatus, Verb};
+
+/// A boxed future, as [`JobDriver::run`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where events go: `(name, data)`.
+pub type Emit = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+/// What a job command can fail with, in QEMU's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A job id that another job has.
+    #[error("Job ID '{0}' already in use")]
+    IdInUse(String),
+    /// A job id that breaks QEMU's rules for names.
+    #[error("Invalid job ID '{0}'")]
+    InvalidId(String),
+    /// `job-*` on an id no job has.
+    #[error("Job not found")]
+    NotFound,
+    /// `block-job-*` on an id no block job has (QMP class
+    /// `DeviceNotActive`).
+    #[error("Block job '{0}' not found")]
+    BlockJobNotFound(String),
+    /// A verb the job's state does not allow.
+    #[error("Job '{id}' in state '{status}' cannot accept command verb '{verb}'")]
+    VerbNotAllowed {
+        /// The job.
+        id: String,
+        /// Its state.
+        status: &'static str,
+        /// The verb.
+        verb: &'static str,
+    },
+    /// The job's driver refused.
+    #[error("{0}")]
+    Driver(String),
+}
+
+/// The work of a job. The registry calls [`run`](Self::run) once; after it
+/// returns, exactly one of [`commit`](Self::commit) (success, at
+/// finalization) or [`abort`](Self::abort) (failure or cancel), then
+/// [`clean`](Self::clean).
+pub trait JobDriver: Send + Sync + 'static {
+    /// Does the work; `Err` carries the message users see in `query-jobs`
+    /// and `BLOCK_JOB_COMPLETED`. Should await [`Job::pause_point`] between
+    /// steps, and return early when [`Job::is_cancelled`].
+    fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>>;
+    /// Makes the result visible (e.g. a mirror's pivot).
+    fn commit(&self) {}
+    /// Undoes what must not outlive a failed job.
+    fn abort(&self) {}
+    /// Releases what the job held, either way.
+    fn clean(&self) {}
+    /// `job-complete` on a ready job.
+    fn complete(&self, job: &Job) -> Result<(), Error> {
+        Err(Error::Driver(format!(
+            "The active block job '{}' cannot be completed",
+            job.id()
+        )))
+    }
+    /// `block-job-set-speed`.
+    fn set_speed(&self, speed: u64) -> Result<(), Error> {
+        let _ = speed;
+        Ok(())
+    }
+}
+
+/// How a job is made.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Its id (unique among live jobs).
+    pub id: String,
+    /// QEMU's job type (`create`, `mirror`, `backup`, …).
+    pub job_type: &'static str,
+    /// Finalize on its own once pending (else wait for `job-finalize`).
+    pub auto_finalize: bool,
+    /// Disappear on its own once concluded (else wait for `job-dismiss`).
+    pub auto_dismiss: bool,
+    /// A block job: listed by `query-block-jobs`, sends `BLOCK_JOB_*`
+    /// events.
+    pub block_job: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    status: JobStatus,
+    error: Option<String>,
+    cancelled: bool,
+    user_paused: bool,
+    finalize_now: bool,
+}
+
+/// A job: its identity, state and progress.
+pub struct Job {
+    options: JobOptions,
+    state: Mutex<State>,
+    current: AtomicU64,
+    total: AtomicU64,
+    speed: AtomicU64,
+    changed: watch::Sender<()>,
+    wake: Notify,
+    driver: Arc<dyn JobDriver>,
+    registry: Weak<Inner>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.options.id)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    jobs: Mutex<Vec<Arc<Job>>>,
+    emit: Emit,
+}
+
+/// The live jobs. Cloning shares the registry.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// QEMU's rule for ids: a letter, then letters, digits, `-`, `.`, `_`.
+fn well_formed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl Jobs {
+    /// An empty registry whose events go to `emit`.
+    pub fn new(emit: Emit) -> Jobs {
+        Jobs {
+            inner: Arc::new(Inner {
+                jobs: Mutex::new(Vec::new()),
+                emit,
+            }),
+        }
+    }
+
+    /// Registers a job in state `created` (not started yet).
+    pub fn create(
+        &self,
+        options: JobOptions,
+        driver: Arc<dyn JobDriver>,
+    ) -> Result<Arc<Job>, Error> {
+        if !well_formed(&options.id) {
+            return Err(Error::InvalidId(options.id));
+        }
+        let mut jobs = lock(&self.inner.jobs);
+        if jobs.iter().any(|j| j.options.id == options.id) {
+            return Err(Error::IdInUse(options.id));
+        }
+        let job = Arc::new(Job {
+            options,
+            state: Mutex::new(State {
+                status: JobStatus::Undefined,
+                error: None,
+                cancelled: false,
+                user_paused: false,
+                finalize_now: false,
+            }),
+            current: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            speed: AtomicU64::new(0),
+            changed: watch::channel(()).0,
+            wake: Notify::new(),
+            driver,
+            registry: Arc::downgrade(&self.inner),
+        });
+        jobs.push(job.clone());
+        drop(jobs);
+        job.transition(JobStatus::Created);
+        Ok(job)
+    }
+
+    /// Starts a created job on the runtime.
+    pub fn start(&self, job: &Arc<Job>) {
+        let job = job.clone();
+        tokio::spawn(async move { job.life().await });
+    }
+
+    /// The job called `id`.
+    pub fn find(&self, id: &str) -> Result<Arc<Job>, Error> {
+        lock(&self.inner.jobs)
+            .iter()
+            .find(|j| j.options.id == id)
+            .cloned()
+            .ok_or(Error::NotFound)
+    }
+
+    /// The block job called `id` (for `block-job-*`).
+    pub fn find_block_job(&self, id: &str) -> Result<Arc<Job>, Error> {
+        lock(&self.inner.jobs)
+            .iter()
+            .find(|j| j.options.id == id && j.options.block_job)
+            .cloned()
+            .ok_or_else(|| Error::BlockJobNotFound(id.to_owned()))
+    }
+
+    /// Every live job, oldest first.
+    pub fn all(&self) -> Vec<Arc<Job>> {
+        lock(&self.inner.jobs).clone()
+    }
+
+    /// `query-jobs`.
+    pub fn query(&self) -> Value {
+        Value::Array(self.all().iter().map(|j| j.info()).collect())
+    }
+
+    /// Cancels every job and waits until each has concluded (or is gone):
+    /// what the daemon does on its way out.
+    pub async fn cancel_all(&self) {
+        for job in self.all() {
+            let _ = job.cancel(true);
+        }
+        for job in self.all() {
+            job.wait_until(|s| matches!(s, JobStatus::Concluded | JobStatus::Null))
+                .await;
+        }
+    }
+}
+
+impl Job {
+    /// The job's id.
+    pub fn id(&self) -> &str {
+        &self.options.id
+    }
+
+    /// QEMU's job type.
+    pub fn job_type(&self) -> &'static str {
+        self.options.job_type
+    }
+
+    /// The current state.
+    pub fn status(&self) -> JobStatus {
+        lock(&self.state).status
+    }
+
+    /// Whether the job was cancelled: drivers stop as soon as they can.
+    pub fn is_cancelled(&self) -> bool {
+        lock(&self.state).cancelled
+    }
+
+    /// The speed limit in bytes per second (0: none).
+    pub fn speed(&self) -> u64 {
+        self.speed.load(Ordering::Relaxed)
+    }
+
+    /// Sets progress: `current` of `total` units of work done.
+    pub fn set_progress(&self, current: u64, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.current.store(current, Ordering::Relaxed);
+    }
+
+    /// Adds `n` units to both the work done and the total.
+    pub fn progress_by(&self, n: u64) {
+        self.current.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `query-jobs`' entry.
+    pub fn info(&self) -> Value {
+        let state = lock(&self.state);
+        let mut v = json!({
+            "id": self.options.id,
+            "type": self.options.job_type,
+            "status": state.status.as_str(),
+            "current-progress": self.current.load(Ordering::Relaxed),
+            "total-progress": self.total.load(Ordering::Relaxed),
+        });
+        if let Some(e) = &state.error {
+            v["error"] = json!(e);
+        }
+        v
+    }
+
+    fn emit(&self, name: &str, data: Value) {
+        if let Some(r) = self.registry.upgrade() {
+            (r.emit)(name, data);
+        }
+    }
+
+    /// Moves to `to` (asserting QEMU's table in debug builds) and sends
+    /// `JOB_STATUS_CHANGE`.
+    fn transition(&self, to: JobStatus) {
+        {
+            let mut state = lock(&self.state);
+            debug_assert!(
+                state.status.can_become(to),
+                "job {}: {:?} → {to:?}",
+                self.options.id,
+                state.status
+            );
+            if state.status == to {
+                return;
+            }
+            state.status = to;
+        }
+        self.emit(
+            "JOB_STATUS_CHANGE",
+            json!({"status": to.as_str(), "id": self.options.id}),
+        );
+        self.changed.send_replace(());
+        if to == JobStatus::Null {
+            if let Some(r) = self.registry.upgrade() {
+                lock(&r.jobs).retain(|j| !std::ptr::eq(Arc::as_ptr(j), self));
+            }
+        }
+    }
+
+    /// Waits until the state satisfies `pred`.
+    pub async fn wait_until(&self, pred: impl Fn(JobStatus) -> bool) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if pred(self.status()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Where a running job may be paused: returns at once unless the user
+    /// paused it, else when resumed (or cancelled).
+    pub async fn pause_point(&self) {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let paused = {
+                let s = lock(&self.state);
+                s.user_paused && !s.cancelled
+            };
+            if !paused {
+                if self.status() == JobStatus::Paused {
+                    self.transition(JobStatus::Running);
+                }
+                return;
+            }
+            if self.status() == JobStatus::Running {
+                self.transition(JobStatus::Paused);
+            }
+            notified.await;
+        }
+    }
+
+    fn check_verb(&self, verb: Verb) -> Result<(), Error> {
+        let status = self.status();
+        if verb.allowed_in(status) {
+            Ok(())
+        } else {
+            Err(Error::VerbNotAllowed {
+                id: self.options.id.clone(),
+                status: status.as_str(),
+                verb: verb.as_str(),
+            })
+        }
+    }
+
+    /// `job-pause`.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.check_verb(Verb::Pause)?;
+        lock(&self.state).user_paused = true;
+        Ok(())
+    }
+
+    /// `job-resume`.
+    pub fn resume(&self) -> Result<(), Error> {
+        self.check_verb(Verb::Resume)?;
+        let mut s = lock(&self.state);
+        if !s.user_paused {
+            return Err(Error::Driver(
+                "Can't resume a job that was not paused".into(),
+            ));
+        }
+        s.user_paused = false;
+        drop(s);
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// `block-job-set-speed`.
+    pub fn set_speed(&self, speed: u64) -> Result<(), Error> {
+        self.check_verb(Verb::SetSpeed)?;
+        self.driver.set_speed(speed)?;
+        self.speed.store(speed, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `job-complete`.
+    pub fn complete(&self) -> Result<(), Error> {
+        self.check_verb(Verb::Complete)?;
+        self.driver.complete(self)
+    }
+
+    /// `job-cancel`; `force` matters to ready mirrors only (drivers read
+    /// it through their own state).
+    pub fn cancel(&self, _force: bool) -> Result<(), Error> {
+        self.check_verb(Verb::Cancel)?;
+        lock(&self.state).cancelled = true;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// `job-finalize` of a pending job.
+    pub fn finalize(&self) -> Result<(), Error> {
+        self.check_verb(Verb::Finalize)?;
+        lock(&self.state).finalize_now = true;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// `job-dismiss` of a concluded job.
+    pub fn dismiss(&self) -> Result<(), Error> {
+        self.check_verb(Verb::Dismiss)?;
+        self.transition(JobStatus::Null);
+        Ok(())
+    }
+
+    /// The whole life of a started job.
+    async fn life(self: Arc<Self>) {
+        self.transition(JobStatus::Running);
+        let driver = self.driver.clone();
+        let result = {
+            let work = driver.clone().run(self.clone());
+            tokio::pin!(work);
+            loop {
+                let notified = self.wake.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.is_cancelled() {
+                    break Err(String::new());
+                }
+                tokio::select! {
+                    r = &mut work => break r,
+                    () = notified => {}
+                }
+            }
+        };
+        let cancelled = self.is_cancelled();
+        match result {
+            Ok(()) if !cancelled => {
+                self.transition(JobStatus::Waiting);
+                self.transition(JobStatus::Pending);
+                if self.options.block_job {
+                    self.emit(
+                        "BLOCK_JOB_PENDING",
+                        json!({"type": self.options.job_type, "id": self.options.id}),
+                    );
+                }
+                if !self.options.auto_finalize {
+                    loop {
+                        let notified = self.wake.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        let (now, cancel) = {
+                            let s = lock(&self.state);
+                            (s.finalize_now, s.cancelled)
+                        };
+                        if cancel {
+                            return self.conclude_failed(None, true);
+                        }
+                        if now {
+                            break;
+                        }
+                        notified.await;
+                    }
+                }
+                driver.commit();
+                driver.clean();
+                self.block_job_event("BLOCK_JOB_COMPLETED", None);
+                self.conclude();
+            }
+            Ok(()) => self.conclude_failed(None, true),
+            Err(e) => {
+                let cancelled = self.is_cancelled();
+                self.conclude_failed((!cancelled).then_some(e), cancelled);
+            }
+        }
+    }
+
+    fn conclude_failed(&self, error: Option<String>, cancelled: bool) {
+        lock(&self.state).error =
+            Some(error.clone().unwrap_or_else(|| "Operation canceled".into()));
+        self.transition(JobStatus::Aborting);
+        self.driver.abort();
+        self.driver.clean();
+        if cancelled {
+            self.block_job_event("BLOCK_JOB_CANCELLED", None);
+        } else {
+            self.block_job_event("BLOCK_JOB_COMPLETED", error);
+        }
+        self.conclude();
+    }
+
+    fn conclude(&self) {
+        self.transition(JobStatus::Concluded);
+        if self.options.auto_dismiss {
+            self.transition(JobStatus::Null);
+        }
+    }
+
+    fn block_job_event(&self, name: &str, error: Option<String>) {
+        if !self.options.block_job {
+            return;
+        }
+        let total = self.total.load(Ordering::Relaxed);
+        let mut data = json!({
+            "type": self.options.job_type,
+            "device": self.options.id,
+            "len": total,
+            "offset": self.current.load(Ordering::Relaxed),
+            "speed": self.speed(),
+        });
+        if let Some(e) = error {
+            data["error"] = json!(e);
+        }
+        self.emit(name, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    struct Work {
+        fail: bool,
+        committed: AtomicBool,
+        aborted: AtomicBool,
+        gate: Notify,
+        wait: bool,
+    }
+
+    impl JobDriver for Work {
+        fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async move {
+                if self.wait {
+                    self.gate.notified().await;
+                }
+                job.pause_point().await;
+                job.set_progress(1, 1);
+                if self.fail {
+                    Err("it broke".into())
+                } else {
+                    Ok(())
+                }
+            })
+        }
+        fn commit(&self) {
+            self.committed.store(true, Ordering::SeqCst);
+        }
+        fn abort(&self) {
+            self.aborted.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn work(fail: bool, wait: bool) -> Arc<Work> {
+        Arc::new(Work {
+            fail,
+            committed: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
+            gate: Notify::new(),
+            wait,
+        })
+    }
+
+    fn registry() -> (Jobs, Arc<Mutex<Vec<String>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let jobs = Jobs::new(Arc::new(move |name, data| {
+            let what = match name {
+                "JOB_STATUS_CHANGE" => data["status"].as_str().unwrap_or("?").to_owned(),
+                other => other.to_owned(),
+            };
+            lock(&l).push(what);
+        }));
+        (jobs, log)
+    }
+
+    fn opts(id: &str, auto: bool, block: bool) -> JobOptions {
+        JobOptions {
+            id: id.into(),
+            job_type: "create",
+            auto_finalize: auto,
+            auto_dismiss: auto,
+            block_job: block,
+        }
+    }
+
+    #[tokio::test]
+    async fn success_goes_through_qemus_states() {
+        let (jobs, log) = registry();
+        let w = work(false, false);
+        let job = jobs.create(opts("j0", true, false), w.clone()).unwrap();
+        assert_eq!(
+            jobs.create(opts("j0", true, false), w.clone())
+                .unwrap_err()
+                .to_string(),
+            "Job ID 'j0' already in use"
+        );
+        assert_eq!(
+            jobs.create(opts("0j", true, false), w.clone())
+                .unwrap_err()
+                .to_string(),
+            "Invalid job ID '0j'"
+        );
+        jobs.start(&job);
+        job.wait_until(|s| s == JobStatus::Null).await;
+        assert_eq!(
+            *lock(&log),
+            [
+                "created",
+                "running",
+                "waiting",
+                "pending",
+                "concluded",
+                "null"
+            ]
+        );
+        assert!(w.committed.load(Ordering::SeqCst) && !w.aborted.load(Ordering::SeqCst));
+        assert_eq!(jobs.find("j0").unwrap_err(), Error::NotFound);
+    }
+
+    #[tokio::test]
+    async fn failure_and_manual_dismiss() {
+        let (jobs, log) = registry();
+        let w = work(true, false);
+        let job = jobs.create(opts("j1", false, true), w.clone()).unwrap();
+        jobs.start(&job);
+        job.wait_until(|s| s == JobStatus::Concluded).await;
+        assert_eq!(
+            *lock(&log),
+            [
+                "created",
+                "running",
+                "aborting",
+                "BLOCK_JOB_COMPLETED",
+                "concluded"
+            ]
+        );
+        assert_eq!(job.info()["error"], "it broke");
+        assert_eq!(
+            job.cancel(false).unwrap_err().to_string(),
+            "Job 'j1' in state 'concluded' cannot accept command verb 'cancel'"
+        );
+        job.dismiss().unwrap();
+        assert!(jobs.all().is_empty());
+        assert!(w.aborted.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn manual_finalize_pause_and_cancel() {
+        let (jobs, log) = registry();
+        let w = work(false, true);
+        let job = jobs.create(opts("j2", false, true), w.clone()).unwrap();
+        jobs.start(&job);
+        job.wait_until(|s| s == JobStatus::Running).await;
+        job.pause().unwrap();
+        w.gate.notify_one();
+        job.wait_until(|s| s == JobStatus::Paused).await;
+        job.resume().unwrap();
+        job.wait_until(|s| s == JobStatus::Pending).await;
+        assert_eq!(
+            job.complete().unwrap_err().to_string(),
+            "Job 'j2' in state 'pending' cannot accept command verb 'complete'"
+        );
+        job.finalize().unwrap();
+        job.wait_until(|s| s == JobStatus::Concluded).await;
+        assert_eq!(
+            *lock(&log),
+            [
+                "created",
+                "running",
+                "paused",
+                "running",
+                "waiting",
+                "pending",
+                "BLOCK_JOB_PENDING",
+                "BLOCK_JOB_COMPLETED",
+                "concluded"
+            ]
+        );
+        job.dismiss().unwrap();
+
+        lock(&log).clear();
+        let w = work(false, true);
+        let job = jobs.create(opts("j3", true, true), w.clone()).unwrap();
+        jobs.start(&job);
+        job.wait_until(|s| s == JobStatus::Running).await;
+        job.cancel(false).unwrap();
+        job.wait_until(|s| s == JobStatus::Null).await;
+        assert_eq!(
+            *lock(&log),
+            [
+                "created",
+                "running",
+                "aborting",
+                "BLOCK_JOB_CANCELLED",
+                "concluded",
+                "null"
+            ]
+        );
+        assert!(w.aborted.load(Ordering::SeqCst) && !w.committed.load(Ordering::SeqCst));
+    }
+}

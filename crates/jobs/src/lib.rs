@@ -1,0 +1,16 @@
+//! Background jobs with QEMU's job model: one state machine for every job
+//! (`created → running → waiting → pending → concluded → null`, with
+//! `paused`, `ready`, `standby` and `aborting` on the way), the verbs users
+//! may apply in each state, and the events QEMU sends
+//! (`JOB_STATUS_CHANGE`, and `BLOCK_JOB_*` for block jobs).
+//!
+//! A [`JobDriver`] does the work (creating an image, mirroring, backing up);
+//! the [`Jobs`] registry runs it through the states. The crate knows
+//! nothing of blocks or QMP: events leave through a callback, errors are
+//! [`Error`]s worded as QEMU words them.
+
+mod job;
+mod status;
+
+pub use job::{BoxFuture, Emit, Error, Job, JobDriver, JobOptions, Jobs};
+pub use status::{JobStatus, Verb};
