@@ -598,3 +598,104 @@ fn command_line_errors_match() {
         );
     }
 }
+
+#[test]
+fn blockdev_create_and_jobs_match() {
+    let mut p = Pair::start(|_| {}, |_| vec![]);
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    p.both(ex("query-jobs", json!({})));
+    p.both(ex(
+        "blockdev-create",
+        json!({"job-id": "j0",
+        "options": {"driver": "file", "filename": "$DIR/new.qcow2", "size": 67108864}}),
+    ));
+    p.same_events(5);
+    p.both(ex("query-jobs", json!({})));
+    p.both(ex("query-block-jobs", json!({})));
+    p.both(ex(
+        "blockdev-create",
+        json!({"job-id": "j0",
+        "options": {"driver": "file", "filename": "$DIR/x.img", "size": 1}}),
+    ));
+    p.both(ex("job-cancel", json!({"id": "j0"})));
+    p.both(ex("job-dismiss", json!({"id": "j0"})));
+    p.same_events(1);
+    p.both(ex("job-dismiss", json!({"id": "j0"})));
+    p.both(ex(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f1", "filename": "$DIR/new.qcow2"}),
+    ));
+    p.both(ex(
+        "blockdev-create",
+        json!({"job-id": "j1",
+        "options": {"driver": "qcow2", "file": "f1", "size": 67108864}}),
+    ));
+    p.same_events(5);
+    p.both(ex("query-jobs", json!({})));
+    p.both(ex("job-dismiss", json!({"id": "j1"})));
+    p.same_events(1);
+    p.both(ex(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q1", "file": "f1"}),
+    ));
+    p.both(ex("query-named-block-nodes", json!({"flat": true})));
+    for (id, options) in [
+        (
+            "j2",
+            json!({"driver": "file", "filename": "/nonexistent/x.img", "size": 1048576}),
+        ),
+        (
+            "j3",
+            json!({"driver": "qcow2", "file": "nosuch", "size": 67108864}),
+        ),
+        (
+            "j4",
+            json!({"driver": "file", "filename": "$DIR/n.img", "size": -1}),
+        ),
+    ] {
+        p.both(ex(
+            "blockdev-create",
+            json!({"job-id": id, "options": options}),
+        ));
+        p.same_events(4);
+        p.both(ex("query-jobs", json!({})));
+        p.both(ex("job-dismiss", json!({"id": id})));
+        p.same_events(1);
+    }
+    for request in [
+        ex(
+            "blockdev-create",
+            json!({"job-id": "", "options": {"driver": "file", "filename": "$DIR/y", "size": 0}}),
+        ),
+        ex(
+            "blockdev-create",
+            json!({"job-id": "9x", "options": {"driver": "file", "filename": "$DIR/y", "size": 0}}),
+        ),
+        ex(
+            "blockdev-create",
+            json!({"options": {"driver": "file", "filename": "$DIR/y", "size": 0}}),
+        ),
+        ex(
+            "blockdev-create",
+            json!({"job-id": "j5", "options": {"driver": "nosuch"}}),
+        ),
+        ex(
+            "blockdev-create",
+            json!({"job-id": "j5", "options": {"driver": "null-co"}}),
+        ),
+        ex(
+            "blockdev-create",
+            json!({"job-id": "j5", "options": {"driver": "file", "filename": "$DIR/y"}}),
+        ),
+        ex("job-cancel", json!({"id": "nosuch"})),
+        ex("job-pause", json!({"id": "nosuch"})),
+        ex("block-job-cancel", json!({"device": "nosuch"})),
+        ex(
+            "block-job-set-speed",
+            json!({"device": "nosuch", "speed": 1}),
+        ),
+        ex("block-job-dismiss", json!({"id": "nosuch"})),
+    ] {
+        p.both(request);
+    }
+}

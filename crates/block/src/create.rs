@@ -5,7 +5,9 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::buf::IoBuf;
 use crate::error::{Error, Result};
+use crate::node::Node;
 
 /// What a new qcow2 image looks like.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,13 +36,20 @@ const MAGIC: u32 = 0x5146_49fb;
 const HEADER_LENGTH: usize = 112;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
-/// Writes a new, empty qcow2 (version 3, 16-bit refcounts, no lazy
-/// refcounts) at `path`, which must not exist: the header, a refcount table
-/// and the refcount blocks that count the metadata clusters, and a zeroed L1
-/// table. `qemu-img check` finds it clean.
-pub fn create_qcow2(path: &Path, opts: &Qcow2Create) -> Result<()> {
+/// The pieces of a new, empty qcow2 image: `(offset, bytes)` to write, in
+/// order, and the image's length.
+struct Layout {
+    pieces: Vec<(u64, Vec<u8>)>,
+    length: u64,
+}
+
+/// Lays out a new, empty qcow2 (version 3, 16-bit refcounts, no lazy
+/// refcounts): the header, a refcount table and the refcount blocks that
+/// count the metadata clusters, and a zeroed L1 table. `name` is for
+/// errors.
+fn layout(name: &str, opts: &Qcow2Create) -> Result<Layout> {
     let invalid = |reason: String| Error::BadImage {
-        node: path.display().to_string(),
+        node: name.to_owned(),
         format: "qcow2",
         reason,
     };
@@ -118,6 +127,22 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2Create) -> Result<()> {
         refcounts[(c * 2) as usize..(c * 2 + 2) as usize].copy_from_slice(&1u16.to_be_bytes());
     }
 
+    let l1 = vec![0u8; (l1_size * 8).max(8) as usize];
+    Ok(Layout {
+        length: l1_offset + l1.len() as u64,
+        pieces: vec![
+            (0, header),
+            (table_offset, table),
+            (blocks_offset, refcounts),
+            (l1_offset, l1),
+        ],
+    })
+}
+
+/// Writes a new, empty qcow2 (see [`Qcow2Create`]) at `path`, which must
+/// not exist. `qemu-img check` finds it clean.
+pub fn create_qcow2(path: &Path, opts: &Qcow2Create) -> Result<()> {
+    let layout = layout(&path.display().to_string(), opts)?;
     let io = |e| Error::Open {
         path: path.display().to_string(),
         source: e,
@@ -127,12 +152,22 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2Create) -> Result<()> {
         .create_new(true)
         .open(path)
         .map_err(io)?;
-    file.write_all(&header).map_err(io)?;
-    file.write_all_at(&table, table_offset).map_err(io)?;
-    file.write_all_at(&refcounts, blocks_offset).map_err(io)?;
-    file.write_all_at(&vec![0u8; (l1_size * 8) as usize], l1_offset)
-        .map_err(io)?;
-    file.set_len(l1_offset + (l1_size * 8).max(8)).map_err(io)?;
+    for (offset, bytes) in &layout.pieces {
+        file.write_all_at(bytes, *offset).map_err(io)?;
+    }
+    file.set_len(layout.length).map_err(io)?;
     file.flush().map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+/// Writes a new, empty qcow2 (see [`Qcow2Create`]) through `node` (a
+/// writable protocol node, as `blockdev-create` with `driver=qcow2` does),
+/// replacing what the image's metadata covers, and flushes it.
+pub async fn create_qcow2_on(node: &Node, opts: &Qcow2Create) -> Result<()> {
+    let layout = layout(node.name(), opts)?;
+    for (offset, bytes) in layout.pieces {
+        let buf = IoBuf::copy_from(&bytes, node.limits().memory_alignment);
+        node.write(offset, buf, false).await.0?;
+    }
+    node.flush().await
 }

@@ -33,7 +33,7 @@ pub mod options;
 
 pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState, MarkTicket};
 pub use buf::IoBuf;
-pub use create::{Qcow2Create, create_qcow2};
+pub use create::{Qcow2Create, create_qcow2, create_qcow2_on};
 pub use error::{Error, Result};
 pub use graph::{DriverFactory, Graph};
 pub use node::{

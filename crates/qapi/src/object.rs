@@ -203,6 +203,11 @@ impl Object {
     /// QEMU's unsigned rules: JSON numbers go through `uint64` (negative
     /// ones wrap, as in QEMU) and are then range-checked; anything else
     /// "expects uint64". Key=value strings are C integers.
+    /// A required `int` member.
+    pub fn req_i64(&mut self, key: &str) -> Result<i64> {
+        self.opt_i64(key)?.ok_or_else(|| self.missing(key))
+    }
+
     fn opt_unsigned(&mut self, key: &str, expected: &'static str, max: u64) -> Result<Option<u64>> {
         let range = |o: &Object, expected| Error::ParameterRange {
             name: o.name(key),

@@ -105,6 +105,12 @@ impl Monitor {
         loop {
             for piece in pieces.drain(..) {
                 let reply = self.handle(piece, &mut mode).await;
+                // Events the command caused come first, as in QEMU.
+                if let Some(rx) = events.as_mut() {
+                    while let Ok(event) = rx.try_recv() {
+                        send(&mut writer, &event).await?;
+                    }
+                }
                 if let Some(reply) = reply {
                     send(&mut writer, &json::to_string(&reply)).await?;
                 }

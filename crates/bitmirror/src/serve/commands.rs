@@ -4,18 +4,36 @@
 use std::sync::{Arc, Weak};
 
 use block::BlockdevOptions;
+use jobs::JobOptions;
 use nbd::server::RemoveMode;
 use qapi::Object;
-use qmp::{BoxFuture, Dispatcher, QmpError, command_not_found};
+use qmp::{BoxFuture, Dispatcher, ErrorClass, QmpError, command_not_found};
 use serde_json::{Map, Value, json};
 
 use super::args::{BitmapRef, ExportArgs, NbdServerArgs, ObjectArgs};
+use super::create::{CreateJob, CreateOptions};
 use super::daemon::{Daemon, qerr};
 use super::info;
 
 /// Every command we answer besides `qmp_capabilities` (which the monitor
 /// answers), in the order `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
+    "job-finalize",
+    "job-dismiss",
+    "job-complete",
+    "job-cancel",
+    "job-resume",
+    "job-pause",
+    "query-jobs",
+    "query-block-jobs",
+    "block-job-finalize",
+    "block-job-dismiss",
+    "block-job-complete",
+    "block-job-resume",
+    "block-job-pause",
+    "block-job-cancel",
+    "block-job-set-speed",
+    "blockdev-create",
     "object-del",
     "object-add",
     "quit",
@@ -72,6 +90,17 @@ impl Dispatcher for Commands {
             let result = run(&daemon, &command, &mut args, &arguments).await?;
             Ok(result)
         })
+    }
+}
+
+/// A job error as QMP reports it (`DeviceNotActive` for unknown block
+/// jobs, as QEMU).
+fn job_err(e: jobs::Error) -> QmpError {
+    match e {
+        jobs::Error::BlockJobNotFound(_) => {
+            QmpError::new(ErrorClass::DeviceNotActive, e.to_string())
+        }
+        e => QmpError::generic(e.to_string()),
     }
 }
 
@@ -274,6 +303,96 @@ async fn run(
         "query-block-exports" => {
             done(args)?;
             Ok(Value::Array(daemon.exports().await))
+        }
+        "blockdev-create" => {
+            let job_id = args.req_str("job-id")?;
+            let mut o = args.req_object("options")?;
+            let options = CreateOptions::read(&mut o)?;
+            o.finish()?;
+            done(args)?;
+            let job = daemon
+                .jobs
+                .create(
+                    JobOptions {
+                        id: job_id,
+                        job_type: "create",
+                        auto_finalize: true,
+                        auto_dismiss: false,
+                        block_job: false,
+                    },
+                    Arc::new(CreateJob::new(daemon, options)),
+                )
+                .map_err(job_err)?;
+            daemon.jobs.start(&job);
+            Ok(json!({}))
+        }
+        "query-jobs" => {
+            done(args)?;
+            Ok(daemon.jobs.query())
+        }
+        // No block jobs yet (mirror and backup come with their issues).
+        "query-block-jobs" => {
+            done(args)?;
+            Ok(json!([]))
+        }
+        "job-pause" | "job-resume" | "job-complete" | "job-finalize" | "job-dismiss"
+        | "job-cancel" => {
+            let id = args.req_str("id")?;
+            done(args)?;
+            let job = daemon.jobs.find(&id).map_err(job_err)?;
+            match command {
+                "job-pause" => job.pause(),
+                "job-resume" => job.resume(),
+                "job-complete" => job.complete(),
+                "job-finalize" => job.finalize(),
+                "job-dismiss" => job.dismiss(),
+                _ => job.cancel(false),
+            }
+            .map_err(job_err)?;
+            Ok(json!({}))
+        }
+        "block-job-pause"
+        | "block-job-resume"
+        | "block-job-complete"
+        | "block-job-cancel"
+        | "block-job-set-speed"
+        | "block-job-finalize"
+        | "block-job-dismiss" => {
+            let key = match command {
+                "block-job-finalize" | "block-job-dismiss" => "id",
+                _ => "device",
+            };
+            let id = args.req_str(key)?;
+            let force = if command == "block-job-cancel" {
+                args.opt_bool("force")?.unwrap_or(false)
+            } else {
+                false
+            };
+            let speed = if command == "block-job-set-speed" {
+                Some(args.req_i64("speed")?)
+            } else {
+                None
+            };
+            done(args)?;
+            let job = daemon.jobs.find_block_job(&id).map_err(job_err)?;
+            match command {
+                "block-job-pause" => job.pause(),
+                "block-job-resume" => job.resume(),
+                "block-job-complete" => job.complete(),
+                "block-job-finalize" => job.finalize(),
+                "block-job-dismiss" => job.dismiss(),
+                "block-job-set-speed" => match u64::try_from(speed.unwrap_or(0)) {
+                    Ok(s) => job.set_speed(s),
+                    Err(_) => {
+                        return Err(QmpError::generic(
+                            "Parameter 'speed' expects a non-negative value",
+                        ));
+                    }
+                },
+                _ => job.cancel(force),
+            }
+            .map_err(job_err)?;
+            Ok(json!({}))
         }
         "object-add" => {
             let a = ObjectArgs::read(args)?;

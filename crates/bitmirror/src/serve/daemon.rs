@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use block::{Graph, SocketAddress};
+use jobs::Jobs;
 use nbd::server::{ExportOptions, ListenAddr, RemoveMode, Server, ServerOptions};
 use qmp::{Events, Monitor, MonitorConfig, QmpError};
 use serde_json::{Value, json};
@@ -34,6 +35,8 @@ pub struct Daemon {
     pub graph: Graph,
     /// The event stream all monitors receive.
     pub events: Events,
+    /// Jobs (`blockdev-create`; mirror and backup to come).
+    pub jobs: Jobs,
     nbd: tokio::sync::Mutex<Option<Server>>,
     objects: Mutex<Vec<QomObject>>,
     /// Why the daemon is stopping, once it is.
@@ -54,9 +57,12 @@ impl Daemon {
     pub fn new() -> Daemon {
         let graph = Graph::new();
         nbd::register(&graph);
+        let events = Events::new();
+        let sink = events.clone();
         Daemon {
             graph,
-            events: Events::new(),
+            jobs: Jobs::new(Arc::new(move |name, data| sink.emit(name, Some(data)))),
+            events,
             nbd: tokio::sync::Mutex::new(None),
             objects: Mutex::new(Vec::new()),
             shutdown: watch::channel(None).0,

@@ -11,6 +11,7 @@ mod args;
 mod chardev;
 pub mod cli;
 mod commands;
+mod create;
 mod daemon;
 mod info;
 
