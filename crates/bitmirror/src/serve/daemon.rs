@@ -195,16 +195,12 @@ impl Daemon {
         self.shutdown.borrow().clone().unwrap_or_default()
     }
 
-    /// The way out: `SHUTDOWN` to every monitor, exports removed, nodes
-    /// closed (persistent bitmaps stored), monitors flushed.
+    /// The way out: jobs cancelled, exports removed (`BLOCK_EXPORT_DELETED`
+    /// each), nodes closed (persistent bitmaps stored), monitors flushed.
+    /// Like qemu-storage-daemon, no `SHUTDOWN` event: clients see the
+    /// monitor close.
     pub async fn close(&self) {
-        let reason = self
-            .shutdown
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| "host-error".into());
-        self.events
-            .emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+        self.jobs.cancel_all().await;
         if let Some(server) = self.nbd.lock().await.take() {
             self.stop_server(&server).await;
         }

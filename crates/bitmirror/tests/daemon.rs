@@ -1,0 +1,273 @@
+//! `bitmirror serve` as a process: clean shutdown on `quit`, SIGTERM and
+//! SIGINT (images closed, persistent bitmaps stored), serving on while a
+//! monitor sends garbage, the stdio monitor and the PID file.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, require_tool, run};
+
+fn bitmirror() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bitmirror"))
+}
+
+fn serve(dir: &Path, args: &[String]) -> StorageDaemon {
+    StorageDaemon::start_program(&bitmirror(), &["serve"], dir, args)
+}
+
+/// Options for a qcow2 node `disk` over `image`, exported writable as
+/// `disk` on a unix NBD socket in `dir`.
+fn exported_qcow2(dir: &Path, image: &Path) -> Vec<String> {
+    vec![
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
+            image.display()
+        ),
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.join("nbd.sock").display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=disk,name=disk,writable=on".into(),
+    ]
+}
+
+fn nbd_uri(dir: &Path) -> String {
+    format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display())
+}
+
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    require_tool("qemu-io", "qemu-utils");
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    run("qemu-io", &args)
+}
+
+fn signal(pid: u32, name: &str) {
+    run("kill", &[&format!("-{name}"), &pid.to_string()]);
+}
+
+/// Stops the daemon by `how` after writes with a persistent bitmap
+/// recording them; the image must be clean and the bitmap stored, not in
+/// use, and loadable by qemu-storage-daemon with the same bits.
+fn shutdown_stores_bitmaps(how: &str) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    let image_str = image.to_str().expect("UTF-8 path");
+    qemu_img_create_qcow2(image_str, 64 << 20, "");
+    let mut daemon = serve(dir.path(), &exported_qcow2(dir.path(), &image));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b0", "persistent": true}),
+    );
+    qemu_io(
+        &nbd_uri(dir.path()),
+        &["write -P 7 1M 64k", "write -P 8 10M 4k"],
+    );
+    let ours = qmp.execute_ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    match how {
+        "quit" => {
+            qmp.execute_ok("quit", json!({}));
+        }
+        sig => signal(daemon.pid(), sig),
+    }
+    assert_eq!(daemon.wait_exit(), Some(0), "exit code after {how}");
+
+    run("qemu-img", &["check", image_str]);
+    let info: Value = serde_json::from_str(&run("qemu-img", &["info", "--output=json", image_str]))
+        .expect("qemu-img info prints JSON");
+    let bitmaps = &info["format-specific"]["data"]["bitmaps"];
+    assert_eq!(
+        bitmaps,
+        &json!([{"flags": ["auto"], "name": "b0", "granularity": 65536}]),
+        "after {how}"
+    );
+    let qemu_dir = tempfile::tempdir().expect("a temporary directory");
+    let mut qsd = StorageDaemon::start(
+        qemu_dir.path(),
+        &[
+            "--blockdev".into(),
+            format!("driver=qcow2,node-name=disk,file.driver=file,file.filename={image_str}"),
+        ],
+    );
+    let theirs = qsd.qmp().execute_ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    assert_eq!(theirs, ours, "the bits qemu-storage-daemon loads");
+    drop(qsd.qmp().execute_ok("quit", json!({})));
+    assert_eq!(qsd.wait_exit(), Some(0));
+    // The data went through too.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 7 1M 64k",
+            "-c",
+            "read -P 8 10M 4k",
+            image_str,
+        ],
+    );
+}
+
+#[test]
+fn sigterm_closes_images_and_stores_bitmaps() {
+    shutdown_stores_bitmaps("TERM");
+}
+
+#[test]
+fn sigint_closes_images_and_stores_bitmaps() {
+    shutdown_stores_bitmaps("INT");
+}
+
+#[test]
+fn quit_closes_images_and_stores_bitmaps() {
+    shutdown_stores_bitmaps("quit");
+}
+
+#[test]
+fn garbage_on_one_monitor_leaves_the_others_serving() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    qemu_img_create_qcow2(image.to_str().expect("UTF-8 path"), 16 << 20, "");
+    let mut args = exported_qcow2(dir.path(), &image);
+    args.extend([
+        "--chardev".into(),
+        format!(
+            "socket,id=m1,path={},server=on,wait=off",
+            dir.path().join("m1.sock").display()
+        ),
+        "--monitor".into(),
+        "chardev=m1".into(),
+    ]);
+    let daemon = serve(dir.path(), &args);
+    let mut good = daemon.qmp();
+    // The garbage sender reads whatever comes back on a thread of its own,
+    // as a client must: a monitor writes its replies before reading on.
+    let mut bad = UnixStream::connect(dir.path().join("m1.sock")).expect("monitor m1");
+    let mut drain = bad.try_clone().expect("a second handle");
+    let drained = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = drain.read_to_end(&mut all);
+        all
+    });
+    bad.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .expect("sends");
+
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let uri = nbd_uri(dir.path());
+    for round in 0..20 {
+        // Garbage: random bytes, deep nesting, unbalanced brackets, bad
+        // UTF-8, a huge string.
+        let mut junk = Vec::new();
+        for _ in 0..512 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            junk.push((rng & 0xff) as u8);
+        }
+        junk.extend_from_slice(b"\xc3\x28 ]]]} {\"execute\": [[[[[[");
+        junk.extend(std::iter::repeat_n(b'[', 2000));
+        junk.extend_from_slice(b"\n\"");
+        junk.extend(std::iter::repeat_n(b'x', 100_000));
+        junk.extend_from_slice(b"\"\n");
+        bad.write_all(&junk).expect("the monitor keeps reading");
+        // The other monitor and NBD clients carry on meanwhile.
+        let v = good.execute_ok("query-version", json!({}));
+        assert_eq!(v["qemu"]["major"], 10, "round {round}");
+        let offset = round * 65536;
+        qemu_io(
+            &uri,
+            &[
+                &format!("write -P {round} {offset} 64k"),
+                &format!("read -P {round} {offset} 64k"),
+            ],
+        );
+    }
+    // 0xff makes the monitor start over (QEMU's resync byte); the session
+    // still works.
+    bad.write_all(b"\xff{\"execute\": \"query-version\", \"id\": \"after\"}\n")
+        .expect("sends");
+    bad.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let replies = drained.join().expect("the drain thread");
+    let replies = String::from_utf8_lossy(&replies);
+    let last: Value = replies
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("a JSON reply last");
+    assert_eq!(last["id"], "after", "{last}");
+    assert_eq!(last["return"]["qemu"]["major"], 10);
+    assert!(replies.contains("\"desc\": \"QMP input must be a JSON object\""));
+    // The monitor takes the next client.
+    let (mut again, _) = Qmp::connect_raw(&dir.path().join("m1.sock"));
+    again.send_raw("{\"execute\": \"qmp_capabilities\"}\n");
+    assert_eq!(again.read_reply(), json!({"return": {}}));
+    let exports = good.execute_ok("query-block-exports", json!({}));
+    assert_eq!(exports.as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn stdio_monitor_and_pidfile() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let pidfile = dir.path().join("pid");
+    let mut child = Command::new(bitmirror())
+        .args([
+            "serve",
+            "--blockdev",
+            "null-co,node-name=n0",
+            "--chardev",
+            "stdio,id=m0",
+        ])
+        .args(["--monitor", "chardev=m0", "--pidfile"])
+        .arg(&pidfile)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("bitmirror starts");
+    let mut stdin = child.stdin.take().expect("a stdin pipe");
+    let mut stdout = BufReader::new(child.stdout.take().expect("a stdout pipe"));
+    let mut line = String::new();
+    let mut next = |stdout: &mut BufReader<_>| -> Value {
+        line.clear();
+        stdout.read_line(&mut line).expect("a line from stdout");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"))
+    };
+    let greeting = next(&mut stdout);
+    assert_eq!(
+        greeting["QMP"]["capabilities"],
+        json!([]),
+        "no oob on stdio, as QEMU"
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("the PID file exists once the monitor greets")
+        .trim()
+        .parse()
+        .expect("a PID");
+    assert_eq!(pid, child.id());
+    stdin
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"query-named-block-nodes\", \"arguments\": {\"flat\": true}}\n")
+        .expect("writes to stdin");
+    assert_eq!(next(&mut stdout), json!({"return": {}}));
+    assert_eq!(next(&mut stdout)["return"][0]["node-name"], "n0");
+    stdin
+        .write_all(b"{\"execute\": \"quit\"}\n")
+        .expect("writes to stdin");
+    assert_eq!(next(&mut stdout), json!({"return": {}}));
+    let status = child.wait().expect("bitmirror exits");
+    assert!(status.success(), "{status}");
+}
