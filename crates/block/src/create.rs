@@ -162,12 +162,13 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2Create) -> Result<()> {
 
 /// Writes a new, empty qcow2 (see [`Qcow2Create`]) through `node` (a
 /// writable protocol node, as `blockdev-create` with `driver=qcow2` does),
-/// replacing what the image's metadata covers, and flushes it.
+/// replacing what the image's metadata covers (growing a file that is
+/// too short), and flushes it.
 pub async fn create_qcow2_on(node: &Node, opts: &Qcow2Create) -> Result<()> {
     let layout = layout(node.name(), opts)?;
     for (offset, bytes) in layout.pieces {
         let buf = IoBuf::copy_from(&bytes, node.limits().memory_alignment);
-        node.write(offset, buf, false).await.0?;
+        node.write_growing(offset, buf, false).await.0?;
     }
     node.flush().await
 }
