@@ -607,7 +607,7 @@ fn blockdev_create_and_jobs_match() {
     p.both(ex(
         "blockdev-create",
         json!({"job-id": "j0",
-        "options": {"driver": "file", "filename": "$DIR/new.qcow2", "size": 67108864}}),
+        "options": {"driver": "file", "filename": "$DIR/new.qcow2", "size": 0}}),
     ));
     p.same_events(5);
     p.both(ex("query-jobs", json!({})));
