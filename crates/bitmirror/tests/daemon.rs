@@ -270,4 +270,8 @@ fn stdio_monitor_and_pidfile() {
     assert_eq!(next(&mut stdout), json!({"return": {}}));
     let status = child.wait().expect("bitmirror exits");
     assert!(status.success(), "{status}");
+    assert!(
+        !pidfile.exists(),
+        "the PID file is removed on exit, as QEMU does"
+    );
 }

@@ -59,6 +59,9 @@ fn qemu_qmp_client_drives_the_daemon() {
     assert_eq!(daemon.wait_exit(), Some(0), "quit ends the daemon");
     testkit::run(
         "qemu-img",
-        &["check", dir.path().join("disk.qcow2").to_str().unwrap_or_default()],
+        &[
+            "check",
+            dir.path().join("disk.qcow2").to_str().unwrap_or_default(),
+        ],
     );
 }

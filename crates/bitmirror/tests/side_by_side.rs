@@ -481,8 +481,12 @@ fn nbd_server_and_exports_match() {
         "block-export-add",
         json!({"type": "nbd", "id": "e5", "node-name": "q0", "name": "z"}),
     ));
+    p.both(ex(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e6", "node-name": "q0", "name": "w"}),
+    ));
     p.both(ex("nbd-server-stop", json!({})));
-    p.same_events(1);
+    p.same_events(2);
     p.both(ex("query-block-exports", json!({})));
     p.both(ex(
         "nbd-server-start",
@@ -510,6 +514,13 @@ fn objects_match() {
         ),
         ex("object-add", json!({"qom-type": "nosuch", "id": "x"})),
         ex("object-add", json!({"id": "x"})),
+        ex("object-add", json!({"qom-type": "iothread"})),
+        ex("object-add", json!({"qom-type": "iothread", "id": ""})),
+        ex("object-add", json!({"qom-type": "iothread", "id": "1x"})),
+        ex(
+            "object-add",
+            json!({"qom-type": "iothread", "id": "io3", "poll-max-ns": "x"}),
+        ),
         ex("object-del", json!({"id": "io1"})),
         ex("object-del", json!({"id": "io1"})),
     ] {

@@ -30,7 +30,8 @@ pub enum Piece {
 pub struct Splitter {
     buf: Vec<u8>,
     depth: usize,
-    in_string: bool,
+    /// Inside a string: its quote (QEMU takes `'` as well as `"`).
+    in_string: Option<u8>,
     escaped: bool,
     /// Inside a bare scalar (number or keyword) at the top level.
     in_scalar: bool,
@@ -63,7 +64,7 @@ impl Splitter {
     fn reset(&mut self) {
         self.buf.clear();
         self.depth = 0;
-        self.in_string = false;
+        self.in_string = None;
         self.escaped = false;
         self.in_scalar = false;
     }
@@ -84,14 +85,14 @@ impl Splitter {
             out.push(Piece::Error("JSON token size limit exceeded"));
             return;
         }
-        if self.in_string {
+        if let Some(quote) = self.in_string {
             self.buf.push(b);
             if self.escaped {
                 self.escaped = false;
             } else if b == b'\\' {
                 self.escaped = true;
-            } else if b == b'"' {
-                self.in_string = false;
+            } else if b == quote {
+                self.in_string = None;
                 if self.depth == 0 {
                     self.emit(out);
                 }
@@ -107,8 +108,8 @@ impl Splitter {
         }
         match b {
             b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => {}
-            b'"' => {
-                self.in_string = true;
+            b'"' | b'\'' => {
+                self.in_string = Some(b);
                 self.buf.push(b);
             }
             b'{' | b'[' => {
@@ -140,6 +141,52 @@ impl Splitter {
     }
 }
 
+/// `text` with single-quoted strings (which QEMU's parser takes) turned
+/// into standard double-quoted ones, for a standard JSON parser.
+pub fn requote(text: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !text.contains(&b'\'') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = Vec::with_capacity(text.len() + 8);
+    let mut quote = None;
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        match quote {
+            None => {
+                if b == b'"' || b == b'\'' {
+                    quote = Some(b);
+                    out.push(b'"');
+                } else {
+                    out.push(b);
+                }
+            }
+            Some(q) => {
+                if b == b'\\' && i + 1 < text.len() {
+                    let next = text[i + 1];
+                    if next == b'\'' {
+                        out.push(b'\'');
+                    } else {
+                        out.extend_from_slice(&[b, next]);
+                    }
+                    i += 2;
+                    continue;
+                }
+                if b == q {
+                    quote = None;
+                    out.push(b'"');
+                } else if b == b'"' {
+                    out.extend_from_slice(b"\\\"");
+                } else {
+                    out.push(b);
+                }
+            }
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Writes `value` as QEMU writes JSON on a monitor (see the module
 /// documentation).
 pub fn to_string(value: &Value) -> String {
@@ -152,7 +199,12 @@ fn write_value(value: &Value, out: &mut String) {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => out.push_str(&i.to_string()),
+            (_, Some(u), _) => out.push_str(&u.to_string()),
+            (_, _, Some(f)) => out.push_str(&format_double(f)),
+            _ => out.push_str(&n.to_string()),
+        },
         Value::String(s) => write_string(s, out),
         Value::Array(items) => {
             out.push('[');
@@ -178,6 +230,33 @@ fn write_value(value: &Value, out: &mut String) {
             }
             out.push('}');
         }
+    }
+}
+
+/// A double as C's `%.17g` writes it (QEMU's format).
+fn format_double(x: f64) -> String {
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0" } else { "0" }.into();
+    }
+    if !x.is_finite() {
+        // QEMU cannot write these either; JSON has no spelling for them.
+        return "null".into();
+    }
+    let sci = format!("{x:.16e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let trim = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    if !(-4..17).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
+    } else {
+        trim(&format!("{x:.*}", (16 - exp) as usize))
     }
 }
 
@@ -280,6 +359,30 @@ mod tests {
             to_string(&json!("é\n\u{1F600}")),
             r#""\u00E9\n\uD83D\uDE00""#
         );
+        // Doubles as %.17g (values from qemu-storage-daemon 10.0).
+        for (v, qemu) in [
+            (0.1, "0.10000000000000001"),
+            (1.0, "1"),
+            (1e3, "1000"),
+            (1e300, "1.0000000000000001e+300"),
+            (2.5e-7, "2.4999999999999999e-07"),
+            (1e20, "1e+20"),
+            (-0.0, "-0"),
+            (-9223372036854775809.0, "-9.2233720368547758e+18"),
+            (18446744073709551616.0, "1.8446744073709552e+19"),
+        ] {
+            assert_eq!(to_string(&json!(v)), qemu);
+        }
+    }
+
+    #[test]
+    fn single_quotes_as_qemu_takes_them() {
+        let pieces = split(&[br#"{'execute': 'q\'x"', "id": "it's"}"#]);
+        let Piece::Text(t) = &pieces[0] else {
+            panic!("{pieces:?}")
+        };
+        let v: Value = serde_json::from_slice(&requote(t)).unwrap();
+        assert_eq!(v, json!({"execute": "q'x\"", "id": "it's"}));
     }
 
     proptest::proptest! {

@@ -155,7 +155,7 @@ impl Monitor {
             Piece::Text(text) => text,
             Piece::Error(e) => return Some(error_reply(&QmpError::generic(e), None)),
         };
-        let value: Value = match serde_json::from_slice(&text) {
+        let value: Value = match serde_json::from_slice(&json::requote(&text)) {
             Ok(v) => v,
             Err(e) => {
                 let desc = format!("JSON parse error, {}", parse_error_text(&e));

@@ -135,6 +135,12 @@ impl ExportArgs {
     }
 }
 
+/// The object types `object-add` knows.
+pub const OBJECT_TYPES: &[(&str, &str)] = &[
+    ("iothread", "iothread"),
+    ("throttle-group", "throttle-group"),
+];
+
 /// `object-add` / `--object`: a QOM type, an id, and its properties.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObjectArgs {
@@ -151,8 +157,18 @@ pub struct ObjectArgs {
 impl ObjectArgs {
     /// Reads the type and id; the remaining members are the properties.
     pub fn read(obj: &mut Object) -> qapi::Result<ObjectArgs> {
-        let qom_type = obj.req_str("qom-type")?;
+        let qom_type = obj.req_enum("qom-type", OBJECT_TYPES)?.to_owned();
         let id = obj.req_str("id")?;
+        // QEMU's rule for ids: a letter, then letters, digits, '-', '.', '_'.
+        let mut chars = id.chars();
+        let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if !well_formed {
+            return Err(qapi::Error::ParameterRange {
+                name: obj.name("id"),
+                expected: "an identifier",
+            });
+        }
         let props = obj.take_rest();
         Ok(ObjectArgs {
             qom_type,

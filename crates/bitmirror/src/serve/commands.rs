@@ -142,6 +142,8 @@ async fn run(
         }
         "quit" => {
             done(args)?;
+            // qemu-storage-daemon deletes the exports before it answers.
+            daemon.remove_exports().await;
             daemon.request_shutdown("host-qmp-quit");
             Ok(json!({}))
         }

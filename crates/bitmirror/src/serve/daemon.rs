@@ -44,6 +44,7 @@ pub struct Daemon {
     /// Turns true when monitors should write their last events and end.
     monitors_stop: watch::Sender<bool>,
     monitor_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pidfile: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl Default for Daemon {
@@ -68,6 +69,7 @@ impl Daemon {
             shutdown: watch::channel(None).0,
             monitors_stop: watch::channel(false).0,
             monitor_tasks: Mutex::new(Vec::new()),
+            pidfile: Mutex::new(None),
         }
     }
 
@@ -121,6 +123,7 @@ impl Daemon {
         if let Some(path) = &options.pidfile {
             write_pidfile(path)
                 .map_err(|e| format!("cannot create PID file: {}: {e}", path.display()))?;
+            *self.pidfile.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
         }
         Ok(())
     }
@@ -217,6 +220,15 @@ impl Daemon {
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
+        // The PID file goes with the process, as QEMU's.
+        if let Some(path) = self
+            .pidfile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     // ---- NBD -------------------------------------------------------------
@@ -256,6 +268,15 @@ impl Daemon {
         Ok(())
     }
 
+    /// Removes every export (`BLOCK_EXPORT_DELETED` each) but keeps the
+    /// server listening: what `quit` does before it answers, as
+    /// qemu-storage-daemon.
+    pub async fn remove_exports(&self) {
+        if let Some(server) = self.nbd.lock().await.as_ref() {
+            remove_all(self, server).await;
+        }
+    }
+
     /// `nbd-server-stop`: removes every NBD export (clients are
     /// disconnected) and stops listening.
     pub async fn nbd_server_stop(&self) -> Result<(), QmpError> {
@@ -269,14 +290,10 @@ impl Daemon {
         Ok(())
     }
 
+    /// Removes every export, newest first (QEMU's order), then stops
+    /// listening.
     async fn stop_server(&self, server: &Server) {
-        for export in server.exports() {
-            let id = export.options().id.clone();
-            match server.remove_export(&id, RemoveMode::Hard).await {
-                Ok(()) => self.export_deleted(&id),
-                Err(e) => tracing::error!(export = id, "removing the export failed: {e}"),
-            }
-        }
+        remove_all(self, server).await;
         server.stop();
     }
 
@@ -381,11 +398,9 @@ impl Daemon {
                 props.finish()?;
             }
             other => {
-                return Err(qapi::Error::InvalidValue {
-                    name: "qom-type".into(),
-                    value: other.into(),
-                }
-                .into());
+                return Err(QmpError::generic(format!(
+                    "object type '{other}' is not supported yet"
+                )));
             }
         };
         let mut objects = self.objects();
@@ -416,6 +431,18 @@ impl Daemon {
 /// A block-layer error as QMP reports it.
 pub fn qerr(e: block::Error) -> QmpError {
     QmpError::generic(e.to_string())
+}
+
+/// Removes `server`'s exports, newest first (QEMU's order), each with its
+/// `BLOCK_EXPORT_DELETED`.
+async fn remove_all(daemon: &Daemon, server: &Server) {
+    for export in server.exports().into_iter().rev() {
+        let id = export.options().id.clone();
+        match server.remove_export(&id, RemoveMode::Hard).await {
+            Ok(()) => daemon.export_deleted(&id),
+            Err(e) => tracing::error!(export = id, "removing the export failed: {e}"),
+        }
+    }
 }
 
 fn write_pidfile(path: &std::path::Path) -> std::io::Result<()> {
