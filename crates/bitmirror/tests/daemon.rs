@@ -275,3 +275,65 @@ fn stdio_monitor_and_pidfile() {
         "the PID file is removed on exit, as QEMU does"
     );
 }
+
+#[test]
+fn daemonize_returns_once_started_and_reports_failures() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let pidfile = dir.path().join("pid");
+    let sock = dir.path().join("qmp.sock");
+    let out = Command::new(bitmirror())
+        .args([
+            "serve",
+            "--daemonize",
+            "--blockdev",
+            "null-co,node-name=n0",
+            "--chardev",
+        ])
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args(["--monitor", "m0", "--pidfile"])
+        .arg(&pidfile)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("bitmirror runs");
+    assert!(out.status.success(), "{out:?}");
+    // Started means serving: the PID file and the monitor are there now.
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("the PID file")
+        .trim()
+        .parse()
+        .expect("a PID");
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    assert!(proc_dir.exists(), "the daemon runs on");
+    let mut qmp = Qmp::connect(&sock);
+    assert_eq!(
+        qmp.execute_ok("query-named-block-nodes", json!({"flat": true}))[0]["node-name"],
+        "n0"
+    );
+    qmp.execute_ok("quit", json!({}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while proc_dir.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!pidfile.exists(), "the daemon removed its PID file");
+
+    // A start-up failure: reported by the command itself, exit 1.
+    let out = Command::new(bitmirror())
+        .args([
+            "serve",
+            "--daemonize",
+            "--blockdev",
+            "driver=file,node-name=f,filename=/nonexistent/x",
+        ])
+        .output()
+        .expect("bitmirror runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Could not open '/nonexistent/x': No such file or directory"),
+        "{stderr}"
+    );
+}

@@ -13,6 +13,7 @@ pub mod cli;
 mod commands;
 mod create;
 mod daemon;
+mod daemonize;
 mod info;
 
 use std::process::ExitCode;
@@ -44,6 +45,10 @@ pub fn main(program: &str, args: &[String]) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let notify = daemonize::notify_fd();
+    if options.daemonize && notify.is_none() {
+        return daemonize::spawn();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("bitmirror")
@@ -59,7 +64,11 @@ pub fn main(program: &str, args: &[String]) -> ExitCode {
     let code = runtime.block_on(async {
         let daemon = Arc::new(Daemon::new());
         match daemon.start(&options).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(fd) = notify {
+                    daemonize::started(fd);
+                }
+            }
             Err(e) => {
                 eprintln!("{program}: {e}");
                 daemon.close().await;
