@@ -337,3 +337,56 @@ fn daemonize_returns_once_started_and_reports_failures() {
         "{stderr}"
     );
 }
+
+#[test]
+fn throttle_group_paces_an_export() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    // Data, not holes: the NBD server answers holes from block status
+    // without reading, and what is not read is not throttled.
+    let image = dir.path().join("data.raw");
+    let image = image.to_str().expect("UTF-8 path");
+    run("qemu-img", &["create", "-q", "-f", "raw", image, "8M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 5 0 8M", image]);
+    let args: Vec<String> = [
+        "--object",
+        "throttle-group,id=tg0,limits.bps-total=4194304",
+        "--blockdev",
+        &format!("driver=file,node-name=n0,filename={image}"),
+        "--blockdev",
+        "throttle,node-name=disk,throttle-group=tg0,file=n0",
+        "--nbd-server",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.path().join("nbd.sock").display()
+        ),
+        "--export".into(),
+        "nbd,id=e0,node-name=disk,name=disk".into(),
+    ])
+    .collect();
+    let daemon = serve(dir.path(), &args);
+    let start = std::time::Instant::now();
+    let uri = nbd_uri(dir.path());
+    let reads: Vec<String> = (0..8).map(|i| format!("read -P 5 {i}M 1M")).collect();
+    let mut args = vec!["-r", "-f", "raw"];
+    for r in &reads {
+        args.extend(["-c", r]);
+    }
+    args.push(&uri);
+    run("qemu-io", &args);
+    let took = start.elapsed().as_secs_f64();
+    // Eight 1 MiB reads at 4 MiB/s: each is admitted once the bucket has
+    // drained to a tenth of a second's worth (as in QEMU, a request is not
+    // split), so the last starts after at least 0.15 + 6 × 0.25 s. A lower
+    // bound only: a busy machine only makes it slower.
+    assert!(
+        took >= 1.6,
+        "8 × 1 MiB read in {took:.2} s through a 4 MiB/s group"
+    );
+    let mut qmp = daemon.qmp();
+    let err = qmp.execute("object-del", json!({"id": "tg0"})).unwrap_err();
+    assert_eq!(err.desc, "object 'tg0' is in use, can not be deleted");
+}

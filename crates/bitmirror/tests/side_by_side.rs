@@ -523,6 +523,58 @@ fn objects_match() {
         ),
         ex("object-del", json!({"id": "io1"})),
         ex("object-del", json!({"id": "io1"})),
+        ex(
+            "object-add",
+            json!({"qom-type": "throttle-group", "id": "tg0",
+            "limits": {"bps-total": 1048576}}),
+        ),
+        ex(
+            "object-add",
+            json!({"qom-type": "throttle-group", "id": "tg1",
+            "limits": {"bps-total": "x"}}),
+        ),
+        ex(
+            "object-add",
+            json!({"qom-type": "throttle-group", "id": "tg1",
+            "limits": {"bps-total": 1048576, "bps-read": 1}}),
+        ),
+        ex(
+            "object-add",
+            json!({"qom-type": "throttle-group", "id": "tg1",
+            "limits": {"iops-write": 10, "iops-write-max": 5}}),
+        ),
+        ex(
+            "object-add",
+            json!({"qom-type": "throttle-group", "id": "tg1",
+            "limits": {"bogus": 1}}),
+        ),
+        ex(
+            "object-add",
+            json!({"qom-type": "throttle-group", "id": "tg1", "x-bps-total": 4096}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "n0"}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "throttle", "node-name": "t0",
+            "throttle-group": "tg0", "file": "n0"}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "throttle", "node-name": "t1",
+            "throttle-group": "nosuch", "file": "n0"}),
+        ),
+        ex(
+            "blockdev-add",
+            json!({"driver": "throttle", "node-name": "t1", "file": "n0"}),
+        ),
+        ex("query-named-block-nodes", json!({})),
+        ex("object-del", json!({"id": "tg0"})),
+        ex("blockdev-del", json!({"node-name": "t0"})),
+        ex("object-del", json!({"id": "tg0"})),
+        ex("object-del", json!({"id": "tg1"})),
     ] {
         p.both(request);
     }

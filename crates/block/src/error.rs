@@ -45,6 +45,16 @@ pub enum Error {
         file_size: u64,
     },
 
+    /// Throttle limits that break QEMU's rules.
+    #[error("{0}")]
+    Throttle(String),
+    /// A `throttle` node naming a group that does not exist.
+    #[error("Throttle group '{0}' does not exist")]
+    NoThrottleGroup(String),
+    /// Deleting a throttle group that nodes still use.
+    #[error("object '{0}' is in use, can not be deleted")]
+    ThrottleGroupInUse(String),
+
     // ---- graph -----------------------------------------------------------
     /// A root node added without a name.
     #[error("'node-name' must be specified for the root node")]

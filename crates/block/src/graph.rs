@@ -3,12 +3,13 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::drivers::{FileDriver, NullDriver, QCOW2_MAGIC, Qcow2Driver, RawDriver};
+use crate::drivers::{FileDriver, NullDriver, QCOW2_MAGIC, Qcow2Driver, RawDriver, ThrottleDriver};
 use crate::error::{Error, Result};
 use crate::node::{BoxFuture, ChildRole, Driver, Edge, Node, Settings, User};
 use crate::options::{
     Aio, BlockdevOptions, ChildRef, DriverOptions, check_node_name, check_node_name_length,
 };
+use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -33,6 +34,7 @@ pub struct Graph {
     inner: Mutex<Inner>,
     adding: tokio::sync::Mutex<()>,
     factories: Mutex<Factories>,
+    throttle_groups: Mutex<Vec<Arc<ThrottleGroup>>>,
 }
 
 /// Opens the nodes of a driver that lives outside this crate (the NBD
@@ -75,6 +77,39 @@ impl Graph {
         let mut f = self.factories.lock().unwrap_or_else(|e| e.into_inner());
         f.0.retain(|(n, _)| *n != name);
         f.0.push((name, factory));
+    }
+
+    /// Adds throttle group `name` (the `throttle-group` object), which
+    /// `throttle` nodes can then name.
+    pub fn add_throttle_group(&self, name: &str, limits: ThrottleLimits) -> Arc<ThrottleGroup> {
+        let group = Arc::new(ThrottleGroup::new(name, limits));
+        self.groups().push(group.clone());
+        group
+    }
+
+    /// The throttle group called `name`.
+    pub fn throttle_group(&self, name: &str) -> Option<Arc<ThrottleGroup>> {
+        self.groups().iter().find(|g| g.name() == name).cloned()
+    }
+
+    /// Removes throttle group `name`; refused while a node uses it.
+    /// Returns whether there was one.
+    pub fn remove_throttle_group(&self, name: &str) -> Result<bool> {
+        let mut groups = self.groups();
+        let Some(pos) = groups.iter().position(|g| g.name() == name) else {
+            return Ok(false);
+        };
+        if Arc::strong_count(&groups[pos]) > 1 {
+            return Err(Error::ThrottleGroupInUse(name.to_owned()));
+        }
+        groups.remove(pos);
+        Ok(true)
+    }
+
+    fn groups(&self) -> MutexGuard<'_, Vec<Arc<ThrottleGroup>>> {
+        self.throttle_groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn factory(&self, name: &'static str) -> Result<Arc<dyn DriverFactory>> {
@@ -189,6 +224,17 @@ impl Graph {
                     )?;
                     read_only = ro;
                     Box::new(driver)
+                }
+                DriverOptions::Throttle { file, group } => {
+                    let group = self
+                        .throttle_group(group)
+                        .ok_or_else(|| Error::NoThrottleGroup(group.clone()))?;
+                    let edge = self
+                        .open_child(file, options, &name, ChildRole::File, created)
+                        .await?;
+                    read_only |= edge.node().is_read_only();
+                    children.push((ChildRole::File, edge.clone()));
+                    Box::new(ThrottleDriver::new(edge, group))
                 }
                 DriverOptions::Raw { file, offset, size } => {
                     let edge = self

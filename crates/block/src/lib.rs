@@ -30,6 +30,7 @@ mod graph;
 mod inflight;
 mod node;
 pub mod options;
+pub mod throttle;
 
 pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState, MarkTicket};
 pub use buf::IoBuf;

@@ -164,6 +164,8 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
     /// Details of the format.
     pub format_specific: Option<FormatSpecific>,
+    /// For a `throttle` filter: its group.
+    pub throttle_group: Option<String>,
 }
 
 /// Format details (QEMU's `ImageInfoSpecific`).

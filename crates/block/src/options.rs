@@ -95,6 +95,14 @@ pub enum DriverOptions {
         /// (QEMU's `x-dirty-bitmap`, e.g. `qemu:dirty-bitmap:B`).
         x_dirty_bitmap: Option<String>,
     },
+    /// `throttle`: a filter that passes requests to its `file` child at
+    /// the pace of a throttle group.
+    Throttle {
+        /// The child.
+        file: ChildRef,
+        /// The throttle group's id (`throttle-group`).
+        group: String,
+    },
     /// `null-co`: a device that reads zeroes and forgets writes.
     NullCo {
         /// Length in bytes (QEMU's default: 1 GiB).
@@ -114,6 +122,7 @@ impl DriverOptions {
             DriverOptions::Qcow2 { .. } => "qcow2",
             DriverOptions::NullCo { .. } => "null-co",
             DriverOptions::Nbd { .. } => "nbd",
+            DriverOptions::Throttle { .. } => "throttle",
         }
     }
 }
@@ -356,6 +365,10 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
                 x_dirty_bitmap: f.opt_str("x-dirty-bitmap")?,
             }
         }
+        "throttle" => DriverOptions::Throttle {
+            group: f.req_str("throttle-group")?,
+            file: req_child(&mut f, "file")?,
+        },
         "null-co" => DriverOptions::NullCo {
             // QAPI's `int`; QEMU 10.0 aborts on a negative one.
             size: match f.opt_i64("size")? {

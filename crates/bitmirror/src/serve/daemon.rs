@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use block::throttle::ThrottleLimits;
 use block::{Graph, SocketAddress};
 use jobs::Jobs;
 use nbd::server::{ExportOptions, ListenAddr, RemoveMode, Server, ServerOptions};
@@ -385,17 +386,29 @@ impl Daemon {
 
     /// `object-add` / `--object`.
     pub fn object_add(&self, args: &ObjectArgs) -> Result<(), QmpError> {
+        let mut props = qapi::Object::nested(&Value::Object(args.props.clone()), "", args.keyval)?;
+        let mut throttle = None;
         match args.qom_type.as_str() {
+            // Accepted and mapped onto the runtime's threads: every node is
+            // served by all of them.
             "iothread" => {
-                let mut props =
-                    qapi::Object::nested(&Value::Object(args.props.clone()), "", args.keyval)?;
                 props.opt_i64("poll-max-ns")?;
                 props.opt_i64("poll-grow")?;
                 props.opt_i64("poll-shrink")?;
                 props.opt_i64("aio-max-batch")?;
                 props.opt_i64("thread-pool-min")?;
                 props.opt_i64("thread-pool-max")?;
-                props.finish()?;
+            }
+            "throttle-group" => {
+                let limits = match props.opt_object("limits")? {
+                    Some(mut l) => {
+                        let limits = ThrottleLimits::read(&mut l, "").map_err(qerr)?;
+                        l.finish()?;
+                        limits
+                    }
+                    None => ThrottleLimits::read(&mut props, "x-").map_err(qerr)?,
+                };
+                throttle = Some(limits);
             }
             other => {
                 return Err(QmpError::generic(format!(
@@ -403,12 +416,16 @@ impl Daemon {
                 )));
             }
         };
+        props.finish()?;
         let mut objects = self.objects();
         if objects.iter().any(|o| o.id == args.id) {
             return Err(QmpError::generic(format!(
                 "attempt to add duplicate property '{}' to object (type 'container')",
                 args.id
             )));
+        }
+        if let Some(limits) = throttle {
+            self.graph.add_throttle_group(&args.id, limits);
         }
         objects.push(QomObject {
             id: args.id.clone(),
@@ -419,6 +436,9 @@ impl Daemon {
     /// `object-del`.
     pub fn object_del(&self, id: &str) -> Result<(), QmpError> {
         let mut objects = self.objects();
+        if objects.iter().any(|o| o.id == id) {
+            self.graph.remove_throttle_group(id).map_err(qerr)?;
+        }
         let before = objects.len();
         objects.retain(|o| o.id != id);
         if objects.len() == before {

@@ -74,9 +74,9 @@ fn image_info(node: &Arc<Node>, flat: bool) -> Value {
     }
     if let Some(backing) = backing(node) {
         image.insert("full-backing-filename".into(), json!(filename(&backing)));
-        if !flat {
-            image.insert("backing-image".into(), image_info(&backing, false));
-        }
+    }
+    if let (Some(next), false) = (chain_next(node), flat) {
+        image.insert("backing-image".into(), image_info(&next, false));
     }
     Value::Object(image)
 }
@@ -136,20 +136,67 @@ pub fn dirty_bitmaps(node: &Node) -> Vec<Value> {
 /// QEMU's `filename` of a node: the file a protocol driver opened, a
 /// format driver's `file` child's, or a `json:` description.
 pub fn filename(node: &Node) -> String {
+    if is_filter(node) {
+        return format!("json:{}", qmp::json::to_string(&description(node)));
+    }
     if let Some(name) = node.filename() {
         return name.to_owned();
     }
-    if let Some((_, edge)) = node.children().iter().find(|(r, _)| *r == ChildRole::File) {
-        return filename(&edge.node());
+    if let Some(child) = file_child(node) {
+        return filename(&child);
     }
-    let description = match node.driver_name() {
+    if node.driver_name() == "null-co" && node.length() == block::options::NULL_CO_DEFAULT_SIZE {
+        return "null-co://".into();
+    }
+    format!("json:{}", qmp::json::to_string(&description(node)))
+}
+
+/// The options that describe `node` in a `json:` filename.
+fn description(node: &Node) -> Value {
+    match node.driver_name() {
+        "file" => json!({"driver": "file", "filename": node.filename().unwrap_or_default()}),
         "null-co" if node.length() == block::options::NULL_CO_DEFAULT_SIZE => {
-            return "null-co://".into();
+            json!({"driver": "null-co"})
         }
         "null-co" => json!({"driver": "null-co", "size": node.length()}),
-        other => json!({"driver": other}),
-    };
-    format!("json:{}", qmp::json::to_string(&description))
+        "throttle" => {
+            let mut d = json!({
+                "driver": "throttle",
+                "throttle-group": node.image_info().throttle_group.unwrap_or_default(),
+            });
+            if let Some(child) = file_child(node) {
+                d["file"] = description(&child);
+            }
+            d
+        }
+        other => match file_child(node) {
+            Some(child) => json!({"driver": other, "file": description(&child)}),
+            None => json!({"driver": other}),
+        },
+    }
+}
+
+/// Whether `node` is a filter (its `file` child continues its chain).
+fn is_filter(node: &Node) -> bool {
+    node.driver_name() == "throttle"
+}
+
+fn file_child(node: &Node) -> Option<Arc<Node>> {
+    node.children()
+        .iter()
+        .find(|(r, _)| *r == ChildRole::File)
+        .map(|(_, e)| e.node())
+}
+
+/// The next node down the chain: the backing node, or a filter's child.
+fn chain_next(node: &Node) -> Option<Arc<Node>> {
+    backing(node).or_else(|| {
+        if is_filter(node) {
+            file_child(node)
+        } else {
+            None
+        }
+    })
 }
 
 fn backing(node: &Node) -> Option<Arc<Node>> {
@@ -161,10 +208,10 @@ fn backing(node: &Node) -> Option<Arc<Node>> {
 
 fn backing_depth(node: &Arc<Node>) -> u64 {
     let mut depth = 0;
-    let mut cur = backing(node);
+    let mut cur = chain_next(node);
     while let Some(n) = cur {
         depth += 1;
-        cur = backing(&n);
+        cur = chain_next(&n);
     }
     depth
 }
