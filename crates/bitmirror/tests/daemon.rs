@@ -390,3 +390,34 @@ fn throttle_group_paces_an_export() {
     let err = qmp.execute("object-del", json!({"id": "tg0"})).unwrap_err();
     assert_eq!(err.desc, "object 'tg0' is in use, can not be deleted");
 }
+
+/// QEMU 10.0 aborts on `block-dirty-bitmap-merge` with an empty list; we
+/// merge nothing and keep serving.
+#[test]
+fn merging_an_empty_list_changes_nothing() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let daemon = serve(
+        dir.path(),
+        &["--blockdev".into(), "null-co,node-name=n0".into()],
+    );
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok("block-dirty-bitmap-add", json!({"node": "n0", "name": "b"}));
+    let before = qmp.execute_ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "n0", "name": "b"}),
+    );
+    let merge = |target: &str| json!({"node": "n0", "target": target, "bitmaps": []});
+    assert_eq!(
+        qmp.execute_ok("block-dirty-bitmap-merge", merge("b")),
+        json!({})
+    );
+    let err = qmp
+        .execute("block-dirty-bitmap-merge", merge("nosuch"))
+        .unwrap_err();
+    assert_eq!(err.desc, "Dirty bitmap 'nosuch' not found");
+    let after = qmp.execute_ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "n0", "name": "b"}),
+    );
+    assert_eq!(after, before);
+}
