@@ -421,3 +421,82 @@ fn merging_an_empty_list_changes_nothing() {
     );
     assert_eq!(after, before);
 }
+
+/// A bad option anywhere fails before any image is opened: the image is
+/// not locked, not written, and the daemon does not start.
+#[test]
+fn a_bad_option_touches_no_image() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    let image_str = image.to_str().expect("UTF-8 path");
+    qemu_img_create_qcow2(image_str, 16 << 20, "");
+    let before = std::fs::read(&image).expect("the image");
+    let out = Command::new(bitmirror())
+        .args(["serve", "--blockdev"])
+        .arg(format!(
+            "driver=qcow2,node-name=d,file.driver=file,file.filename={image_str}"
+        ))
+        .args(["--export", "nbd,id=e0,node-name=d,writable=maybe"])
+        .output()
+        .expect("bitmirror runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "bitmirror serve: --export nbd,id=e0,node-name=d,writable=maybe: Parameter 'writable' \
+         expects 'on' or 'off'\n"
+    );
+    assert_eq!(
+        std::fs::read(&image).expect("the image"),
+        before,
+        "the image is untouched"
+    );
+}
+
+/// A monitor on a TCP chardev, as QEMU's `host=,port=` sockets.
+#[test]
+fn tcp_monitor() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    // A free port: bind, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = Command::new(bitmirror())
+        .args(["serve", "--chardev"])
+        .arg(format!(
+            "socket,id=t0,host=127.0.0.1,port={port},server=on,wait=off"
+        ))
+        .args(["--monitor", "t0"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("bitmirror starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no TCP monitor: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    };
+    let mut reader = BufReader::new(stream.try_clone().expect("a second handle"));
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("the greeting");
+    assert!(line.starts_with("{\"QMP\": {\"version\": "), "{line}");
+    writer
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}{\"execute\": \"quit\", \"id\": 3}")
+        .expect("sends");
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        line.clear();
+        reader.read_line(&mut line).expect("a reply");
+        replies.push(line.clone());
+    }
+    assert_eq!(
+        replies,
+        ["{\"return\": {}}\r\n", "{\"return\": {}, \"id\": 3}\r\n"]
+    );
+    assert!(child.wait().expect("exits").success());
+}

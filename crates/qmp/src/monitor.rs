@@ -81,7 +81,8 @@ impl Monitor {
 
     /// Serves one session on `reader`/`writer` until the client hangs up,
     /// the stream fails, or `shutdown` turns true. On shutdown the events
-    /// already emitted (e.g. `SHUTDOWN`) are written before returning.
+    /// already emitted (e.g. `BLOCK_EXPORT_DELETED`) are written before
+    /// returning.
     pub async fn serve<R, W>(
         &self,
         mut reader: R,
@@ -102,6 +103,7 @@ impl Monitor {
         let mut splitter = Splitter::new();
         let mut pieces = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
+        let mut eof = false;
         loop {
             for piece in pieces.drain(..) {
                 let reply = self.handle(piece, &mut mode).await;
@@ -118,19 +120,18 @@ impl Monitor {
                     events = Some(self.events.subscribe());
                 }
             }
+            if eof {
+                return Ok(());
+            }
             tokio::select! {
                 read = reader.read(&mut buf) => {
                     let n = read?;
                     if n == 0 {
                         splitter.finish(&mut pieces);
-                        for piece in pieces.drain(..) {
-                            if let Some(reply) = self.handle(piece, &mut mode).await {
-                                send(&mut writer, &json::to_string(&reply)).await?;
-                            }
-                        }
-                        return Ok(());
+                        eof = true;
+                    } else {
+                        splitter.feed(&buf[..n], &mut pieces);
                     }
-                    splitter.feed(&buf[..n], &mut pieces);
                 }
                 event = next_event(&mut events) => {
                     if let Some(event) = event {

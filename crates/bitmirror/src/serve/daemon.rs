@@ -156,7 +156,7 @@ impl Daemon {
         })
     }
 
-    /// Asks the daemon to stop, for `reason` (QEMU's `SHUTDOWN` reasons:
+    /// Asks the daemon to stop, for `reason` (logged; QEMU's words:
     /// `host-qmp-quit`, `host-signal`).
     pub fn request_shutdown(&self, reason: &str) {
         self.shutdown.send_if_modified(|r| {

@@ -3,9 +3,9 @@
 //! The command line is parsed whole first ([`cli`]); then the options are
 //! carried out in order (nodes opened, monitors and the NBD server started,
 //! exports added), and the daemon serves QMP monitors and NBD clients until
-//! `quit`, SIGTERM or SIGINT. On the way out exports are removed, images
-//! are closed cleanly (persistent bitmaps stored), and `SHUTDOWN` reaches
-//! every monitor.
+//! `quit`, SIGTERM, SIGINT or SIGHUP. On the way out jobs are cancelled,
+//! exports removed and images closed cleanly (persistent bitmaps stored);
+//! like qemu-storage-daemon, no `SHUTDOWN` event is sent.
 
 mod args;
 mod chardev;
