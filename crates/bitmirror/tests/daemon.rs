@@ -455,7 +455,6 @@ fn a_bad_option_touches_no_image() {
 /// A monitor on a TCP chardev, as QEMU's `host=,port=` sockets.
 #[test]
 fn tcp_monitor() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
     // A free port: bind, read it, release it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
