@@ -499,3 +499,48 @@ fn tcp_monitor() {
     );
     assert!(child.wait().expect("exits").success());
 }
+
+/// Every monitor past negotiation receives every event; one still
+/// negotiating receives none.
+#[test]
+fn events_reach_every_negotiated_monitor() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut args = vec![
+        "--blockdev".to_string(),
+        "null-co,node-name=n0".into(),
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.path().join("nbd.sock").display()
+        ),
+    ];
+    for m in ["m1", "m2"] {
+        args.extend([
+            "--chardev".into(),
+            format!(
+                "socket,id={m},path={},server=on,wait=off",
+                dir.path().join(m).display()
+            ),
+            "--monitor".into(),
+            m.into(),
+        ]);
+    }
+    let daemon = serve(dir.path(), &args);
+    let mut a = daemon.qmp();
+    let mut b = Qmp::connect(&dir.path().join("m1"));
+    let (mut c, _) = Qmp::connect_raw(&dir.path().join("m2"));
+    a.execute_ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "n0"}),
+    );
+    a.execute_ok("block-export-del", json!({"id": "e0"}));
+    for (name, qmp) in [("issuer", &mut a), ("other", &mut b)] {
+        let events = qmp.take_events(1);
+        assert_eq!(events[0]["event"], "BLOCK_EXPORT_DELETED", "{name}");
+        assert_eq!(events[0]["data"], json!({"id": "e0"}), "{name}");
+    }
+    // The negotiating session got nothing but its answer.
+    let reply = c.request(&json!({"execute": "qmp_capabilities"}));
+    assert_eq!(reply, json!({"return": {}}));
+    assert!(c.events.is_empty(), "{:?}", c.events);
+}
