@@ -26,6 +26,7 @@ mod buf;
 mod create;
 mod drivers;
 mod error;
+mod gate;
 mod graph;
 mod inflight;
 mod node;

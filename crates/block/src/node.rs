@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use crate::bitmaps::Bitmaps;
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
+use crate::gate::{Entry, Gate};
 use crate::inflight::{Inflight, RequestKind};
 use crate::options::{DetectZeroes, Discard};
 
@@ -314,6 +315,7 @@ pub struct Node {
     driver: Box<dyn Driver>,
     children: Vec<(ChildRole, Arc<Edge>)>,
     parents: Mutex<Vec<Weak<Edge>>>,
+    gate: Gate,
     bitmaps: Bitmaps,
     hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
     inflight: Inflight,
@@ -347,6 +349,7 @@ impl Node {
             driver,
             children,
             parents: Mutex::new(Vec::new()),
+            gate: Gate::default(),
             bitmaps,
             hooks: RwLock::new(Vec::new()),
             inflight: Inflight::default(),
@@ -511,6 +514,21 @@ impl Node {
         self.inflight.wait_idle(offset, len).await;
     }
 
+    /// Holds new write-type requests (writes, write-zeroes, discards) at
+    /// the node's gate and waits until none is running: the quiet moment
+    /// a job needs to cut the node over (mirror's pivot). Reads go on.
+    pub async fn hold_writes(&self) {
+        self.gate.close().await;
+    }
+
+    /// Lets write-type requests in again. With `replacement`, the held
+    /// ones and every later one that still reaches this node go to
+    /// `replacement` instead: users that looked the node up before a
+    /// [`Graph::replace`](crate::Graph::replace) lose no write.
+    pub fn release_writes(&self, replacement: Option<&Arc<Node>>) {
+        self.gate.open(replacement);
+    }
+
     /// Waits until no request at all is in flight.
     pub async fn drain(&self) {
         self.inflight.wait_idle(0, u64::MAX).await;
@@ -644,7 +662,32 @@ impl Node {
         self.write_at(offset, buf, fua, true).await
     }
 
-    async fn write_at(&self, offset: u64, buf: IoBuf, fua: bool, growing: bool) -> BufResult<()> {
+    fn write_at(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        fua: bool,
+        growing: bool,
+    ) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(async move {
+            if let Some(node) = self.gate.replacement() {
+                return node.write_at(offset, buf, fua, growing).await;
+            }
+            let _inside = match self.gate.enter().await {
+                Entry::Here(inside) => inside,
+                Entry::Forward(node) => return node.write_at(offset, buf, fua, growing).await,
+            };
+            self.write_inside(offset, buf, fua, growing).await
+        })
+    }
+
+    async fn write_inside(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        fua: bool,
+        growing: bool,
+    ) -> BufResult<()> {
         /// Returns the error together with the buffer.
         macro_rules! check {
             ($e:expr, $buf:expr) => {
@@ -668,7 +711,7 @@ impl Node {
                 fast: false,
                 fua,
             };
-            return (self.write_zeroes(offset, len, flags).await, buf);
+            return (self.write_zeroes_inside(offset, len, flags).await, buf);
         }
         let serialising = !self.aligned(offset, len);
         let _req = self.begin_write(offset, len, growing).await;
@@ -748,7 +791,25 @@ impl Node {
     }
 
     /// Makes `offset..offset + len` read as zeroes.
-    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if let Some(node) = self.gate.replacement() {
+                return node.write_zeroes(offset, len, flags).await;
+            }
+            let _inside = match self.gate.enter().await {
+                Entry::Here(inside) => inside,
+                Entry::Forward(node) => return node.write_zeroes(offset, len, flags).await,
+            };
+            self.write_zeroes_inside(offset, len, flags).await
+        })
+    }
+
+    async fn write_zeroes_inside(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_write(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -793,7 +854,20 @@ impl Node {
 
     /// Discards `offset..offset + len`. With `discard=ignore` (the default)
     /// this does nothing and marks no bitmap, as in QEMU.
-    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+    pub fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if let Some(node) = self.gate.replacement() {
+                return node.discard(offset, len).await;
+            }
+            let _inside = match self.gate.enter().await {
+                Entry::Here(inside) => inside,
+                Entry::Forward(node) => return node.discard(offset, len).await,
+            };
+            self.discard_inside(offset, len).await
+        })
+    }
+
+    async fn discard_inside(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
         if len == 0 || self.settings.discard == Discard::Ignore {
             return Ok(());

@@ -1,0 +1,115 @@
+//! The write gate of a node: how a job cuts a node over to its replacement
+//! without losing a write (mirror's pivot; QEMU's drained section).
+//!
+//! Every write-type request passes the gate on its way in and holds an
+//! entry while it runs. [`Gate::close`] stops new entries and waits for
+//! the ones inside; the job then copies what remains and points the
+//! node's users at the replacement. When the gate reopens, writes that
+//! were held go to the replacement, if one was named, instead of the node
+//! they first reached.
+//!
+//! Entering costs two atomic operations and a load: the pair
+//! (`active` increment, `closed` load) against (`closed` store, `active`
+//! load), all sequentially consistent, guarantees that a request either
+//! sees the gate closed or is seen by the closer.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::Notify;
+
+use crate::node::Node;
+
+/// A node's write gate.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    closed: AtomicBool,
+    active: AtomicU64,
+    /// Wakes requests held at the closed gate.
+    opened: Notify,
+    /// Wakes the closer when the last request inside leaves.
+    idle: Notify,
+    /// Whether `replacement` is set: writes check this flag, not the lock.
+    replaced: AtomicBool,
+    replacement: Mutex<Option<Weak<Node>>>,
+}
+
+/// Where a write-type request goes.
+pub(crate) enum Entry<'a> {
+    /// Into this node; the request holds the entry while it runs.
+    Here(Inside<'a>),
+    /// To the node that replaced this one while the request was held.
+    Forward(Arc<Node>),
+}
+
+/// A request inside the gate.
+pub(crate) struct Inside<'a>(&'a Gate);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        if self.0.closed.load(Ordering::SeqCst) {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Gate {
+    /// Lets a write-type request in, holding it while the gate is closed.
+    pub(crate) async fn enter(&self) -> Entry<'_> {
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            self.active.fetch_add(1, Ordering::SeqCst);
+            if !self.closed.load(Ordering::SeqCst) {
+                return Entry::Here(Inside(self));
+            }
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            self.idle.notify_waiters();
+            opened.await;
+            if let Some(node) = self.replacement() {
+                return Entry::Forward(node);
+            }
+        }
+    }
+
+    /// Closes the gate and waits until no write-type request is inside.
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Reopens the gate; held and later writes go to `replacement` when
+    /// one is given.
+    pub(crate) fn open(&self, replacement: Option<&Arc<Node>>) {
+        if let Some(node) = replacement {
+            *self.replacement.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Arc::downgrade(node));
+            self.replaced.store(true, Ordering::SeqCst);
+        }
+        self.closed.store(false, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    /// The node that replaced this one, if any (one atomic load when none
+    /// did).
+    pub(crate) fn replacement(&self) -> Option<Arc<Node>> {
+        if !self.replaced.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.replacement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade)
+    }
+}
