@@ -69,6 +69,13 @@ pub trait JobDriver: Send + Sync + 'static {
             job.id()
         )))
     }
+    /// A cancel the driver turns into something else: a ready mirror
+    /// cancelled without `force` finishes without pivoting, as a success.
+    /// Returns `true` when it took the cancel over.
+    fn soft_cancel(&self, job: &Job, force: bool) -> bool {
+        let _ = (job, force);
+        false
+    }
     /// `block-job-set-speed`.
     fn set_speed(&self, speed: u64) -> Result<(), Error> {
         let _ = speed;
@@ -277,9 +284,76 @@ impl Job {
         self.current.store(current, Ordering::Relaxed);
     }
 
-    /// Adds `n` units to both the work done and the total.
+    /// Adds `n` units to the work done.
     pub fn progress_by(&self, n: u64) {
         self.current.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `(current, total)` progress.
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.current.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds `n` units to the work to do.
+    pub fn add_work(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Moves a running job to `ready` and sends `BLOCK_JOB_READY` (mirror:
+    /// the copy has caught up).
+    pub fn set_ready(&self) {
+        if self.status() == JobStatus::Running {
+            self.transition(JobStatus::Ready);
+            self.block_job_event("BLOCK_JOB_READY", None);
+        }
+    }
+
+    /// Whether the job has been ready (it stays so through `standby`).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.status(), JobStatus::Ready | JobStatus::Standby)
+    }
+
+    /// Wakes the job's driver where it waits in [`wait_for_wake`](Self::wait_for_wake).
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Waits until a verb (pause, resume, cancel, complete, …) or
+    /// [`wake`](Self::wake) touches the job, or `timeout` passes.
+    pub async fn wait_for_wake(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+    }
+
+    /// `query-block-jobs`' entry (QEMU's `BlockJobInfo`).
+    pub fn block_job_info(&self) -> Value {
+        let state = lock(&self.state);
+        let status = state.status;
+        let mut v = json!({
+            "type": self.options.job_type,
+            "device": self.options.id,
+            "len": self.total.load(Ordering::Relaxed),
+            "offset": self.current.load(Ordering::Relaxed),
+            "busy": matches!(status, JobStatus::Running | JobStatus::Ready),
+            "paused": state.user_paused,
+            "speed": self.speed(),
+            "io-status": "ok",
+            "ready": matches!(status, JobStatus::Ready | JobStatus::Standby),
+            "status": status.as_str(),
+            "auto-finalize": self.options.auto_finalize,
+            "auto-dismiss": self.options.auto_dismiss,
+        });
+        if let Some(e) = &state.error {
+            v["error"] = json!(e);
+        }
+        v
+    }
+
+    /// Whether this is a block job.
+    pub fn is_block_job(&self) -> bool {
+        self.options.block_job
     }
 
     /// `query-jobs`' entry.
@@ -356,14 +430,19 @@ impl Job {
                 let s = lock(&self.state);
                 s.user_paused && !s.cancelled
             };
+            let status = self.status();
             if !paused {
-                if self.status() == JobStatus::Paused {
-                    self.transition(JobStatus::Running);
+                match status {
+                    JobStatus::Paused => self.transition(JobStatus::Running),
+                    JobStatus::Standby => self.transition(JobStatus::Ready),
+                    _ => {}
                 }
                 return;
             }
-            if self.status() == JobStatus::Running {
-                self.transition(JobStatus::Paused);
+            match status {
+                JobStatus::Running => self.transition(JobStatus::Paused),
+                JobStatus::Ready => self.transition(JobStatus::Standby),
+                _ => {}
             }
             notified.await;
         }
@@ -418,10 +497,14 @@ impl Job {
         self.driver.complete(self)
     }
 
-    /// `job-cancel`; `force` matters to ready mirrors only (drivers read
-    /// it through their own state).
-    pub fn cancel(&self, _force: bool) -> Result<(), Error> {
+    /// `job-cancel`; `force` matters to ready mirrors only (see
+    /// [`JobDriver::soft_cancel`]).
+    pub fn cancel(&self, force: bool) -> Result<(), Error> {
         self.check_verb(Verb::Cancel)?;
+        if self.driver.soft_cancel(self, force) {
+            self.wake.notify_waiters();
+            return Ok(());
+        }
         lock(&self.state).cancelled = true;
         self.wake.notify_waiters();
         Ok(())

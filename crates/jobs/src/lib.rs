@@ -10,6 +10,7 @@
 //! [`Error`]s worded as QEMU words them.
 
 mod job;
+pub mod mirror;
 mod status;
 
 pub use job::{BoxFuture, Emit, Error, Job, JobDriver, JobOptions, Jobs};

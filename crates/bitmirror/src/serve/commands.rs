@@ -18,6 +18,7 @@ use super::info;
 /// Every command we answer besides `qmp_capabilities` (which the monitor
 /// answers), in the order `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
+    "blockdev-mirror",
     "job-finalize",
     "job-dismiss",
     "job-complete",
@@ -95,7 +96,7 @@ impl Dispatcher for Commands {
 
 /// A job error as QMP reports it (`DeviceNotActive` for unknown block
 /// jobs, as QEMU).
-fn job_err(e: jobs::Error) -> QmpError {
+pub fn job_err(e: jobs::Error) -> QmpError {
     match e {
         jobs::Error::BlockJobNotFound(_) => {
             QmpError::new(ErrorClass::DeviceNotActive, e.to_string())
@@ -114,7 +115,7 @@ fn bitmap_node(daemon: &Daemon, name: &str) -> Result<Arc<block::Node>, QmpError
 }
 
 /// Reads no more arguments: the leftovers are unexpected.
-fn done(args: &mut Object) -> Result<(), QmpError> {
+pub fn done(args: &mut Object) -> Result<(), QmpError> {
     std::mem::replace(args, empty()).finish()?;
     Ok(())
 }
@@ -332,10 +333,21 @@ async fn run(
             done(args)?;
             Ok(daemon.jobs.query())
         }
-        // No block jobs yet (mirror and backup come with their issues).
         "query-block-jobs" => {
             done(args)?;
-            Ok(json!([]))
+            Ok(Value::Array(
+                daemon
+                    .jobs
+                    .all()
+                    .iter()
+                    .filter(|j| j.is_block_job())
+                    .map(|j| j.block_job_info())
+                    .collect(),
+            ))
+        }
+        "blockdev-mirror" => {
+            super::mirror::blockdev_mirror(daemon, args)?;
+            Ok(json!({}))
         }
         "job-pause" | "job-resume" | "job-complete" | "job-finalize" | "job-dismiss"
         | "job-cancel" => {

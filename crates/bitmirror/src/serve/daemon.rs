@@ -32,8 +32,8 @@ pub struct QomObject {
 /// Everything the daemon holds. Commands reach it through QMP
 /// (`commands.rs`); the command line carries out the same operations.
 pub struct Daemon {
-    /// The node graph.
-    pub graph: Graph,
+    /// The node graph (shared with jobs that pivot).
+    pub graph: Arc<Graph>,
     /// The event stream all monitors receive.
     pub events: Events,
     /// Jobs (`blockdev-create`; mirror and backup to come).
@@ -57,7 +57,7 @@ impl Default for Daemon {
 impl Daemon {
     /// A daemon with nothing in it yet.
     pub fn new() -> Daemon {
-        let graph = Graph::new();
+        let graph = Arc::new(Graph::new());
         nbd::register(&graph);
         let events = Events::new();
         let sink = events.clone();

@@ -15,6 +15,7 @@ mod create;
 mod daemon;
 mod daemonize;
 mod info;
+mod mirror;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -1,0 +1,232 @@
+//! Mirror jobs through `bitmirror serve`, with a writer on the source's
+//! NBD export: the target ends equal to what the guest wrote, checked with
+//! `qemu-io` patterns and `qemu-img compare`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, run};
+
+fn serve(dir: &Path, args: &[String]) -> StorageDaemon {
+    StorageDaemon::start_program(
+        &PathBuf::from(env!("CARGO_BIN_EXE_bitmirror")),
+        &["serve"],
+        dir,
+        args,
+    )
+}
+
+/// `src` and `dst` qcow2 nodes, `src` exported writable as `disk`.
+fn setup(dir: &Path, src: &Path, dst: &Path) -> Vec<String> {
+    vec![
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=dst,file.driver=file,file.filename={}",
+            dst.display()
+        ),
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.join("nbd.sock").display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
+    ]
+}
+
+fn guest(dir: &Path, commands: &[String]) {
+    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(&uri);
+    run("qemu-io", &args);
+}
+
+/// Waits for event `name` (other events are kept aside).
+fn wait_event(qmp: &mut Qmp, name: &str) -> Value {
+    loop {
+        if let Some(pos) = qmp.events.iter().position(|e| e["event"] == name) {
+            return qmp.events.remove(pos);
+        }
+        let m = qmp.read_message();
+        if m.get("event").is_some() {
+            qmp.events.push(m);
+        } else {
+            panic!("unexpected message while waiting for {name}: {m}");
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+#[test]
+fn full_mirror_with_a_writer_then_complete_pivots_the_export() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
+    qemu_img_create_qcow2(path_str(&dst), 64 << 20, "");
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 8M",
+            "-c",
+            "write -P 2 32M 4M",
+            path_str(&src),
+        ],
+    );
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "src", "target": "dst", "sync": "full"}),
+    );
+    // The guest keeps writing while the mirror runs.
+    let writes: Vec<String> = (0..16)
+        .map(|i| format!("write -P {} {}M 512k", 10 + i, i * 2))
+        .collect();
+    guest(dir.path(), &writes);
+    let ready = wait_event(&mut qmp, "BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["device"], "m0");
+    assert_eq!(ready["data"]["type"], "mirror");
+    let jobs = qmp.execute_ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["ready"], true, "{jobs}");
+    assert_eq!(jobs[0]["status"], "ready", "{jobs}");
+    guest(dir.path(), &["write -P 99 60M 1M".into()]);
+    qmp.execute_ok("block-job-complete", json!({"device": "m0"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["len"], done["data"]["offset"], "{done}");
+    // The export now serves the target.
+    let exports = qmp.execute_ok("query-block-exports", json!({}));
+    assert_eq!(exports[0]["node-name"], "dst", "{exports}");
+    guest(dir.path(), &["write -P 77 62M 64k".into()]);
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+
+    run("qemu-img", &["check", path_str(&dst)]);
+    let mut reads: Vec<String> = vec![
+        "read -P 2 32M 4M".into(),
+        "read -P 99 60M 1M".into(),
+        "read -P 77 62M 64k".into(),
+    ];
+    for i in 0..16u64 {
+        reads.push(format!("read -P {} {}M 512k", 10 + i, i * 2));
+    }
+    let mut args = vec!["-f", "qcow2"];
+    for r in &reads {
+        args.extend(["-c", r.as_str()]);
+    }
+    args.push(path_str(&dst));
+    let out = run("qemu-io", &args);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // Everything but the write made after the pivot is on the source too.
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 77 62M 64k", path_str(&src)],
+    );
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&dst),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}
+
+#[test]
+fn bitmap_mirror_copies_only_what_changed_since_the_backup() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 32M", path_str(&src)],
+    );
+    // The "backup": a copy of the source, as the shared image would be.
+    std::fs::copy(&src, &dst).expect("a copy");
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b0"}),
+    );
+    guest(
+        dir.path(),
+        &["write -P 5 1M 64k".into(), "write -P 6 40M 128k".into()],
+    );
+    let count = qmp
+        .execute_ok("query-named-block-nodes", json!({"flat": true}))
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["node-name"] == "src").cloned())
+        .expect("src")["dirty-bitmaps"][0]["count"]
+        .as_u64()
+        .expect("a count");
+    assert_eq!(count, 192 << 10);
+    for bad in [
+        json!({"device": "src", "target": "dst", "sync": "bitmap"}),
+        json!({"device": "src", "target": "dst", "sync": "full", "bitmap": "b0"}),
+        json!({"device": "src", "target": "dst", "sync": "bitmap", "bitmap": "b0", "granularity": 65536}),
+        json!({"device": "src", "target": "dst", "sync": "bitmap", "bitmap": "nosuch"}),
+    ] {
+        assert!(
+            qmp.execute("blockdev-mirror", bad.clone()).is_err(),
+            "{bad} was accepted"
+        );
+    }
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m1", "device": "src", "target": "dst", "sync": "bitmap", "bitmap": "b0"}),
+    );
+    let ready = wait_event(&mut qmp, "BLOCK_JOB_READY");
+    // Only the dirty clusters crossed over.
+    assert_eq!(ready["data"]["len"], count, "{ready}");
+    // Cancel after READY: a point-in-time copy, and a success.
+    qmp.execute_ok("block-job-cancel", json!({"device": "m1"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    let exports = qmp.execute_ok("query-block-exports", json!({}));
+    assert_eq!(exports[0]["node-name"], "src", "no pivot: {exports}");
+    // bitmap-mode=never: the user bitmap is untouched and still recording.
+    let nodes = qmp.execute_ok("query-named-block-nodes", json!({"flat": true}));
+    let b0 = nodes
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["node-name"] == "src").cloned())
+        .expect("src")["dirty-bitmaps"][0]
+        .clone();
+    assert_eq!(b0["count"], count, "{b0}");
+    assert_eq!(b0["busy"], false, "{b0}");
+    assert_eq!(qmp.execute_ok("query-block-jobs", json!({})), json!([]));
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&dst),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}

@@ -1,0 +1,543 @@
+//! The mirror job: copies a source node to a target node while the source
+//! stays in use, then (on `complete`) moves the source's users to the
+//! target. What is copied is a dirty bitmap of the job's own, installed on
+//! the source before anything is scanned, so a write racing the job's
+//! start is never lost; its initial contents depend on the sync mode:
+//! everything (`full`), what the top layer allocates (`top`), nothing
+//! (`none`), or a copy of a user's bitmap (`bitmap`, the founding patch's
+//! incremental mode).
+//!
+//! The copy loop takes dirty areas, clears their bits, reads the source and
+//! writes the target (write-zeroes for zeroes, nothing when the target is
+//! known to read zeroes there); a guest write meanwhile marks its bits
+//! again when it completes (the block layer's write tracking), so the area
+//! is copied once more. Areas overlapping a copy in flight wait for it,
+//! so an older copy never lands after a newer one. The job is READY when
+//! nothing is dirty or in flight and the target is flushed. `complete`
+//! holds the source's writes (its gate), copies what is left, flushes, and
+//! points every user of the source at the target; writes held meanwhile go
+//! to the target.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use block::{BitmapId, Check, Edge, Graph, Node, User, ZeroFlags};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::job::{BoxFuture, Error, Job, JobDriver};
+
+/// Which data the mirror copies at first (QEMU's `MirrorSyncMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorSync {
+    /// Everything the source reads as, through its chain.
+    Full,
+    /// What the source's top layer allocates.
+    Top,
+    /// Only writes made from now on.
+    None,
+    /// The clusters a user bitmap marks, plus writes from now on
+    /// (`sync=bitmap`, or the founding patch's `incremental`).
+    Bitmap,
+}
+
+/// What happens to the user bitmap of `sync=bitmap` at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BitmapMode {
+    /// Untouched: the job worked on a copy, the bitmap kept recording
+    /// (the default, and the founding patch's behaviour).
+    #[default]
+    Never,
+    /// On success, the bitmap becomes what is left to copy (nothing).
+    OnSuccess,
+    /// On success or failure, the bitmap becomes what is left to copy, so
+    /// a failed mirror can be resumed.
+    Always,
+}
+
+/// How a mirror is set up.
+#[derive(Debug, Clone)]
+pub struct MirrorOptions {
+    /// The job's id.
+    pub id: String,
+    /// The graph the source and target live in (for the pivot).
+    pub graph: Arc<Graph>,
+    /// What is copied.
+    pub source: Arc<Node>,
+    /// Where it goes; the same length as the source.
+    pub target: Arc<Node>,
+    /// The sync mode.
+    pub sync: MirrorSync,
+    /// The user bitmap of `sync=bitmap`.
+    pub bitmap: Option<String>,
+    /// Its fate at the end.
+    pub bitmap_mode: BitmapMode,
+    /// Bytes per bit of the job's bitmap (a power of two, 512 B to 64 MiB);
+    /// the user bitmap's with `sync=bitmap`; by default the target's
+    /// cluster size clamped to 4..64 KiB, or 64 KiB.
+    pub granularity: Option<u64>,
+    /// Most bytes in flight at once (16 MiB by default).
+    pub buf_size: Option<u64>,
+    /// The target reads as zeroes already: zeroes are not written.
+    pub target_is_zero: bool,
+    /// Zeroes may be written by deallocating (`unmap`, default on).
+    pub unmap: bool,
+}
+
+/// A running mirror (the job's [`JobDriver`]).
+pub struct Mirror {
+    graph: Arc<Graph>,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    _edges: (Arc<Edge>, Arc<Edge>),
+    dirty: BitmapId,
+    granularity: u64,
+    buf_size: u64,
+    sync: MirrorSync,
+    bitmap: Option<String>,
+    bitmap_mode: BitmapMode,
+    target_is_zero: bool,
+    unmap: bool,
+    complete: AtomicBool,
+    finish_in_place: AtomicBool,
+    holding: AtomicBool,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("source", &self.source.name())
+            .field("target", &self.target.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One area's copy: its offset, length and outcome.
+type CopyFuture = BoxFuture<'static, (u64, u64, Result<(), String>)>;
+
+/// Largest area one copy request moves.
+const MAX_CHUNK: u64 = 1 << 20;
+
+impl Mirror {
+    /// Checks the options and installs the job's dirty bitmap on the
+    /// source: from here on every write to the source is tracked.
+    pub fn new(o: MirrorOptions) -> Result<Arc<Mirror>, Error> {
+        let fail = |m: String| Error::Driver(m);
+        if Arc::ptr_eq(&o.source, &o.target) {
+            return Err(fail("Can't mirror node into itself".into()));
+        }
+        if o.source.length() != o.target.length() {
+            return Err(fail("Source and target image have different sizes".into()));
+        }
+        if o.target.is_read_only() {
+            return Err(fail(format!(
+                "Block node '{}' is read-only",
+                o.target.name()
+            )));
+        }
+        let granularity = match (&o.bitmap, o.sync) {
+            (Some(_), s) if s != MirrorSync::Bitmap => {
+                return Err(fail(
+                    "Bitmap can only be given with sync mode 'bitmap'".into(),
+                ));
+            }
+            (None, MirrorSync::Bitmap) => {
+                return Err(fail("Sync mode 'bitmap' requires a bitmap".into()));
+            }
+            (Some(_), _) if o.granularity.is_some() => {
+                return Err(fail(
+                    "Cannot specify granularity when a bitmap is given: the job uses the \
+                     bitmap's"
+                        .into(),
+                ));
+            }
+            (Some(name), _) => {
+                let check = match o.bitmap_mode {
+                    BitmapMode::Never => Check::AllowReadonly,
+                    _ => Check::Default,
+                };
+                o.source
+                    .bitmaps()
+                    .check(name, check)
+                    .map_err(|e| fail(e.to_string()))?;
+                o.source
+                    .bitmaps()
+                    .info()
+                    .iter()
+                    .find(|i| &i.name == name)
+                    .map(|i| i.granularity)
+                    .unwrap_or(1 << 16)
+            }
+            (None, _) => match o.granularity {
+                Some(g) if !(512..=(64 << 20)).contains(&g) => {
+                    return Err(fail(
+                        "Parameter 'granularity' expects a value in range [512B, 64MB]".into(),
+                    ));
+                }
+                Some(g) if !g.is_power_of_two() => {
+                    return Err(fail("Parameter 'granularity' expects a power of 2".into()));
+                }
+                Some(g) => g,
+                None => o
+                    .target
+                    .limits()
+                    .cluster_size
+                    .map_or(1 << 16, |c| c.clamp(4096, 1 << 16)),
+            },
+        };
+        if let (Some(name), true) = (&o.bitmap, o.bitmap_mode != BitmapMode::Never) {
+            o.source
+                .bitmaps()
+                .set_busy(name, true)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let dirty = o
+            .source
+            .bitmaps()
+            .add_anonymous(granularity)
+            .map_err(|e| fail(e.to_string()))?;
+        let edges = (
+            Edge::new(&o.source, User::Job(o.id.clone())),
+            Edge::new(&o.target, User::Job(o.id.clone())),
+        );
+        Ok(Arc::new(Mirror {
+            graph: o.graph,
+            source: o.source,
+            target: o.target,
+            _edges: edges,
+            dirty,
+            granularity,
+            buf_size: o.buf_size.filter(|b| *b > 0).unwrap_or(16 << 20),
+            sync: o.sync,
+            bitmap: o.bitmap,
+            bitmap_mode: o.bitmap_mode,
+            target_is_zero: o.target_is_zero,
+            unmap: o.unmap,
+            complete: AtomicBool::new(false),
+            finish_in_place: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
+        }))
+    }
+
+    /// The job's bitmap granularity.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    fn with_dirty<R>(&self, f: impl FnOnce(&mut hbitmap::HBitmap) -> R) -> Option<R> {
+        self.source.bitmaps().with_bits(self.dirty, f)
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        self.source
+            .bitmaps()
+            .read_bits(self.dirty, |b| b.count())
+            .unwrap_or(0)
+    }
+
+    /// Marks what the sync mode copies at first.
+    async fn initial_set(&self) -> Result<(), String> {
+        let len = self.source.length();
+        match self.sync {
+            MirrorSync::None => {}
+            MirrorSync::Bitmap => {
+                let name = self.bitmap.as_deref().unwrap_or_default();
+                let bits = self
+                    .source
+                    .bitmaps()
+                    .snapshot(name)
+                    .map_err(|e| e.to_string())?;
+                self.with_dirty(|d| d.merge(&bits))
+                    .transpose()
+                    .map_err(|e| e.to_string())?;
+            }
+            MirrorSync::Full | MirrorSync::Top => {
+                let mut offset = 0;
+                while offset < len {
+                    let extents = self
+                        .source
+                        .block_status(offset, len - offset)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let Some(last) = extents.last().map(|e| e.offset + e.len) else {
+                        break;
+                    };
+                    for e in extents {
+                        let copy = match self.sync {
+                            MirrorSync::Top => e.allocated && e.depth <= 1,
+                            _ => !(e.zero && self.target_is_zero),
+                        };
+                        if copy {
+                            self.with_dirty(|d| d.set(e.offset, e.len))
+                                .transpose()
+                                .map_err(|e| e.to_string())?;
+                        }
+                    }
+                    offset = last;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `offset..offset + len` as the source reads now.
+    async fn copy(&self, offset: u64, len: u64) -> Result<(), String> {
+        let err = |e: block::Error| e.to_string();
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let extent = self
+                .source
+                .block_status(at, end - at)
+                .await
+                .map_err(err)?
+                .into_iter()
+                .next()
+                .ok_or("block status returned nothing")?;
+            let piece = extent.len.min(end - at).max(1);
+            if extent.zero {
+                self.write_zeroes(at, piece).await?;
+            } else {
+                let buf = self.source.read(at, piece as usize).await.map_err(err)?;
+                if buf.is_zero() {
+                    self.write_zeroes(at, piece).await?;
+                } else {
+                    self.target.write(at, buf, false).await.0.map_err(err)?;
+                }
+            }
+            at += piece;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
+        if self.target_is_zero {
+            return Ok(());
+        }
+        let flags = ZeroFlags {
+            may_unmap: self.unmap,
+            ..ZeroFlags::default()
+        };
+        self.target
+            .write_zeroes(offset, len, flags)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The next dirty area from `cursor` that overlaps no copy in flight,
+    /// with its bits cleared; `None` if there is none right now.
+    fn take_area(&self, cursor: &mut u64, inflight: &[(u64, u64)]) -> Option<(u64, u64)> {
+        let len = self.source.length();
+        let chunk = MAX_CHUNK.max(self.granularity);
+        let mut wrapped = false;
+        loop {
+            let found = self
+                .source
+                .bitmaps()
+                .read_bits(self.dirty, |d| d.next_dirty_area(*cursor, len, chunk))
+                .flatten();
+            let Some((start, n)) = found else {
+                if wrapped || *cursor == 0 {
+                    return None;
+                }
+                wrapped = true;
+                *cursor = 0;
+                continue;
+            };
+            if let Some(&(o, l)) = inflight
+                .iter()
+                .find(|&&(o, l)| start < o + l && o < start + n)
+            {
+                // Wait for that copy; look beyond it.
+                *cursor = o + l;
+                if *cursor >= len {
+                    if wrapped {
+                        return None;
+                    }
+                    wrapped = true;
+                    *cursor = 0;
+                }
+                continue;
+            }
+            // Clear before reading: a write from now on marks the area again.
+            self.with_dirty(|d| d.reset(start, n));
+            *cursor = start + n;
+            return Some((start, n));
+        }
+    }
+
+    /// Copies whatever is dirty, one area after another (the source's
+    /// writes are held).
+    async fn drain_dirty(&self, job: &Job) -> Result<(), String> {
+        let mut cursor = 0;
+        while let Some((o, l)) = self.take_area(&mut cursor, &[]) {
+            if let Err(e) = self.copy(o, l).await {
+                self.with_dirty(|d| d.set(o, l));
+                return Err(e);
+            }
+            job.progress_by(l);
+        }
+        Ok(())
+    }
+
+    async fn main_loop(self: &Arc<Self>, job: &Arc<Job>) -> Result<(), String> {
+        self.initial_set().await?;
+        job.set_progress(0, self.dirty_bytes());
+        let mut cursor = 0u64;
+        let mut inflight: Vec<(u64, u64)> = Vec::new();
+        let mut running: FuturesUnordered<CopyFuture> = FuturesUnordered::new();
+        let started = Instant::now();
+        let mut copied = 0u64;
+        loop {
+            job.pause_point().await;
+            // Fill the pipeline.
+            while inflight.iter().map(|(_, l)| l).sum::<u64>() < self.buf_size {
+                let Some((o, l)) = self.take_area(&mut cursor, &inflight) else {
+                    break;
+                };
+                inflight.push((o, l));
+                let me = self.clone();
+                running.push(Box::pin(async move { (o, l, me.copy(o, l).await) }));
+                // The speed limit, on bytes issued.
+                copied += l;
+                let speed = job.speed();
+                if speed > 0 {
+                    let due = Duration::from_secs_f64(copied as f64 / speed as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            let in_flight_bytes: u64 = inflight.iter().map(|(_, l)| l).sum();
+            let done = job.progress().0;
+            job.set_progress(done, done + in_flight_bytes + self.dirty_bytes());
+            if running.is_empty() {
+                if self.dirty_bytes() > 0 {
+                    continue;
+                }
+                if !job.is_ready() {
+                    self.target.flush().await.map_err(|e| e.to_string())?;
+                    if self.dirty_bytes() > 0 {
+                        continue;
+                    }
+                    job.set_ready();
+                }
+                if self.complete.load(Ordering::SeqCst)
+                    || self.finish_in_place.load(Ordering::SeqCst)
+                {
+                    return self.finish(job).await;
+                }
+                // Ready and idle: look for new writes now and then, or
+                // when a verb touches the job.
+                job.wait_for_wake(Duration::from_millis(10)).await;
+                continue;
+            }
+            if let Some((o, l, r)) = running.next().await {
+                inflight.retain(|&(a, b)| (a, b) != (o, l));
+                if let Err(e) = r {
+                    self.with_dirty(|d| d.set(o, l));
+                    while running.next().await.is_some() {}
+                    return Err(e);
+                }
+                job.progress_by(l);
+            }
+        }
+    }
+
+    /// The end of a ready mirror: hold the source's writes, copy what is
+    /// left, flush, and pivot unless finishing in place.
+    async fn finish(&self, job: &Job) -> Result<(), String> {
+        self.holding.store(true, Ordering::SeqCst);
+        self.source.hold_writes().await;
+        let result = async {
+            self.drain_dirty(job).await?;
+            self.target.flush().await.map_err(|e| e.to_string())?;
+            if self.complete.load(Ordering::SeqCst) {
+                self.graph
+                    .replace(&self.source, &self.target)
+                    .map_err(|e| e.to_string())?;
+                return Ok(true);
+            }
+            Ok(false)
+        }
+        .await;
+        match &result {
+            Ok(true) => self.source.release_writes(Some(&self.target)),
+            _ => self.source.release_writes(None),
+        }
+        self.holding.store(false, Ordering::SeqCst);
+        result.map(drop)
+    }
+
+    /// The user bitmap becomes what is left to copy.
+    fn hand_back_bitmap(&self) {
+        let Some(name) = &self.bitmap else {
+            return;
+        };
+        let bitmaps = self.source.bitmaps();
+        let _ = bitmaps.set_busy(name, false);
+        let left = bitmaps
+            .read_bits(self.dirty, |d| d.try_clone())
+            .and_then(Result::ok);
+        if let (Ok(_), Some(left)) = (bitmaps.clear(name), left) {
+            if let Err(e) = bitmaps.merge(name, &[left]) {
+                tracing::error!(bitmap = name, "cannot hand the bitmap back: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Mirror {
+    /// A mirror that never ran (its job could not be made) or has ended
+    /// leaves no bitmap of its own and no busy user bitmap behind.
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+impl JobDriver for Mirror {
+    fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move { self.main_loop(&job).await })
+    }
+
+    fn commit(&self) {
+        if self.bitmap_mode != BitmapMode::Never {
+            self.hand_back_bitmap();
+        }
+    }
+
+    fn abort(&self) {
+        // A cancel cannot leave the source's writes held.
+        if self.holding.swap(false, Ordering::SeqCst) {
+            self.source.release_writes(None);
+        }
+        if self.bitmap_mode == BitmapMode::Always {
+            self.hand_back_bitmap();
+        }
+    }
+
+    fn clean(&self) {
+        self.source.bitmaps().remove_anonymous(self.dirty);
+        if let (Some(name), true) = (&self.bitmap, self.bitmap_mode != BitmapMode::Never) {
+            let _ = self.source.bitmaps().set_busy(name, false);
+        }
+    }
+
+    fn complete(&self, job: &Job) -> Result<(), Error> {
+        self.complete.store(true, Ordering::SeqCst);
+        job.wake();
+        Ok(())
+    }
+
+    fn soft_cancel(&self, job: &Job, force: bool) -> bool {
+        // Completing already: the cut-over runs to its end.
+        if self.complete.load(Ordering::SeqCst) {
+            return true;
+        }
+        if job.is_ready() && !force {
+            self.finish_in_place.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+}
