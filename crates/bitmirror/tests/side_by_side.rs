@@ -762,3 +762,89 @@ fn blockdev_create_and_jobs_match() {
         p.both(request);
     }
 }
+
+/// Waits on each side until an event `name` (a `JOB_STATUS_CHANGE` to
+/// status `name`, if it is a status) arrives; compares every event
+/// received up to it.
+fn same_events_until(p: &mut Pair, name: &str) -> Vec<Value> {
+    let is_it = |e: &Value| e["event"] == name || e["data"]["status"] == name;
+    let mut all = Vec::new();
+    for side in [&mut p.qemu, &mut p.ours] {
+        let dir = side.dir.path().display().to_string();
+        while !side.qmp.events.iter().any(is_it) {
+            let m = side.qmp.read_message();
+            assert!(m.get("event").is_some(), "{}: unexpected {m}", side.name);
+            side.qmp.events.push(m);
+        }
+        let events: Vec<Value> = std::mem::take(&mut side.qmp.events)
+            .into_iter()
+            .map(|e| normalize(e, &dir))
+            .collect();
+        all.push(events);
+    }
+    if let Some(d) = difference(
+        &Value::Array(all[1].clone()),
+        &Value::Array(all[0].clone()),
+        "",
+    ) {
+        panic!(
+            "events up to {name} differ: {d}\nours: {:?}\ntheirs: {:?}",
+            all[1], all[0]
+        );
+    }
+    all.pop().unwrap_or_default()
+}
+
+#[test]
+fn mirror_jobs_match() {
+    let mut p = Pair::start(
+        |_| {},
+        |_| {
+            [
+                "null-co,node-name=s,size=4194304,read-zeroes=on",
+                "null-co,node-name=t,size=4194304,read-zeroes=on",
+                "null-co,node-name=small,size=1048576,read-zeroes=on",
+            ]
+            .iter()
+            .flat_map(|b| ["--blockdev".to_string(), b.to_string()])
+            .collect()
+        },
+    );
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    let mirror = |extra: Value| {
+        let mut a = json!({"job-id": "m0", "device": "s", "target": "t", "sync": "full"});
+        if let (Some(a), Some(e)) = (a.as_object_mut(), extra.as_object()) {
+            a.extend(e.clone());
+        }
+        ex("blockdev-mirror", a)
+    };
+    // A target of another size: the job starts, then fails.
+    p.both(mirror(json!({"target": "small"})));
+    same_events_until(&mut p, "null");
+    for request in [
+        mirror(json!({"device": "nosuch"})),
+        mirror(json!({"target": "nosuch"})),
+        mirror(json!({"sync": "bogus"})),
+        mirror(json!({"granularity": 1000})),
+        mirror(json!({"granularity": 256})),
+        mirror(json!({"job-id": "9x"})),
+        mirror(json!({"bogus": 1})),
+        ex("block-job-complete", json!({"device": "m0"})),
+    ] {
+        p.both(request);
+    }
+    p.both(mirror(json!({})));
+    same_events_until(&mut p, "BLOCK_JOB_READY");
+    p.both(ex("query-block-jobs", json!({})));
+    p.both(ex("query-jobs", json!({})));
+    p.both(mirror(json!({})));
+    p.both(ex(
+        "block-job-set-speed",
+        json!({"device": "m0", "speed": 1048576}),
+    ));
+    p.both(ex("query-block-jobs", json!({})));
+    p.both(ex("block-job-finalize", json!({"id": "m0"})));
+    p.both(ex("block-job-complete", json!({"device": "m0"})));
+    same_events_until(&mut p, "null");
+    p.both(ex("query-block-jobs", json!({})));
+}

@@ -76,6 +76,11 @@ pub trait JobDriver: Send + Sync + 'static {
         let _ = (job, force);
         false
     }
+    /// Members of `query-block-jobs`' entry that only this job type has
+    /// (a mirror's `actively-synced`).
+    fn block_job_extra(&self) -> Vec<(&'static str, Value)> {
+        Vec::new()
+    }
     /// `block-job-set-speed`.
     fn set_speed(&self, speed: u64) -> Result<(), Error> {
         let _ = speed;
@@ -336,7 +341,7 @@ impl Job {
             "device": self.options.id,
             "len": self.total.load(Ordering::Relaxed),
             "offset": self.current.load(Ordering::Relaxed),
-            "busy": matches!(status, JobStatus::Running | JobStatus::Ready),
+            "busy": status == JobStatus::Running,
             "paused": state.user_paused,
             "speed": self.speed(),
             "io-status": "ok",
@@ -347,6 +352,10 @@ impl Job {
         });
         if let Some(e) = &state.error {
             v["error"] = json!(e);
+        }
+        drop(state);
+        for (k, extra) in self.driver.block_job_extra() {
+            v[k] = extra;
         }
         v
     }
@@ -550,7 +559,9 @@ impl Job {
             Ok(()) if !cancelled => {
                 self.transition(JobStatus::Waiting);
                 self.transition(JobStatus::Pending);
-                if self.options.block_job {
+                // QEMU announces a pending block job only when it waits
+                // for `job-finalize`.
+                if self.options.block_job && !self.options.auto_finalize {
                     self.emit(
                         "BLOCK_JOB_PENDING",
                         json!({"type": self.options.job_type, "id": self.options.id}),

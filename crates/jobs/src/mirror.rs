@@ -64,7 +64,7 @@ pub struct MirrorOptions {
     pub graph: Arc<Graph>,
     /// What is copied.
     pub source: Arc<Node>,
-    /// Where it goes; the same length as the source.
+    /// Where it goes; the job fails unless it has the source's length.
     pub target: Arc<Node>,
     /// The sync mode.
     pub sync: MirrorSync,
@@ -125,9 +125,6 @@ impl Mirror {
         let fail = |m: String| Error::Driver(m);
         if Arc::ptr_eq(&o.source, &o.target) {
             return Err(fail("Can't mirror node into itself".into()));
-        }
-        if o.source.length() != o.target.length() {
-            return Err(fail("Source and target image have different sizes".into()));
         }
         if o.target.is_read_only() {
             return Err(fail(format!(
@@ -381,6 +378,10 @@ impl Mirror {
     }
 
     async fn main_loop(self: &Arc<Self>, job: &Arc<Job>) -> Result<(), String> {
+        // QEMU checks this in the job, which then fails.
+        if self.source.length() != self.target.length() {
+            return Err("Source and target image have different sizes".into());
+        }
         self.initial_set().await?;
         job.set_progress(0, self.dirty_bytes());
         let mut cursor = 0u64;
@@ -527,6 +528,12 @@ impl JobDriver for Mirror {
         self.complete.store(true, Ordering::SeqCst);
         job.wake();
         Ok(())
+    }
+
+    fn block_job_extra(&self) -> Vec<(&'static str, serde_json::Value)> {
+        // Write-blocking mode (which keeps the target in sync) is not
+        // implemented yet: never actively synced.
+        vec![("actively-synced", serde_json::Value::Bool(false))]
     }
 
     fn soft_cancel(&self, job: &Job, force: bool) -> bool {

@@ -89,6 +89,15 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     };
     let source = lookup(&device)?;
     let target = lookup(&target)?;
+    // QEMU mirrors root nodes only; a running job puts a filter above its
+    // source, so that one is no root either.
+    let in_use = source
+        .users()
+        .iter()
+        .any(|e| matches!(e.user(), block::User::Parent { .. } | block::User::Job(_)));
+    if in_use {
+        return Err(QmpError::generic("Need a root block node"));
+    }
     let id = job_id.unwrap_or_else(|| device.clone());
     let mirror = Mirror::new(MirrorOptions {
         id: id.clone(),
