@@ -230,3 +230,72 @@ fn bitmap_mirror_copies_only_what_changed_since_the_backup() {
     );
     assert!(cmp.contains("Images are identical"), "{cmp}");
 }
+
+/// Writes in flight while the job starts reach the target (QEMU 10.0 can
+/// lose them, gitlab #3273): a writer hammers the source through NBD from
+/// before the mirror starts until after it is READY; the target then
+/// equals the source.
+#[test]
+fn writes_racing_the_start_reach_the_target() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 32 << 20, "");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 16M", path_str(&src)],
+    );
+    std::fs::copy(&src, &dst).expect("the backup");
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b0", "granularity": 4096}),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (stop.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let writes: Vec<String> = (0..32)
+                    .map(|i| {
+                        let at = ((round * 97 + i * 131) % 8000) * 4096;
+                        format!("aio_write -P {} {at} 4k", (round + i) % 250 + 2)
+                    })
+                    .chain(["aio_flush".to_string()])
+                    .collect();
+                guest(&dir, &writes);
+                round += 1;
+            }
+            round
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "bitmap", "bitmap": "b0"}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rounds = writer.join().expect("the writer");
+    assert!(rounds >= 2, "the writer ran {rounds} rounds");
+    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&dst),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}
