@@ -299,3 +299,115 @@ fn writes_racing_the_start_reach_the_target() {
     );
     assert!(cmp.contains("Images are identical"), "{cmp}");
 }
+
+/// bitmap-mode: `on-success` leaves the user bitmap with what is left to
+/// copy (nothing) after a success; `always` does so after a failure too —
+/// here the target's NBD server dies mid-job — so a retry resumes.
+#[test]
+fn bitmap_modes_hand_back_what_is_left() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
+    qemu_img_create_qcow2(path_str(&dst), 64 << 20, "");
+    let nbd_sock = dir.path().join("target.sock");
+    let mut qemu_nbd = std::process::Command::new(testkit::require_tool("qemu-nbd", "qemu-utils"))
+        .args([
+            "-f",
+            "qcow2",
+            "-t",
+            "-k",
+            path_str(&nbd_sock),
+            path_str(&dst),
+        ])
+        .spawn()
+        .expect("qemu-nbd starts");
+    while !nbd_sock.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let args = vec![
+        "--blockdev".to_string(),
+        format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        "--blockdev".into(),
+        format!(
+            "driver=nbd,node-name=dst,server.type=unix,server.path={}",
+            nbd_sock.display()
+        ),
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.path().join("nbd.sock").display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
+    ];
+    let mut daemon = serve(dir.path(), &args);
+    let mut qmp = daemon.qmp();
+    let count = |qmp: &mut Qmp| {
+        qmp.execute_ok("query-named-block-nodes", json!({"flat": true}))
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["node-name"] == "src").cloned())
+            .expect("src")["dirty-bitmaps"][0]
+            .clone()
+    };
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b"}),
+    );
+    guest(dir.path(), &["write -P 3 0 16M".into()]);
+    assert_eq!(count(&mut qmp)["count"], 16 << 20);
+
+    // always + a target that dies: the bitmap keeps what was not copied.
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "bitmap",
+               "bitmap": "b", "bitmap-mode": "always", "speed": 4 << 20}),
+    );
+    let jobs = qmp.execute_ok("query-jobs", json!({}));
+    assert_eq!(
+        count(&mut qmp)["busy"],
+        true,
+        "busy while the job runs: {jobs} {:?}",
+        qmp.events
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    qemu_nbd.kill().expect("kill qemu-nbd");
+    let _ = qemu_nbd.wait();
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(
+        done["data"].get("error").is_some(),
+        "the job failed: {done}"
+    );
+    let left = count(&mut qmp);
+    assert_eq!(left["busy"], false, "{left}");
+    let left = left["count"].as_u64().expect("a count");
+    assert!(
+        left > 0 && left < 16 << 20,
+        "{left} bytes left of {}",
+        16 << 20
+    );
+
+    // on-success into a live target (a local file this time): nothing left.
+    let local = dir.path().join("local.qcow2");
+    qemu_img_create_qcow2(path_str(&local), 64 << 20, "");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "local",
+               "file": {"driver": "file", "filename": path_str(&local)}}),
+    );
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m2", "device": "src", "target": "local", "sync": "bitmap",
+               "bitmap": "b", "bitmap-mode": "on-success"}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-cancel", json!({"device": "m2"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["len"], left, "only what was left crossed over");
+    assert_eq!(count(&mut qmp)["count"], 0);
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}

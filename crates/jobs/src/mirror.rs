@@ -238,11 +238,14 @@ impl Mirror {
         match self.sync {
             MirrorSync::None => {}
             MirrorSync::Bitmap => {
+                // The job holds the bitmap (busy) in modes that change it:
+                // read it by id, past the busy check.
                 let name = self.bitmap.as_deref().unwrap_or_default();
-                let bits = self
-                    .source
-                    .bitmaps()
-                    .snapshot(name)
+                let bitmaps = self.source.bitmaps();
+                let id = bitmaps.id(name).map_err(|e| e.to_string())?;
+                let bits = bitmaps
+                    .read_bits(id, |b| b.try_clone())
+                    .ok_or_else(|| format!("Dirty bitmap '{name}' not found"))?
                     .map_err(|e| e.to_string())?;
                 self.with_dirty(|d| d.merge(&bits))
                     .transpose()
