@@ -411,3 +411,139 @@ fn bitmap_modes_hand_back_what_is_left() {
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+/// `sync=top` copies what the top layer allocates (the target overlay
+/// shares the backing file), `sync=none` only writes made during the job;
+/// pause, resume, set-speed and a cancel before READY along the way.
+#[test]
+fn top_and_none_with_pause_resume_speed_and_cancel() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let base = dir.path().join("base.qcow2");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&base), 32 << 20, "");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 32M", path_str(&base)],
+    );
+    for overlay in [&src, &dst] {
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                path_str(&base),
+                "-F",
+                "qcow2",
+                path_str(overlay),
+            ],
+        );
+    }
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 2 4M 2M", path_str(&src)],
+    );
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+
+    // A slow job first (into a scratch image): pause, resume, speed, then
+    // cancel before READY.
+    let scratch = dir.path().join("scratch.qcow2");
+    qemu_img_create_qcow2(path_str(&scratch), 32 << 20, "");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "scratch",
+               "file": {"driver": "file", "filename": path_str(&scratch)}}),
+    );
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "slow", "device": "src", "target": "scratch", "sync": "full",
+               "speed": 1 << 20}),
+    );
+    qmp.execute_ok("block-job-pause", json!({"device": "slow"}));
+    let info = |qmp: &mut Qmp| qmp.execute_ok("query-block-jobs", json!({}))[0].clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while info(&mut qmp)["status"] != "paused" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never paused: {}",
+            info(&mut qmp)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(info(&mut qmp)["paused"], true);
+    let err = qmp
+        .execute("block-job-complete", json!({"device": "slow"}))
+        .unwrap_err();
+    assert_eq!(
+        err.desc,
+        "Job 'slow' in state 'paused' cannot accept command verb 'complete'"
+    );
+    qmp.execute_ok("block-job-resume", json!({"device": "slow"}));
+    qmp.execute_ok(
+        "block-job-set-speed",
+        json!({"device": "slow", "speed": 2 << 20}),
+    );
+    assert_eq!(info(&mut qmp)["speed"], 2 << 20);
+    qmp.execute_ok("block-job-cancel", json!({"device": "slow"}));
+    let cancelled = wait_event(&mut qmp, "BLOCK_JOB_CANCELLED");
+    assert_eq!(cancelled["data"]["device"], "slow");
+    assert_eq!(qmp.execute_ok("query-block-jobs", json!({})), json!([]));
+
+    // sync=top: only the overlay's 2 MiB.
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "top", "device": "src", "target": "dst", "sync": "top"}),
+    );
+    let ready = wait_event(&mut qmp, "BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["len"], 2 << 20, "{ready}");
+    qmp.execute_ok("block-job-cancel", json!({"device": "top"}));
+    wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+
+    // sync=none: nothing at first, then just the new write.
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "none", "device": "src", "target": "dst", "sync": "none"}),
+    );
+    let ready = wait_event(&mut qmp, "BLOCK_JOB_READY");
+    assert_eq!(ready["data"]["len"], 0, "{ready}");
+    guest(dir.path(), &["write -P 9 20M 64k".into()]);
+    qmp.execute_ok("block-job-complete", json!({"device": "none"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    // The one cluster written, copied once — or twice, when the copy
+    // caught the write between its two marks (see the block layer's write
+    // tracking).
+    let len = done["data"]["len"].as_u64().unwrap_or(0);
+    assert!(len == 64 << 10 || len == 128 << 10, "{done}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&dst),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    // The target's own allocation is only what the top layer had.
+    let map = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", path_str(&dst)],
+    );
+    let map: Value = serde_json::from_str(&map).expect("qemu-img map prints JSON");
+    let own: u64 = map
+        .as_array()
+        .expect("extents")
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(own, (2 << 20) + (64 << 10), "{map}");
+}

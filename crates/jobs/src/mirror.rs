@@ -112,6 +112,47 @@ impl std::fmt::Debug for Mirror {
     }
 }
 
+/// The speed limit: bytes issued since the limit last changed.
+#[derive(Debug)]
+struct Pace {
+    speed: u64,
+    since: Instant,
+    bytes: u64,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace {
+            speed: 0,
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+}
+
+impl Pace {
+    /// How long to wait before issuing more at `speed` bytes per second
+    /// (0: no limit); `None` when more may go now.
+    fn wait(&mut self, speed: u64) -> Option<Duration> {
+        if speed != self.speed {
+            *self = Pace {
+                speed,
+                ..Pace::default()
+            };
+        }
+        if speed == 0 {
+            return None;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / speed as f64);
+        due.checked_sub(self.since.elapsed())
+            .filter(|w| !w.is_zero())
+    }
+
+    fn issued(&mut self, bytes: u64) {
+        self.bytes += bytes;
+    }
+}
+
 /// One area's copy: its offset, length and outcome.
 type CopyFuture = BoxFuture<'static, (u64, u64, Result<(), String>)>;
 
@@ -390,33 +431,30 @@ impl Mirror {
         let mut cursor = 0u64;
         let mut inflight: Vec<(u64, u64)> = Vec::new();
         let mut running: FuturesUnordered<CopyFuture> = FuturesUnordered::new();
-        let started = Instant::now();
-        let mut copied = 0u64;
+        let mut pace = Pace::default();
         loop {
             job.pause_point().await;
-            // Fill the pipeline.
-            while inflight.iter().map(|(_, l)| l).sum::<u64>() < self.buf_size {
+            // Fill the pipeline, as far as the speed limit allows.
+            while inflight.iter().map(|(_, l)| l).sum::<u64>() < self.buf_size
+                && pace.wait(job.speed()).is_none()
+            {
                 let Some((o, l)) = self.take_area(&mut cursor, &inflight) else {
                     break;
                 };
                 inflight.push((o, l));
+                pace.issued(l);
                 let me = self.clone();
                 running.push(Box::pin(async move { (o, l, me.copy(o, l).await) }));
-                // The speed limit, on bytes issued.
-                copied += l;
-                let speed = job.speed();
-                if speed > 0 {
-                    let due = Duration::from_secs_f64(copied as f64 / speed as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
             }
             let in_flight_bytes: u64 = inflight.iter().map(|(_, l)| l).sum();
             let done = job.progress().0;
             job.set_progress(done, done + in_flight_bytes + self.dirty_bytes());
             if running.is_empty() {
                 if self.dirty_bytes() > 0 {
+                    // Over the speed limit: wait (a verb cuts it short).
+                    if let Some(wait) = pace.wait(job.speed()) {
+                        job.wait_for_wake(wait).await;
+                    }
                     continue;
                 }
                 if !job.is_ready() {
