@@ -547,3 +547,111 @@ fn top_and_none_with_pause_resume_speed_and_cancel() {
         .sum();
     assert_eq!(own, (2 << 20) + (64 << 10), "{map}");
 }
+
+/// Starts a guest that writes 64 KiB blocks all over the first 48 MiB
+/// through the source's export until `stop`; returns its thread.
+fn busy_guest(
+    dir: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let mut round = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let writes: Vec<String> = (0..32)
+                .map(|i| {
+                    let at = ((round * 37 + i * 101) % 768) * 65536;
+                    format!("aio_write -P {} {at} 64k", (round + i) % 250 + 2)
+                })
+                .chain(["aio_flush".to_string()])
+                .collect();
+            guest(&dir, &writes);
+            round += 1;
+        }
+        round
+    })
+}
+
+/// What the job has left to copy now.
+fn backlog(qmp: &mut Qmp) -> u64 {
+    let job = qmp.execute_ok("query-block-jobs", json!({}))[0].clone();
+    job["len"].as_u64().unwrap_or(0) - job["offset"].as_u64().unwrap_or(0)
+}
+
+/// A guest that writes faster than the background copy (held to 1 MiB/s):
+/// in background mode the backlog grows; switched to write-blocking with
+/// block-job-change, guest writes copy themselves and nothing new piles
+/// up; the mirror completes with the target equal to the source.
+#[test]
+fn write_blocking_converges_where_background_does_not() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
+    std::fs::copy(&src, &dst).expect("the backup");
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "none",
+               "speed": 1 << 20}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = busy_guest(dir.path(), stop.clone());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let behind = backlog(&mut qmp);
+    assert!(
+        behind >= 4 << 20,
+        "background mode fell behind by only {behind} bytes"
+    );
+    assert_eq!(
+        qmp.execute_ok("query-block-jobs", json!({}))[0]["actively-synced"],
+        false
+    );
+
+    qmp.execute_ok(
+        "block-job-change",
+        json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
+    );
+    // What piled up drains at 1 MiB/s; what the guest writes from now on
+    // does not pile up: over a second of writing the backlog grows by no
+    // more than the guest's writes in flight (32 × 64 KiB).
+    let before = backlog(&mut qmp);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let after = backlog(&mut qmp);
+    assert!(
+        after <= before + (2 << 20),
+        "the backlog grew from {before} to {after} in write-blocking mode"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rounds = writer.join().expect("the writer");
+    assert!(rounds > 2, "{rounds} rounds");
+    qmp.execute_ok("block-job-set-speed", json!({"device": "m", "speed": 0}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while backlog(&mut qmp) > 0 {
+        assert!(std::time::Instant::now() < deadline, "never caught up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        qmp.execute_ok("query-block-jobs", json!({}))[0]["actively-synced"],
+        true
+    );
+    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&dst),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}

@@ -843,6 +843,15 @@ fn mirror_jobs_match() {
         json!({"device": "m0", "speed": 1048576}),
     ));
     p.both(ex("query-block-jobs", json!({})));
+    for change in [
+        json!({"id": "nosuch", "type": "mirror", "copy-mode": "write-blocking"}),
+        json!({"id": "m0", "type": "mirror", "copy-mode": "background"}),
+        json!({"id": "m0", "type": "mirror", "copy-mode": "write-blocking"}),
+        json!({"id": "m0", "type": "mirror", "copy-mode": "write-blocking"}),
+        json!({"id": "m0", "type": "backup"}),
+    ] {
+        p.both(ex("block-job-change", change));
+    }
     p.both(ex("block-job-finalize", json!({"id": "m0"})));
     p.both(ex("block-job-complete", json!({"device": "m0"})));
     same_events_until(&mut p, "null");

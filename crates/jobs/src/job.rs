@@ -76,6 +76,12 @@ pub trait JobDriver: Send + Sync + 'static {
         let _ = (job, force);
         false
     }
+    /// `block-job-change` with the job type's options (e.g. a mirror's
+    /// `copy-mode`).
+    fn change(&self, args: &Value) -> Result<(), Error> {
+        let _ = args;
+        Err(Error::Driver("Job type does not support change".into()))
+    }
     /// Members of `query-block-jobs`' entry that only this job type has
     /// (a mirror's `actively-synced`).
     fn block_job_extra(&self) -> Vec<(&'static str, Value)> {
@@ -498,6 +504,12 @@ impl Job {
         self.driver.set_speed(speed)?;
         self.speed.store(speed, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// `block-job-change`.
+    pub fn change(&self, args: &Value) -> Result<(), Error> {
+        self.check_verb(Verb::Change)?;
+        self.driver.change(args)
     }
 
     /// `job-complete`.

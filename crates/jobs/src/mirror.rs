@@ -17,13 +17,19 @@
 //! holds the source's writes (its gate), copies what is left, flushes, and
 //! points every user of the source at the target; writes held meanwhile go
 //! to the target.
+//!
+//! In `write-blocking` copy mode (at start, or switched to with
+//! `block-job-change`) a guest write completes only once its clusters have
+//! been copied too (from the source, serialized with every other copy of
+//! those clusters), so the guest cannot outrun the job.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use block::{BitmapId, Check, Edge, Graph, Node, User, ZeroFlags};
+use block::{BitmapId, Check, Edge, Graph, Node, User, WriteHook, WriteRequest, ZeroFlags};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::Notify;
 
 use crate::job::{BoxFuture, Error, Job, JobDriver};
 
@@ -82,6 +88,8 @@ pub struct MirrorOptions {
     pub target_is_zero: bool,
     /// Zeroes may be written by deallocating (`unmap`, default on).
     pub unmap: bool,
+    /// Start in `write-blocking` copy mode.
+    pub write_blocking: bool,
 }
 
 /// A running mirror (the job's [`JobDriver`]).
@@ -101,6 +109,17 @@ pub struct Mirror {
     complete: AtomicBool,
     finish_in_place: AtomicBool,
     holding: AtomicBool,
+    /// Areas being copied now (by the background loop or a guest write in
+    /// write-blocking mode): no two overlap, so a newer copy never lands
+    /// before an older one.
+    active: Mutex<Vec<(u64, u64)>>,
+    /// Wakes copies waiting for an overlapping one to end.
+    active_done: Notify,
+    /// The write-blocking hook, while the job is in that mode.
+    hook: Mutex<Option<Arc<dyn WriteHook>>>,
+    ready: AtomicBool,
+    /// Itself, for the hook it installs.
+    me: Weak<Mirror>,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -109,6 +128,38 @@ impl std::fmt::Debug for Mirror {
             .field("source", &self.source.name())
             .field("target", &self.target.name())
             .finish_non_exhaustive()
+    }
+}
+
+/// Whether two `(offset, len)` areas share a byte.
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+/// The write-blocking hook: after a guest write to the source, its
+/// clusters are copied before the guest hears back.
+struct Active(Weak<Mirror>);
+
+impl WriteHook for Active {
+    fn before<'a>(
+        &'a self,
+        _node: &'a Node,
+        _req: WriteRequest<'a>,
+    ) -> BoxFuture<'a, block::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn after<'a>(
+        &'a self,
+        _node: &'a Node,
+        req: WriteRequest<'a>,
+    ) -> BoxFuture<'a, block::Result<()>> {
+        Box::pin(async move {
+            if let Some(mirror) = self.0.upgrade() {
+                mirror.copy_now(req.offset, req.len).await;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -238,7 +289,8 @@ impl Mirror {
             Edge::new(&o.source, User::Job(o.id.clone())),
             Edge::new(&o.target, User::Job(o.id.clone())),
         );
-        Ok(Arc::new(Mirror {
+        let mirror = Arc::new_cyclic(|me| Mirror {
+            me: me.clone(),
             graph: o.graph,
             source: o.source,
             target: o.target,
@@ -254,7 +306,84 @@ impl Mirror {
             complete: AtomicBool::new(false),
             finish_in_place: AtomicBool::new(false),
             holding: AtomicBool::new(false),
-        }))
+            active: Mutex::new(Vec::new()),
+            active_done: Notify::new(),
+            hook: Mutex::new(None),
+            ready: AtomicBool::new(false),
+        });
+        if o.write_blocking {
+            mirror.set_write_blocking(true);
+        }
+        Ok(mirror)
+    }
+
+    /// Switches between `background` and `write-blocking` copy modes
+    /// (`block-job-change`). In write-blocking mode a guest write to the
+    /// source completes only once its clusters are on the target too, so
+    /// guest writes no longer add to what is left to copy: the job
+    /// converges however fast the guest writes.
+    pub fn set_write_blocking(&self, on: bool) {
+        let mut hook = self.hook.lock().unwrap_or_else(|e| e.into_inner());
+        match (on, hook.take()) {
+            (true, None) => {
+                let h: Arc<dyn WriteHook> = Arc::new(Active(self.me.clone()));
+                self.source.add_write_hook(h.clone());
+                *hook = Some(h);
+            }
+            (true, Some(h)) => *hook = Some(h),
+            (false, Some(h)) => self.source.remove_write_hook(&h),
+            (false, None) => {}
+        }
+    }
+
+    fn is_write_blocking(&self) -> bool {
+        self.hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Copies the clusters of a guest write now (write-blocking mode): waits
+    /// for overlapping copies, clears the bits, copies the source's current
+    /// contents. On failure the clusters stay dirty for the background loop.
+    async fn copy_now(&self, offset: u64, len: u64) {
+        let g = self.granularity;
+        let start = offset - offset % g;
+        let end = (offset + len)
+            .div_ceil(g)
+            .saturating_mul(g)
+            .min(self.source.length());
+        if start >= end {
+            return;
+        }
+        let area = (start, end - start);
+        loop {
+            let done = self.active_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+                if !active.iter().any(|&a| overlaps(a, area)) {
+                    active.push(area);
+                    self.with_dirty(|d| d.reset(area.0, area.1));
+                    break;
+                }
+            }
+            done.await;
+        }
+        if let Err(e) = self.copy(area.0, area.1).await {
+            tracing::warn!("write-blocking copy failed, left to the background: {e}");
+            self.with_dirty(|d| d.set(area.0, area.1));
+        }
+        self.release_area(area);
+    }
+
+    fn release_area(&self, area: (u64, u64)) {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&a| a != area);
+        self.active_done.notify_waiters();
     }
 
     /// The job's bitmap granularity.
@@ -366,10 +495,12 @@ impl Mirror {
     }
 
     /// The next dirty area from `cursor` that overlaps no copy in flight,
-    /// with its bits cleared; `None` if there is none right now.
-    fn take_area(&self, cursor: &mut u64, inflight: &[(u64, u64)]) -> Option<(u64, u64)> {
+    /// with its bits cleared and registered as active; `None` if there is
+    /// none right now. Release it with [`release_area`](Self::release_area).
+    fn take_area(&self, cursor: &mut u64) -> Option<(u64, u64)> {
         let len = self.source.length();
         let chunk = MAX_CHUNK.max(self.granularity);
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         let mut wrapped = false;
         loop {
             let found = self
@@ -377,7 +508,7 @@ impl Mirror {
                 .bitmaps()
                 .read_bits(self.dirty, |d| d.next_dirty_area(*cursor, len, chunk))
                 .flatten();
-            let Some((start, n)) = found else {
+            let Some(area) = found else {
                 if wrapped || *cursor == 0 {
                     return None;
                 }
@@ -385,10 +516,7 @@ impl Mirror {
                 *cursor = 0;
                 continue;
             };
-            if let Some(&(o, l)) = inflight
-                .iter()
-                .find(|&&(o, l)| start < o + l && o < start + n)
-            {
+            if let Some(&(o, l)) = active.iter().find(|&&a| overlaps(a, area)) {
                 // Wait for that copy; look beyond it.
                 *cursor = o + l;
                 if *cursor >= len {
@@ -401,9 +529,10 @@ impl Mirror {
                 continue;
             }
             // Clear before reading: a write from now on marks the area again.
-            self.with_dirty(|d| d.reset(start, n));
-            *cursor = start + n;
-            return Some((start, n));
+            self.with_dirty(|d| d.reset(area.0, area.1));
+            active.push(area);
+            *cursor = area.0 + area.1;
+            return Some(area);
         }
     }
 
@@ -411,11 +540,13 @@ impl Mirror {
     /// writes are held).
     async fn drain_dirty(&self, job: &Job) -> Result<(), String> {
         let mut cursor = 0;
-        while let Some((o, l)) = self.take_area(&mut cursor, &[]) {
-            if let Err(e) = self.copy(o, l).await {
+        while let Some((o, l)) = self.take_area(&mut cursor) {
+            let r = self.copy(o, l).await;
+            if r.is_err() {
                 self.with_dirty(|d| d.set(o, l));
-                return Err(e);
             }
+            self.release_area((o, l));
+            r?;
             job.progress_by(l);
         }
         Ok(())
@@ -438,7 +569,7 @@ impl Mirror {
             while inflight.iter().map(|(_, l)| l).sum::<u64>() < self.buf_size
                 && pace.wait(job.speed()).is_none()
             {
-                let Some((o, l)) = self.take_area(&mut cursor, &inflight) else {
+                let Some((o, l)) = self.take_area(&mut cursor) else {
                     break;
                 };
                 inflight.push((o, l));
@@ -463,6 +594,7 @@ impl Mirror {
                         continue;
                     }
                     job.set_ready();
+                    self.ready.store(true, Ordering::SeqCst);
                 }
                 if self.complete.load(Ordering::SeqCst)
                     || self.finish_in_place.load(Ordering::SeqCst)
@@ -476,9 +608,14 @@ impl Mirror {
             }
             if let Some((o, l, r)) = running.next().await {
                 inflight.retain(|&(a, b)| (a, b) != (o, l));
-                if let Err(e) = r {
+                if r.is_err() {
                     self.with_dirty(|d| d.set(o, l));
-                    while running.next().await.is_some() {}
+                }
+                self.release_area((o, l));
+                if let Err(e) = r {
+                    while let Some((o, l, _)) = running.next().await {
+                        self.release_area((o, l));
+                    }
                     return Err(e);
                 }
                 job.progress_by(l);
@@ -559,6 +696,9 @@ impl JobDriver for Mirror {
     }
 
     fn clean(&self) {
+        if let Some(h) = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.source.remove_write_hook(&h);
+        }
         self.source.bitmaps().remove_anonymous(self.dirty);
         if let (Some(name), true) = (&self.bitmap, self.bitmap_mode != BitmapMode::Never) {
             let _ = self.source.bitmaps().set_busy(name, false);
@@ -571,10 +711,29 @@ impl JobDriver for Mirror {
         Ok(())
     }
 
+    fn change(&self, args: &serde_json::Value) -> Result<(), Error> {
+        // QEMU's rules: the same mode is a no-op, background may become
+        // write-blocking, not back (an absent copy-mode means background).
+        let blocking = matches!(
+            args.get("copy-mode").and_then(|m| m.as_str()),
+            Some("write-blocking")
+        );
+        if blocking == self.is_write_blocking() {
+            return Ok(());
+        }
+        if !blocking {
+            return Err(Error::Driver(
+                "Change to copy mode 'background' is not implemented".into(),
+            ));
+        }
+        self.set_write_blocking(true);
+        Ok(())
+    }
+
     fn block_job_extra(&self) -> Vec<(&'static str, serde_json::Value)> {
-        // Write-blocking mode (which keeps the target in sync) is not
-        // implemented yet: never actively synced.
-        vec![("actively-synced", serde_json::Value::Bool(false))]
+        // In sync: write-blocking, and everything copied once (READY).
+        let synced = self.is_write_blocking() && self.ready.load(Ordering::SeqCst);
+        vec![("actively-synced", serde_json::Value::Bool(synced))]
     }
 
     fn soft_cancel(&self, job: &Job, force: bool) -> bool {

@@ -18,6 +18,7 @@ use super::info;
 /// Every command we answer besides `qmp_capabilities` (which the monitor
 /// answers), in the order `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
+    "block-job-change",
     "blockdev-mirror",
     "job-finalize",
     "job-dismiss",
@@ -347,6 +348,10 @@ async fn run(
         }
         "blockdev-mirror" => {
             super::mirror::blockdev_mirror(daemon, args)?;
+            Ok(json!({}))
+        }
+        "block-job-change" => {
+            super::mirror::block_job_change(daemon, args)?;
             Ok(json!({}))
         }
         "job-pause" | "job-resume" | "job-complete" | "job-finalize" | "job-dismiss"

@@ -66,9 +66,6 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     if !on_source_error || !on_target_error {
         return not_yet("An error policy other than 'report'");
     }
-    if write_blocking {
-        return not_yet("copy-mode 'write-blocking'");
-    }
     if replaces.is_some() {
         return not_yet("'replaces'");
     }
@@ -111,6 +108,7 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
         buf_size: buf_size.and_then(|b| u64::try_from(b).ok()),
         target_is_zero,
         unmap: true,
+        write_blocking,
     })
     .map_err(job_err)?;
     let job = daemon
@@ -131,4 +129,40 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     }
     daemon.jobs.start(&job);
     Ok(())
+}
+
+/// `block-job-change`: `{"id", "type": "mirror", "copy-mode"}`.
+pub fn block_job_change(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), QmpError> {
+    let id = args.req_str("id")?;
+    let job_type = args.req_enum(
+        "type",
+        &[
+            ("mirror", "mirror"),
+            ("commit", "commit"),
+            ("stream", "stream"),
+            ("backup", "backup"),
+            ("create", "create"),
+        ],
+    )?;
+    let copy_mode = if job_type == "mirror" {
+        args.opt_enum(
+            "copy-mode",
+            &[
+                ("background", "background"),
+                ("write-blocking", "write-blocking"),
+            ],
+        )?
+    } else {
+        None
+    };
+    done(args)?;
+    // As QEMU, the job's own type decides; `type` only selects which
+    // options may be given.
+    let job = daemon.jobs.find_block_job(&id).map_err(job_err)?;
+    let mut change = serde_json::Map::new();
+    if let Some(mode) = copy_mode {
+        change.insert("copy-mode".into(), mode.into());
+    }
+    job.change(&serde_json::Value::Object(change))
+        .map_err(job_err)
 }
