@@ -655,3 +655,89 @@ fn write_blocking_converges_where_background_does_not() {
     );
     assert!(cmp.contains("Images are identical"), "{cmp}");
 }
+
+/// Error policies against a target that fails writes with ENOSPC while a
+/// trigger file exists (nbdkit's error filter): `enospc` stops the job
+/// (`BLOCK_JOB_ERROR`, io-status nospace) and resuming after the space
+/// "comes back" finishes it; `ignore` retries on its own; `report` fails.
+#[test]
+fn error_policies_stop_ignore_report() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let src = dir.path().join("src.qcow2");
+    qemu_img_create_qcow2(path_str(&src), 16 << 20, "");
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 4 0 4M", "-c", "write -P 5 8M 1M", path_str(&src)]);
+    let trigger = dir.path().join("full");
+    let sock = dir.path().join("target.sock");
+    let mut nbdkit = std::process::Command::new(testkit::require_tool("nbdkit", "nbdkit"))
+        .args(["--foreground", "-U", path_str(&sock), "--filter=error", "memory", "size=16M"])
+        .args(["error-pwrite=ENOSPC", "error-pwrite-rate=100%"])
+        .arg(format!("error-pwrite-file={}", trigger.display()))
+        .args(["error-zero=ENOSPC", "error-zero-rate=100%"])
+        .arg(format!("error-zero-file={}", trigger.display()))
+        .spawn()
+        .expect("nbdkit starts");
+    while !sock.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let args = vec![
+        "--blockdev".to_string(),
+        format!("driver=qcow2,node-name=src,file.driver=file,file.filename={}", src.display()),
+        "--blockdev".into(),
+        format!("driver=nbd,node-name=dst,server.type=unix,server.path={}", sock.display()),
+    ];
+    let mut daemon = serve(dir.path(), &args);
+    let mut qmp = daemon.qmp();
+    let job = |qmp: &mut Qmp| qmp.execute_ok("query-block-jobs", json!({}))[0].clone();
+
+    // report: the job fails.
+    std::fs::write(&trigger, b"").expect("the trigger");
+    qmp.execute_ok("blockdev-mirror", json!({"job-id": "r", "device": "src", "target": "dst", "sync": "full"}));
+    let err = wait_event(&mut qmp, "BLOCK_JOB_ERROR");
+    assert_eq!(err["data"], json!({"device": "r", "operation": "write", "action": "report"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{done}");
+
+    // enospc: stops; resume after the space comes back.
+    qmp.events.clear();
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "s", "device": "src", "target": "dst", "sync": "full", "on-target-error": "enospc"}),
+    );
+    let err = wait_event(&mut qmp, "BLOCK_JOB_ERROR");
+    assert_eq!(err["data"], json!({"device": "s", "operation": "write", "action": "stop"}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while job(&mut qmp)["status"] != "paused" {
+        assert!(std::time::Instant::now() < deadline, "never paused: {}", job(&mut qmp));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(job(&mut qmp)["io-status"], "nospace");
+    std::fs::remove_file(&trigger).expect("space again");
+    qmp.execute_ok("block-job-resume", json!({"device": "s"}));
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    assert_eq!(job(&mut qmp)["io-status"], "ok");
+    qmp.execute_ok("block-job-cancel", json!({"device": "s"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+
+    // ignore: retried until the target takes it.
+    qmp.events.clear();
+    std::fs::write(&trigger, b"").expect("the trigger");
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "i", "device": "src", "target": "dst", "sync": "full", "on-target-error": "ignore"}),
+    );
+    let err = wait_event(&mut qmp, "BLOCK_JOB_ERROR");
+    assert_eq!(err["data"]["action"], "ignore");
+    assert_ne!(job(&mut qmp)["status"], "paused");
+    std::fs::remove_file(&trigger).expect("space again");
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-cancel", json!({"device": "i"}));
+    wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let target = format!("nbd+unix:///?socket={}", sock.display());
+    let cmp = run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", path_str(&src), &target]);
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+}

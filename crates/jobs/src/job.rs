@@ -117,6 +117,9 @@ struct State {
     cancelled: bool,
     user_paused: bool,
     finalize_now: bool,
+    /// `io-status`: `ok`, `failed` or `nospace` after an error stopped the
+    /// job.
+    io_status: &'static str,
 }
 
 /// A job: its identity, state and progress.
@@ -201,6 +204,7 @@ impl Jobs {
                 cancelled: false,
                 user_paused: false,
                 finalize_now: false,
+                io_status: "ok",
             }),
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -350,7 +354,7 @@ impl Job {
             "busy": status == JobStatus::Running,
             "paused": state.user_paused,
             "speed": self.speed(),
-            "io-status": "ok",
+            "io-status": state.io_status,
             "ready": matches!(status, JobStatus::Ready | JobStatus::Standby),
             "status": status.as_str(),
             "auto-finalize": self.options.auto_finalize,
@@ -364,6 +368,23 @@ impl Job {
             v[k] = extra;
         }
         v
+    }
+
+    /// Sends `BLOCK_JOB_ERROR` for a failed `operation` (`read`, `write`)
+    /// and the `action` taken (`report`, `ignore`, `stop`).
+    pub fn block_job_error(&self, operation: &str, action: &str) {
+        self.emit(
+            "BLOCK_JOB_ERROR",
+            json!({"device": self.options.id, "operation": operation, "action": action}),
+        );
+    }
+
+    /// Pauses the job after an error (the `stop` policies); `resume`
+    /// retries.
+    pub fn pause_on_error(&self, nospace: bool) {
+        let mut s = lock(&self.state);
+        s.user_paused = true;
+        s.io_status = if nospace { "nospace" } else { "failed" };
     }
 
     /// Whether this is a block job.
@@ -493,6 +514,7 @@ impl Job {
             ));
         }
         s.user_paused = false;
+        s.io_status = "ok";
         drop(s);
         self.wake.notify_waiters();
         Ok(())

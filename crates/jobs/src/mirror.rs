@@ -90,6 +90,10 @@ pub struct MirrorOptions {
     pub unmap: bool,
     /// Start in `write-blocking` copy mode.
     pub write_blocking: bool,
+    /// When reading the source fails.
+    pub on_source_error: OnError,
+    /// When writing the target fails.
+    pub on_target_error: OnError,
 }
 
 /// A running mirror (the job's [`JobDriver`]).
@@ -106,6 +110,8 @@ pub struct Mirror {
     bitmap_mode: BitmapMode,
     target_is_zero: bool,
     unmap: bool,
+    on_source_error: OnError,
+    on_target_error: OnError,
     complete: AtomicBool,
     finish_in_place: AtomicBool,
     holding: AtomicBool,
@@ -205,7 +211,41 @@ impl Pace {
 }
 
 /// One area's copy: its offset, length and outcome.
-type CopyFuture = BoxFuture<'static, (u64, u64, Result<(), String>)>;
+type CopyFuture = BoxFuture<'static, (u64, u64, Result<(), CopyError>)>;
+
+/// `ENOSPC`, for the `enospc` policy.
+const ENOSPC: i32 = 28;
+
+/// A failed copy: the side that failed, and how.
+#[derive(Debug)]
+struct CopyError {
+    write: bool,
+    error: block::Error,
+}
+
+/// What the job does about a failed copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Report,
+    Ignore,
+    Stop,
+}
+
+/// What a mirror does when reading the source or writing the target
+/// fails (QEMU's `BlockdevOnError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// The job fails (the default).
+    #[default]
+    Report,
+    /// The area is retried, the job goes on.
+    Ignore,
+    /// The job pauses (`BLOCK_JOB_ERROR`, `io-status` failed or nospace);
+    /// resuming retries.
+    Stop,
+    /// `stop` on ENOSPC, `report` otherwise.
+    Enospc,
+}
 
 /// Largest area one copy request moves.
 const MAX_CHUNK: u64 = 1 << 20;
@@ -303,6 +343,8 @@ impl Mirror {
             bitmap_mode: o.bitmap_mode,
             target_is_zero: o.target_is_zero,
             unmap: o.unmap,
+            on_source_error: o.on_source_error,
+            on_target_error: o.on_target_error,
             complete: AtomicBool::new(false),
             finish_in_place: AtomicBool::new(false),
             holding: AtomicBool::new(false),
@@ -372,7 +414,10 @@ impl Mirror {
             done.await;
         }
         if let Err(e) = self.copy(area.0, area.1).await {
-            tracing::warn!("write-blocking copy failed, left to the background: {e}");
+            tracing::warn!(
+                "write-blocking copy failed, left to the background: {}",
+                e.error
+            );
             self.with_dirty(|d| d.set(area.0, area.1));
         }
         self.release_area(area);
@@ -451,8 +496,12 @@ impl Mirror {
     }
 
     /// Copies `offset..offset + len` as the source reads now.
-    async fn copy(&self, offset: u64, len: u64) -> Result<(), String> {
-        let err = |e: block::Error| e.to_string();
+    async fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let read = |error: block::Error| CopyError {
+            write: false,
+            error,
+        };
+        let write = |error: block::Error| CopyError { write: true, error };
         let mut at = offset;
         let end = offset + len;
         while at < end {
@@ -460,19 +509,21 @@ impl Mirror {
                 .source
                 .block_status(at, end - at)
                 .await
-                .map_err(err)?
+                .map_err(read)?
                 .into_iter()
                 .next()
-                .ok_or("block status returned nothing")?;
+                .ok_or(read(block::Error::NotSupported(
+                    "block status returned nothing",
+                )))?;
             let piece = extent.len.min(end - at).max(1);
             if extent.zero {
-                self.write_zeroes(at, piece).await?;
+                self.write_zeroes(at, piece).await.map_err(write)?;
             } else {
-                let buf = self.source.read(at, piece as usize).await.map_err(err)?;
+                let buf = self.source.read(at, piece as usize).await.map_err(read)?;
                 if buf.is_zero() {
-                    self.write_zeroes(at, piece).await?;
+                    self.write_zeroes(at, piece).await.map_err(write)?;
                 } else {
-                    self.target.write(at, buf, false).await.0.map_err(err)?;
+                    self.target.write(at, buf, false).await.0.map_err(write)?;
                 }
             }
             at += piece;
@@ -480,7 +531,7 @@ impl Mirror {
         Ok(())
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), String> {
+    async fn write_zeroes(&self, offset: u64, len: u64) -> block::Result<()> {
         if self.target_is_zero {
             return Ok(());
         }
@@ -488,10 +539,35 @@ impl Mirror {
             may_unmap: self.unmap,
             ..ZeroFlags::default()
         };
-        self.target
-            .write_zeroes(offset, len, flags)
-            .await
-            .map_err(|e| e.to_string())
+        self.target.write_zeroes(offset, len, flags).await
+    }
+
+    /// What the policies say to do about a failed copy; sends
+    /// `BLOCK_JOB_ERROR`.
+    fn on_error(&self, job: &Job, e: &CopyError) -> Action {
+        let policy = if e.write {
+            self.on_target_error
+        } else {
+            self.on_source_error
+        };
+        let nospace = e.error.errno() == ENOSPC;
+        let action = match policy {
+            OnError::Report => Action::Report,
+            OnError::Ignore => Action::Ignore,
+            OnError::Stop => Action::Stop,
+            OnError::Enospc if nospace => Action::Stop,
+            OnError::Enospc => Action::Report,
+        };
+        let name = match action {
+            Action::Report => "report",
+            Action::Ignore => "ignore",
+            Action::Stop => "stop",
+        };
+        job.block_job_error(if e.write { "write" } else { "read" }, name);
+        if action == Action::Stop {
+            job.pause_on_error(nospace);
+        }
+        action
     }
 
     /// The next dirty area from `cursor` that overlaps no copy in flight,
@@ -546,7 +622,9 @@ impl Mirror {
                 self.with_dirty(|d| d.set(o, l));
             }
             self.release_area((o, l));
-            r?;
+            // The source's writes are held: no pausing here, every error
+            // ends the job.
+            r.map_err(|e| e.error.to_string())?;
             job.progress_by(l);
         }
         Ok(())
@@ -613,10 +691,20 @@ impl Mirror {
                 }
                 self.release_area((o, l));
                 if let Err(e) = r {
-                    while let Some((o, l, _)) = running.next().await {
-                        self.release_area((o, l));
+                    match self.on_error(job, &e) {
+                        Action::Report => {
+                            while let Some((o, l, _)) = running.next().await {
+                                self.release_area((o, l));
+                            }
+                            return Err(e.error.to_string());
+                        }
+                        // Retried: the area is dirty again. Not at once,
+                        // though, if the error persists.
+                        Action::Ignore => tokio::time::sleep(Duration::from_millis(10)).await,
+                        // The job pauses at the top of the loop.
+                        Action::Stop => {}
                     }
-                    return Err(e);
+                    continue;
                 }
                 job.progress_by(l);
             }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use jobs::JobOptions;
-use jobs::mirror::{BitmapMode, Mirror, MirrorOptions, MirrorSync};
+use jobs::mirror::{BitmapMode, Mirror, MirrorOptions, MirrorSync, OnError};
 use qapi::Object;
 use qmp::QmpError;
 
@@ -32,13 +32,18 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     let granularity = args.opt_u32("granularity")?;
     let buf_size = args.opt_i64("buf-size")?;
     let errors = [
-        ("report", true),
-        ("ignore", false),
-        ("enospc", false),
-        ("stop", false),
+        ("report", OnError::Report),
+        ("ignore", OnError::Ignore),
+        ("enospc", OnError::Enospc),
+        ("stop", OnError::Stop),
+        ("auto", OnError::Report),
     ];
-    let on_source_error = args.opt_enum("on-source-error", &errors)?.unwrap_or(true);
-    let on_target_error = args.opt_enum("on-target-error", &errors)?.unwrap_or(true);
+    let on_source_error = args
+        .opt_enum("on-source-error", &errors)?
+        .unwrap_or_default();
+    let on_target_error = args
+        .opt_enum("on-target-error", &errors)?
+        .unwrap_or_default();
     let filter_node_name = args.opt_str("filter-node-name")?;
     let write_blocking = args
         .opt_enum(
@@ -63,9 +68,6 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     done(args)?;
 
     let not_yet = |what: &str| Err(QmpError::generic(format!("{what} is not supported yet")));
-    if !on_source_error || !on_target_error {
-        return not_yet("An error policy other than 'report'");
-    }
     if replaces.is_some() {
         return not_yet("'replaces'");
     }
@@ -109,6 +111,8 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
         target_is_zero,
         unmap: true,
         write_blocking,
+        on_source_error,
+        on_target_error,
     })
     .map_err(job_err)?;
     let job = daemon
