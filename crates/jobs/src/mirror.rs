@@ -531,6 +531,8 @@ impl Mirror {
         Ok(())
     }
 
+    /// Makes `offset..offset + len` of the target read as zeroes, writing
+    /// only where it does not already (so a sparse target stays sparse).
     async fn write_zeroes(&self, offset: u64, len: u64) -> block::Result<()> {
         if self.target_is_zero {
             return Ok(());
@@ -539,7 +541,23 @@ impl Mirror {
             may_unmap: self.unmap,
             ..ZeroFlags::default()
         };
-        self.target.write_zeroes(offset, len, flags).await
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let extents = self.target.block_status(at, end - at).await?;
+            let Some(last) = extents.last().map(|e| (e.offset + e.len).min(end)) else {
+                // No status: write the zeroes.
+                return self.target.write_zeroes(at, end - at, flags).await;
+            };
+            for e in extents {
+                let e_end = (e.offset + e.len).min(end);
+                if !e.zero && e_end > e.offset {
+                    self.target.write_zeroes(e.offset, e_end - e.offset, flags).await?;
+                }
+            }
+            at = last.max(at + 1);
+        }
+        Ok(())
     }
 
     /// What the policies say to do about a failed copy; sends

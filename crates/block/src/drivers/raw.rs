@@ -141,7 +141,7 @@ impl Driver for RawDriver {
         Box::pin(async move {
             let node = self.file.node();
             let first = node
-                .block_status(self.offset + offset, len)
+                .block_status_upto(self.offset + offset, len, 1)
                 .await?
                 .into_iter()
                 .next();

@@ -78,7 +78,7 @@ impl Driver for ThrottleDriver {
             let first = self
                 .file
                 .node()
-                .block_status(offset, len)
+                .block_status_upto(offset, len, 1)
                 .await?
                 .into_iter()
                 .next();

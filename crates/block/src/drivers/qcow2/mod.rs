@@ -1054,7 +1054,7 @@ impl Qcow2Driver {
                 Some(b) if offset < b.node().length() => {
                     let node = b.node();
                     let n = run.min(node.length() - offset);
-                    let inner = node.block_status(offset, n).await?;
+                    let inner = node.block_status_upto(offset, n, 1).await?;
                     let s = inner
                         .first()
                         .copied()
@@ -1099,7 +1099,9 @@ impl Qcow2Driver {
             return Ok(e);
         }
         // Extra information only: a failure leaves the run plain data.
-        let inner = file.block_status(at, run.min(file.length() - at)).await;
+        let inner = file
+            .block_status_upto(at, run.min(file.length() - at), 1)
+            .await;
         if let Some(first) = inner.ok().and_then(|x| x.first().copied()) {
             e.len = first.len;
             e.zero = first.zero;
