@@ -69,7 +69,10 @@ struct Outcome {
 fn mirror_once(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
     let target = dir.join("target.raw");
     let _ = std::fs::remove_file(&target);
-    run("truncate", &["-s", &size.to_string(), target.to_str().unwrap_or_default()]);
+    run(
+        "truncate",
+        &["-s", &size.to_string(), target.to_str().unwrap_or_default()],
+    );
     let node = |name: &str, path: &Path| {
         format!(
             "driver=raw,node-name={name},file.driver=file,file.filename={},file.aio=threads",
@@ -108,7 +111,9 @@ fn mirror_once(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
     qmp.execute_ok("block-job-cancel", json!({"device": "m"}));
     qmp.execute_ok("quit", json!({}));
     let _ = daemon.wait_exit();
-    let allocated = std::fs::metadata(&target).map(|m| m.blocks() * 512).unwrap_or(0);
+    let allocated = std::fs::metadata(&target)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0);
     Outcome {
         wall,
         cpu,
@@ -132,18 +137,36 @@ fn best(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
 }
 
 fn main() {
-    let base = std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let base =
+        std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     let dir = tempfile::tempdir_in(base).expect("a bench directory");
     // A 4 GiB source full of data, and a 16 GiB one with 10% data (1 MiB
     // every 10 MiB).
     let full = dir.path().join("full.raw");
     let full_s = full.to_str().unwrap_or_default();
     run("qemu-img", &["create", "-q", "-f", "raw", full_s, "4G"]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 90 0 1G", "-c", "write -P 91 1G 1G", "-c", "write -P 92 2G 1G", "-c", "write -P 93 3G 1G", full_s]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 90 0 1G",
+            "-c",
+            "write -P 91 1G 1G",
+            "-c",
+            "write -P 92 2G 1G",
+            "-c",
+            "write -P 93 3G 1G",
+            full_s,
+        ],
+    );
     let sparse = dir.path().join("sparse.raw");
     let sparse_s = sparse.to_str().unwrap_or_default();
     run("qemu-img", &["create", "-q", "-f", "raw", sparse_s, "16G"]);
-    let writes: Vec<String> = (0..(16 * 1024 / 10)).map(|i| format!("write -P 7 {}M 1M", i * 10)).collect();
+    let writes: Vec<String> = (0..(16 * 1024 / 10))
+        .map(|i| format!("write -P 7 {}M 1M", i * 10))
+        .collect();
     let mut args = vec!["-f", "raw"];
     for w in &writes {
         args.extend(["-c", w.as_str()]);
@@ -151,7 +174,9 @@ fn main() {
     args.push(sparse_s);
     run("qemu-io", &args);
 
-    println!("| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU |");
+    println!(
+        "| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (case, source, size) in [
         ("full 4 GiB raw→raw", &full, 4 * GIB),

@@ -665,11 +665,29 @@ fn error_policies_stop_ignore_report() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let src = dir.path().join("src.qcow2");
     qemu_img_create_qcow2(path_str(&src), 16 << 20, "");
-    run("qemu-io", &["-f", "qcow2", "-c", "write -P 4 0 4M", "-c", "write -P 5 8M 1M", path_str(&src)]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 4 0 4M",
+            "-c",
+            "write -P 5 8M 1M",
+            path_str(&src),
+        ],
+    );
     let trigger = dir.path().join("full");
     let sock = dir.path().join("target.sock");
     let mut nbdkit = std::process::Command::new(testkit::require_tool("nbdkit", "nbdkit"))
-        .args(["--foreground", "-U", path_str(&sock), "--filter=error", "memory", "size=16M"])
+        .args([
+            "--foreground",
+            "-U",
+            path_str(&sock),
+            "--filter=error",
+            "memory",
+            "size=16M",
+        ])
         .args(["error-pwrite=ENOSPC", "error-pwrite-rate=100%"])
         .arg(format!("error-pwrite-file={}", trigger.display()))
         .args(["error-zero=ENOSPC", "error-zero-rate=100%"])
@@ -681,9 +699,15 @@ fn error_policies_stop_ignore_report() {
     }
     let args = vec![
         "--blockdev".to_string(),
-        format!("driver=qcow2,node-name=src,file.driver=file,file.filename={}", src.display()),
+        format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
         "--blockdev".into(),
-        format!("driver=nbd,node-name=dst,server.type=unix,server.path={}", sock.display()),
+        format!(
+            "driver=nbd,node-name=dst,server.type=unix,server.path={}",
+            sock.display()
+        ),
     ];
     let mut daemon = serve(dir.path(), &args);
     let mut qmp = daemon.qmp();
@@ -691,11 +715,22 @@ fn error_policies_stop_ignore_report() {
 
     // report: the job fails.
     std::fs::write(&trigger, b"").expect("the trigger");
-    qmp.execute_ok("blockdev-mirror", json!({"job-id": "r", "device": "src", "target": "dst", "sync": "full"}));
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "r", "device": "src", "target": "dst", "sync": "full"}),
+    );
     let err = wait_event(&mut qmp, "BLOCK_JOB_ERROR");
-    assert_eq!(err["data"], json!({"device": "r", "operation": "write", "action": "report"}));
+    assert_eq!(
+        err["data"],
+        json!({"device": "r", "operation": "write", "action": "report"})
+    );
     let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
-    assert!(done["data"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{done}");
+    assert!(
+        done["data"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{done}"
+    );
 
     // enospc: stops; resume after the space comes back.
     qmp.events.clear();
@@ -704,10 +739,17 @@ fn error_policies_stop_ignore_report() {
         json!({"job-id": "s", "device": "src", "target": "dst", "sync": "full", "on-target-error": "enospc"}),
     );
     let err = wait_event(&mut qmp, "BLOCK_JOB_ERROR");
-    assert_eq!(err["data"], json!({"device": "s", "operation": "write", "action": "stop"}));
+    assert_eq!(
+        err["data"],
+        json!({"device": "s", "operation": "write", "action": "stop"})
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while job(&mut qmp)["status"] != "paused" {
-        assert!(std::time::Instant::now() < deadline, "never paused: {}", job(&mut qmp));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never paused: {}",
+            job(&mut qmp)
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert_eq!(job(&mut qmp)["io-status"], "nospace");
@@ -736,8 +778,101 @@ fn error_policies_stop_ignore_report() {
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
     let target = format!("nbd+unix:///?socket={}", sock.display());
-    let cmp = run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", path_str(&src), &target]);
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            path_str(&src),
+            &target,
+        ],
+    );
     assert!(cmp.contains("Images are identical"), "{cmp}");
     let _ = nbdkit.kill();
     let _ = nbdkit.wait();
+}
+
+/// `replaces`: the mirror of a filter's output replaces the node under
+/// the filter; the export keeps its filter, which now reads the target.
+#[test]
+fn replaces_swaps_the_node_under_a_filter() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 16 << 20, "");
+    qemu_img_create_qcow2(path_str(&dst), 16 << 20, "");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 8 0 2M", path_str(&src)],
+    );
+    let args = vec![
+        "--object".to_string(),
+        "throttle-group,id=tg".into(),
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=dst,file.driver=file,file.filename={}",
+            dst.display()
+        ),
+        "--blockdev".into(),
+        "throttle,node-name=thr,throttle-group=tg,file=src".into(),
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.path().join("nbd.sock").display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=thr,name=disk,writable=on".into(),
+    ];
+    let mut daemon = serve(dir.path(), &args);
+    let mut qmp = daemon.qmp();
+    let bad = qmp
+        .execute(
+            "blockdev-mirror",
+            json!({"device": "thr", "target": "dst", "sync": "full", "replaces": "nosuch"}),
+        )
+        .unwrap_err();
+    assert_eq!(bad.desc, "Node name 'nosuch' not found");
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "thr", "target": "dst", "sync": "full", "replaces": "src"}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    let exports = qmp.execute_ok("query-block-exports", json!({}));
+    assert_eq!(
+        exports[0]["node-name"], "thr",
+        "the export keeps its filter"
+    );
+    guest(dir.path(), &["write -P 9 4M 64k".into()]);
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 8 0 2M",
+            "-c",
+            "read -P 9 4M 64k",
+            path_str(&dst),
+        ],
+    );
+    let out = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0 4M 64k", path_str(&src)],
+    );
+    assert!(
+        !out.contains("verification failed"),
+        "the write after the pivot reached the source: {out}"
+    );
 }

@@ -90,6 +90,9 @@ pub struct MirrorOptions {
     pub unmap: bool,
     /// Start in `write-blocking` copy mode.
     pub write_blocking: bool,
+    /// The node whose users move to the target at completion (QEMU's
+    /// `replaces`; the source by default).
+    pub replaces: Option<Arc<Node>>,
     /// When reading the source fails.
     pub on_source_error: OnError,
     /// When writing the target fails.
@@ -112,6 +115,7 @@ pub struct Mirror {
     unmap: bool,
     on_source_error: OnError,
     on_target_error: OnError,
+    replaces: Option<Arc<Node>>,
     complete: AtomicBool,
     finish_in_place: AtomicBool,
     holding: AtomicBool,
@@ -345,6 +349,7 @@ impl Mirror {
             unmap: o.unmap,
             on_source_error: o.on_source_error,
             on_target_error: o.on_target_error,
+            replaces: o.replaces,
             complete: AtomicBool::new(false),
             finish_in_place: AtomicBool::new(false),
             holding: AtomicBool::new(false),
@@ -552,7 +557,9 @@ impl Mirror {
             for e in extents {
                 let e_end = (e.offset + e.len).min(end);
                 if !e.zero && e_end > e.offset {
-                    self.target.write_zeroes(e.offset, e_end - e.offset, flags).await?;
+                    self.target
+                        .write_zeroes(e.offset, e_end - e.offset, flags)
+                        .await?;
                 }
             }
             at = last.max(at + 1);
@@ -738,16 +745,18 @@ impl Mirror {
             self.drain_dirty(job).await?;
             self.target.flush().await.map_err(|e| e.to_string())?;
             if self.complete.load(Ordering::SeqCst) {
+                let from = self.replaces.as_ref().unwrap_or(&self.source);
                 self.graph
-                    .replace(&self.source, &self.target)
+                    .replace(from, &self.target)
                     .map_err(|e| e.to_string())?;
                 return Ok(true);
             }
             Ok(false)
         }
         .await;
-        match &result {
-            Ok(true) => self.source.release_writes(Some(&self.target)),
+        // Held writes follow the pivot when the source itself was replaced.
+        match (&result, &self.replaces) {
+            (Ok(true), None) => self.source.release_writes(Some(&self.target)),
             _ => self.source.release_writes(None),
         }
         self.holding.store(false, Ordering::SeqCst);

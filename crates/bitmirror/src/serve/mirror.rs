@@ -68,9 +68,6 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     done(args)?;
 
     let not_yet = |what: &str| Err(QmpError::generic(format!("{what} is not supported yet")));
-    if replaces.is_some() {
-        return not_yet("'replaces'");
-    }
     if filter_node_name.is_some() {
         return not_yet("'filter-node-name'");
     }
@@ -88,6 +85,15 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     };
     let source = lookup(&device)?;
     let target = lookup(&target)?;
+    let replaces = match replaces {
+        Some(name) => Some(
+            daemon
+                .graph
+                .find(&name)
+                .ok_or_else(|| QmpError::generic(format!("Node name '{name}' not found")))?,
+        ),
+        None => None,
+    };
     // QEMU mirrors root nodes only; a running job puts a filter above its
     // source, so that one is no root either.
     let in_use = source
@@ -111,6 +117,7 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
         target_is_zero,
         unmap: true,
         write_blocking,
+        replaces,
         on_source_error,
         on_target_error,
     })
