@@ -119,6 +119,7 @@ pub struct Mirror {
     complete: AtomicBool,
     finish_in_place: AtomicBool,
     holding: AtomicBool,
+    cleaned: AtomicBool,
     /// Areas being copied now (by the background loop or a guest write in
     /// write-blocking mode): no two overlap, so a newer copy never lands
     /// before an older one.
@@ -353,6 +354,7 @@ impl Mirror {
             complete: AtomicBool::new(false),
             finish_in_place: AtomicBool::new(false),
             holding: AtomicBool::new(false),
+            cleaned: AtomicBool::new(false),
             active: Mutex::new(Vec::new()),
             active_done: Notify::new(),
             hook: Mutex::new(None),
@@ -811,6 +813,10 @@ impl JobDriver for Mirror {
     }
 
     fn clean(&self) {
+        // Once: a later drop must not free a bitmap another job took since.
+        if self.cleaned.swap(true, Ordering::SeqCst) {
+            return;
+        }
         if let Some(h) = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take() {
             self.source.remove_write_hook(&h);
         }
