@@ -876,3 +876,111 @@ fn replaces_swaps_the_node_under_a_filter() {
         "the write after the pivot reached the source: {out}"
     );
 }
+
+/// Every sync mode into a target on another daemon, over NBD (the live
+/// migration's shape): the target node is `driver=nbd` on the source
+/// daemon, the image is a qcow2 overlay exported by a second `bitmirror
+/// serve`. A guest writes during each job; after complete the target's
+/// image equals the source.
+#[test]
+fn every_sync_mode_into_an_nbd_target_on_another_daemon() {
+    for sync in ["full", "top", "none", "bitmap"] {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+        qemu_img_create_qcow2(path_str(&src), 32 << 20, "");
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 1 0 8M",
+                "-c",
+                "write -P 2 16M 4M",
+                path_str(&src),
+            ],
+        );
+        // The destination starts as a copy for the modes that copy only
+        // part of the disk (as after a full backup), empty otherwise.
+        if sync == "full" {
+            qemu_img_create_qcow2(path_str(&dst), 32 << 20, "");
+        } else {
+            std::fs::copy(&src, &dst).expect("the backup");
+        }
+        let dest_dir = dir.path().join("dest");
+        std::fs::create_dir(&dest_dir).expect("a directory");
+        let dest_sock = dest_dir.join("nbd.sock");
+        let mut dest = serve(
+            &dest_dir,
+            &[
+                "--blockdev".into(),
+                format!(
+                    "driver=qcow2,node-name=d,file.driver=file,file.filename={}",
+                    dst.display()
+                ),
+                "--nbd-server".into(),
+                format!("addr.type=unix,addr.path={}", dest_sock.display()),
+                "--export".into(),
+                "type=nbd,id=e,node-name=d,name=d,writable=on".into(),
+            ],
+        );
+        let args = vec![
+            "--blockdev".to_string(),
+            format!(
+                "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+                src.display()
+            ),
+            "--blockdev".into(),
+            format!(
+                "driver=nbd,node-name=dst,server.type=unix,server.path={},export=d",
+                dest_sock.display()
+            ),
+            "--nbd-server".into(),
+            format!(
+                "addr.type=unix,addr.path={}",
+                dir.path().join("nbd.sock").display()
+            ),
+            "--export".into(),
+            "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
+        ];
+        let mut daemon = serve(dir.path(), &args);
+        let mut qmp = daemon.qmp();
+        let mut mirror = json!({"job-id": "m", "device": "src", "target": "dst", "sync": sync});
+        if sync == "bitmap" {
+            qmp.execute_ok(
+                "block-dirty-bitmap-add",
+                json!({"node": "src", "name": "b"}),
+            );
+            guest(dir.path(), &["write -P 3 2M 1M".into()]);
+            mirror["bitmap"] = json!("b");
+        }
+        qmp.execute_ok("blockdev-mirror", mirror);
+        guest(
+            dir.path(),
+            &["write -P 4 20M 512k".into(), "write -P 5 30M 64k".into()],
+        );
+        wait_event(&mut qmp, "BLOCK_JOB_READY");
+        guest(dir.path(), &["write -P 6 9M 64k".into()]);
+        qmp.execute_ok("block-job-complete", json!({"device": "m"}));
+        let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+        assert!(done["data"].get("error").is_none(), "{sync}: {done}");
+        qmp.execute_ok("quit", json!({}));
+        assert_eq!(daemon.wait_exit(), Some(0), "{sync}");
+        dest.qmp().execute_ok("quit", json!({}));
+        assert_eq!(dest.wait_exit(), Some(0), "{sync}");
+        run("qemu-img", &["check", path_str(&dst)]);
+        let cmp = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                path_str(&src),
+                path_str(&dst),
+            ],
+        );
+        assert!(cmp.contains("Images are identical"), "{sync}: {cmp}");
+    }
+}
