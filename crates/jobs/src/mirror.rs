@@ -216,7 +216,7 @@ impl Pace {
 }
 
 /// One area's copy: its offset, length and outcome.
-type CopyFuture = BoxFuture<'static, (u64, u64, Result<(), CopyError>)>;
+type CopyFuture = BoxFuture<'static, (u64, u64, Result<u64, CopyError>)>;
 
 /// `ENOSPC`, for the `enospc` policy.
 const ENOSPC: i32 = 28;
@@ -254,6 +254,8 @@ pub enum OnError {
 
 /// Largest area one copy request moves.
 const MAX_CHUNK: u64 = 1 << 20;
+/// Largest area of a known hole taken at once (zeroing it is cheap).
+const MAX_HOLE_CHUNK: u64 = 1 << 30;
 
 impl Mirror {
     /// Checks the options and installs the job's dirty bitmap on the
@@ -503,7 +505,10 @@ impl Mirror {
     }
 
     /// Copies `offset..offset + len` as the source reads now.
-    async fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+    /// Copies `offset..offset + len` as the source reads now. Returns where
+    /// the last run of zeroes it met ends (past `offset + len` when the run
+    /// goes on), so the caller can take the rest of a hole in one step.
+    async fn copy(&self, offset: u64, len: u64) -> Result<u64, CopyError> {
         let read = |error: block::Error| CopyError {
             write: false,
             error,
@@ -511,10 +516,12 @@ impl Mirror {
         let write = |error: block::Error| CopyError { write: true, error };
         let mut at = offset;
         let end = offset + len;
+        let mut zero_until = 0;
         while at < end {
+            // The whole extent at `at`, even past `end`: one query.
             let extent = self
                 .source
-                .block_status(at, end - at)
+                .block_status_upto(at, self.source.length() - at, 1)
                 .await
                 .map_err(read)?
                 .into_iter()
@@ -522,20 +529,23 @@ impl Mirror {
                 .ok_or(read(block::Error::NotSupported(
                     "block status returned nothing",
                 )))?;
-            let piece = extent.len.min(end - at).max(1);
             if extent.zero {
+                let piece = extent.len.min(end - at).max(1);
+                self.write_zeroes(at, piece).await.map_err(write)?;
+                zero_until = at + extent.len;
+                at += piece;
+                continue;
+            }
+            let piece = extent.len.min(end - at).min(MAX_CHUNK).max(1);
+            let buf = self.source.read(at, piece as usize).await.map_err(read)?;
+            if buf.is_zero() {
                 self.write_zeroes(at, piece).await.map_err(write)?;
             } else {
-                let buf = self.source.read(at, piece as usize).await.map_err(read)?;
-                if buf.is_zero() {
-                    self.write_zeroes(at, piece).await.map_err(write)?;
-                } else {
-                    self.target.write(at, buf, false).await.0.map_err(write)?;
-                }
+                self.target.write(at, buf, false).await.0.map_err(write)?;
             }
             at += piece;
         }
-        Ok(())
+        Ok(zero_until)
     }
 
     /// Makes `offset..offset + len` of the target read as zeroes, writing
@@ -600,9 +610,9 @@ impl Mirror {
     /// The next dirty area from `cursor` that overlaps no copy in flight,
     /// with its bits cleared and registered as active; `None` if there is
     /// none right now. Release it with [`release_area`](Self::release_area).
-    fn take_area(&self, cursor: &mut u64) -> Option<(u64, u64)> {
+    fn take_area(&self, cursor: &mut u64, max_len: u64) -> Option<(u64, u64)> {
         let len = self.source.length();
-        let chunk = MAX_CHUNK.max(self.granularity);
+        let chunk = max_len.max(MAX_CHUNK).max(self.granularity);
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         let mut wrapped = false;
         loop {
@@ -643,8 +653,8 @@ impl Mirror {
     /// writes are held).
     async fn drain_dirty(&self, job: &Job) -> Result<(), String> {
         let mut cursor = 0;
-        while let Some((o, l)) = self.take_area(&mut cursor) {
-            let r = self.copy(o, l).await;
+        while let Some((o, l)) = self.take_area(&mut cursor, MAX_CHUNK) {
+            let r = self.copy(o, l).await.map(drop);
             if r.is_err() {
                 self.with_dirty(|d| d.set(o, l));
             }
@@ -668,13 +678,20 @@ impl Mirror {
         let mut inflight: Vec<(u64, u64)> = Vec::new();
         let mut running: FuturesUnordered<CopyFuture> = FuturesUnordered::new();
         let mut pace = Pace::default();
+        let mut zero_until = 0u64;
         loop {
             job.pause_point().await;
             // Fill the pipeline, as far as the speed limit allows.
             while inflight.iter().map(|(_, l)| l).sum::<u64>() < self.buf_size
                 && pace.wait(job.speed()).is_none()
             {
-                let Some((o, l)) = self.take_area(&mut cursor) else {
+                // In a hole the last copy saw going on, take more of it.
+                let max_len = if zero_until > cursor {
+                    (zero_until - cursor).min(MAX_HOLE_CHUNK)
+                } else {
+                    MAX_CHUNK
+                };
+                let Some((o, l)) = self.take_area(&mut cursor, max_len) else {
                     break;
                 };
                 inflight.push((o, l));
@@ -717,6 +734,9 @@ impl Mirror {
                     self.with_dirty(|d| d.set(o, l));
                 }
                 self.release_area((o, l));
+                if let Ok(z) = r {
+                    zero_until = zero_until.max(z);
+                }
                 if let Err(e) = r {
                     match self.on_error(job, &e) {
                         Action::Report => {
