@@ -536,7 +536,7 @@ impl Mirror {
                 at += piece;
                 continue;
             }
-            let piece = extent.len.min(end - at).min(MAX_CHUNK).max(1);
+            let piece = extent.len.min(end - at).clamp(1, MAX_CHUNK);
             let buf = self.source.read(at, piece as usize).await.map_err(read)?;
             if buf.is_zero() {
                 self.write_zeroes(at, piece).await.map_err(write)?;
