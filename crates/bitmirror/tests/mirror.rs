@@ -984,3 +984,56 @@ fn every_sync_mode_into_an_nbd_target_on_another_daemon() {
         assert!(cmp.contains("Images are identical"), "{sync}: {cmp}");
     }
 }
+
+/// `auto-write-blocking` (our extension): a background mirror whose
+/// backlog stops shrinking switches itself to write-blocking, so the
+/// cut-over stays bounded under a guest faster than the copy.
+#[test]
+fn auto_write_blocking_switches_when_the_backlog_stalls() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
+    std::fs::copy(&src, &dst).expect("the backup");
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "none",
+               "speed": 1 << 20, "auto-write-blocking": true}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    let synced =
+        |qmp: &mut Qmp| qmp.execute_ok("query-block-jobs", json!({}))[0]["actively-synced"].clone();
+    assert_eq!(synced(&mut qmp), false);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = busy_guest(dir.path(), stop.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while synced(&mut qmp) != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never switched to write-blocking"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().expect("the writer");
+    qmp.execute_ok("block-job-set-speed", json!({"device": "m", "speed": 0}));
+    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&dst),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}

@@ -90,6 +90,9 @@ pub struct MirrorOptions {
     pub unmap: bool,
     /// Start in `write-blocking` copy mode.
     pub write_blocking: bool,
+    /// Switch to write-blocking on its own when the backlog has not
+    /// shrunk for [`STALL_WINDOW`] (our extension, off by default).
+    pub auto_write_blocking: bool,
     /// The node whose users move to the target at completion (QEMU's
     /// `replaces`; the source by default).
     pub replaces: Option<Arc<Node>>,
@@ -116,6 +119,7 @@ pub struct Mirror {
     on_source_error: OnError,
     on_target_error: OnError,
     replaces: Option<Arc<Node>>,
+    auto_write_blocking: bool,
     complete: AtomicBool,
     finish_in_place: AtomicBool,
     holding: AtomicBool,
@@ -171,6 +175,37 @@ impl WriteHook for Active {
             }
             Ok(())
         })
+    }
+}
+
+/// How long the backlog may go without a new low before a mirror with
+/// `auto-write-blocking` switches to write-blocking.
+pub const STALL_WINDOW: Duration = Duration::from_secs(2);
+
+/// Watches the backlog for a new low.
+#[derive(Debug)]
+struct Stall {
+    low: u64,
+    since: Instant,
+}
+
+impl Stall {
+    fn new() -> Stall {
+        Stall {
+            low: u64::MAX,
+            since: Instant::now(),
+        }
+    }
+
+    /// Whether `backlog` has made no new low for [`STALL_WINDOW`] (and is
+    /// not empty).
+    fn stalled(&mut self, backlog: u64) -> bool {
+        if backlog < self.low {
+            self.low = backlog;
+            self.since = Instant::now();
+            return false;
+        }
+        backlog > 0 && self.since.elapsed() >= STALL_WINDOW
     }
 }
 
@@ -353,6 +388,7 @@ impl Mirror {
             on_source_error: o.on_source_error,
             on_target_error: o.on_target_error,
             replaces: o.replaces,
+            auto_write_blocking: o.auto_write_blocking,
             complete: AtomicBool::new(false),
             finish_in_place: AtomicBool::new(false),
             holding: AtomicBool::new(false),
@@ -679,8 +715,19 @@ impl Mirror {
         let mut running: FuturesUnordered<CopyFuture> = FuturesUnordered::new();
         let mut pace = Pace::default();
         let mut zero_until = 0u64;
+        let mut stall = Stall::new();
         loop {
             job.pause_point().await;
+            if self.auto_write_blocking
+                && !self.is_write_blocking()
+                && stall.stalled(self.dirty_bytes())
+            {
+                tracing::info!(
+                    job = job.id(),
+                    "the backlog stopped shrinking: switching to write-blocking"
+                );
+                self.set_write_blocking(true);
+            }
             // Fill the pipeline, as far as the speed limit allows.
             while inflight.iter().map(|(_, l)| l).sum::<u64>() < self.buf_size
                 && pace.wait(job.speed()).is_none()

@@ -55,6 +55,7 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     let auto_dismiss = args.opt_bool("auto-dismiss")?.unwrap_or(true);
     let target_is_zero = args.opt_bool("target-is-zero")?.unwrap_or(false);
     let bitmap = args.opt_str("bitmap")?;
+    let auto_write_blocking = args.opt_bool("auto-write-blocking")?.unwrap_or(false);
     let bitmap_mode = args
         .opt_enum(
             "bitmap-mode",
@@ -117,6 +118,7 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
         target_is_zero,
         unmap: true,
         write_blocking,
+        auto_write_blocking,
         replaces,
         on_source_error,
         on_target_error,
