@@ -1037,3 +1037,135 @@ fn auto_write_blocking_switches_when_the_backlog_stalls() {
     );
     assert!(cmp.contains("Images are identical"), "{cmp}");
 }
+
+/// `drive-mirror`: into a qcow2 it creates (`absolute-paths`), and into
+/// an existing NBD export named the way Proxmox names it
+/// (`nbd:unix:PATH:exportname=NAME`, `mode=existing`); a target the job
+/// made and did not pivot to leaves the graph with the job.
+#[test]
+fn drive_mirror_creates_or_reuses_its_target() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let src = dir.path().join("src.qcow2");
+    qemu_img_create_qcow2(path_str(&src), 16 << 20, "");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 4M", path_str(&src)],
+    );
+    let remote = dir.path().join("remote.qcow2");
+    qemu_img_create_qcow2(path_str(&remote), 16 << 20, "");
+    let dest_dir = dir.path().join("dest");
+    std::fs::create_dir(&dest_dir).expect("a directory");
+    let dest_sock = dest_dir.join("nbd.sock");
+    let mut dest = serve(
+        &dest_dir,
+        &[
+            "--blockdev".into(),
+            format!(
+                "driver=qcow2,node-name=d,file.driver=file,file.filename={}",
+                remote.display()
+            ),
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", dest_sock.display()),
+            "--export".into(),
+            "type=nbd,id=e,node-name=d,name=drive-scsi0,writable=on".into(),
+        ],
+    );
+    let args = vec![
+        "--blockdev".to_string(),
+        format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.path().join("nbd.sock").display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
+    ];
+    let mut daemon = serve(dir.path(), &args);
+    let mut qmp = daemon.qmp();
+    let names = |qmp: &mut Qmp| -> Vec<String> {
+        qmp.execute_ok("query-named-block-nodes", json!({"flat": true}))
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n["node-name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // 1. A new local qcow2, cancelled after READY: a point-in-time copy
+    //    stays on disk, the node goes.
+    let copy = dir.path().join("copy.qcow2");
+    qmp.execute_ok(
+        "drive-mirror",
+        json!({"job-id": "c", "device": "src", "target": path_str(&copy), "format": "qcow2",
+               "node-name": "copy", "sync": "full"}),
+    );
+    assert!(names(&mut qmp).contains(&"copy".to_string()));
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-cancel", json!({"device": "c"}));
+    wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while names(&mut qmp).contains(&"copy".to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target node stayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    run("qemu-img", &["check", path_str(&copy)]);
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&copy),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+
+    // 2. An existing NBD export, Proxmox-style, completed: the export
+    //    moves to the NBD node.
+    let target = format!("nbd:unix:{}:exportname=drive-scsi0", dest_sock.display());
+    qmp.execute_ok(
+        "drive-mirror",
+        json!({"job-id": "m", "device": "src", "target": target, "format": "raw",
+               "mode": "existing", "sync": "full"}),
+    );
+    guest(dir.path(), &["write -P 2 8M 64k".into()]);
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    let exports = qmp.execute_ok("query-block-exports", json!({}));
+    assert!(
+        exports[0]["node-name"].as_str().is_some_and(|n| n != "src"),
+        "{exports}"
+    );
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    dest.qmp().execute_ok("quit", json!({}));
+    assert_eq!(dest.wait_exit(), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(&src),
+            path_str(&remote),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}

@@ -137,6 +137,54 @@ impl Graph {
         Ok(node)
     }
 
+    /// Opens a node that a job made rather than the user (`drive-mirror`'s
+    /// target): named as asked, or `#blockNNN` — then, as QEMU's, not
+    /// deletable with `blockdev-del` ("not owned by the monitor"); its job
+    /// takes it away with [`remove_unused`](Self::remove_unused).
+    pub async fn add_for_job(&self, options: &BlockdevOptions) -> Result<Arc<Node>> {
+        let _one_at_a_time = self.adding.lock().await;
+        let mut created = Vec::new();
+        let implicit = options.node_name.is_none();
+        let node = self.open(options, implicit, &mut created).await?;
+        let mut inner = self.lock();
+        for n in created {
+            inner.nodes.insert(0, n);
+        }
+        Ok(node)
+    }
+
+    /// Takes `node` and its inline children out of the graph and closes
+    /// them, if nothing uses it any more (a job's target it did not pivot
+    /// to). Returns whether it did.
+    pub async fn remove_unused(&self, node: &Arc<Node>) -> bool {
+        let doomed = {
+            let mut inner = self.lock();
+            if !node.users().is_empty() || !inner.nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
+                return false;
+            }
+            let mut doomed = vec![node.clone()];
+            let mut i = 0;
+            while i < doomed.len() {
+                let n = doomed[i].clone();
+                inner.nodes.retain(|m| !Arc::ptr_eq(m, &n));
+                for (_, edge) in n.children() {
+                    let child = edge.node();
+                    if child.is_implicit() && child.users().len() == 1 {
+                        doomed.push(child);
+                    }
+                }
+                i += 1;
+            }
+            doomed
+        };
+        for n in doomed {
+            if let Err(e) = n.close().await {
+                tracing::error!(node = n.name(), "closing the node failed: {e}");
+            }
+        }
+        true
+    }
+
     /// The name `options` asks for, checked, or a new `#blockNNN` one.
     fn claim_name(&self, options: &BlockdevOptions, created: &[Arc<Node>]) -> Result<String> {
         let mut inner = self.lock();

@@ -90,6 +90,9 @@ pub struct MirrorOptions {
     pub unmap: bool,
     /// Start in `write-blocking` copy mode.
     pub write_blocking: bool,
+    /// The job made the target (`drive-mirror`): it takes it out of the
+    /// graph again unless it pivoted to it.
+    pub owns_target: bool,
     /// Switch to write-blocking on its own when the backlog has not
     /// shrunk for [`STALL_WINDOW`] (our extension, off by default).
     pub auto_write_blocking: bool,
@@ -107,7 +110,8 @@ pub struct Mirror {
     graph: Arc<Graph>,
     source: Arc<Node>,
     target: Arc<Node>,
-    _edges: (Arc<Edge>, Arc<Edge>),
+    /// The job's hold on the source and the target, until it cleans up.
+    edges: Mutex<Option<(Arc<Edge>, Arc<Edge>)>>,
     dirty: BitmapId,
     granularity: u64,
     buf_size: u64,
@@ -120,6 +124,8 @@ pub struct Mirror {
     on_target_error: OnError,
     replaces: Option<Arc<Node>>,
     auto_write_blocking: bool,
+    owns_target: bool,
+    pivoted: AtomicBool,
     complete: AtomicBool,
     finish_in_place: AtomicBool,
     holding: AtomicBool,
@@ -376,7 +382,7 @@ impl Mirror {
             graph: o.graph,
             source: o.source,
             target: o.target,
-            _edges: edges,
+            edges: Mutex::new(Some(edges)),
             dirty,
             granularity,
             buf_size: o.buf_size.filter(|b| *b > 0).unwrap_or(16 << 20),
@@ -389,6 +395,8 @@ impl Mirror {
             on_target_error: o.on_target_error,
             replaces: o.replaces,
             auto_write_blocking: o.auto_write_blocking,
+            owns_target: o.owns_target,
+            pivoted: AtomicBool::new(false),
             complete: AtomicBool::new(false),
             finish_in_place: AtomicBool::new(false),
             holding: AtomicBool::new(false),
@@ -818,6 +826,7 @@ impl Mirror {
                 self.graph
                     .replace(from, &self.target)
                     .map_err(|e| e.to_string())?;
+                self.pivoted.store(true, Ordering::SeqCst);
                 return Ok(true);
             }
             Ok(false)
@@ -890,6 +899,16 @@ impl JobDriver for Mirror {
         self.source.bitmaps().remove_anonymous(self.dirty);
         if let (Some(name), true) = (&self.bitmap, self.bitmap_mode != BitmapMode::Never) {
             let _ = self.source.bitmaps().set_busy(name, false);
+        }
+        drop(self.edges.lock().unwrap_or_else(|e| e.into_inner()).take());
+        // A target the job made and did not pivot to goes away with it.
+        if self.owns_target && !self.pivoted.load(Ordering::SeqCst) {
+            let (graph, target) = (self.graph.clone(), self.target.clone());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    graph.remove_unused(&target).await;
+                });
+            }
         }
     }
 

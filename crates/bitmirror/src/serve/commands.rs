@@ -18,6 +18,7 @@ use super::info;
 /// Every command we answer besides `qmp_capabilities` (which the monitor
 /// answers), in the order `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
+    "drive-mirror",
     "block-job-change",
     "blockdev-mirror",
     "job-finalize",
@@ -347,7 +348,11 @@ async fn run(
             ))
         }
         "blockdev-mirror" => {
-            super::mirror::blockdev_mirror(daemon, args)?;
+            super::mirror::blockdev_mirror(daemon, args).await?;
+            Ok(json!({}))
+        }
+        "drive-mirror" => {
+            super::mirror::drive_mirror(daemon, args).await?;
             Ok(json!({}))
         }
         "block-job-change" => {

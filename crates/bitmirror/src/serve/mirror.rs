@@ -1,6 +1,6 @@
-//! `blockdev-mirror`: QEMU's arguments, plus `bitmap` and `bitmap-mode`
-//! (the names Proxmox's patched QEMU uses) and `target-is-zero` (QEMU
-//! 10.1).
+//! `blockdev-mirror` and `drive-mirror`: QEMU's arguments, plus `bitmap`
+//! and `bitmap-mode` (the names Proxmox's patched QEMU uses),
+//! `target-is-zero` (QEMU 10.1) and our `auto-write-blocking`.
 
 use std::sync::Arc;
 
@@ -10,41 +10,85 @@ use qapi::Object;
 use qmp::QmpError;
 
 use super::commands::{done, job_err};
-use super::daemon::Daemon;
+use super::daemon::{Daemon, qerr};
 
-/// Reads `blockdev-mirror`'s arguments and starts the job.
-pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), QmpError> {
-    let job_id = args.opt_str("job-id")?;
-    let device = args.req_str("device")?;
-    let target = args.req_str("target")?;
-    let replaces = args.opt_str("replaces")?;
-    let sync = args.req_enum(
-        "sync",
-        &[
-            ("top", MirrorSync::Top),
-            ("full", MirrorSync::Full),
-            ("none", MirrorSync::None),
-            ("incremental", MirrorSync::Bitmap),
-            ("bitmap", MirrorSync::Bitmap),
-        ],
-    )?;
+/// The arguments `blockdev-mirror` and `drive-mirror` share.
+struct Common {
+    job_id: Option<String>,
+    device: String,
+    replaces: Option<String>,
+    sync: MirrorSync,
+    speed: i64,
+    granularity: Option<u32>,
+    buf_size: Option<i64>,
+    on_source_error: OnError,
+    on_target_error: OnError,
+    write_blocking: bool,
+    auto_finalize: bool,
+    auto_dismiss: bool,
+    target_is_zero: bool,
+    unmap: bool,
+    bitmap: Option<String>,
+    bitmap_mode: BitmapMode,
+    auto_write_blocking: bool,
+}
+
+/// What the target of a mirror is.
+enum Target {
+    /// An existing node (`blockdev-mirror`).
+    Node(String),
+    /// A file or NBD export `drive-mirror` names, to open (and maybe
+    /// create) as `format`.
+    Drive {
+        filename: String,
+        format: Option<String>,
+        node_name: Option<String>,
+        existing: bool,
+    },
+}
+
+const SYNC_MODES: &[(&str, MirrorSync)] = &[
+    ("top", MirrorSync::Top),
+    ("full", MirrorSync::Full),
+    ("none", MirrorSync::None),
+    ("incremental", MirrorSync::Bitmap),
+    ("bitmap", MirrorSync::Bitmap),
+];
+
+const ERROR_POLICIES: &[(&str, OnError)] = &[
+    ("report", OnError::Report),
+    ("ignore", OnError::Ignore),
+    ("enospc", OnError::Enospc),
+    ("stop", OnError::Stop),
+    ("auto", OnError::Report),
+];
+
+/// Reads the members after `sync`, in QEMU's order, and ours.
+fn read_rest(
+    args: &mut Object,
+    job_id: Option<String>,
+    device: String,
+    replaces: Option<String>,
+    sync: MirrorSync,
+    drive: bool,
+) -> Result<Common, QmpError> {
     let speed = args.opt_i64("speed")?.unwrap_or(0);
     let granularity = args.opt_u32("granularity")?;
     let buf_size = args.opt_i64("buf-size")?;
-    let errors = [
-        ("report", OnError::Report),
-        ("ignore", OnError::Ignore),
-        ("enospc", OnError::Enospc),
-        ("stop", OnError::Stop),
-        ("auto", OnError::Report),
-    ];
     let on_source_error = args
-        .opt_enum("on-source-error", &errors)?
+        .opt_enum("on-source-error", ERROR_POLICIES)?
         .unwrap_or_default();
     let on_target_error = args
-        .opt_enum("on-target-error", &errors)?
+        .opt_enum("on-target-error", ERROR_POLICIES)?
         .unwrap_or_default();
-    let filter_node_name = args.opt_str("filter-node-name")?;
+    let unmap = if drive {
+        args.opt_bool("unmap")?.unwrap_or(true)
+    } else {
+        true
+    };
+    if !drive && args.opt_str("filter-node-name")?.is_some() {
+        return Err(QmpError::generic("'filter-node-name' is not supported yet"));
+    }
     let write_blocking = args
         .opt_enum(
             "copy-mode",
@@ -67,16 +111,197 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
         )?
         .unwrap_or_default();
     done(args)?;
-
-    let not_yet = |what: &str| Err(QmpError::generic(format!("{what} is not supported yet")));
-    if filter_node_name.is_some() {
-        return not_yet("'filter-node-name'");
-    }
     if speed < 0 {
         return Err(QmpError::generic(
             "Parameter 'speed' expects a non-negative value",
         ));
     }
+    Ok(Common {
+        job_id,
+        device,
+        replaces,
+        sync,
+        speed,
+        granularity,
+        buf_size,
+        on_source_error,
+        on_target_error,
+        write_blocking,
+        auto_finalize,
+        auto_dismiss,
+        target_is_zero,
+        unmap,
+        bitmap,
+        bitmap_mode,
+        auto_write_blocking,
+    })
+}
+
+/// Reads `blockdev-mirror`'s arguments and starts the job.
+pub async fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), QmpError> {
+    let job_id = args.opt_str("job-id")?;
+    let device = args.req_str("device")?;
+    let target = args.req_str("target")?;
+    let replaces = args.opt_str("replaces")?;
+    let sync = args.req_enum("sync", SYNC_MODES)?;
+    let common = read_rest(args, job_id, device, replaces, sync, false)?;
+    start(daemon, common, Target::Node(target)).await
+}
+
+/// Reads `drive-mirror`'s arguments and starts the job: the target is a
+/// file (created unless `mode=existing`) or an NBD export
+/// (`nbd:unix:PATH[:exportname=NAME]`, `nbd:HOST:PORT[:exportname=NAME]`,
+/// `nbd+unix:///NAME?socket=PATH`, `nbd://HOST:PORT/NAME`), always with
+/// `mode=existing`.
+pub async fn drive_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), QmpError> {
+    let job_id = args.opt_str("job-id")?;
+    let device = args.req_str("device")?;
+    let filename = args.req_str("target")?;
+    let format = args.opt_str("format")?;
+    let node_name = args.opt_str("node-name")?;
+    let replaces = args.opt_str("replaces")?;
+    let sync = args.req_enum("sync", SYNC_MODES)?;
+    let existing = args
+        .opt_enum("mode", &[("existing", true), ("absolute-paths", false)])?
+        .unwrap_or(false);
+    let common = read_rest(args, job_id, device, replaces, sync, true)?;
+    let target = Target::Drive {
+        filename,
+        format,
+        node_name,
+        existing,
+    };
+    start(daemon, common, target).await
+}
+
+/// QEMU's NBD filenames as an `nbd` node's options.
+fn nbd_filename(name: &str) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let (server, export) = if let Some(rest) = name.strip_prefix("nbd:unix:") {
+        let (path, export) = match rest.split_once(":exportname=") {
+            Some((p, e)) => (p, Some(e)),
+            None => (rest, None),
+        };
+        (json!({"type": "unix", "path": path}), export)
+    } else if let Some(rest) = name.strip_prefix("nbd+unix://") {
+        let (path_part, query) = rest.split_once('?')?;
+        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
+        let export = path_part.strip_prefix('/').filter(|e| !e.is_empty());
+        (json!({"type": "unix", "path": socket}), export)
+    } else if let Some(rest) = name.strip_prefix("nbd://") {
+        let (hostport, export) = match rest.split_once('/') {
+            Some((h, e)) => (h, Some(e).filter(|e| !e.is_empty())),
+            None => (rest, None),
+        };
+        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+        (json!({"type": "inet", "host": host, "port": port}), export)
+    } else if let Some(rest) = name.strip_prefix("nbd:") {
+        let (hostport, export) = match rest.split_once(":exportname=") {
+            Some((h, e)) => (h, Some(e)),
+            None => (rest, None),
+        };
+        let (host, port) = hostport.rsplit_once(':')?;
+        (json!({"type": "inet", "host": host, "port": port}), export)
+    } else {
+        return None;
+    };
+    let mut o = json!({"driver": "nbd", "server": server});
+    if let Some(e) = export {
+        o["export"] = json!(e);
+    }
+    Some(o)
+}
+
+/// Opens (creating it first unless it exists already) `drive-mirror`'s
+/// target.
+async fn open_drive(
+    daemon: &Arc<Daemon>,
+    source: &Arc<block::Node>,
+    sync: MirrorSync,
+    filename: &str,
+    format: Option<String>,
+    node_name: Option<String>,
+    existing: bool,
+) -> Result<Arc<block::Node>, QmpError> {
+    use serde_json::json;
+    let nbd = nbd_filename(filename);
+    let format = match (format, &nbd) {
+        (Some(f), _) => f,
+        (None, Some(_)) => "raw".to_owned(),
+        (None, None) if existing => {
+            let mut magic = [0u8; 4];
+            let is_qcow2 = std::fs::File::open(filename)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok()
+                && magic == *b"QFI\xfb";
+            if is_qcow2 { "qcow2" } else { "raw" }.to_owned()
+        }
+        (None, None) => match source.driver_name() {
+            "qcow2" => "qcow2".to_owned(),
+            _ => "raw".to_owned(),
+        },
+    };
+    if !matches!(format.as_str(), "raw" | "qcow2") {
+        return Err(QmpError::generic(format!(
+            "Unknown driver '{format}' (bitmirror's drive-mirror takes raw and qcow2)"
+        )));
+    }
+    if !existing {
+        if nbd.is_some() {
+            return Err(QmpError::generic(
+                "Cannot create an image on an NBD server: use mode 'existing'",
+            ));
+        }
+        create_target(source, sync, filename, &format)?;
+    }
+    let file = nbd.unwrap_or_else(|| json!({"driver": "file", "filename": filename}));
+    let mut options = json!({"driver": format, "file": file});
+    if let Some(name) = node_name {
+        options["node-name"] = json!(name);
+    }
+    let options = block::BlockdevOptions::from_json(&options).map_err(qerr)?;
+    daemon.graph.add_for_job(&options).await.map_err(qerr)
+}
+
+/// Creates `drive-mirror`'s target as QEMU does with `absolute-paths`:
+/// the source's size; for `top` the source's backing file as backing, for
+/// `none` the source itself, none for `full` and `bitmap`.
+fn create_target(
+    source: &Arc<block::Node>,
+    sync: MirrorSync,
+    filename: &str,
+    format: &str,
+) -> Result<(), QmpError> {
+    let size = source.length();
+    let fail = |e: std::io::Error| QmpError::generic(format!("Could not create '{filename}': {e}"));
+    let _ = std::fs::remove_file(filename);
+    if format == "raw" {
+        let f = std::fs::File::create(filename).map_err(fail)?;
+        return f.set_len(size).map_err(fail);
+    }
+    let backing = match sync {
+        MirrorSync::Top => source
+            .children()
+            .iter()
+            .find(|(r, _)| *r == block::ChildRole::Backing)
+            .map(|(_, e)| e.node()),
+        MirrorSync::None => Some(source.clone()),
+        _ => None,
+    };
+    let backing = backing.and_then(|b| {
+        let name = super::info::filename(&b);
+        (!name.starts_with("json:")).then(|| (name, b.driver_name().to_owned()))
+    });
+    let image = block::Qcow2Create {
+        size,
+        cluster_size: 1 << 16,
+        backing,
+    };
+    block::create_qcow2(std::path::Path::new(filename), &image).map_err(qerr)
+}
+
+/// Checks the nodes and starts the job.
+async fn start(daemon: &Arc<Daemon>, c: Common, target: Target) -> Result<(), QmpError> {
     let lookup = |name: &str| {
         daemon.graph.find(name).ok_or_else(|| {
             QmpError::generic(format!(
@@ -84,9 +309,37 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
             ))
         })
     };
-    let source = lookup(&device)?;
-    let target = lookup(&target)?;
-    let replaces = match replaces {
+    let source = lookup(&c.device)?;
+    let (target, owns_target) = match target {
+        Target::Node(name) => (lookup(&name)?, false),
+        Target::Drive {
+            filename,
+            format,
+            node_name,
+            existing,
+        } => {
+            let node = open_drive(
+                daemon, &source, c.sync, &filename, format, node_name, existing,
+            )
+            .await?;
+            (node, true)
+        }
+    };
+    let result = start_on(daemon, c, source, target.clone(), owns_target);
+    if result.is_err() && owns_target {
+        daemon.graph.remove_unused(&target).await;
+    }
+    result
+}
+
+fn start_on(
+    daemon: &Arc<Daemon>,
+    c: Common,
+    source: Arc<block::Node>,
+    target: Arc<block::Node>,
+    owns_target: bool,
+) -> Result<(), QmpError> {
+    let replaces = match c.replaces {
         Some(name) => Some(
             daemon
                 .graph
@@ -104,24 +357,25 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
     if in_use {
         return Err(QmpError::generic("Need a root block node"));
     }
-    let id = job_id.unwrap_or_else(|| device.clone());
+    let id = c.job_id.unwrap_or_else(|| c.device.clone());
     let mirror = Mirror::new(MirrorOptions {
         id: id.clone(),
         graph: daemon.graph.clone(),
         source,
         target,
-        sync,
-        bitmap,
-        bitmap_mode,
-        granularity: granularity.map(u64::from),
-        buf_size: buf_size.and_then(|b| u64::try_from(b).ok()),
-        target_is_zero,
-        unmap: true,
-        write_blocking,
-        auto_write_blocking,
+        sync: c.sync,
+        bitmap: c.bitmap,
+        bitmap_mode: c.bitmap_mode,
+        granularity: c.granularity.map(u64::from),
+        buf_size: c.buf_size.and_then(|b| u64::try_from(b).ok()),
+        target_is_zero: c.target_is_zero,
+        unmap: c.unmap,
+        write_blocking: c.write_blocking,
+        auto_write_blocking: c.auto_write_blocking,
+        owns_target,
         replaces,
-        on_source_error,
-        on_target_error,
+        on_source_error: c.on_source_error,
+        on_target_error: c.on_target_error,
     })
     .map_err(job_err)?;
     let job = daemon
@@ -130,15 +384,15 @@ pub fn blockdev_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), Qm
             JobOptions {
                 id,
                 job_type: "mirror",
-                auto_finalize,
-                auto_dismiss,
+                auto_finalize: c.auto_finalize,
+                auto_dismiss: c.auto_dismiss,
                 block_job: true,
             },
             mirror,
         )
         .map_err(job_err)?;
-    if speed > 0 {
-        job.set_speed(speed as u64).map_err(job_err)?;
+    if c.speed > 0 {
+        job.set_speed(c.speed as u64).map_err(job_err)?;
     }
     daemon.jobs.start(&job);
     Ok(())
