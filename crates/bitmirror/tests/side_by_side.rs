@@ -862,15 +862,29 @@ fn mirror_jobs_match() {
 fn drive_mirror_matches() {
     let mut p = Pair::start(
         |_| {},
-        |_| vec!["--blockdev".into(), "null-co,node-name=s,size=4194304,read-zeroes=on".into()],
+        |_| {
+            vec![
+                "--blockdev".into(),
+                "null-co,node-name=s,size=4194304,read-zeroes=on".into(),
+            ]
+        },
     );
     let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
-    p.both(ex("drive-mirror", json!({"device": "s", "target": "$DIR/x.raw", "format": "raw",
-        "mode": "existing", "sync": "full"})));
-    p.both(ex("drive-mirror", json!({"device": "s", "target": "$DIR/x.raw", "sync": "full",
-        "mode": "bogus"})));
-    p.both(ex("drive-mirror", json!({"job-id": "d", "device": "s", "target": "$DIR/t.raw",
-        "format": "raw", "node-name": "tgt", "sync": "full"})));
+    p.both(ex(
+        "drive-mirror",
+        json!({"device": "s", "target": "$DIR/x.raw", "format": "raw",
+        "mode": "existing", "sync": "full"}),
+    ));
+    p.both(ex(
+        "drive-mirror",
+        json!({"device": "s", "target": "$DIR/x.raw", "sync": "full",
+        "mode": "bogus"}),
+    ));
+    p.both(ex(
+        "drive-mirror",
+        json!({"job-id": "d", "device": "s", "target": "$DIR/t.raw",
+        "format": "raw", "node-name": "tgt", "sync": "full"}),
+    ));
     same_events_until(&mut p, "BLOCK_JOB_READY");
     p.both(ex("query-block-jobs", json!({})));
     p.both(ex("block-job-cancel", json!({"device": "d"})));

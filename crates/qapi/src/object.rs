@@ -313,6 +313,11 @@ impl Object {
     /// Ends reading: fails with "Parameter '…' is unexpected" for the first
     /// member nobody took.
     pub fn finish(self) -> Result<()> {
+        self.check_done()
+    }
+
+    /// [`finish`](Self::finish) without giving the reader up.
+    pub fn check_done(&self) -> Result<()> {
         match self.map.keys().next() {
             Some(key) => Err(Error::UnexpectedParameter(self.name(key))),
             None => Ok(()),

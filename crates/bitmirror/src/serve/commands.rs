@@ -118,12 +118,7 @@ fn bitmap_node(daemon: &Daemon, name: &str) -> Result<Arc<block::Node>, QmpError
 
 /// Reads no more arguments: the leftovers are unexpected.
 pub fn done(args: &mut Object) -> Result<(), QmpError> {
-    std::mem::replace(args, empty()).finish()?;
-    Ok(())
-}
-
-fn empty() -> Object {
-    Object::json(&json!({})).unwrap_or_else(|_| unreachable!("an empty object is an object"))
+    Ok(args.check_done()?)
 }
 
 async fn run(
