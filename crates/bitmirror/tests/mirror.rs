@@ -49,6 +49,29 @@ fn guest(dir: &Path, commands: &[String]) {
     run("qemu-io", &args);
 }
 
+/// A second daemon in `dir/dest` exporting the qcow2 `image` writable as
+/// `export`: a migration's destination. Returns it and its NBD socket.
+fn destination(dir: &Path, image: &Path, export: &str) -> (StorageDaemon, PathBuf) {
+    let dest_dir = dir.join("dest");
+    std::fs::create_dir(&dest_dir).expect("a directory");
+    let sock = dest_dir.join("nbd.sock");
+    let daemon = serve(
+        &dest_dir,
+        &[
+            "--blockdev".into(),
+            format!(
+                "driver=qcow2,node-name=d,file.driver=file,file.filename={}",
+                image.display()
+            ),
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export".into(),
+            format!("type=nbd,id=e,node-name=d,name={export},writable=on"),
+        ],
+    );
+    (daemon, sock)
+}
+
 /// Waits for event `name` (other events are kept aside).
 fn wait_event(qmp: &mut Qmp, name: &str) -> Value {
     loop {
@@ -907,23 +930,7 @@ fn every_sync_mode_into_an_nbd_target_on_another_daemon() {
         } else {
             std::fs::copy(&src, &dst).expect("the backup");
         }
-        let dest_dir = dir.path().join("dest");
-        std::fs::create_dir(&dest_dir).expect("a directory");
-        let dest_sock = dest_dir.join("nbd.sock");
-        let mut dest = serve(
-            &dest_dir,
-            &[
-                "--blockdev".into(),
-                format!(
-                    "driver=qcow2,node-name=d,file.driver=file,file.filename={}",
-                    dst.display()
-                ),
-                "--nbd-server".into(),
-                format!("addr.type=unix,addr.path={}", dest_sock.display()),
-                "--export".into(),
-                "type=nbd,id=e,node-name=d,name=d,writable=on".into(),
-            ],
-        );
+        let (mut dest, dest_sock) = destination(dir.path(), &dst, "d");
         let args = vec![
             "--blockdev".to_string(),
             format!(
@@ -1053,23 +1060,7 @@ fn drive_mirror_creates_or_reuses_its_target() {
     );
     let remote = dir.path().join("remote.qcow2");
     qemu_img_create_qcow2(path_str(&remote), 16 << 20, "");
-    let dest_dir = dir.path().join("dest");
-    std::fs::create_dir(&dest_dir).expect("a directory");
-    let dest_sock = dest_dir.join("nbd.sock");
-    let mut dest = serve(
-        &dest_dir,
-        &[
-            "--blockdev".into(),
-            format!(
-                "driver=qcow2,node-name=d,file.driver=file,file.filename={}",
-                remote.display()
-            ),
-            "--nbd-server".into(),
-            format!("addr.type=unix,addr.path={}", dest_sock.display()),
-            "--export".into(),
-            "type=nbd,id=e,node-name=d,name=drive-scsi0,writable=on".into(),
-        ],
-    );
+    let (mut dest, dest_sock) = destination(dir.path(), &remote, "drive-scsi0");
     let args = vec![
         "--blockdev".to_string(),
         format!(

@@ -105,20 +105,7 @@ impl Qmp {
     /// Connects to the QMP socket at `path`, reads the greeting and
     /// negotiates capabilities.
     pub fn connect(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("cannot connect to QMP at {}: {e}", path.display()));
-        stream
-            .set_read_timeout(Some(PEER_TIMEOUT))
-            .unwrap_or_else(|e| panic!("cannot set a QMP read timeout: {e}"));
-        let writer = stream
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot clone the QMP socket: {e}"));
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            events: Vec::new(),
-        };
-        let greeting = qmp.read_message();
+        let (mut qmp, greeting) = Qmp::connect_raw(path);
         assert!(
             greeting.get("QMP").is_some(),
             "expected a QMP greeting, got {greeting}"

@@ -27,21 +27,17 @@ pub async fn serve(
         } => {
             // QEMU replaces a stale socket file.
             let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path)
-                .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
-            let first = if wait {
-                Some(listener.accept().await.map_err(|e| e.to_string())?.0)
-            } else {
-                None
+            let listener = Arc::new(
+                UnixListener::bind(&path)
+                    .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?,
+            );
+            let accept = move || {
+                let l = listener.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
             };
+            let task = listen(wait, accept, monitor, stop).await?;
             Ok(tokio::spawn(async move {
-                accept_loop(
-                    first,
-                    || async { listener.accept().await.map(|(s, _)| s) },
-                    monitor,
-                    stop,
-                )
-                .await;
+                let _ = task.await;
                 let _ = std::fs::remove_file(&path);
             }))
         }
@@ -61,23 +57,16 @@ pub async fn serve(
             server: true,
             wait,
         } => {
-            let listener = TcpListener::bind(format!("{host}:{port}"))
-                .await
-                .map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}"))?;
-            let first = if wait {
-                Some(listener.accept().await.map_err(|e| e.to_string())?.0)
-            } else {
-                None
+            let listener = Arc::new(
+                TcpListener::bind(format!("{host}:{port}"))
+                    .await
+                    .map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}"))?,
+            );
+            let accept = move || {
+                let l = listener.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
             };
-            Ok(tokio::spawn(async move {
-                accept_loop(
-                    first,
-                    || async { listener.accept().await.map(|(s, _)| s) },
-                    monitor,
-                    stop,
-                )
-                .await;
-            }))
+            listen(wait, accept, monitor, stop).await
         }
         ChardevBackend::Tcp {
             host,
@@ -99,6 +88,28 @@ pub async fn serve(
             }
         })),
     }
+}
+
+/// Serves the clients `accept` brings, on a task of their own; with
+/// `wait`, the first one must have come before this returns (QEMU's
+/// `wait=on`).
+async fn listen<S, F, Fut>(
+    wait: bool,
+    mut accept: F,
+    monitor: Arc<Monitor>,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, String>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<S>> + Send + 'static,
+{
+    let first = if wait {
+        Some(accept().await.map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    Ok(tokio::spawn(accept_loop(first, accept, monitor, stop)))
 }
 
 /// Serves clients one after another (further clients wait in the backlog,
