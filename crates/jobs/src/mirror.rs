@@ -803,8 +803,21 @@ impl Mirror {
                         // Retried: the area is dirty again. Not at once,
                         // though, if the error persists.
                         Action::Ignore => tokio::time::sleep(Duration::from_millis(10)).await,
-                        // The job pauses at the top of the loop.
-                        Action::Stop => {}
+                        // The job pauses at the top of the loop, once the
+                        // copies in flight have ended (their failures only
+                        // leave their areas dirty: a late one must not
+                        // pause the job again after the user resumed it).
+                        Action::Stop => {
+                            while let Some((o, l, r)) = running.next().await {
+                                inflight.retain(|&(a, b)| (a, b) != (o, l));
+                                if r.is_err() {
+                                    self.with_dirty(|d| d.set(o, l));
+                                } else {
+                                    job.progress_by(l);
+                                }
+                                self.release_area((o, l));
+                            }
+                        }
                     }
                     continue;
                 }
