@@ -72,6 +72,32 @@ fn destination(dir: &Path, image: &Path, export: &str) -> (StorageDaemon, PathBu
     (daemon, sock)
 }
 
+/// `qemu-img compare` finds the two qcow2 images identical.
+fn assert_identical(a: &Path, b: &Path) {
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            path_str(a),
+            path_str(b),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}
+
+/// Completes mirror `job`, expects success, and quits the daemon.
+fn complete_and_quit(qmp: &mut Qmp, daemon: &mut StorageDaemon, job: &str) {
+    qmp.execute_ok("block-job-complete", json!({ "device": job }));
+    let done = wait_event(qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}
+
 /// Waits for event `name` (other events are kept aside).
 fn wait_event(qmp: &mut Qmp, name: &str) -> Value {
     loop {
@@ -159,19 +185,7 @@ fn full_mirror_with_a_writer_then_complete_pivots_the_export() {
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 77 62M 64k", path_str(&src)],
     );
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(&src),
-            path_str(&dst),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_identical(&src, &dst);
 }
 
 #[test]
@@ -239,19 +253,7 @@ fn bitmap_mirror_copies_only_what_changed_since_the_backup() {
     assert_eq!(qmp.execute_ok("query-block-jobs", json!({})), json!([]));
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(&src),
-            path_str(&dst),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_identical(&src, &dst);
 }
 
 /// Writes in flight while the job starts reach the target (QEMU 10.0 can
@@ -303,24 +305,8 @@ fn writes_racing_the_start_reach_the_target() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let rounds = writer.join().expect("the writer");
     assert!(rounds >= 2, "the writer ran {rounds} rounds");
-    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
-    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
-    assert!(done["data"].get("error").is_none(), "{done}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(&src),
-            path_str(&dst),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    complete_and_quit(&mut qmp, &mut daemon, "m");
+    assert_identical(&src, &dst);
 }
 
 /// bitmap-mode: `on-success` leaves the user bitmap with what is left to
@@ -542,19 +528,7 @@ fn top_and_none_with_pause_resume_speed_and_cancel() {
     assert!(len == 64 << 10 || len == 128 << 10, "{done}");
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(&src),
-            path_str(&dst),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_identical(&src, &dst);
     // The target's own allocation is only what the top layer had.
     let map = run(
         "qemu-img",
@@ -659,24 +633,8 @@ fn write_blocking_converges_where_background_does_not() {
         qmp.execute_ok("query-block-jobs", json!({}))[0]["actively-synced"],
         true
     );
-    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
-    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
-    assert!(done["data"].get("error").is_none(), "{done}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(&src),
-            path_str(&dst),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    complete_and_quit(&mut qmp, &mut daemon, "m");
+    assert_identical(&src, &dst);
 }
 
 /// Error policies against a target that fails writes with ENOSPC while a
@@ -1025,24 +983,8 @@ fn auto_write_blocking_switches_when_the_backlog_stalls() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().expect("the writer");
     qmp.execute_ok("block-job-set-speed", json!({"device": "m", "speed": 0}));
-    qmp.execute_ok("block-job-complete", json!({"device": "m"}));
-    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
-    assert!(done["data"].get("error").is_none(), "{done}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(&src),
-            path_str(&dst),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    complete_and_quit(&mut qmp, &mut daemon, "m");
+    assert_identical(&src, &dst);
 }
 
 /// `drive-mirror`: into a qcow2 it creates (`absolute-paths`), and into
@@ -1146,17 +1088,5 @@ fn drive_mirror_creates_or_reuses_its_target() {
     assert_eq!(daemon.wait_exit(), Some(0));
     dest.qmp().execute_ok("quit", json!({}));
     assert_eq!(dest.wait_exit(), Some(0));
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(&src),
-            path_str(&remote),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_identical(&src, &remote);
 }
