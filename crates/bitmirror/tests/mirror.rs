@@ -434,21 +434,9 @@ fn top_and_none_with_pause_resume_speed_and_cancel() {
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 1 0 32M", path_str(&base)],
     );
+    let backing = format!("backing_file={},backing_fmt=qcow2", base.display());
     for overlay in [&src, &dst] {
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                path_str(&base),
-                "-F",
-                "qcow2",
-                path_str(overlay),
-            ],
-        );
+        qemu_img_create_qcow2(path_str(overlay), 32 << 20, &backing);
     }
     run(
         "qemu-io",

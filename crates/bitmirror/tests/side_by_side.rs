@@ -164,15 +164,12 @@ fn normalize(value: Value, dir: &str) -> Value {
     }
 }
 
-fn qcow2(dir: &Path, name: &str, size: &str, backing: Option<&str>) {
+fn qcow2(dir: &Path, name: &str, size: u64, backing: Option<&str>) {
     let path = dir.join(name);
-    let path = path.to_str().expect("a UTF-8 path");
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if let Some(b) = backing {
-        args.extend(["-b", b, "-F", "qcow2"]);
-    }
-    args.extend([path, size]);
-    run("qemu-img", &args);
+    let options = backing.map_or(String::new(), |b| {
+        format!("backing_file={b},backing_fmt=qcow2")
+    });
+    testkit::qemu_img_create_qcow2(path.to_str().expect("a UTF-8 path"), size, &options);
 }
 
 #[test]
@@ -250,8 +247,8 @@ fn protocol_and_argument_errors_match() {
 fn nodes_and_bitmaps_match() {
     let mut p = Pair::start(
         |dir| {
-            qcow2(dir, "base.qcow2", "64M", None);
-            qcow2(dir, "top.qcow2", "64M", Some("base.qcow2"));
+            qcow2(dir, "base.qcow2", 64 << 20, None);
+            qcow2(dir, "top.qcow2", 64 << 20, Some("base.qcow2"));
             run(
                 "qemu-img",
                 &[
@@ -403,7 +400,7 @@ fn nodes_and_bitmaps_match() {
 #[test]
 fn nbd_server_and_exports_match() {
     let mut p = Pair::start(
-        |dir| qcow2(dir, "a.qcow2", "16M", None),
+        |dir| qcow2(dir, "a.qcow2", 16 << 20, None),
         |dir| {
             vec![
                 "--blockdev".into(),
@@ -621,7 +618,7 @@ fn command_line_errors_match() {
     let qemu = require_tool("qemu-storage-daemon", "qemu-utils");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let img = dir.path().join("x.qcow2");
-    qcow2(dir.path(), "x.qcow2", "1M", None);
+    qcow2(dir.path(), "x.qcow2", 1 << 20, None);
     let valid = format!("driver=file,node-name=f,filename={}", img.display());
     let cases: Vec<Vec<String>> = vec![
         vec!["--blockdev".into(), "driver=nosuch,node-name=x".into()],
