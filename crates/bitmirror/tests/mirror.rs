@@ -1078,3 +1078,71 @@ fn drive_mirror_creates_or_reuses_its_target() {
     assert_eq!(dest.wait_exit(), Some(0));
     assert_identical(&src, &remote);
 }
+
+#[test]
+fn without_auto_finalize_the_pivot_waits_for_finalize_and_holds_the_guest() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 16 << 20, "");
+    qemu_img_create_qcow2(path_str(&dst), 16 << 20, "");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 4M", path_str(&src)],
+    );
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "src", "target": "dst", "sync": "full",
+               "auto-finalize": false}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-complete", json!({"device": "m0"}));
+    let pending = wait_event(&mut qmp, "BLOCK_JOB_PENDING");
+    assert_eq!(pending["data"]["id"], "m0", "{pending}");
+    // Pending: not pivoted yet, and the source drained as in QEMU, so a
+    // guest write waits.
+    let exports = qmp.execute_ok("query-block-exports", json!({}));
+    assert_eq!(exports[0]["node-name"], "src", "{exports}");
+    let uri = format!(
+        "nbd+unix:///disk?socket={}",
+        dir.path().join("nbd.sock").display()
+    );
+    let mut writer = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 55 0 64k", &uri])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io runs");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(
+        writer.try_wait().expect("a child").is_none(),
+        "a guest write completed while the mirror was pending"
+    );
+    qmp.execute_ok("job-finalize", json!({"id": "m0"}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert!(writer.wait().expect("qemu-io ends").success());
+    let exports = qmp.execute_ok("query-block-exports", json!({}));
+    assert_eq!(exports[0]["node-name"], "dst", "{exports}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    // The held write went to the target only.
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 55 0 64k",
+            "-c",
+            "read -P 1 64k 4032k",
+            path_str(&dst),
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let out = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 1 0 4M", path_str(&src)],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}

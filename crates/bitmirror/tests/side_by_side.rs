@@ -853,6 +853,29 @@ fn mirror_jobs_match() {
     p.both(ex("block-job-complete", json!({"device": "m0"})));
     same_events_until(&mut p, "null");
     p.both(ex("query-block-jobs", json!({})));
+    // Manual finalization: pending until job-finalize, then dismissed by hand.
+    p.both(mirror(
+        json!({"job-id": "m1", "auto-finalize": false, "auto-dismiss": false}),
+    ));
+    same_events_until(&mut p, "BLOCK_JOB_READY");
+    p.both(ex("block-job-complete", json!({"device": "m1"})));
+    same_events_until(&mut p, "BLOCK_JOB_PENDING");
+    p.both(ex("query-jobs", json!({})));
+    p.both(ex("job-dismiss", json!({"id": "m1"})));
+    p.both(ex("job-finalize", json!({"id": "m1"})));
+    same_events_until(&mut p, "concluded");
+    p.both(ex("query-block-jobs", json!({})));
+    p.both(ex("job-dismiss", json!({"id": "m1"})));
+    same_events_until(&mut p, "null");
+    // A ready mirror cancelled without force finishes in place; it cannot
+    // be completed any more.
+    p.both(mirror(json!({"job-id": "m2", "auto-finalize": false})));
+    same_events_until(&mut p, "BLOCK_JOB_READY");
+    p.both(ex("block-job-cancel", json!({"device": "m2"})));
+    same_events_until(&mut p, "BLOCK_JOB_PENDING");
+    p.both(ex("block-job-complete", json!({"device": "m2"})));
+    p.both(ex("job-cancel", json!({"id": "m2"})));
+    same_events_until(&mut p, "null");
 }
 
 #[test]

@@ -48,15 +48,21 @@ pub enum Error {
 }
 
 /// The work of a job. The registry calls [`run`](Self::run) once; after it
-/// returns, exactly one of [`commit`](Self::commit) (success, at
-/// finalization) or [`abort`](Self::abort) (failure or cancel), then
-/// [`clean`](Self::clean).
+/// succeeds, [`prepare`](Self::prepare) at finalization (after `pending`,
+/// so after `job-finalize` when auto-finalize is off); then exactly one of
+/// [`commit`](Self::commit) (run and prepare succeeded) or
+/// [`abort`](Self::abort) (a failure or cancel), then [`clean`](Self::clean).
 pub trait JobDriver: Send + Sync + 'static {
     /// Does the work; `Err` carries the message users see in `query-jobs`
     /// and `BLOCK_JOB_COMPLETED`. Should await [`Job::pause_point`] between
     /// steps, and return early when [`Job::is_cancelled`].
     fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>>;
-    /// Makes the result visible (e.g. a mirror's pivot).
+    /// The part of finalization that can still fail (QEMU's `.prepare`:
+    /// a mirror's pivot); `Err` fails the job with that message.
+    fn prepare(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Makes the result final (e.g. a mirror's bitmap hand-back).
     fn commit(&self) {}
     /// Undoes what must not outlive a failed job.
     fn abort(&self) {}
@@ -618,6 +624,9 @@ impl Job {
                         }
                         notified.await;
                     }
+                }
+                if let Err(e) = driver.prepare() {
+                    return self.conclude_failed(Some(e), false);
                 }
                 driver.commit();
                 driver.clean();

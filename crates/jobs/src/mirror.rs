@@ -827,31 +827,42 @@ impl Mirror {
     }
 
     /// The end of a ready mirror: hold the source's writes, copy what is
-    /// left, flush, and pivot unless finishing in place.
+    /// left and flush. The writes stay held until [`JobDriver::prepare`]
+    /// pivots (or the job aborts), as QEMU keeps the source drained until
+    /// then: with auto-finalize off, until `job-finalize`.
     async fn finish(&self, job: &Job) -> Result<(), String> {
         self.holding.store(true, Ordering::SeqCst);
         self.source.hold_writes().await;
         let result = async {
             self.drain_dirty(job).await?;
-            self.target.flush().await.map_err(|e| e.to_string())?;
-            if self.complete.load(Ordering::SeqCst) {
-                let from = self.replaces.as_ref().unwrap_or(&self.source);
-                self.graph
-                    .replace(from, &self.target)
-                    .map_err(|e| e.to_string())?;
-                self.pivoted.store(true, Ordering::SeqCst);
-                return Ok(true);
-            }
-            Ok(false)
+            self.target.flush().await.map_err(|e| e.to_string())
         }
         .await;
-        // Held writes follow the pivot when the source itself was replaced.
-        match (&result, &self.replaces) {
-            (Ok(true), None) => self.source.release_writes(Some(&self.target)),
-            _ => self.source.release_writes(None),
+        if result.is_err() && self.holding.swap(false, Ordering::SeqCst) {
+            self.source.release_writes(None);
         }
-        self.holding.store(false, Ordering::SeqCst);
-        result.map(drop)
+        result
+    }
+
+    /// Moves the users of the source (or of `replaces`) to the target, then
+    /// lets the held writes go on — onto the target when the source itself
+    /// was replaced.
+    fn pivot(&self) -> Result<(), String> {
+        let from = self.replaces.as_ref().unwrap_or(&self.source);
+        let result = self
+            .graph
+            .replace(from, &self.target)
+            .map_err(|e| e.to_string());
+        if result.is_ok() {
+            self.pivoted.store(true, Ordering::SeqCst);
+        }
+        if self.holding.swap(false, Ordering::SeqCst) {
+            match (&result, &self.replaces) {
+                (Ok(()), None) => self.source.release_writes(Some(&self.target)),
+                _ => self.source.release_writes(None),
+            }
+        }
+        result
     }
 
     /// The user bitmap becomes what is left to copy.
@@ -883,6 +894,16 @@ impl Drop for Mirror {
 impl JobDriver for Mirror {
     fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move { self.main_loop(&job).await })
+    }
+
+    fn prepare(&self) -> Result<(), String> {
+        if self.complete.load(Ordering::SeqCst) {
+            return self.pivot();
+        }
+        if self.holding.swap(false, Ordering::SeqCst) {
+            self.source.release_writes(None);
+        }
+        Ok(())
     }
 
     fn commit(&self) {
@@ -926,6 +947,13 @@ impl JobDriver for Mirror {
     }
 
     fn complete(&self, job: &Job) -> Result<(), Error> {
+        // QEMU: a cancel was asked for (a ready mirror finishing in place).
+        if self.finish_in_place.load(Ordering::SeqCst) {
+            return Err(Error::Driver(format!(
+                "The active block job '{}' cannot be completed",
+                job.id()
+            )));
+        }
         self.complete.store(true, Ordering::SeqCst);
         job.wake();
         Ok(())
