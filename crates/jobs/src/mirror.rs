@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use block::{BitmapId, Check, Edge, Graph, Node, User, WriteHook, WriteRequest, ZeroFlags};
+use block::{BitmapId, Check, Edge, Graph, IoBuf, Node, User, WriteHook, WriteRequest, ZeroFlags};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Notify;
 
@@ -139,6 +139,10 @@ pub struct Mirror {
     /// The write-blocking hook, while the job is in that mode.
     hook: Mutex<Option<Arc<dyn WriteHook>>>,
     ready: AtomicBool,
+    /// Copy buffers kept for the next copies: allocating and clearing a
+    /// fresh 1 MiB buffer per copy cost an eighth of the CPU of a mirror
+    /// between `O_DIRECT` files.
+    buffers: Mutex<Vec<IoBuf>>,
     /// Itself, for the hook it installs.
     me: Weak<Mirror>,
 }
@@ -405,6 +409,7 @@ impl Mirror {
             active_done: Notify::new(),
             hook: Mutex::new(None),
             ready: AtomicBool::new(false),
+            buffers: Mutex::new(Vec::new()),
         });
         if o.write_blocking {
             mirror.set_write_blocking(true);
@@ -548,7 +553,6 @@ impl Mirror {
         Ok(())
     }
 
-    /// Copies `offset..offset + len` as the source reads now.
     /// Copies `offset..offset + len` as the source reads now. Returns where
     /// the last run of zeroes it met ends (past `offset + len` when the run
     /// goes on), so the caller can take the rest of a hole in one step.
@@ -581,15 +585,49 @@ impl Mirror {
                 continue;
             }
             let piece = extent.len.min(end - at).clamp(1, MAX_CHUNK);
-            let buf = self.source.read(at, piece as usize).await.map_err(read)?;
-            if buf.is_zero() {
-                self.write_zeroes(at, piece).await.map_err(write)?;
-            } else {
-                self.target.write(at, buf, false).await.0.map_err(write)?;
-            }
+            let buf = self.buffer(piece as usize);
+            let (result, buf) = self.source.read_into(at, buf).await;
+            let buf = match result {
+                Ok(()) if buf.is_zero() => {
+                    self.write_zeroes(at, piece).await.map_err(write)?;
+                    buf
+                }
+                Ok(()) => {
+                    let (result, buf) = self.target.write(at, buf, false).await;
+                    result.map_err(write)?;
+                    buf
+                }
+                Err(e) => return Err(read(e)),
+            };
+            self.give_back(buf);
             at += piece;
         }
         Ok(zero_until)
+    }
+
+    /// A buffer of `len` bytes (at most [`MAX_CHUNK`]) aligned for both
+    /// nodes, from the kept ones when there is one.
+    fn buffer(&self, len: usize) -> IoBuf {
+        let align = self
+            .source
+            .limits()
+            .memory_alignment
+            .max(self.target.limits().memory_alignment);
+        let kept = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match kept {
+            Some(buf) => buf.reuse(len, align),
+            None => IoBuf::zeroed(MAX_CHUNK as usize, align).reuse(len, align),
+        }
+    }
+
+    /// Keeps `buf` for a later copy, up to what `buf-size` lets be in flight.
+    fn give_back(&self, buf: IoBuf) {
+        let mut kept = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        if buf.capacity() >= MAX_CHUNK as usize
+            && (kept.len() as u64) < self.buf_size / MAX_CHUNK + 1
+        {
+            kept.push(buf);
+        }
     }
 
     /// Makes `offset..offset + len` of the target read as zeroes, writing

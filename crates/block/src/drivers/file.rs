@@ -52,6 +52,11 @@ pub(crate) struct FileDriver {
     /// the file system refuses the flag).
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// Serialises buffered writes. Linux takes the inode's lock exclusively
+    /// for each buffered write (ext4, XFS), so concurrent writers only spin
+    /// on it: a mirror's parallel 1 MiB writes spent about a third of the
+    /// daemon's CPU there. `O_DIRECT` writes run in parallel.
+    buffered_writes: tokio::sync::Mutex<()>,
     /// The path as given.
     path: String,
 }
@@ -123,6 +128,7 @@ impl FileDriver {
                 alignment,
                 nowait_reads: AtomicBool::new(!direct),
                 nowait_writes: AtomicBool::new(!direct),
+                buffered_writes: tokio::sync::Mutex::new(()),
                 uring,
                 path: path.to_owned(),
             },
@@ -134,6 +140,10 @@ impl FileDriver {
     /// at completion (`RWF_DSYNC`, which writes back only this range; a
     /// write and `fdatasync` where the kernel lacks it).
     async fn write_buf(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
+        let _serial = match self.direct {
+            false => Some(self.buffered_writes.lock().await),
+            true => None,
+        };
         let mut done = 0;
         if !fua && self.nowait_writes.load(Ordering::Relaxed) {
             done = nowait(&self.nowait_writes, buf.len(), |at| {
