@@ -1,24 +1,37 @@
 //! Mirror jobs side by side with qemu-storage-daemon, in one run: the same
 //! source, the same target, the same QMP `blockdev-mirror`, each daemon
-//! its own process. Reports the time to READY, the daemon's CPU time
-//! (user + system, from `/proc/PID/stat`) and the target's allocation, as
-//! ratios to QEMU's. Prints markdown for `docs/benchmarks.md`.
+//! its own process. Reports the time to READY, the daemons' CPU time
+//! (user + system, from `/proc/PID/stat`), the target's allocation and the
+//! latency a guest writing through the source's NBD export sees, as ratios
+//! to QEMU's (or, for `sync=bitmap`, which QEMU lacks, to a plain
+//! `pread`/`pwrite` loop over the same blocks). Prints markdown for
+//! `docs/benchmarks.md`.
 //!
-//! Run: `cargo bench -p bitmirror --bench mirror_vs_qsd`. Files live in
-//! `$BENCH_DIR` (default `/var/tmp`); it needs 24 GiB of (sparse) room.
-//! Every figure is the best of `RUNS` runs (the machine is shared).
+//! Run: `cargo bench -p bitmirror --bench mirror_vs_qsd [-- CASE...]` with
+//! cases `full`, `direct`, `sparse`, `nbd`, `bitmap`, `latency` (all by
+//! default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
+//! 40 GiB of (mostly sparse) room. Every figure is the best of `RUNS` runs
+//! (the machine is shared).
 
 #![allow(missing_docs)]
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use serde_json::json;
-use testkit::{StorageDaemon, run};
+use block::SocketAddress;
+use nbd::client::{Client, ClientOptions};
+use serde_json::{Value, json};
+use testkit::{Qmp, StorageDaemon, run};
 
 const RUNS: usize = 2;
 const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// The guest's writes: random 64 KiB blocks at 50 MB/s.
+const GUEST_BLOCK: u64 = 64 << 10;
+const GUEST_RATE: f64 = 50e6;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Daemon {
@@ -35,14 +48,17 @@ impl Daemon {
     }
 
     fn start(self, dir: &Path, args: &[String]) -> StorageDaemon {
+        let dir = dir.join(self.name().replace(' ', "-"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a daemon directory");
         match self {
             Daemon::Ours => StorageDaemon::start_program(
                 Path::new(env!("CARGO_BIN_EXE_bitmirror")),
                 &["serve"],
-                dir,
+                &dir,
                 args,
             ),
-            Daemon::Qemu => StorageDaemon::start(dir, args),
+            Daemon::Qemu => StorageDaemon::start(&dir, args),
         }
     }
 }
@@ -58,73 +74,141 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// `--blockdev` options of a raw node over a file, plus `extra` file options.
+fn raw_node(name: &str, path: &Path, extra: &str) -> [String; 2] {
+    [
+        "--blockdev".into(),
+        format!(
+            "driver=raw,node-name={name},file.driver=file,file.filename={},file.aio=threads{extra}",
+            path.display()
+        ),
+    ]
+}
+
+/// A fresh sparse file of `size` bytes.
+fn sparse_file(path: &Path, size: u64) {
+    let _ = std::fs::remove_file(path);
+    let f = std::fs::File::create(path).expect("a target file");
+    f.set_len(size).expect("a sparse target");
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Waits until the only job is ready, however long that takes (QMP reads
+/// time out in the test kit, so this polls).
+fn wait_ready(qmp: &mut Qmp, who: &str) {
+    loop {
+        let jobs = qmp.execute_ok("query-block-jobs", json!({}));
+        match jobs.get(0) {
+            Some(job) if job["ready"] == true => return,
+            Some(_) => std::thread::sleep(Duration::from_millis(20)),
+            None => panic!("{who}: the mirror ended early: {:?}", qmp.events),
+        }
+    }
+}
+
+fn mirror_args(extra: Value) -> Value {
+    let mut a = json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full"});
+    if let (Some(a), Some(e)) = (a.as_object_mut(), extra.as_object()) {
+        a.extend(e.clone());
+    }
+    a
+}
+
+fn cancel_and_quit(qmp: &mut Qmp, daemon: &mut StorageDaemon) {
+    let _ = qmp.execute("block-job-cancel", json!({"device": "m", "force": true}));
+    qmp.execute_ok("quit", json!({}));
+    let _ = daemon.wait_exit();
+}
+
 struct Outcome {
     wall: f64,
     cpu: f64,
+    /// The NBD server's CPU, when the target is on another daemon.
+    peer_cpu: f64,
     allocated: u64,
 }
 
-/// One mirror of `source` into a fresh sparse raw `target` of the same
-/// size, until READY.
-fn mirror_once(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
+/// One local mirror of `source` into a fresh sparse raw target, until READY.
+fn mirror_local(who: Daemon, dir: &Path, source: &Path, size: u64, extra: &str) -> Outcome {
     let target = dir.join("target.raw");
-    let _ = std::fs::remove_file(&target);
-    run(
-        "truncate",
-        &["-s", &size.to_string(), target.to_str().unwrap_or_default()],
-    );
-    let node = |name: &str, path: &Path| {
-        format!(
-            "driver=raw,node-name={name},file.driver=file,file.filename={},file.aio=threads",
-            path.display()
-        )
-    };
-    let args = vec![
-        "--blockdev".to_string(),
-        node("src", source),
-        "--blockdev".to_string(),
-        node("dst", &target),
-    ];
-    let run_dir = dir.join(who.name().replace(' ', "-"));
-    let _ = std::fs::create_dir_all(&run_dir);
-    let mut daemon = who.start(&run_dir, &args);
+    sparse_file(&target, size);
+    let mut args = raw_node("src", source, extra).to_vec();
+    args.extend(raw_node("dst", &target, extra));
+    let mut daemon = who.start(dir, &args);
     let mut qmp = daemon.qmp();
     let cpu0 = cpu_seconds(daemon.pid());
     let start = Instant::now();
-    qmp.execute_ok(
-        "blockdev-mirror",
-        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full"}),
-    );
-    loop {
-        let m = qmp.read_message();
-        if m["event"] == "BLOCK_JOB_READY" {
-            break;
-        }
-        assert!(
-            m["event"] != "BLOCK_JOB_COMPLETED",
-            "{}: the mirror ended early: {m}",
-            who.name()
-        );
-    }
+    qmp.execute_ok("blockdev-mirror", mirror_args(json!({})));
+    wait_ready(&mut qmp, who.name());
     let wall = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(daemon.pid()) - cpu0;
-    qmp.execute_ok("block-job-cancel", json!({"device": "m"}));
-    qmp.execute_ok("quit", json!({}));
-    let _ = daemon.wait_exit();
-    let allocated = std::fs::metadata(&target)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0);
+    cancel_and_quit(&mut qmp, &mut daemon);
     Outcome {
         wall,
         cpu,
-        allocated,
+        peer_cpu: 0.0,
+        allocated: allocated(&target),
     }
 }
 
-fn best(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
+/// A TCP port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One mirror of `source` into an NBD export of a second daemon of the
+/// same kind over TCP on loopback, until READY.
+fn mirror_nbd(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
+    let target = dir.join("target.raw");
+    sparse_file(&target, size);
+    let port = free_port();
+    let mut args = raw_node("dst", &target, "").to_vec();
+    args.extend([
+        "--nbd-server".into(),
+        format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+        "--export".into(),
+        "type=nbd,id=e,node-name=dst,name=t,writable=on".into(),
+    ]);
+    let peer_dir = dir.join("peer");
+    let _ = std::fs::create_dir_all(&peer_dir);
+    let mut peer = who.start(&peer_dir, &args);
+    let mut daemon = who.start(dir, &raw_node("src", source, ""));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "dst", "export": "t",
+               "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
+    );
+    let (cpu0, peer0) = (cpu_seconds(daemon.pid()), cpu_seconds(peer.pid()));
+    let start = Instant::now();
+    qmp.execute_ok("blockdev-mirror", mirror_args(json!({})));
+    wait_ready(&mut qmp, who.name());
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(daemon.pid()) - cpu0;
+    let peer_cpu = cpu_seconds(peer.pid()) - peer0;
+    cancel_and_quit(&mut qmp, &mut daemon);
+    peer.qmp().execute_ok("quit", json!({}));
+    let _ = peer.wait_exit();
+    Outcome {
+        wall,
+        cpu,
+        peer_cpu,
+        allocated: allocated(&target),
+    }
+}
+
+fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
     let mut best: Option<Outcome> = None;
     for _ in 0..RUNS {
-        let o = mirror_once(who, dir, source, size);
+        let o = once();
         if best.as_ref().is_none_or(|b| o.wall < b.wall) {
             best = Some(o);
         }
@@ -132,68 +216,374 @@ fn best(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
     best.unwrap_or(Outcome {
         wall: f64::NAN,
         cpu: f64::NAN,
+        peer_cpu: f64::NAN,
         allocated: 0,
     })
 }
 
-fn main() {
-    let base =
-        std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
-    let dir = tempfile::tempdir_in(base).expect("a bench directory");
-    // A 4 GiB source full of data, and a 16 GiB one with 10% data (1 MiB
-    // every 10 MiB).
-    let full = dir.path().join("full.raw");
-    let full_s = full.to_str().unwrap_or_default();
-    run("qemu-img", &["create", "-q", "-f", "raw", full_s, "4G"]);
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 90 0 1G",
-            "-c",
-            "write -P 91 1G 1G",
-            "-c",
-            "write -P 92 2G 1G",
-            "-c",
-            "write -P 93 3G 1G",
-            full_s,
-        ],
+/// Rows of one local case, QEMU first.
+fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str) {
+    let qemu = best(|| mirror_local(Daemon::Qemu, dir, source, size, extra));
+    let ours = best(|| mirror_local(Daemon::Ours, dir, source, size, extra));
+    for (who, o) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
+        println!(
+            "| {case} | {} | {:.2} s | {:.2} s | {:.2} GiB | {:.2} | {:.2} |",
+            who.name(),
+            o.wall,
+            o.cpu,
+            o.allocated as f64 / GIB as f64,
+            o.wall / qemu.wall,
+            o.cpu / qemu.cpu.max(0.01),
+        );
+    }
+}
+
+fn nbd_case(dir: &Path, source: &Path, size: u64) {
+    let qemu = best(|| mirror_nbd(Daemon::Qemu, dir, source, size));
+    let ours = best(|| mirror_nbd(Daemon::Ours, dir, source, size));
+    for (who, o) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
+        println!(
+            "| full 4 GiB raw→NBD (TCP loopback)→raw | {} | {:.2} s | {:.2} s + {:.2} s | {:.2} GiB | {:.2} | {:.2} / {:.2} |",
+            who.name(),
+            o.wall,
+            o.cpu,
+            o.peer_cpu,
+            o.allocated as f64 / GIB as f64,
+            o.wall / qemu.wall,
+            o.cpu / qemu.cpu.max(0.01),
+            o.peer_cpu / qemu.peer_cpu.max(0.01),
+        );
+    }
+}
+
+/// A small xorshift generator: the same "random" blocks on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `count` distinct random 64 KiB blocks of a disk of `size` bytes, sorted.
+fn random_blocks(size: u64, count: usize, seed: u64) -> Vec<u64> {
+    let blocks = size / GUEST_BLOCK;
+    let mut rng = Rng(seed);
+    let mut set = std::collections::BTreeSet::new();
+    while set.len() < count {
+        set.insert(rng.next() % blocks);
+    }
+    set.into_iter().map(|b| b * GUEST_BLOCK).collect()
+}
+
+/// A connection to export `name` on the unix socket `sock`, on its own
+/// single-threaded runtime.
+fn nbd_client(rt: &tokio::runtime::Runtime, sock: &Path, name: &str) -> Client {
+    rt.block_on(Client::connect(&ClientOptions {
+        server: SocketAddress::Unix {
+            path: sock.display().to_string(),
+        },
+        export: name.into(),
+        contexts: Vec::new(),
+    }))
+    .expect("an NBD connection to the source's export")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// `sync=bitmap` with `fraction` of a 16 GiB disk dirty, against a loop
+/// that reads and writes the same blocks with `pread`/`pwrite` and syncs.
+fn bitmap_case(dir: &Path, fraction: f64) {
+    let size = 16 * GIB;
+    let source = dir.join("bitmap-src.raw");
+    sparse_file(&source, size);
+    let count = (size as f64 * fraction / GUEST_BLOCK as f64) as usize;
+    let blocks = random_blocks(size, count, 0x5eed + count as u64);
+    let mut mirror_times = Vec::new();
+    let mut loop_times = Vec::new();
+    for _ in 0..RUNS {
+        let target = dir.join("target.raw");
+        sparse_file(&target, size);
+        let sock = dir.join("src.sock");
+        let mut args = raw_node("src", &source, "").to_vec();
+        args.extend(raw_node("dst", &target, ""));
+        args.extend([
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export".into(),
+            "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
+        ]);
+        let mut daemon = Daemon::Ours.start(dir, &args);
+        let mut qmp = daemon.qmp();
+        qmp.execute_ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
+        );
+        // The guest writes the blocks through the export: the bitmap
+        // records them.
+        let rt = runtime();
+        let client = nbd_client(&rt, &sock, "disk");
+        let data = vec![0x5au8; GUEST_BLOCK as usize];
+        rt.block_on(async {
+            for chunk in blocks.chunks(64) {
+                let writes = chunk.iter().map(|&o| client.write(o, &data, false));
+                for r in futures_util::future::join_all(writes).await {
+                    r.expect("a guest write");
+                }
+            }
+            client.flush().await.expect("a flush");
+        });
+        drop(client);
+        let start = Instant::now();
+        qmp.execute_ok(
+            "blockdev-mirror",
+            mirror_args(json!({"sync": "bitmap", "bitmap": "b0"})),
+        );
+        wait_ready(&mut qmp, "bitmirror serve");
+        mirror_times.push(start.elapsed().as_secs_f64());
+        cancel_and_quit(&mut qmp, &mut daemon);
+        assert!(
+            allocated(&target) <= count as u64 * GUEST_BLOCK + 16 * MIB,
+            "the mirror copied more than the bitmap"
+        );
+
+        // The same blocks by hand.
+        sparse_file(&target, size);
+        let start = Instant::now();
+        let src = std::fs::File::open(&source).expect("the source");
+        let dst = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .expect("the target");
+        let mut buf = vec![0u8; GUEST_BLOCK as usize];
+        for &o in &blocks {
+            src.read_exact_at(&mut buf, o).expect("a read");
+            dst.write_all_at(&buf, o).expect("a write");
+        }
+        dst.sync_data().expect("a sync");
+        loop_times.push(start.elapsed().as_secs_f64());
+    }
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (m, l) = (min(&mirror_times), min(&loop_times));
+    println!(
+        "| sync=bitmap, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {m:.2} s | {l:.2} s | {:.2} |",
+        fraction * 100.0,
+        m / l
     );
-    let sparse = dir.path().join("sparse.raw");
-    let sparse_s = sparse.to_str().unwrap_or_default();
-    run("qemu-img", &["create", "-q", "-f", "raw", sparse_s, "16G"]);
-    let writes: Vec<String> = (0..(16 * 1024 / 10))
-        .map(|i| format!("write -P 7 {}M 1M", i * 10))
+}
+
+/// Write latencies a guest sees, in microseconds, sorted.
+struct Latencies(Vec<f64>);
+
+impl Latencies {
+    fn pct(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len()) - 1;
+        self.0[i]
+    }
+}
+
+/// A guest on its own thread: random 64 KiB writes to the export, one at a
+/// time, at [`GUEST_RATE`] at most (a slow write delays the next one, as in
+/// a guest waiting on its disk), each timed from issue to completion,
+/// until `stop`.
+fn guest_writer(
+    sock: PathBuf,
+    size: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Latencies> {
+    std::thread::spawn(move || {
+        let rt = runtime();
+        let client = nbd_client(&rt, &sock, "disk");
+        let interval = Duration::from_secs_f64(GUEST_BLOCK as f64 / GUEST_RATE);
+        let mut rng = Rng(0x9e37_79b9);
+        let data = vec![0xa5u8; GUEST_BLOCK as usize];
+        let mut lat = Vec::new();
+        rt.block_on(async {
+            let start = tokio::time::Instant::now();
+            let mut due = start;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep_until(due).await;
+                let o = rng.next() % (size / GUEST_BLOCK) * GUEST_BLOCK;
+                let issued = tokio::time::Instant::now();
+                client.write(o, &data, false).await.expect("a guest write");
+                lat.push(issued.elapsed().as_secs_f64() * 1e6);
+                // Behind schedule (a slow write): go on at once, without
+                // trying to catch up.
+                due = (due + interval).max(tokio::time::Instant::now());
+            }
+        });
+        lat.sort_by(f64::total_cmp);
+        Latencies(lat)
+    })
+}
+
+/// The guest's latencies during one phase: none (no mirror for 5 s), or a
+/// mirror in `copy_mode` until READY (whose time is returned too).
+fn latency_once(
+    who: Daemon,
+    dir: &Path,
+    source: &Path,
+    copy_mode: Option<&str>,
+) -> (Latencies, f64) {
+    let size = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
+    let target = dir.join("target.raw");
+    sparse_file(&target, size);
+    let sock = dir.join("src.sock");
+    let mut args = raw_node("src", source, "").to_vec();
+    args.extend(raw_node("dst", &target, ""));
+    args.extend([
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+        "--export".into(),
+        "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
+    ]);
+    let mut daemon = who.start(dir, &args);
+    let mut qmp = daemon.qmp();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = guest_writer(sock, size, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    match copy_mode {
+        None => std::thread::sleep(Duration::from_secs(5)),
+        Some(mode) => {
+            qmp.execute_ok("blockdev-mirror", mirror_args(json!({"copy-mode": mode})));
+            wait_ready(&mut qmp, who.name());
+        }
+    }
+    let ready = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let lat = writer.join().expect("the guest thread");
+    if copy_mode.is_some() {
+        cancel_and_quit(&mut qmp, &mut daemon);
+    } else {
+        qmp.execute_ok("quit", json!({}));
+        let _ = daemon.wait_exit();
+    }
+    (lat, ready)
+}
+
+fn latency_case(dir: &Path, source: &Path) {
+    for mode in [None, Some("background"), Some("write-blocking")] {
+        let qemu = latency_once(Daemon::Qemu, dir, source, mode);
+        let ours = latency_once(Daemon::Ours, dir, source, mode);
+        for (who, (lat, ready)) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
+            println!(
+                "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} | {} |",
+                mode.unwrap_or("no mirror"),
+                who.name(),
+                lat.0.len(),
+                lat.pct(0.5) / 1e3,
+                lat.pct(0.99) / 1e3,
+                lat.pct(0.99) / qemu.0.pct(0.99),
+                if mode.is_some() {
+                    format!("{ready:.2} s")
+                } else {
+                    "—".into()
+                },
+            );
+        }
+    }
+}
+
+/// A raw file of `size` bytes, written through with `pattern` runs of 1 GiB.
+fn full_source(path: &Path, size: u64) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == size && m.blocks() * 512 >= size) {
+        return;
+    }
+    sparse_file(path, size);
+    let p = path.to_str().unwrap_or_default();
+    let writes: Vec<String> = (0..size / GIB)
+        .map(|i| format!("write -P {} {}G 1G", 90 + i, i))
         .collect();
     let mut args = vec!["-f", "raw"];
     for w in &writes {
         args.extend(["-c", w.as_str()]);
     }
-    args.push(sparse_s);
+    args.push(p);
     run("qemu-io", &args);
+}
 
-    println!(
-        "| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for (case, source, size) in [
-        ("full 4 GiB raw→raw", &full, 4 * GIB),
-        ("sparse 16 GiB (10% data) raw→raw", &sparse, 16 * GIB),
-    ] {
-        let qemu = best(Daemon::Qemu, dir.path(), source, size);
-        let ours = best(Daemon::Ours, dir.path(), source, size);
-        for (who, o) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
-            println!(
-                "| {case} | {} | {:.2} s | {:.2} s | {:.2} GiB | {:.2} | {:.2} |",
-                who.name(),
-                o.wall,
-                o.cpu,
-                o.allocated as f64 / GIB as f64,
-                o.wall / qemu.wall,
-                o.cpu / qemu.cpu.max(0.01),
-            );
+fn main() {
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |case: &str| wanted.is_empty() || wanted.iter().any(|w| w == case);
+    let base =
+        std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let dir = tempfile::tempdir_in(base).expect("a bench directory");
+    let dir = dir.path();
+    let full = dir.join("full.raw");
+
+    if want("full") || want("direct") || want("sparse") || want("nbd") {
+        println!(
+            "| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+    }
+    if want("full") || want("direct") || want("nbd") || want("latency") {
+        full_source(&full, 4 * GIB);
+    }
+    if want("full") {
+        local_case("full 4 GiB raw→raw", dir, &full, 4 * GIB, "");
+    }
+    if want("direct") {
+        local_case(
+            "full 4 GiB raw→raw, O_DIRECT",
+            dir,
+            &full,
+            4 * GIB,
+            ",file.cache.direct=on",
+        );
+    }
+    if want("sparse") {
+        // 16 GiB with 10% data: 1 MiB every 10 MiB.
+        let sparse = dir.join("sparse.raw");
+        sparse_file(&sparse, 16 * GIB);
+        let writes: Vec<String> = (0..(16 * 1024 / 10))
+            .map(|i| format!("write -P 7 {}M 1M", i * 10))
+            .collect();
+        let mut args = vec!["-f", "raw"];
+        for w in &writes {
+            args.extend(["-c", w.as_str()]);
         }
+        let s = sparse.display().to_string();
+        args.push(&s);
+        run("qemu-io", &args);
+        local_case(
+            "sparse 16 GiB (10% data) raw→raw",
+            dir,
+            &sparse,
+            16 * GIB,
+            "",
+        );
+    }
+    if want("nbd") {
+        nbd_case(dir, &full, 4 * GIB);
+    }
+    if want("bitmap") {
+        println!();
+        println!("| case | mirror to READY | pread/pwrite loop | ratio |");
+        println!("|---|---|---|---|");
+        for fraction in [0.01, 0.10] {
+            bitmap_case(dir, fraction);
+        }
+    }
+    if want("latency") {
+        println!();
+        println!("| copy mode | daemon | guest writes | p50 | p99 | p99 vs QEMU | time to READY |");
+        println!("|---|---|---|---|---|---|---|");
+        latency_case(dir, &full);
     }
 }

@@ -605,10 +605,17 @@ impl Node {
     /// read does not register itself, and cannot wait for its own write.
     /// Copy-before-write reads the old data with it.
     pub async fn read_in_hook(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        self.check_range(offset, len as u64)?;
         let buf = IoBuf::zeroed(len, self.limits().memory_alignment);
-        let (result, buf) = self.read_untracked(offset, buf).await;
+        let (result, buf) = self.read_in_hook_into(offset, buf).await;
         result.map(|()| buf)
+    }
+
+    /// [`read_in_hook`](Self::read_in_hook) into `buf`, handing it back.
+    pub async fn read_in_hook_into(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
+        if let Err(e) = self.check_range(offset, buf.len() as u64) {
+            return (Err(e), buf);
+        }
+        self.read_untracked(offset, buf).await
     }
 
     /// A checked, non-empty read, without in-flight registration.

@@ -27,10 +27,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use block::{BitmapId, Check, Edge, Graph, IoBuf, Node, User, WriteHook, WriteRequest, ZeroFlags};
+use block::{BitmapId, Check, Edge, Graph, Node, User, WriteHook, WriteRequest};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Notify;
 
+pub use crate::copy::OnError;
+use crate::copy::{Action, Copier, CopyError, MAX_CHUNK, Pace, Policies};
 use crate::job::{BoxFuture, Error, Job, JobDriver};
 
 /// Which data the mirror copies at first (QEMU's `MirrorSyncMode`).
@@ -118,10 +120,9 @@ pub struct Mirror {
     sync: MirrorSync,
     bitmap: Option<String>,
     bitmap_mode: BitmapMode,
-    target_is_zero: bool,
-    unmap: bool,
-    on_source_error: OnError,
-    on_target_error: OnError,
+    /// Moves the data.
+    copier: Copier,
+    policies: Policies,
     replaces: Option<Arc<Node>>,
     auto_write_blocking: bool,
     owns_target: bool,
@@ -139,10 +140,6 @@ pub struct Mirror {
     /// The write-blocking hook, while the job is in that mode.
     hook: Mutex<Option<Arc<dyn WriteHook>>>,
     ready: AtomicBool,
-    /// Copy buffers kept for the next copies: allocating and clearing a
-    /// fresh 1 MiB buffer per copy cost an eighth of the CPU of a mirror
-    /// between `O_DIRECT` files.
-    buffers: Mutex<Vec<IoBuf>>,
     /// Itself, for the hook it installs.
     me: Weak<Mirror>,
 }
@@ -219,86 +216,9 @@ impl Stall {
     }
 }
 
-/// The speed limit: bytes issued since the limit last changed.
-#[derive(Debug)]
-struct Pace {
-    speed: u64,
-    since: Instant,
-    bytes: u64,
-}
-
-impl Default for Pace {
-    fn default() -> Pace {
-        Pace {
-            speed: 0,
-            since: Instant::now(),
-            bytes: 0,
-        }
-    }
-}
-
-impl Pace {
-    /// How long to wait before issuing more at `speed` bytes per second
-    /// (0: no limit); `None` when more may go now.
-    fn wait(&mut self, speed: u64) -> Option<Duration> {
-        if speed != self.speed {
-            *self = Pace {
-                speed,
-                ..Pace::default()
-            };
-        }
-        if speed == 0 {
-            return None;
-        }
-        let due = Duration::from_secs_f64(self.bytes as f64 / speed as f64);
-        due.checked_sub(self.since.elapsed())
-            .filter(|w| !w.is_zero())
-    }
-
-    fn issued(&mut self, bytes: u64) {
-        self.bytes += bytes;
-    }
-}
-
 /// One area's copy: its offset, length and outcome.
 type CopyFuture = BoxFuture<'static, (u64, u64, Result<u64, CopyError>)>;
 
-/// `ENOSPC`, for the `enospc` policy.
-const ENOSPC: i32 = 28;
-
-/// A failed copy: the side that failed, and how.
-#[derive(Debug)]
-struct CopyError {
-    write: bool,
-    error: block::Error,
-}
-
-/// What the job does about a failed copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
-    Report,
-    Ignore,
-    Stop,
-}
-
-/// What a mirror does when reading the source or writing the target
-/// fails (QEMU's `BlockdevOnError`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnError {
-    /// The job fails (the default).
-    #[default]
-    Report,
-    /// The area is retried, the job goes on.
-    Ignore,
-    /// The job pauses (`BLOCK_JOB_ERROR`, `io-status` failed or nospace);
-    /// resuming retries.
-    Stop,
-    /// `stop` on ENOSPC, `report` otherwise.
-    Enospc,
-}
-
-/// Largest area one copy request moves.
-const MAX_CHUNK: u64 = 1 << 20;
 /// Largest area of a known hole taken at once (zeroing it is cheap).
 const MAX_HOLE_CHUNK: u64 = 1 << 30;
 
@@ -381,6 +301,14 @@ impl Mirror {
             Edge::new(&o.source, User::Job(o.id.clone())),
             Edge::new(&o.target, User::Job(o.id.clone())),
         );
+        let buf_size = o.buf_size.filter(|b| *b > 0).unwrap_or(16 << 20);
+        let mut copier = Copier::new(
+            o.source.clone(),
+            o.target.clone(),
+            (buf_size / MAX_CHUNK + 1) as usize,
+        );
+        copier.target_is_zero = o.target_is_zero;
+        copier.unmap = o.unmap;
         let mirror = Arc::new_cyclic(|me| Mirror {
             me: me.clone(),
             graph: o.graph,
@@ -389,14 +317,15 @@ impl Mirror {
             edges: Mutex::new(Some(edges)),
             dirty,
             granularity,
-            buf_size: o.buf_size.filter(|b| *b > 0).unwrap_or(16 << 20),
+            buf_size,
+            copier,
             sync: o.sync,
             bitmap: o.bitmap,
             bitmap_mode: o.bitmap_mode,
-            target_is_zero: o.target_is_zero,
-            unmap: o.unmap,
-            on_source_error: o.on_source_error,
-            on_target_error: o.on_target_error,
+            policies: Policies {
+                on_source_error: o.on_source_error,
+                on_target_error: o.on_target_error,
+            },
             replaces: o.replaces,
             auto_write_blocking: o.auto_write_blocking,
             owns_target: o.owns_target,
@@ -409,7 +338,6 @@ impl Mirror {
             active_done: Notify::new(),
             hook: Mutex::new(None),
             ready: AtomicBool::new(false),
-            buffers: Mutex::new(Vec::new()),
         });
         if o.write_blocking {
             mirror.set_write_blocking(true);
@@ -471,7 +399,7 @@ impl Mirror {
             }
             done.await;
         }
-        if let Err(e) = self.copy(area.0, area.1).await {
+        if let Err(e) = self.copier.copy(area.0, area.1, false).await {
             tracing::warn!(
                 "write-blocking copy failed, left to the background: {}",
                 e.error
@@ -538,7 +466,7 @@ impl Mirror {
                     for e in extents {
                         let copy = match self.sync {
                             MirrorSync::Top => e.allocated && e.depth <= 1,
-                            _ => !(e.zero && self.target_is_zero),
+                            _ => !(e.zero && self.copier.target_is_zero),
                         };
                         if copy {
                             self.with_dirty(|d| d.set(e.offset, e.len))
@@ -551,142 +479,6 @@ impl Mirror {
             }
         }
         Ok(())
-    }
-
-    /// Copies `offset..offset + len` as the source reads now. Returns where
-    /// the last run of zeroes it met ends (past `offset + len` when the run
-    /// goes on), so the caller can take the rest of a hole in one step.
-    async fn copy(&self, offset: u64, len: u64) -> Result<u64, CopyError> {
-        let read = |error: block::Error| CopyError {
-            write: false,
-            error,
-        };
-        let write = |error: block::Error| CopyError { write: true, error };
-        let mut at = offset;
-        let end = offset + len;
-        let mut zero_until = 0;
-        while at < end {
-            // The whole extent at `at`, even past `end`: one query.
-            let extent = self
-                .source
-                .block_status_upto(at, self.source.length() - at, 1)
-                .await
-                .map_err(read)?
-                .into_iter()
-                .next()
-                .ok_or(read(block::Error::NotSupported(
-                    "block status returned nothing",
-                )))?;
-            if extent.zero {
-                let piece = extent.len.min(end - at).max(1);
-                self.write_zeroes(at, piece).await.map_err(write)?;
-                zero_until = at + extent.len;
-                at += piece;
-                continue;
-            }
-            let piece = extent.len.min(end - at).clamp(1, MAX_CHUNK);
-            let buf = self.buffer(piece as usize);
-            let (result, buf) = self.source.read_into(at, buf).await;
-            let buf = match result {
-                Ok(()) if buf.is_zero() => {
-                    self.write_zeroes(at, piece).await.map_err(write)?;
-                    buf
-                }
-                Ok(()) => {
-                    let (result, buf) = self.target.write(at, buf, false).await;
-                    result.map_err(write)?;
-                    buf
-                }
-                Err(e) => return Err(read(e)),
-            };
-            self.give_back(buf);
-            at += piece;
-        }
-        Ok(zero_until)
-    }
-
-    /// A buffer of `len` bytes (at most [`MAX_CHUNK`]) aligned for both
-    /// nodes, from the kept ones when there is one.
-    fn buffer(&self, len: usize) -> IoBuf {
-        let align = self
-            .source
-            .limits()
-            .memory_alignment
-            .max(self.target.limits().memory_alignment);
-        let kept = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match kept {
-            Some(buf) => buf.reuse(len, align),
-            None => IoBuf::zeroed(MAX_CHUNK as usize, align).reuse(len, align),
-        }
-    }
-
-    /// Keeps `buf` for a later copy, up to what `buf-size` lets be in flight.
-    fn give_back(&self, buf: IoBuf) {
-        let mut kept = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
-        if buf.capacity() >= MAX_CHUNK as usize
-            && (kept.len() as u64) < self.buf_size / MAX_CHUNK + 1
-        {
-            kept.push(buf);
-        }
-    }
-
-    /// Makes `offset..offset + len` of the target read as zeroes, writing
-    /// only where it does not already (so a sparse target stays sparse).
-    async fn write_zeroes(&self, offset: u64, len: u64) -> block::Result<()> {
-        if self.target_is_zero {
-            return Ok(());
-        }
-        let flags = ZeroFlags {
-            may_unmap: self.unmap,
-            ..ZeroFlags::default()
-        };
-        let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            let extents = self.target.block_status(at, end - at).await?;
-            let Some(last) = extents.last().map(|e| (e.offset + e.len).min(end)) else {
-                // No status: write the zeroes.
-                return self.target.write_zeroes(at, end - at, flags).await;
-            };
-            for e in extents {
-                let e_end = (e.offset + e.len).min(end);
-                if !e.zero && e_end > e.offset {
-                    self.target
-                        .write_zeroes(e.offset, e_end - e.offset, flags)
-                        .await?;
-                }
-            }
-            at = last.max(at + 1);
-        }
-        Ok(())
-    }
-
-    /// What the policies say to do about a failed copy; sends
-    /// `BLOCK_JOB_ERROR`.
-    fn on_error(&self, job: &Job, e: &CopyError) -> Action {
-        let policy = if e.write {
-            self.on_target_error
-        } else {
-            self.on_source_error
-        };
-        let nospace = e.error.errno() == ENOSPC;
-        let action = match policy {
-            OnError::Report => Action::Report,
-            OnError::Ignore => Action::Ignore,
-            OnError::Stop => Action::Stop,
-            OnError::Enospc if nospace => Action::Stop,
-            OnError::Enospc => Action::Report,
-        };
-        let name = match action {
-            Action::Report => "report",
-            Action::Ignore => "ignore",
-            Action::Stop => "stop",
-        };
-        job.block_job_error(if e.write { "write" } else { "read" }, name);
-        if action == Action::Stop {
-            job.pause_on_error(nospace);
-        }
-        action
     }
 
     /// The next dirty area from `cursor` that overlaps no copy in flight,
@@ -736,7 +528,7 @@ impl Mirror {
     async fn drain_dirty(&self, job: &Job) -> Result<(), String> {
         let mut cursor = 0;
         while let Some((o, l)) = self.take_area(&mut cursor, MAX_CHUNK) {
-            let r = self.copy(o, l).await.map(drop);
+            let r = self.copier.copy(o, l, false).await.map(drop);
             if r.is_err() {
                 self.with_dirty(|d| d.set(o, l));
             }
@@ -790,7 +582,9 @@ impl Mirror {
                 inflight.push((o, l));
                 pace.issued(l);
                 let me = self.clone();
-                running.push(Box::pin(async move { (o, l, me.copy(o, l).await) }));
+                running.push(Box::pin(async move {
+                    (o, l, me.copier.copy(o, l, false).await)
+                }));
             }
             let in_flight_bytes: u64 = inflight.iter().map(|(_, l)| l).sum();
             let done = job.progress().0;
@@ -831,7 +625,7 @@ impl Mirror {
                     zero_until = zero_until.max(z);
                 }
                 if let Err(e) = r {
-                    match self.on_error(job, &e) {
+                    match self.policies.on_error(job, &e) {
                         Action::Report => {
                             while let Some((o, l, _)) = running.next().await {
                                 self.release_area((o, l));
