@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde_json::{Value, json};
@@ -135,6 +135,9 @@ pub struct Job {
     current: AtomicU64,
     total: AtomicU64,
     speed: AtomicU64,
+    /// The job waits in [`Job::wait_for_wake`] (QEMU's `busy` is false
+    /// while a job sleeps).
+    sleeping: AtomicBool,
     changed: watch::Sender<()>,
     wake: Notify,
     driver: Arc<dyn JobDriver>,
@@ -215,6 +218,7 @@ impl Jobs {
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
             speed: AtomicU64::new(0),
+            sleeping: AtomicBool::new(false),
             changed: watch::channel(()).0,
             wake: Notify::new(),
             driver,
@@ -230,6 +234,23 @@ impl Jobs {
     pub fn start(&self, job: &Arc<Job>) {
         let job = job.clone();
         tokio::spawn(async move { job.life().await });
+    }
+
+    /// Starts a created job as QEMU starts one made by a transaction
+    /// action (`blockdev-backup` is one): its source was drained around
+    /// the start, so the job is seen running, paused, and running again.
+    pub fn start_drained(&self, job: &Arc<Job>) {
+        job.transition(JobStatus::Running);
+        job.transition(JobStatus::Paused);
+        job.transition(JobStatus::Running);
+        self.start(job);
+    }
+
+    /// Takes a created job that will not start out of the registry (QEMU's
+    /// `job_early_fail`): it goes to `null` directly.
+    pub fn early_fail(&self, job: &Arc<Job>) {
+        job.driver.clean();
+        job.transition(JobStatus::Null);
     }
 
     /// The job called `id`.
@@ -345,7 +366,9 @@ impl Job {
     /// Waits until a verb (pause, resume, cancel, complete, …) or
     /// [`wake`](Self::wake) touches the job, or `timeout` passes.
     pub async fn wait_for_wake(&self, timeout: std::time::Duration) {
+        self.sleeping.store(true, Ordering::Relaxed);
         let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+        self.sleeping.store(false, Ordering::Relaxed);
     }
 
     /// `query-block-jobs`' entry (QEMU's `BlockJobInfo`).
@@ -357,7 +380,7 @@ impl Job {
             "device": self.options.id,
             "len": self.total.load(Ordering::Relaxed),
             "offset": self.current.load(Ordering::Relaxed),
-            "busy": status == JobStatus::Running,
+            "busy": status == JobStatus::Running && !self.sleeping.load(Ordering::Relaxed),
             "paused": state.user_paused,
             "speed": self.speed(),
             "io-status": state.io_status,
@@ -425,15 +448,15 @@ impl Job {
     fn transition(&self, to: JobStatus) {
         {
             let mut state = lock(&self.state);
+            if state.status == to {
+                return;
+            }
             debug_assert!(
                 state.status.can_become(to),
                 "job {}: {:?} → {to:?}",
                 self.options.id,
                 state.status
             );
-            if state.status == to {
-                return;
-            }
             state.status = to;
         }
         self.emit(

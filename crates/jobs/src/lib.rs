@@ -9,6 +9,7 @@
 //! nothing of blocks or QMP: events leave through a callback, errors are
 //! [`Error`]s worded as QEMU words them.
 
+pub mod backup;
 mod copy;
 mod job;
 pub mod mirror;

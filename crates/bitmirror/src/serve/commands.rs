@@ -18,6 +18,8 @@ use super::info;
 /// Every command we answer besides `qmp_capabilities` (which the monitor
 /// answers), in the order `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
+    "drive-backup",
+    "blockdev-backup",
     "drive-mirror",
     "block-job-change",
     "blockdev-mirror",
@@ -344,6 +346,14 @@ async fn run(
         }
         "blockdev-mirror" => {
             super::mirror::blockdev_mirror(daemon, args).await?;
+            Ok(json!({}))
+        }
+        "blockdev-backup" => {
+            super::backup::blockdev_backup(daemon, args).await?;
+            Ok(json!({}))
+        }
+        "drive-backup" => {
+            super::backup::drive_backup(daemon, args).await?;
             Ok(json!({}))
         }
         "drive-mirror" => {

@@ -214,7 +214,7 @@ fn nbd_filename(name: &str) -> Option<serde_json::Value> {
 
 /// Opens (creating it first unless it exists already) `drive-mirror`'s
 /// target.
-async fn open_drive(
+pub(super) async fn open_drive(
     daemon: &Arc<Daemon>,
     source: &Arc<block::Node>,
     sync: MirrorSync,

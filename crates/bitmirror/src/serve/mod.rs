@@ -8,6 +8,7 @@
 //! like qemu-storage-daemon, no `SHUTDOWN` event is sent.
 
 mod args;
+mod backup;
 mod chardev;
 pub mod cli;
 mod commands;
