@@ -2,19 +2,13 @@
 //! NBD export: the target ends equal to what the guest wrote, checked with
 //! `qemu-io` patterns and `qemu-img compare`.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{assert_identical, destination, guest, path_str, serve, wait_event};
 use serde_json::{Value, json};
 use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, run};
-
-fn serve(dir: &Path, args: &[String]) -> StorageDaemon {
-    StorageDaemon::start_program(
-        &PathBuf::from(env!("CARGO_BIN_EXE_bitmirror")),
-        &["serve"],
-        dir,
-        args,
-    )
-}
 
 /// `src` and `dst` qcow2 nodes, `src` exported writable as `disk`.
 fn setup(dir: &Path, src: &Path, dst: &Path) -> Vec<String> {
@@ -39,56 +33,6 @@ fn setup(dir: &Path, src: &Path, dst: &Path) -> Vec<String> {
     ]
 }
 
-fn guest(dir: &Path, commands: &[String]) {
-    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
-    let mut args = vec!["-f", "raw"];
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    args.push(&uri);
-    run("qemu-io", &args);
-}
-
-/// A second daemon in `dir/dest` exporting the qcow2 `image` writable as
-/// `export`: a migration's destination. Returns it and its NBD socket.
-fn destination(dir: &Path, image: &Path, export: &str) -> (StorageDaemon, PathBuf) {
-    let dest_dir = dir.join("dest");
-    std::fs::create_dir(&dest_dir).expect("a directory");
-    let sock = dest_dir.join("nbd.sock");
-    let daemon = serve(
-        &dest_dir,
-        &[
-            "--blockdev".into(),
-            format!(
-                "driver=qcow2,node-name=d,file.driver=file,file.filename={}",
-                image.display()
-            ),
-            "--nbd-server".into(),
-            format!("addr.type=unix,addr.path={}", sock.display()),
-            "--export".into(),
-            format!("type=nbd,id=e,node-name=d,name={export},writable=on"),
-        ],
-    );
-    (daemon, sock)
-}
-
-/// `qemu-img compare` finds the two qcow2 images identical.
-fn assert_identical(a: &Path, b: &Path) {
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(a),
-            path_str(b),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
-}
-
 /// Completes mirror `job`, expects success, and quits the daemon.
 fn complete_and_quit(qmp: &mut Qmp, daemon: &mut StorageDaemon, job: &str) {
     qmp.execute_ok("block-job-complete", json!({ "device": job }));
@@ -96,25 +40,6 @@ fn complete_and_quit(qmp: &mut Qmp, daemon: &mut StorageDaemon, job: &str) {
     assert!(done["data"].get("error").is_none(), "{done}");
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
-}
-
-/// Waits for event `name` (other events are kept aside).
-fn wait_event(qmp: &mut Qmp, name: &str) -> Value {
-    loop {
-        if let Some(pos) = qmp.events.iter().position(|e| e["event"] == name) {
-            return qmp.events.remove(pos);
-        }
-        let m = qmp.read_message();
-        if m.get("event").is_some() {
-            qmp.events.push(m);
-        } else {
-            panic!("unexpected message while waiting for {name}: {m}");
-        }
-    }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
 }
 
 #[test]

@@ -1,0 +1,326 @@
+//! Backup jobs through `bitmirror serve`, with a guest writing through the
+//! source's NBD export while they run: each backup equals the source as it
+//! was when the backup started (`qemu-img compare` against a copy taken
+//! then), and the bitmap moves as QEMU's successor protocol says.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{destination, guest, path_str, serve, wait_event};
+use serde_json::{Value, json};
+use testkit::{Qmp, qemu_img_create_qcow2, qemu_io_writes, run};
+
+const MIB: u64 = 1 << 20;
+
+/// A qcow2 source node `src` exported writable as `disk`.
+fn source_args(dir: &Path, src: &Path) -> Vec<String> {
+    vec![
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.join("nbd.sock").display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
+    ]
+}
+
+/// The source as the guest sees it now, copied to `dir/name` (raw).
+fn snapshot(dir: &Path, name: &str) -> PathBuf {
+    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
+    let out = dir.join(name);
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, path_str(&out)],
+    );
+    out
+}
+
+/// `qemu-img compare` finds the raw `expected` and the qcow2 `image`
+/// (through its backing chain) identical.
+fn assert_same(expected: &Path, image: &Path) {
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            path_str(expected),
+            path_str(image),
+        ],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// The dirty-bitmap entry `name` of node `node`.
+fn bitmap(qmp: &mut Qmp, node: &str, name: &str) -> Value {
+    let nodes = qmp.execute_ok("query-named-block-nodes", json!({}));
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["node-name"] == node)
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no bitmap {name} on {node}: {nodes}"))
+}
+
+/// Bytes the top layer of `image` allocates (`qemu-img map`, depth 0).
+fn allocated_in_top(image: &Path) -> u64 {
+    let out = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", path_str(image)],
+    );
+    let map: Value = serde_json::from_str(&out).expect("qemu-img map's JSON");
+    map.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Starts a backup, lets the guest write `writes` while it runs (slowed
+/// down so the writes meet clusters not copied yet), then lets it finish;
+/// returns `BLOCK_JOB_COMPLETED`.
+fn backup_with_writer(qmp: &mut Qmp, dir: &Path, args: Value, writes: &[String]) -> Value {
+    let mut a = json!({"speed": 2 * MIB});
+    if let (Some(a), Some(extra)) = (a.as_object_mut(), args.as_object()) {
+        a.extend(extra.clone());
+    }
+    qmp.execute_ok("blockdev-backup", a);
+    guest(dir, writes);
+    qmp.execute_ok(
+        "block-job-set-speed",
+        json!({"device": args["job-id"], "speed": 0}),
+    );
+    wait_event(qmp, "BLOCK_JOB_COMPLETED")
+}
+
+#[test]
+fn incremental_chain_keeps_each_point_in_time() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let src = dir.join("src.qcow2");
+    qemu_img_create_qcow2(path_str(&src), 32 * MIB, "");
+    qemu_io_writes(
+        path_str(&src),
+        "qcow2",
+        &[(0, 24 * MIB, Some(1)), (28 * MIB, 2 * MIB, Some(2))],
+    );
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b0", "granularity": 65536}),
+    );
+
+    // Level 0: a full backup that also resets the bitmap (sync=full with
+    // on-success), so the bitmap counts what changed since.
+    let full = dir.join("full.qcow2");
+    qemu_img_create_qcow2(path_str(&full), 32 * MIB, "");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "t0",
+               "file": {"driver": "file", "filename": path_str(&full)}}),
+    );
+    let snap0 = snapshot(dir, "snap0.raw");
+    let done = backup_with_writer(
+        &mut qmp,
+        dir,
+        json!({"job-id": "full0", "device": "src", "target": "t0", "sync": "full",
+               "bitmap": "b0", "bitmap-mode": "on-success"}),
+        &[
+            "write -P 33 0 1M".into(),
+            "write -P 34 20M 2M".into(),
+            "write -z 8M 1M".into(),
+            "write -P 35 29M 64k".into(),
+        ],
+    );
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], done["data"]["len"], "{done}");
+    let b0 = bitmap(&mut qmp, "src", "b0");
+    assert_eq!(b0["count"], 4 * MIB + 64 * 1024, "{b0}");
+    assert_eq!(b0["busy"], false, "{b0}");
+    qmp.execute_ok("blockdev-del", json!({"node-name": "t0"}));
+    assert_same(&snap0, &full);
+
+    // Levels 1 and 2: incremental, each into an overlay of the level below.
+    let mut below = full;
+    for level in 1..=2u64 {
+        guest(
+            dir,
+            &[format!("write -P {} {}M 512k", 40 + level, 4 * level)],
+        );
+        let image = dir.join(format!("inc{level}.qcow2"));
+        qemu_img_create_qcow2(
+            path_str(&image),
+            32 * MIB,
+            &format!("backing_file={},backing_fmt=qcow2", below.display()),
+        );
+        let node = format!("t{level}");
+        qmp.execute_ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": node,
+                   "file": {"driver": "file", "filename": path_str(&image)}}),
+        );
+        let dirty = bitmap(&mut qmp, "src", "b0")["count"].as_u64().unwrap_or(0);
+        let snap = snapshot(dir, &format!("snap{level}.raw"));
+        let done = backup_with_writer(
+            &mut qmp,
+            dir,
+            json!({"job-id": format!("inc{level}"), "device": "src", "target": node,
+                   "sync": "bitmap", "bitmap": "b0", "bitmap-mode": "on-success"}),
+            &[
+                format!("write -P {} 24M 1M", 50 + level),
+                // Dirty before the job and written again during it.
+                format!("write -P {} {}M 64k", 60 + level, 4 * level),
+            ],
+        );
+        assert!(done["data"].get("error").is_none(), "{done}");
+        assert_eq!(done["data"]["len"], dirty, "{done}");
+        // Only the writes made during the backup are left for the next one.
+        let b0 = bitmap(&mut qmp, "src", "b0");
+        assert_eq!(b0["count"], MIB + 64 * 1024, "{b0}");
+        qmp.execute_ok("blockdev-del", json!({"node-name": node}));
+        assert_same(&snap, &image);
+        assert!(
+            allocated_in_top(&image) <= dirty,
+            "level {level} allocated more than the bitmap's {dirty} bytes"
+        );
+        run("qemu-img", &["check", path_str(&image)]);
+        below = image;
+    }
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}
+
+/// A backup into an NBD export of a second daemon that is killed
+/// mid-job: the job fails, and the bitmap keeps what the mode says.
+fn target_dies(mode: &str) -> (Value, Value, u64) {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (src, tgt) = (dir.join("src.qcow2"), dir.join("tgt.qcow2"));
+    for image in [&src, &tgt] {
+        qemu_img_create_qcow2(path_str(image), 32 * MIB, "");
+        qemu_io_writes(path_str(image), "qcow2", &[(0, 16 * MIB, Some(1))]);
+    }
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b0", "granularity": 65536}),
+    );
+    guest(dir, &["write -P 7 0 3M".into()]);
+    let (mut dest, sock) = destination(dir, &tgt, "backup");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
+               "server": {"type": "unix", "path": path_str(&sock)}}),
+    );
+    // Slow: one 1 MiB copy goes at once, the next after a second.
+    qmp.execute_ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tn", "sync": "bitmap",
+               "bitmap": "b0", "bitmap-mode": mode, "speed": MIB}),
+    );
+    guest(dir, &["write -P 8 16M 1M".into()]);
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &dest.pid().to_string()])
+        .status();
+    let _ = dest.wait_exit();
+    let error = wait_event(&mut qmp, "BLOCK_JOB_ERROR");
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    let b0 = bitmap(&mut qmp, "src", "b0");
+    let copied = done["data"]["offset"].as_u64().unwrap_or(u64::MAX);
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    assert_eq!(error["data"]["operation"], "write", "{error}");
+    assert_eq!(error["data"]["action"], "report", "{error}");
+    assert!(done["data"]["error"].is_string(), "{done}");
+    (done, b0, copied)
+}
+
+#[test]
+fn a_dying_target_fails_the_job_and_the_bitmap_keeps_old_and_new() {
+    // on-success: the old bits and the new writes.
+    let (_, b0, _) = target_dies("on-success");
+    assert_eq!(b0["count"], 4 * MIB, "{b0}");
+    assert_eq!(b0["busy"], false, "{b0}");
+    assert_eq!(b0["recording"], true, "{b0}");
+    // always: what was not copied, and the new writes.
+    let (done, b0, copied) = target_dies("always");
+    assert!((MIB..3 * MIB).contains(&copied), "{done}");
+    assert_eq!(b0["count"], 4 * MIB - copied, "{b0} {done}");
+}
+
+#[test]
+fn always_mode_lets_a_second_backup_finish_the_image() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (src, tgt) = (dir.join("src.qcow2"), dir.join("tgt.qcow2"));
+    for image in [&src, &tgt] {
+        qemu_img_create_qcow2(path_str(image), 32 * MIB, "");
+        qemu_io_writes(path_str(image), "qcow2", &[(0, 16 * MIB, Some(1))]);
+    }
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b0", "granularity": 65536}),
+    );
+    guest(dir, &["write -P 7 0 6M".into(), "write -z 10M 1M".into()]);
+    // First attempt: the target's server dies after the first copies.
+    let (mut dest, sock) = destination(dir, &tgt, "backup");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
+               "server": {"type": "unix", "path": path_str(&sock)}}),
+    );
+    qmp.execute_ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tn", "sync": "bitmap",
+               "bitmap": "b0", "bitmap-mode": "always", "speed": MIB}),
+    );
+    guest(dir, &["write -P 9 20M 1M".into()]);
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &dest.pid().to_string()])
+        .status();
+    let _ = dest.wait_exit();
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"]["error"].is_string(), "{done}");
+    qmp.execute_ok("blockdev-del", json!({"node-name": "tn"}));
+    std::fs::remove_dir_all(dir.join("dest")).expect("the old destination's directory");
+
+    // Second attempt, into the same image: copies only what is left.
+    let (mut dest, sock) = destination(dir, &tgt, "backup");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
+               "server": {"type": "unix", "path": path_str(&sock)}}),
+    );
+    let left = bitmap(&mut qmp, "src", "b0")["count"].as_u64().unwrap_or(0);
+    let snap = snapshot(dir, "snap.raw");
+    qmp.execute_ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tn", "sync": "bitmap",
+               "bitmap": "b0", "bitmap-mode": "always"}),
+    );
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["len"], left, "{done}");
+    assert_eq!(bitmap(&mut qmp, "src", "b0")["count"], 0);
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    dest.qmp().execute_ok("quit", json!({}));
+    assert_eq!(dest.wait_exit(), Some(0));
+    assert_same(&snap, &tgt);
+}
