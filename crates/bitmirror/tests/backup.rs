@@ -324,3 +324,73 @@ fn always_mode_lets_a_second_backup_finish_the_image() {
     assert_eq!(dest.wait_exit(), Some(0));
     assert_same(&snap, &tgt);
 }
+
+#[test]
+fn a_bitmap_added_with_a_full_backup_misses_no_write() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let src = dir.join("src.qcow2");
+    qemu_img_create_qcow2(path_str(&src), 16 * MIB, "");
+    qemu_io_writes(path_str(&src), "qcow2", &[(0, 16 * MIB, Some(1))]);
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let mut qmp = daemon.qmp();
+    let full = dir.join("full.qcow2");
+    qemu_img_create_qcow2(path_str(&full), 16 * MIB, "");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "t0",
+               "file": {"driver": "file", "filename": path_str(&full)}}),
+    );
+    // A guest writes all the time the transaction runs.
+    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
+    let mut args = vec!["-f".to_string(), "raw".to_string()];
+    for i in 0..600u64 {
+        let offset = (i * 7919 * 4096) % (16 * MIB);
+        args.extend(["-c".into(), format!("write -P {} {offset} 4k", 2 + i % 200)]);
+    }
+    args.push(uri);
+    let mut writer = std::process::Command::new("qemu-io")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io runs");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    qmp.execute_ok(
+        "transaction",
+        // The backup first, then the bitmap: the transaction holds the
+        // source's writes, so none falls between the two.
+        json!({"actions": [
+            {"type": "blockdev-backup",
+             "data": {"job-id": "full0", "device": "src", "target": "t0", "sync": "full"}},
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "src", "name": "b0", "granularity": 65536}}
+        ]}),
+    );
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert!(writer.wait().expect("qemu-io ends").success());
+    qmp.execute_ok("blockdev-del", json!({"node-name": "t0"}));
+    // What the bitmap says changed, onto the full backup, is the source.
+    let inc = dir.join("inc.qcow2");
+    qemu_img_create_qcow2(
+        path_str(&inc),
+        16 * MIB,
+        &format!("backing_file={},backing_fmt=qcow2", full.display()),
+    );
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "t1",
+               "file": {"driver": "file", "filename": path_str(&inc)}}),
+    );
+    let snap = snapshot(dir, "snap.raw");
+    qmp.execute_ok(
+        "blockdev-backup",
+        json!({"job-id": "inc", "device": "src", "target": "t1", "sync": "incremental",
+               "bitmap": "b0"}),
+    );
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    assert_same(&snap, &inc);
+}

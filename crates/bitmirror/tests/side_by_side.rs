@@ -1064,3 +1064,124 @@ fn backup_jobs_match() {
         json!({"node": "s", "name": "bm"}),
     ));
 }
+
+#[test]
+fn transactions_match() {
+    let mut p = Pair::start(
+        |_| {},
+        |_| {
+            [
+                "null-co,node-name=s,size=4194304,read-zeroes=on",
+                "null-co,node-name=t,size=4194304,read-zeroes=on",
+                "null-co,node-name=t2,size=4194304,read-zeroes=on",
+                "null-co,node-name=small,size=1048576,read-zeroes=on",
+            ]
+            .iter()
+            .flat_map(|b| ["--blockdev".to_string(), b.to_string()])
+            .collect()
+        },
+    );
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    let tx = |actions: Value| ex("transaction", json!({ "actions": actions }));
+    let add =
+        |name: &str| json!({"type": "block-dirty-bitmap-add", "data": {"node": "s", "name": name}});
+    let backup = |id: &str, target: &str, extra: Value| {
+        let mut d = json!({"job-id": id, "device": "s", "target": target, "sync": "full"});
+        if let (Some(d), Some(e)) = (d.as_object_mut(), extra.as_object()) {
+            d.extend(e.clone());
+        }
+        json!({"type": "blockdev-backup", "data": d})
+    };
+    for request in [
+        tx(json!([])),
+        ex(
+            "transaction",
+            json!({"actions": [], "properties": {"completion-mode": "grouped"}}),
+        ),
+        tx(json!([{"type": "foo", "data": {}}])),
+        tx(json!([{"type": "abort"}])),
+        tx(
+            json!([{"type": "block-dirty-bitmap-add", "data": {"node": "s", "name": "b", "bogus": 1}}]),
+        ),
+        tx(json!([{"type": "block-dirty-bitmap-add", "data": {"node": "s"}}])),
+        ex("transaction", json!({"actions": 1})),
+        ex(
+            "transaction",
+            json!({"actions": [], "properties": {"completion-mode": "foo"}}),
+        ),
+        ex(
+            "transaction",
+            json!({"actions": [], "properties": {"foo": 1}}),
+        ),
+        tx(json!([{"type": "abort", "data": {}}])),
+        // Undone: the bitmap added first does not stay.
+        tx(json!([add("b1"), {"type": "abort", "data": {}}])),
+        tx(json!([add("b1"), backup("j1", "small", json!({}))])),
+        ex(
+            "block-dirty-bitmap-remove",
+            json!({"node": "s", "name": "b1"}),
+        ),
+        ex(
+            "transaction",
+            json!({"actions": [add("b1")], "properties": {"completion-mode": "grouped"}}),
+        ),
+        // Clear and merge are undone too.
+        ex(
+            "block-dirty-bitmap-add",
+            json!({"node": "s", "name": "keep"}),
+        ),
+        tx(json!([
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "s", "name": "keep"}},
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "s", "name": "keep"}},
+            {"type": "abort", "data": {}}
+        ])),
+        ex("query-named-block-nodes", json!({})),
+    ] {
+        p.both(request);
+    }
+    // A created job is undone without a cancel event.
+    p.both(tx(json!([
+        backup("j1", "t", json!({})),
+        add("b1"),
+        add("b1")
+    ])));
+    same_events_until(&mut p, "null");
+    p.both(ex(
+        "block-dirty-bitmap-remove",
+        json!({"node": "s", "name": "b1"}),
+    ));
+    // The founding workflow's first step: a bitmap and a full backup.
+    p.both(tx(json!([add("b1"), backup("j1", "t", json!({}))])));
+    same_events_until(&mut p, "null");
+    // Two jobs start in QEMU's order.
+    p.both(tx(json!([
+        backup("g1", "t", json!({"speed": 1})),
+        backup("g2", "t2", json!({"speed": 1}))
+    ])));
+    for side in [&mut p.qemu, &mut p.ours] {
+        let events = side.qmp.take_events(8);
+        let seen: Vec<String> = events
+            .iter()
+            .map(|e| format!("{} {}", e["data"]["status"], e["data"]["id"]).replace('"', ""))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                "created g1",
+                "created g2",
+                "running g2",
+                "paused g2",
+                "running g1",
+                "paused g1",
+                "running g2",
+                "running g1"
+            ],
+            "{}",
+            side.name
+        );
+    }
+    p.both(ex("job-cancel", json!({"id": "g1"})));
+    same_events_until_without_drains(&mut p, "null");
+    p.both(ex("job-cancel", json!({"id": "g2"})));
+    same_events_until_without_drains(&mut p, "null");
+}

@@ -468,6 +468,30 @@ impl Bitmaps {
         }
     }
 
+    /// [`merge`](Self::merge) into `target`, returning what
+    /// [`revert`](Self::revert) needs to undo it (a transaction's abort).
+    pub fn merge_undoable(&self, target: &str, sources: &[HBitmap]) -> Result<ClearUndo> {
+        let (id, old) = {
+            let list = self.read();
+            let bm = list.named_ref(target)?;
+            bm.check(Check::Default)?;
+            (bm.id, bm.bits.try_clone()?)
+        };
+        self.merge(target, sources)?;
+        Ok(ClearUndo { id, old })
+    }
+
+    /// Puts back the bits a [`merge_undoable`](Self::merge_undoable) (or a
+    /// [`clear`](Self::clear)) replaced, exactly: bits recorded since are
+    /// dropped, so the caller must have held the node's writes since (a
+    /// transaction does), or the bitmap could miss a write.
+    pub fn revert(&self, undo: ClearUndo) {
+        let mut list = self.lock_mut();
+        if let Some(bm) = list.by_id(undo.id) {
+            bm.bits = undo.old;
+        }
+    }
+
     /// Starts recording (`block-dirty-bitmap-enable`).
     pub fn enable(&self, name: &str) -> Result<()> {
         self.set_disabled(name, false)

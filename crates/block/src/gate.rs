@@ -8,12 +8,17 @@
 //! were held go to the replacement, if one was named, instead of the node
 //! they first reached.
 //!
+//! Closes nest: a transaction holds the writes of its nodes while an
+//! action in it (a backup's start) closes and reopens the gate again; the
+//! gate opens when the last closer reopens it.
+//!
 //! Entering costs two atomic operations and a load: the pair
-//! (`active` increment, `closed` load) against (`closed` store, `active`
-//! load), all sequentially consistent, guarantees that a request either
-//! sees the gate closed or is seen by the closer.
+//! (`active` increment, `closers` load) against (`closers` increment,
+//! `active` load), all sequentially consistent, guarantees that a request
+//! either sees the gate closed or is seen by the closer.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
@@ -23,7 +28,8 @@ use crate::node::Node;
 /// A node's write gate.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
-    closed: AtomicBool,
+    /// How many holders keep the gate closed.
+    closers: AtomicU64,
     active: AtomicU64,
     /// Wakes requests held at the closed gate.
     opened: Notify,
@@ -48,7 +54,7 @@ pub(crate) struct Inside<'a>(&'a Gate);
 impl Drop for Inside<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
-        if self.0.closed.load(Ordering::SeqCst) {
+        if self.0.closers.load(Ordering::SeqCst) > 0 {
             self.0.idle.notify_waiters();
         }
     }
@@ -62,7 +68,7 @@ impl Gate {
             tokio::pin!(opened);
             opened.as_mut().enable();
             self.active.fetch_add(1, Ordering::SeqCst);
-            if !self.closed.load(Ordering::SeqCst) {
+            if self.closers.load(Ordering::SeqCst) == 0 {
                 return Entry::Here(Inside(self));
             }
             self.active.fetch_sub(1, Ordering::SeqCst);
@@ -76,7 +82,7 @@ impl Gate {
 
     /// Closes the gate and waits until no write-type request is inside.
     pub(crate) async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        self.closers.fetch_add(1, Ordering::SeqCst);
         loop {
             let idle = self.idle.notified();
             tokio::pin!(idle);
@@ -88,16 +94,21 @@ impl Gate {
         }
     }
 
-    /// Reopens the gate; held and later writes go to `replacement` when
-    /// one is given.
+    /// Reopens the gate (once every closer has); held and later writes go
+    /// to `replacement` when one is given.
     pub(crate) fn open(&self, replacement: Option<&Arc<Node>>) {
         if let Some(node) = replacement {
             *self.replacement.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Arc::downgrade(node));
             self.replaced.store(true, Ordering::SeqCst);
         }
-        self.closed.store(false, Ordering::SeqCst);
-        self.opened.notify_waiters();
+        let was = self
+            .closers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if was <= 1 {
+            self.opened.notify_waiters();
+        }
     }
 
     /// The node that replaced this one, if any (one atomic load when none

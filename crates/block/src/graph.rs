@@ -255,7 +255,9 @@ impl Graph {
             let mut children = Vec::new();
             let mut loaded = Vec::new();
             let driver: Box<dyn Driver> = match &options.driver {
-                DriverOptions::NullCo { size, .. } => Box::new(NullDriver::new(*size)),
+                DriverOptions::NullCo { size, read_zeroes } => {
+                    Box::new(NullDriver::new(*size, *read_zeroes))
+                }
                 DriverOptions::Nbd { .. } => {
                     let factory = self.factory(options.driver.name())?;
                     let (driver, ro) = factory.open(&name, options).await?;

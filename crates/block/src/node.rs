@@ -167,6 +167,8 @@ pub struct ImageInfo {
     pub format_specific: Option<FormatSpecific>,
     /// For a `throttle` filter: its group.
     pub throttle_group: Option<String>,
+    /// For `null-co`: its `read-zeroes` option, when given.
+    pub read_zeroes: Option<bool>,
 }
 
 /// Format details (QEMU's `ImageInfoSpecific`).
@@ -517,6 +519,7 @@ impl Node {
     /// Holds new write-type requests (writes, write-zeroes, discards) at
     /// the node's gate and waits until none is running: the quiet moment
     /// a job needs to cut the node over (mirror's pivot). Reads go on.
+    /// Holds nest: writes go on once every holder released them.
     pub async fn hold_writes(&self) {
         self.gate.close().await;
     }

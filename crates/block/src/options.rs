@@ -108,8 +108,9 @@ pub enum DriverOptions {
         /// Length in bytes (QEMU's default: 1 GiB).
         size: u64,
         /// Whether reads fill the buffer with zeroes (they always do here;
-        /// the option is kept for compatibility).
-        read_zeroes: bool,
+        /// the option is kept for compatibility, and shows in the node's
+        /// `json:` filename when given).
+        read_zeroes: Option<bool>,
     },
 }
 
@@ -378,7 +379,7 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
                     expected: "a non-negative size",
                 })?,
             },
-            read_zeroes: f.opt_bool("read-zeroes")?.unwrap_or(false),
+            read_zeroes: f.opt_bool("read-zeroes")?,
         },
         other => {
             return Err(qapi::Error::InvalidValue {
@@ -478,7 +479,7 @@ mod tests {
             o.driver,
             DriverOptions::NullCo {
                 size: 1 << 30,
-                read_zeroes: false
+                read_zeroes: None
             }
         );
     }
@@ -557,7 +558,7 @@ mod tests {
             o.driver,
             DriverOptions::NullCo {
                 size: 2 << 30,
-                read_zeroes: false
+                read_zeroes: None
             }
         );
     }

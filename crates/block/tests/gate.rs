@@ -45,6 +45,9 @@ async fn held_writes_go_to_the_replacement() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     a.hold_writes().await;
+    // A write that left the gate just before may not have counted itself
+    // yet: let it.
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     let at_hold = done.load(Ordering::SeqCst);
     // Nothing writes to `a` now: copy its final contents over.
     let snapshot = a.read(0, 8 * 4096).await.expect("read");
@@ -79,4 +82,35 @@ async fn held_writes_go_to_the_replacement() {
             "block {i}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_nest() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let g = Graph::new();
+    let a = file_node(&g, "a", &dir.path().join("a")).await;
+    a.hold_writes().await;
+    a.hold_writes().await;
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let buf = IoBuf::copy_from(&[7u8; 4096], 1);
+            a.write(0, buf, false).await.0.expect("write");
+        })
+    };
+    a.release_writes(None);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(
+        !writer.is_finished(),
+        "one holder left, yet the write went on"
+    );
+    a.release_writes(None);
+    tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+        .await
+        .expect("the write goes on once both holders let go")
+        .expect("writer");
+    assert_eq!(
+        a.read(0, 4096).await.expect("read").as_slice(),
+        &[7u8; 4096]
+    );
 }

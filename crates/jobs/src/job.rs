@@ -237,13 +237,31 @@ impl Jobs {
     }
 
     /// Starts a created job as QEMU starts one made by a transaction
-    /// action (`blockdev-backup` is one): its source was drained around
-    /// the start, so the job is seen running, paused, and running again.
-    pub fn start_drained(&self, job: &Arc<Job>) {
+    /// action (`blockdev-backup` is one), whose nodes are drained until the
+    /// transaction ends: the job is seen running, then paused. Resume it
+    /// with [`resume_started`](Self::resume_started) when the transaction
+    /// is over.
+    pub fn start_paused(&self, job: &Arc<Job>) {
         job.transition(JobStatus::Running);
         job.transition(JobStatus::Paused);
+    }
+
+    /// Runs a job [`start_paused`](Self::start_paused) left paused.
+    pub fn resume_started(&self, job: &Arc<Job>) {
         job.transition(JobStatus::Running);
         self.start(job);
+    }
+
+    /// Undoes a created job whose transaction failed: it aborts and goes
+    /// away (`aborting`, `concluded`, `null`; no `BLOCK_JOB_CANCELLED`, as
+    /// in QEMU).
+    pub fn abort_unstarted(&self, job: &Arc<Job>) {
+        lock(&job.state).error = Some("Operation canceled".into());
+        job.transition(JobStatus::Aborting);
+        job.driver.abort();
+        job.driver.clean();
+        job.transition(JobStatus::Concluded);
+        job.transition(JobStatus::Null);
     }
 
     /// Takes a created job that will not start out of the registry (QEMU's

@@ -304,7 +304,7 @@ fn open_errors_are_clear() {
         "server": {"type": "vsock", "cid": "1"}}))
     .unwrap_err()
     .to_string();
-    assert_eq!(e, "Parameter 'server.type' does not accept value 'vsock'");
+    assert_eq!(e, "Parameter 'type' does not accept value 'vsock'");
 }
 
 /// Our client and our server, with a dirty bitmap read as block status

@@ -243,8 +243,10 @@ impl Object {
             .iter()
             .find(|(name, _)| *name == s)
             .map(|&(_, v)| Some(v))
+            // QEMU's input visitor names a bad enum value by the member's
+            // own name, not its path ('aio', not 'file.aio').
             .ok_or_else(|| Error::InvalidValue {
-                name: self.name(key),
+                name: key.to_owned(),
                 value: s,
             })
     }

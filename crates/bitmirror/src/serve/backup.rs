@@ -132,50 +132,113 @@ fn lookup(daemon: &Daemon, name: &str) -> Result<Arc<block::Node>, QmpError> {
     })
 }
 
-/// `blockdev-backup`.
-pub async fn blockdev_backup(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), QmpError> {
+/// Where a backup goes.
+enum Target {
+    /// An existing node (`blockdev-backup`).
+    Node(String),
+    /// A file `drive-backup` names, created unless `existing`.
+    Drive {
+        filename: String,
+        format: Option<String>,
+        existing: bool,
+    },
+}
+
+/// A backup's arguments, read: a command, or a `transaction` action.
+pub(super) struct BackupAction {
+    c: Common,
+    target: Target,
+}
+
+/// Reads `blockdev-backup`'s arguments (the caller checks for leftovers).
+pub(super) fn read_blockdev(args: &mut Object) -> Result<BackupAction, QmpError> {
     let c = read_common(args)?;
-    let target = args.req_str("target")?;
+    let target = Target::Node(args.req_str("target")?);
+    Ok(BackupAction { c, target })
+}
+
+/// Reads `drive-backup`'s arguments (the caller checks for leftovers).
+pub(super) fn read_drive(args: &mut Object) -> Result<BackupAction, QmpError> {
+    let c = read_common(args)?;
+    let filename = args.req_str("target")?;
+    let format = args.opt_str("format")?;
+    let existing = args
+        .opt_enum("mode", &[("existing", true), ("absolute-paths", false)])?
+        .unwrap_or(false);
+    Ok(BackupAction {
+        c,
+        target: Target::Drive {
+            filename,
+            format,
+            existing,
+        },
+    })
+}
+
+/// `blockdev-backup`: a transaction of one action, as in QEMU.
+pub async fn blockdev_backup(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), QmpError> {
+    let action = read_blockdev(args)?;
     done(args)?;
-    let source = lookup(daemon, &c.device)?;
-    let target = lookup(daemon, &target)?;
-    start(daemon, c, source, target, false).await
+    let action = super::transaction::Action::BlockdevBackup(Box::new(action));
+    super::transaction::run(daemon, vec![action], false).await
 }
 
 /// `drive-backup`: the target is a file, created first (with the source's
 /// size and format, or `format`) unless `mode=existing`. As in QEMU, a
 /// file created before a later check fails stays on disk.
 pub async fn drive_backup(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(), QmpError> {
-    let mut c = read_common(args)?;
-    let filename = args.req_str("target")?;
-    let format = args.opt_str("format")?;
-    let existing = args
-        .opt_enum("mode", &[("existing", true), ("absolute-paths", false)])?
-        .unwrap_or(false);
+    let action = read_drive(args)?;
     done(args)?;
-    let source = lookup(daemon, &c.device)?;
-    source_busy(daemon, &source)?;
-    let has_backing = source
-        .children()
-        .iter()
-        .any(|(r, _)| *r == block::ChildRole::Backing);
-    if c.sync == Sync::Top && !has_backing {
-        c.sync = Sync::Full;
+    let action = super::transaction::Action::DriveBackup(Box::new(action));
+    super::transaction::run(daemon, vec![action], false).await
+}
+
+impl BackupAction {
+    /// The node backed up, by name.
+    pub(super) fn device(&self) -> &str {
+        &self.c.device
     }
-    let create_as = match c.sync {
-        Sync::Top => MirrorSync::Top,
-        Sync::None => MirrorSync::None,
-        _ => MirrorSync::Full,
-    };
-    let target = super::mirror::open_drive(
-        daemon, &source, create_as, &filename, format, None, existing,
-    )
-    .await?;
-    let result = start(daemon, c, source, target.clone(), true).await;
-    if result.is_err() {
-        daemon.graph.remove_unused(&target).await;
+
+    /// Checks everything and makes the job (`created`), not started: the
+    /// point in time is now.
+    pub(super) async fn prepare(self, daemon: &Arc<Daemon>) -> Result<Arc<jobs::Job>, QmpError> {
+        let mut c = self.c;
+        let source = lookup(daemon, &c.device)?;
+        match self.target {
+            Target::Node(name) => {
+                let target = lookup(daemon, &name)?;
+                prepare_on(daemon, c, source, target, false).await
+            }
+            Target::Drive {
+                filename,
+                format,
+                existing,
+            } => {
+                source_busy(daemon, &source)?;
+                let has_backing = source
+                    .children()
+                    .iter()
+                    .any(|(r, _)| *r == block::ChildRole::Backing);
+                if c.sync == Sync::Top && !has_backing {
+                    c.sync = Sync::Full;
+                }
+                let create_as = match c.sync {
+                    Sync::Top => MirrorSync::Top,
+                    Sync::None => MirrorSync::None,
+                    _ => MirrorSync::Full,
+                };
+                let target = super::mirror::open_drive(
+                    daemon, &source, create_as, &filename, format, None, existing,
+                )
+                .await?;
+                let result = prepare_on(daemon, c, source, target.clone(), true).await;
+                if result.is_err() {
+                    daemon.graph.remove_unused(&target).await;
+                }
+                result
+            }
+        }
     }
-    result
 }
 
 /// QEMU's op blocker on a backup's source: a mirror holds its source.
@@ -264,16 +327,16 @@ fn backup_sync(s: Sync) -> BackupSync {
     }
 }
 
-/// `backup_job_create`'s checks, then the job.
-async fn start(
+/// `backup_job_create`'s checks, then the job (created, not started).
+async fn prepare_on(
     daemon: &Arc<Daemon>,
     c: Common,
     source: Arc<block::Node>,
     target: Arc<block::Node>,
     owns_target: bool,
-) -> Result<(), QmpError> {
-    let (sync, bitmap_mode) = check_bitmap(&source, &c)?;
+) -> Result<Arc<jobs::Job>, QmpError> {
     let fail = |m: &str| Err(QmpError::generic(m));
+    let (sync, bitmap_mode) = check_bitmap(&source, &c)?;
     if Arc::ptr_eq(&source, &target) {
         return fail("Source and target cannot be the same");
     }
@@ -351,6 +414,5 @@ async fn start(
     if c.speed > 0 {
         job.set_speed(c.speed as u64).map_err(job_err)?;
     }
-    daemon.jobs.start_drained(&job);
-    Ok(())
+    Ok(job)
 }

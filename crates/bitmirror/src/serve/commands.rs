@@ -45,6 +45,7 @@ pub const COMMANDS: &[&str] = &[
     "query-commands",
     "query-version",
     "qmp_capabilities",
+    "transaction",
     "query-block-exports",
     "block-export-del",
     "block-export-add",
@@ -346,6 +347,12 @@ async fn run(
         }
         "blockdev-mirror" => {
             super::mirror::blockdev_mirror(daemon, args).await?;
+            Ok(json!({}))
+        }
+        "transaction" => {
+            let (actions, grouped) = super::transaction::read(args)?;
+            done(args)?;
+            super::transaction::run(daemon, actions, grouped).await?;
             Ok(json!({}))
         }
         "blockdev-backup" => {

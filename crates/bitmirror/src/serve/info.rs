@@ -145,7 +145,10 @@ pub fn filename(node: &Node) -> String {
     if let Some(child) = file_child(node) {
         return filename(&child);
     }
-    if node.driver_name() == "null-co" && node.length() == block::options::NULL_CO_DEFAULT_SIZE {
+    if node.driver_name() == "null-co"
+        && node.length() == block::options::NULL_CO_DEFAULT_SIZE
+        && node.image_info().read_zeroes.is_none()
+    {
         return "null-co://".into();
     }
     format!("json:{}", qmp::json::to_string(&description(node)))
@@ -155,10 +158,16 @@ pub fn filename(node: &Node) -> String {
 fn description(node: &Node) -> Value {
     match node.driver_name() {
         "file" => json!({"driver": "file", "filename": node.filename().unwrap_or_default()}),
-        "null-co" if node.length() == block::options::NULL_CO_DEFAULT_SIZE => {
-            json!({"driver": "null-co"})
+        "null-co" => {
+            let mut d = json!({"driver": "null-co"});
+            if node.length() != block::options::NULL_CO_DEFAULT_SIZE {
+                d["size"] = json!(node.length());
+            }
+            if let Some(z) = node.image_info().read_zeroes {
+                d["read-zeroes"] = json!(z);
+            }
+            d
         }
-        "null-co" => json!({"driver": "null-co", "size": node.length()}),
         "throttle" => {
             let mut d = json!({
                 "driver": "throttle",

@@ -17,6 +17,7 @@ mod daemon;
 mod daemonize;
 mod info;
 mod mirror;
+mod transaction;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -8,11 +8,13 @@ use crate::node::{BoxFuture, BufResult, Driver, Extent, ImageInfo, Limits, ZeroF
 #[derive(Debug)]
 pub(crate) struct NullDriver {
     size: u64,
+    /// `read-zeroes` as given (reads are zeroes either way).
+    read_zeroes: Option<bool>,
 }
 
 impl NullDriver {
-    pub(crate) fn new(size: u64) -> NullDriver {
-        NullDriver { size }
+    pub(crate) fn new(size: u64, read_zeroes: Option<bool>) -> NullDriver {
+        NullDriver { size, read_zeroes }
     }
 }
 
@@ -32,6 +34,7 @@ impl Driver for NullDriver {
     fn image_info(&self) -> ImageInfo {
         ImageInfo {
             actual_size: Some(0),
+            read_zeroes: self.read_zeroes,
             ..ImageInfo::default()
         }
     }

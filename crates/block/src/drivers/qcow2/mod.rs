@@ -1137,7 +1137,7 @@ impl Driver for Qcow2Driver {
                 extended_l2: v3.then_some(false),
                 compression_type: "zlib",
             }),
-            throttle_group: None,
+            ..ImageInfo::default()
         }
     }
 
