@@ -5,6 +5,8 @@
 //! `qemu-storage-daemon` (a symlink), so tools that run that program by
 //! name get bitmirror.
 
+mod backup_cli;
+mod qmp_client;
 mod serve;
 
 use std::process::ExitCode;
@@ -30,6 +32,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Back up a node of a running daemon (over QMP) into a chain of qcow2
+    /// files: a full backup first, then only what changed since the last.
+    Backup(backup_cli::BackupArgs),
+    /// Check that an image (e.g. a backup chain's top) equals a source,
+    /// byte for byte: files (qcow2, raw) or NBD URIs.
+    Verify(backup_cli::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,10 +54,25 @@ fn main() -> ExitCode {
     }
     match Cli::parse().command {
         Some(Command::Serve { args }) => serve::main("bitmirror serve", &args),
+        Some(Command::Backup(a)) => report(backup_cli::backup(&a).map(|()| true)),
+        Some(Command::Verify(a)) => report(backup_cli::verify(&a)),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Exit 0 for `Ok(true)`, 1 for `Ok(false)`, 2 with the error's chain on
+/// stderr for `Err`.
+fn report(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("bitmirror: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

@@ -394,3 +394,85 @@ fn a_bitmap_added_with_a_full_backup_misses_no_write() {
     assert_eq!(daemon.wait_exit(), Some(0));
     assert_same(&snap, &inc);
 }
+
+/// Runs the `bitmirror` binary; its exit code and its output.
+fn bitmirror(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitmirror"))
+        .args(args)
+        .output()
+        .expect("bitmirror runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn the_backup_verb_makes_a_chain_that_verify_and_qemu_accept() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let src = dir.join("src.qcow2");
+    qemu_img_create_qcow2(path_str(&src), 16 * MIB, "");
+    qemu_io_writes(path_str(&src), "qcow2", &[(0, 8 * MIB, Some(1))]);
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let qmp_sock = daemon.qmp_path().to_path_buf();
+    let chain = dir.join("chain");
+    let backup = || {
+        bitmirror(&[
+            "backup",
+            "--qmp",
+            path_str(&qmp_sock),
+            "--node",
+            "src",
+            "--dir",
+            path_str(&chain),
+        ])
+    };
+    let (code, out) = backup();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("full backup of 'src' (level 0)"), "{out}");
+    guest(dir, &["write -P 5 1M 1M".into(), "write -z 4M 64k".into()]);
+    let (code, out) = backup();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("incremental backup of 'src' (level 1): copied 1.1 MiB"),
+        "{out}"
+    );
+    let top = chain.join("src.1.qcow2");
+    let info = run("qemu-img", &["info", path_str(&top)]);
+    assert!(info.contains("backing file: src.0.qcow2"), "{info}");
+    run("qemu-img", &["check", path_str(&top)]);
+    // The top equals the source, by our verify and by qemu-img.
+    let snap = snapshot(dir, "snap.raw");
+    assert_same(&snap, &top);
+    let (code, out) = bitmirror(&["verify", path_str(&top), path_str(&snap)]);
+    assert_eq!(code, Some(0), "{out}");
+    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
+    let (code, out) = bitmirror(&["verify", path_str(&top), &uri]);
+    assert_eq!(code, Some(0), "{out}");
+    // A write not backed up yet: verify says where.
+    guest(dir, &["write -P 6 12M 4k".into()]);
+    let (code, out) = bitmirror(&["verify", path_str(&top), &uri]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("differ at byte {}", 12 * MIB)),
+        "{out}"
+    );
+    // Clear errors.
+    let (code, out) = bitmirror(&[
+        "backup",
+        "--qmp",
+        path_str(&qmp_sock),
+        "--node",
+        "nosuch",
+        "--dir",
+        path_str(&chain),
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("the daemon has no node 'nosuch'"), "{out}");
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}

@@ -175,7 +175,7 @@ pub async fn drive_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(),
 }
 
 /// QEMU's NBD filenames as an `nbd` node's options.
-fn nbd_filename(name: &str) -> Option<serde_json::Value> {
+pub(crate) fn nbd_filename(name: &str) -> Option<serde_json::Value> {
     use serde_json::json;
     let (server, export) = if let Some(rest) = name.strip_prefix("nbd:unix:") {
         let (path, export) = match rest.split_once(":exportname=") {

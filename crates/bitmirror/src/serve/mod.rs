@@ -25,6 +25,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 pub use daemon::Daemon;
+pub(crate) use mirror::nbd_filename;
 
 /// Runs `bitmirror serve` with `args` (what follows `serve`); `program`
 /// prefixes error messages.
