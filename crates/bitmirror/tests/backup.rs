@@ -476,3 +476,50 @@ fn the_backup_verb_makes_a_chain_that_verify_and_qemu_accept() {
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+#[test]
+fn a_failed_copy_before_write_fails_the_guest_write() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (src, tgt) = (dir.join("src.qcow2"), dir.join("tgt.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 16 * MIB, "");
+    qemu_io_writes(path_str(&src), "qcow2", &[(0, 16 * MIB, Some(1))]);
+    qemu_img_create_qcow2(path_str(&tgt), 16 * MIB, "");
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let mut qmp = daemon.qmp();
+    let (mut dest, sock) = destination(dir, &tgt, "backup");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
+               "server": {"type": "unix", "path": path_str(&sock)}}),
+    );
+    // At 1 byte/s only the first copy goes: the rest waits.
+    qmp.execute_ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tn", "sync": "full", "speed": 1}),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &dest.pid().to_string()])
+        .status();
+    let _ = dest.wait_exit();
+    // A guest write to a cluster not copied yet: its old data cannot be
+    // saved, so the write fails (QEMU's break-guest-write) …
+    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 9 8M 64k", &uri])
+        .output()
+        .expect("qemu-io runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    // … and the source keeps its data; the job is still there to cancel.
+    let jobs = qmp.execute_ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["device"], "b", "{jobs}");
+    qmp.execute_ok("block-job-cancel", json!({"device": "b"}));
+    wait_event(&mut qmp, "BLOCK_JOB_CANCELLED");
+    let out = run("qemu-io", &["-f", "raw", "-c", "read -P 1 8M 64k", &uri]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}

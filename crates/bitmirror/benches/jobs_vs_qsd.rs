@@ -1,15 +1,16 @@
-//! Mirror jobs side by side with qemu-storage-daemon, in one run: the same
-//! source, the same target, the same QMP `blockdev-mirror`, each daemon
-//! its own process. Reports the time to READY, the daemons' CPU time
+//! Mirror and backup jobs side by side with qemu-storage-daemon, in one
+//! run: the same source, the same target, the same QMP command, each
+//! daemon its own process. Reports the time to READY, the daemons' CPU time
 //! (user + system, from `/proc/PID/stat`), the target's allocation and the
 //! latency a guest writing through the source's NBD export sees, as ratios
 //! to QEMU's (or, for `sync=bitmap`, which QEMU lacks, to a plain
 //! `pread`/`pwrite` loop over the same blocks). Prints markdown for
 //! `docs/benchmarks.md`.
 //!
-//! Run: `cargo bench -p bitmirror --bench mirror_vs_qsd [-- CASE...]` with
-//! cases `full`, `direct`, `sparse`, `nbd`, `bitmap`, `latency` (all by
-//! default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
+//! Run: `cargo bench -p bitmirror --bench jobs_vs_qsd [-- CASE...]` with
+//! mirror cases `full`, `direct`, `sparse`, `nbd`, `bitmap`, `latency` and
+//! backup cases `backup-full`, `backup-incremental`, `backup-latency` (all
+//! by default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
 //! 40 GiB of (mostly sparse) room. Every figure is the best of `RUNS` runs
 //! (the machine is shared).
 
@@ -496,6 +497,238 @@ fn latency_case(dir: &Path, source: &Path) {
     }
 }
 
+/// Waits until job `m` has gone (auto-dismissed), polling; panics if it
+/// failed.
+fn wait_gone(qmp: &mut Qmp, who: &str) {
+    loop {
+        let jobs = qmp.execute_ok("query-block-jobs", json!({}));
+        if jobs.as_array().is_none_or(|j| j.is_empty()) {
+            let failed = qmp
+                .events
+                .iter()
+                .any(|e| e["event"] == "BLOCK_JOB_COMPLETED" && e["data"].get("error").is_some());
+            assert!(!failed, "{who}: the job failed: {:?}", qmp.events);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A qcow2 node `dst` over a fresh image of `size` bytes, with `extra`
+/// file options.
+fn qcow2_target(dir: &Path, size: u64, extra: &str) -> (PathBuf, [String; 2]) {
+    let image = dir.join("target.qcow2");
+    let _ = std::fs::remove_file(&image);
+    block::create_qcow2(&image, &block::Qcow2Create::new(size)).expect("a qcow2 target");
+    let opts = [
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=dst,file.driver=file,file.filename={},file.aio=threads{extra}",
+            image.display()
+        ),
+    ];
+    (image, opts)
+}
+
+/// A full backup of `source` into a fresh `O_DIRECT` qcow2 image.
+fn backup_full_once(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
+    let (image, target) = qcow2_target(dir, size, ",file.cache.direct=on");
+    let mut args = raw_node("src", source, "").to_vec();
+    args.extend(target);
+    let mut daemon = who.start(dir, &args);
+    let mut qmp = daemon.qmp();
+    let cpu0 = cpu_seconds(daemon.pid());
+    let start = Instant::now();
+    qmp.execute_ok("blockdev-backup", mirror_args(json!({})));
+    wait_gone(&mut qmp, who.name());
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(daemon.pid()) - cpu0;
+    qmp.execute_ok("quit", json!({}));
+    let _ = daemon.wait_exit();
+    Outcome {
+        wall,
+        cpu,
+        peer_cpu: 0.0,
+        allocated: allocated(&image),
+    }
+}
+
+/// `dd` of `source` into a fresh file with `oflag=direct`: the yardstick.
+fn dd_direct(dir: &Path, source: &Path) -> f64 {
+    let out = dir.join("dd.raw");
+    let _ = std::fs::remove_file(&out);
+    let start = Instant::now();
+    run(
+        "dd",
+        &[
+            &format!("if={}", source.display()),
+            &format!("of={}", out.display()),
+            "bs=1M",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    let t = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&out);
+    t
+}
+
+fn backup_full_case(dir: &Path, source: &Path, size: u64) {
+    let dd = (0..RUNS)
+        .map(|_| dd_direct(dir, source))
+        .fold(f64::INFINITY, f64::min);
+    let qemu = best(|| backup_full_once(Daemon::Qemu, dir, source, size));
+    let ours = best(|| backup_full_once(Daemon::Ours, dir, source, size));
+    for (who, o) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
+        println!(
+            "| full backup 4 GiB raw→qcow2 (O_DIRECT) | {} | {:.2} s | {:.2} s | {:.2} | {:.2} | {:.2} |",
+            who.name(),
+            o.wall,
+            o.cpu,
+            o.wall / dd,
+            o.wall / qemu.wall,
+            o.cpu / qemu.cpu.max(0.01),
+        );
+    }
+    println!("| (`dd bs=1M oflag=direct` of the same source) | — | {dd:.2} s | — | 1.00 | — | — |");
+}
+
+/// An incremental backup (`sync=bitmap`) of `fraction` of a 16 GiB disk
+/// into a fresh qcow2 image, for both daemons, against the loop.
+fn backup_incremental_case(dir: &Path, fraction: f64) {
+    let size = 16 * GIB;
+    let source = dir.join("bitmap-src.raw");
+    sparse_file(&source, size);
+    let count = (size as f64 * fraction / GUEST_BLOCK as f64) as usize;
+    let blocks = random_blocks(size, count, 0x5eed + count as u64);
+    let mut times = Vec::new();
+    for who in [Daemon::Qemu, Daemon::Ours] {
+        let mut best = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..RUNS {
+            let (_, target) = qcow2_target(dir, size, "");
+            let sock = dir.join("src.sock");
+            let mut args = raw_node("src", &source, "").to_vec();
+            args.extend(target);
+            args.extend([
+                "--nbd-server".into(),
+                format!("addr.type=unix,addr.path={}", sock.display()),
+                "--export".into(),
+                "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
+            ]);
+            let mut daemon = who.start(dir, &args);
+            let mut qmp = daemon.qmp();
+            qmp.execute_ok(
+                "block-dirty-bitmap-add",
+                json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
+            );
+            let rt = runtime();
+            let client = nbd_client(&rt, &sock, "disk");
+            let data = vec![0x5au8; GUEST_BLOCK as usize];
+            rt.block_on(async {
+                for chunk in blocks.chunks(64) {
+                    let writes = chunk.iter().map(|&o| client.write(o, &data, false));
+                    for r in futures_util::future::join_all(writes).await {
+                        r.expect("a guest write");
+                    }
+                }
+                client.flush().await.expect("a flush");
+            });
+            drop(client);
+            let cpu0 = cpu_seconds(daemon.pid());
+            let start = Instant::now();
+            qmp.execute_ok(
+                "blockdev-backup",
+                mirror_args(json!({"sync": "bitmap", "bitmap": "b0", "bitmap-mode": "on-success"})),
+            );
+            wait_gone(&mut qmp, who.name());
+            let t = start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds(daemon.pid()) - cpu0;
+            if t < best.0 {
+                best = (t, cpu);
+            }
+            qmp.execute_ok("quit", json!({}));
+            let _ = daemon.wait_exit();
+        }
+        times.push(best);
+    }
+    // The same blocks by hand.
+    let mut loop_best = f64::INFINITY;
+    for _ in 0..RUNS {
+        let target = dir.join("loop.raw");
+        sparse_file(&target, size);
+        let start = Instant::now();
+        let src = std::fs::File::open(&source).expect("the source");
+        let dst = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .expect("the target");
+        let mut buf = vec![0u8; GUEST_BLOCK as usize];
+        for &o in &blocks {
+            src.read_exact_at(&mut buf, o).expect("a read");
+            dst.write_all_at(&buf, o).expect("a write");
+        }
+        dst.sync_data().expect("a sync");
+        loop_best = loop_best.min(start.elapsed().as_secs_f64());
+    }
+    let (q, o) = (times[0], times[1]);
+    println!(
+        "| incremental backup, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {loop_best:.2} s | {:.2} |",
+        fraction * 100.0,
+        q.0,
+        q.0 / loop_best,
+        q.1,
+        o.0,
+        o.0 / loop_best,
+        o.1,
+        o.1 / q.1.max(0.01),
+    );
+}
+
+/// Guest latencies during a full backup of `source` (copy-before-write's
+/// cost), until it ends; and the backup's time.
+fn backup_latency_once(who: Daemon, dir: &Path, source: &Path) -> (Latencies, f64) {
+    let size = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
+    let (_, target) = qcow2_target(dir, size, "");
+    let sock = dir.join("src.sock");
+    let mut args = raw_node("src", source, "").to_vec();
+    args.extend(target);
+    args.extend([
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+        "--export".into(),
+        "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
+    ]);
+    let mut daemon = who.start(dir, &args);
+    let mut qmp = daemon.qmp();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = guest_writer(sock, size, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    qmp.execute_ok("blockdev-backup", mirror_args(json!({})));
+    wait_gone(&mut qmp, who.name());
+    let took = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let lat = writer.join().expect("the guest thread");
+    qmp.execute_ok("quit", json!({}));
+    let _ = daemon.wait_exit();
+    (lat, took)
+}
+
+fn backup_latency_case(dir: &Path, source: &Path) {
+    let qemu = backup_latency_once(Daemon::Qemu, dir, source);
+    let ours = backup_latency_once(Daemon::Ours, dir, source);
+    for (who, (lat, took)) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
+        println!(
+            "| full backup of 4 GiB | {} | {} | {:.2} ms | {:.2} ms | {:.2} | {took:.2} s |",
+            who.name(),
+            lat.0.len(),
+            lat.pct(0.5) / 1e3,
+            lat.pct(0.99) / 1e3,
+            lat.pct(0.99) / qemu.0.pct(0.99),
+        );
+    }
+}
+
 /// A raw file of `size` bytes, written through with `pattern` runs of 1 GiB.
 fn full_source(path: &Path, size: u64) {
     if std::fs::metadata(path).is_ok_and(|m| m.len() == size && m.blocks() * 512 >= size) {
@@ -532,7 +765,17 @@ fn main() {
         );
         println!("|---|---|---|---|---|---|---|");
     }
-    if want("full") || want("direct") || want("nbd") || want("latency") {
+    if [
+        "full",
+        "direct",
+        "nbd",
+        "latency",
+        "backup-full",
+        "backup-latency",
+    ]
+    .iter()
+    .any(|c| want(c))
+    {
         full_source(&full, 4 * GIB);
     }
     if want("full") {
@@ -585,5 +828,27 @@ fn main() {
         println!("| copy mode | daemon | guest writes | p50 | p99 | p99 vs QEMU | time to READY |");
         println!("|---|---|---|---|---|---|---|");
         latency_case(dir, &full);
+    }
+    if want("backup-full") {
+        println!();
+        println!("| case | daemon | time | CPU | time vs dd | time vs QEMU | CPU vs QEMU |");
+        println!("|---|---|---|---|---|---|---|");
+        backup_full_case(dir, &full, 4 * GIB);
+    }
+    if want("backup-incremental") {
+        println!();
+        println!(
+            "| case | qemu-storage-daemon | bitmirror serve | pread/pwrite loop | CPU vs QEMU |"
+        );
+        println!("|---|---|---|---|---|");
+        for fraction in [0.01, 0.10] {
+            backup_incremental_case(dir, fraction);
+        }
+    }
+    if want("backup-latency") {
+        println!();
+        println!("| during | daemon | guest writes | p50 | p99 | p99 vs QEMU | backup took |");
+        println!("|---|---|---|---|---|---|---|");
+        backup_latency_case(dir, &full);
     }
 }
