@@ -1185,3 +1185,127 @@ fn transactions_match() {
     p.both(ex("job-cancel", json!({"id": "g2"})));
     same_events_until_without_drains(&mut p, "null");
 }
+
+/// Reads events on each side until every job in `ids` has reached `null`,
+/// then compares each job's own sequence (without QEMU's drain pairs):
+/// two jobs' events may interleave differently.
+fn same_job_events_until_null(p: &mut Pair, ids: &[&str]) {
+    let mut per_side = Vec::new();
+    for side in [&mut p.qemu, &mut p.ours] {
+        let dir = side.dir.path().display().to_string();
+        let gone = |events: &[Value], id: &str| {
+            events
+                .iter()
+                .any(|e| e["data"]["id"] == id && e["data"]["status"] == "null")
+        };
+        while !ids.iter().all(|id| gone(&side.qmp.events, id)) {
+            let m = side.qmp.read_message();
+            assert!(m.get("event").is_some(), "{}: unexpected {m}", side.name);
+            side.qmp.events.push(m);
+        }
+        let events: Vec<Value> = std::mem::take(&mut side.qmp.events)
+            .into_iter()
+            .map(|e| normalize(e, &dir))
+            .collect();
+        let per_job: Vec<Vec<Value>> = ids
+            .iter()
+            .map(|id| {
+                strip_drains(
+                    events
+                        .iter()
+                        .filter(|e| e["data"]["id"] == *id || e["data"]["device"] == *id)
+                        .cloned()
+                        .collect(),
+                )
+            })
+            .collect();
+        per_side.push(per_job);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            per_side[1][i], per_side[0][i],
+            "events of job {id} differ (bitmirror left)"
+        );
+    }
+}
+
+#[test]
+fn grouped_transactions_match() {
+    let mut p = Pair::start(
+        |_| {},
+        |_| {
+            [
+                "null-co,node-name=s,size=4194304,read-zeroes=on",
+                "null-co,node-name=t,size=4194304,read-zeroes=on",
+                "null-co,node-name=t2,size=4194304,read-zeroes=on",
+            ]
+            .iter()
+            .flat_map(|b| ["--blockdev".to_string(), b.to_string()])
+            .collect()
+        },
+    );
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    let grouped = |actions: Value| {
+        ex(
+            "transaction",
+            json!({"actions": actions, "properties": {"completion-mode": "grouped"}}),
+        )
+    };
+    let backup = |id: &str, target: &str, extra: Value| {
+        let mut d = json!({"job-id": id, "device": "s", "target": target, "sync": "full"});
+        if let (Some(d), Some(e)) = (d.as_object_mut(), extra.as_object()) {
+            d.extend(e.clone());
+        }
+        json!({"type": "blockdev-backup", "data": d})
+    };
+    p.both(ex(
+        "block-dirty-bitmap-add",
+        json!({"node": "s", "name": "bm"}),
+    ));
+    // The fast one waits for the slow one.
+    p.both(grouped(json!([
+        backup("g1", "t", json!({})),
+        backup("g2", "t2", json!({"speed": 1}))
+    ])));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let jobs = p.both(ex("query-jobs", json!({})));
+    assert_eq!(jobs["return"][1]["status"], "waiting", "{jobs}");
+    p.both(ex(
+        "block-job-set-speed",
+        json!({"device": "g2", "speed": 0}),
+    ));
+    same_job_events_until_null(&mut p, &["g1", "g2"]);
+    // Cancelling the slow one cancels the one that is done; the bitmap
+    // stays at its old point in time.
+    p.both(grouped(json!([
+        backup(
+            "g1",
+            "t",
+            json!({"bitmap": "bm", "bitmap-mode": "on-success"})
+        ),
+        backup("g2", "t2", json!({"speed": 1}))
+    ])));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.both(ex("job-cancel", json!({"id": "g2"})));
+    same_job_events_until_null(&mut p, &["g1", "g2"]);
+    p.both(ex("query-named-block-nodes", json!({})));
+    // Manual finalization: one job-finalize finalizes both.
+    p.both(grouped(json!([
+        backup("g1", "t", json!({"auto-finalize": false})),
+        backup("g2", "t2", json!({"auto-finalize": false}))
+    ])));
+    for side in [&mut p.qemu, &mut p.ours] {
+        let pending = |events: &[Value]| {
+            events
+                .iter()
+                .filter(|e| e["event"] == "BLOCK_JOB_PENDING")
+                .count()
+        };
+        while pending(&side.qmp.events) < 2 {
+            let m = side.qmp.read_message();
+            side.qmp.events.push(m);
+        }
+    }
+    p.both(ex("job-finalize", json!({"id": "g2"})));
+    same_job_events_until_null(&mut p, &["g1", "g2"]);
+}

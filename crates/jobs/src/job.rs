@@ -100,6 +100,69 @@ pub trait JobDriver: Send + Sync + 'static {
     }
 }
 
+/// Jobs that finish together (QEMU's `JobTxn`: a transaction with
+/// `completion-mode=grouped`). A member whose work is done waits
+/// (`waiting`) until every member's is; then all go `pending` and are
+/// finalized together (one `job-finalize` finalizes all). If one fails or
+/// is cancelled, every other is cancelled — also one already waiting — and
+/// all abort: their bitmaps stay at their old point in time.
+#[derive(Debug, Default)]
+pub struct JobGroup {
+    inner: Mutex<GroupInner>,
+    /// Wakes the member that drives the group's end.
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct GroupInner {
+    members: Vec<Weak<Job>>,
+    /// Members whose work has returned (done, failed or cancelled).
+    returned: usize,
+    /// The first member to fail or be cancelled: its id, its error
+    /// (`None` when cancelled).
+    failure: Option<(String, Option<String>)>,
+    finalize_now: bool,
+}
+
+impl JobGroup {
+    /// An empty group.
+    pub fn new() -> Arc<JobGroup> {
+        Arc::new(JobGroup::default())
+    }
+
+    /// The members, in the order they joined.
+    fn members(&self) -> Vec<Arc<Job>> {
+        lock(&self.inner)
+            .members
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Records the first failure; cancels the other members. Returns
+    /// whether this was the first.
+    fn fail(&self, id: &str, error: Option<String>) -> bool {
+        let first = {
+            let mut g = lock(&self.inner);
+            let first = g.failure.is_none();
+            if first {
+                g.failure = Some((id.to_owned(), error));
+            }
+            first
+        };
+        if first {
+            for m in self.members() {
+                if m.id() != id {
+                    lock(&m.state).cancelled = true;
+                    m.wake.notify_waiters();
+                }
+            }
+        }
+        self.changed.notify_waiters();
+        first
+    }
+}
+
 /// How a job is made.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -141,6 +204,8 @@ pub struct Job {
     changed: watch::Sender<()>,
     wake: Notify,
     driver: Arc<dyn JobDriver>,
+    /// The jobs this one finishes with, if any.
+    group: std::sync::OnceLock<Arc<JobGroup>>,
     registry: Weak<Inner>,
 }
 
@@ -222,6 +287,7 @@ impl Jobs {
             changed: watch::channel(()).0,
             wake: Notify::new(),
             driver,
+            group: std::sync::OnceLock::new(),
             registry: Arc::downgrade(&self.inner),
         });
         jobs.push(job.clone());
@@ -264,6 +330,13 @@ impl Jobs {
         job.transition(JobStatus::Null);
     }
 
+    /// Makes `job` (created, not started) a member of `group`.
+    pub fn join_group(&self, job: &Arc<Job>, group: &Arc<JobGroup>) {
+        if job.group.set(group.clone()).is_ok() {
+            lock(&group.inner).members.push(Arc::downgrade(job));
+        }
+    }
+
     /// Takes a created job that will not start out of the registry (QEMU's
     /// `job_early_fail`): it goes to `null` directly.
     pub fn early_fail(&self, job: &Arc<Job>) {
@@ -296,7 +369,8 @@ impl Jobs {
 
     /// `query-jobs`.
     pub fn query(&self) -> Value {
-        Value::Array(self.all().iter().map(|j| j.info()).collect())
+        // Newest first, as QEMU lists them.
+        Value::Array(self.all().iter().rev().map(|j| j.info()).collect())
     }
 
     /// Cancels every job and waits until each has concluded (or is gone):
@@ -572,6 +646,8 @@ impl Job {
         self.check_verb(Verb::SetSpeed)?;
         self.driver.set_speed(speed)?;
         self.speed.store(speed, Ordering::Relaxed);
+        // A job waiting out the old limit goes on at the new one.
+        self.wake.notify_waiters();
         Ok(())
     }
 
@@ -597,14 +673,25 @@ impl Job {
         }
         lock(&self.state).cancelled = true;
         self.wake.notify_waiters();
+        if let Some(group) = self.group.get() {
+            // A member already waiting for the others fails the group now.
+            if self.status() == JobStatus::Waiting {
+                group.fail(self.id(), None);
+            }
+            group.changed.notify_waiters();
+        }
         Ok(())
     }
 
-    /// `job-finalize` of a pending job.
+    /// `job-finalize` of a pending job (of every member of its group).
     pub fn finalize(&self) -> Result<(), Error> {
         self.check_verb(Verb::Finalize)?;
         lock(&self.state).finalize_now = true;
         self.wake.notify_waiters();
+        if let Some(group) = self.group.get() {
+            lock(&group.inner).finalize_now = true;
+            group.changed.notify_waiters();
+        }
         Ok(())
     }
 
@@ -636,6 +723,9 @@ impl Job {
             }
         };
         let cancelled = self.is_cancelled();
+        if let Some(group) = self.group.get().cloned() {
+            return self.end_in_group(&group, result, cancelled).await;
+        }
         match result {
             Ok(()) if !cancelled => {
                 self.transition(JobStatus::Waiting);
@@ -679,6 +769,110 @@ impl Job {
                 let cancelled = self.is_cancelled();
                 self.conclude_failed((!cancelled).then_some(e), cancelled);
             }
+        }
+    }
+
+    /// The end of a grouped job's work. The member whose work returns last
+    /// drives the group's end: success (all pending, finalized together)
+    /// or failure (all abort; the first to fail reports its error, the
+    /// others are cancelled).
+    async fn end_in_group(
+        &self,
+        group: &Arc<JobGroup>,
+        result: Result<(), String>,
+        cancelled: bool,
+    ) {
+        let ok = result.is_ok() && !cancelled;
+        if ok {
+            self.transition(JobStatus::Waiting);
+        } else {
+            let error = match result {
+                Err(e) if !cancelled => Some(e),
+                _ => None,
+            };
+            group.fail(self.id(), error);
+        }
+        let last = {
+            let mut g = lock(&group.inner);
+            g.returned += 1;
+            g.returned == g.members.len()
+        };
+        if !last {
+            return;
+        }
+        let members = group.members();
+        if lock(&group.inner).failure.is_none() {
+            for m in &members {
+                m.transition(JobStatus::Pending);
+                if m.options.block_job && !m.options.auto_finalize {
+                    m.emit(
+                        "BLOCK_JOB_PENDING",
+                        json!({"type": m.options.job_type, "id": m.options.id}),
+                    );
+                }
+            }
+            if !self.options.auto_finalize {
+                loop {
+                    let notified = group.changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    let cancelled = members.iter().find(|m| m.is_cancelled());
+                    if let Some(m) = cancelled {
+                        group.fail(m.id(), None);
+                        break;
+                    }
+                    if lock(&group.inner).finalize_now {
+                        break;
+                    }
+                    notified.await;
+                }
+            }
+            if lock(&group.inner).failure.is_none() {
+                for m in &members {
+                    if let Err(e) = m.driver.prepare() {
+                        group.fail(m.id(), Some(e));
+                        break;
+                    }
+                }
+            }
+            if lock(&group.inner).failure.is_none() {
+                for m in &members {
+                    m.driver.commit();
+                    m.driver.clean();
+                    m.block_job_event("BLOCK_JOB_COMPLETED", None);
+                    m.conclude();
+                }
+                return;
+            }
+        }
+        let Some((failed_id, error)) = lock(&group.inner).failure.clone() else {
+            return;
+        };
+        let failing = members.iter().find(|m| m.id() == failed_id);
+        let others: Vec<&Arc<Job>> = members.iter().filter(|m| m.id() != failed_id).collect();
+        if let Some(f) = failing {
+            lock(&f.state).error =
+                Some(error.clone().unwrap_or_else(|| "Operation canceled".into()));
+            f.transition(JobStatus::Aborting);
+        }
+        for m in &others {
+            lock(&m.state).error = Some("Operation canceled".into());
+            m.transition(JobStatus::Aborting);
+        }
+        for m in &others {
+            m.driver.abort();
+            m.driver.clean();
+            m.block_job_event("BLOCK_JOB_CANCELLED", None);
+            m.conclude();
+        }
+        if let Some(f) = failing {
+            f.driver.abort();
+            f.driver.clean();
+            match error {
+                Some(e) => f.block_job_event("BLOCK_JOB_COMPLETED", Some(e)),
+                None => f.block_job_event("BLOCK_JOB_CANCELLED", None),
+            }
+            f.conclude();
         }
     }
 

@@ -15,5 +15,5 @@ mod job;
 pub mod mirror;
 mod status;
 
-pub use job::{BoxFuture, Emit, Error, Job, JobDriver, JobOptions, Jobs};
+pub use job::{BoxFuture, Emit, Error, Job, JobDriver, JobGroup, JobOptions, Jobs};
 pub use status::{JobStatus, Verb};

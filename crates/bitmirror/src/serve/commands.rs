@@ -340,6 +340,8 @@ async fn run(
                     .jobs
                     .all()
                     .iter()
+                    // Newest first, as QEMU lists them.
+                    .rev()
                     .filter(|j| j.is_block_job())
                     .map(|j| j.block_job_info())
                     .collect(),

@@ -83,6 +83,7 @@ impl Daemon {
     pub async fn start(self: &Arc<Self>, options: &Options) -> Result<(), String> {
         let mut chardevs: Vec<(String, ChardevBackend)> = Vec::new();
         let mut stdio_used = false;
+        let mut stdio_monitor: Option<String> = None;
         for item in &options.items {
             let fail = |e: String| format!("{}: {e}", item.origin);
             match &item.kind {
@@ -107,6 +108,9 @@ impl Daemon {
                             ));
                         }
                         stdio_used = true;
+                        // Greets at once: after the PID file, below.
+                        stdio_monitor = Some(item.origin.clone());
+                        continue;
                     }
                     self.start_monitor(backend).await.map_err(fail)?;
                 }
@@ -125,6 +129,13 @@ impl Daemon {
             write_pidfile(path)
                 .map_err(|e| format!("cannot create PID file: {}: {e}", path.display()))?;
             *self.pidfile.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+        }
+        // A stdio monitor greets as soon as it starts: once everything is
+        // up, as qemu-storage-daemon's does from its main loop.
+        if let Some(origin) = stdio_monitor {
+            self.start_monitor(ChardevBackend::Stdio)
+                .await
+                .map_err(|e| format!("{origin}: {e}"))?;
         }
         Ok(())
     }

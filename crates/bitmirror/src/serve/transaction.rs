@@ -317,9 +317,9 @@ async fn abort(daemon: &Daemon, p: Prepared) {
     }
 }
 
-/// Runs `actions` as one transaction. `grouped` completion (jobs that
-/// finish together or fail together) is refused for anything but backups,
-/// as in QEMU, and not supported by bitmirror yet for backups.
+/// Runs `actions` as one transaction. With `grouped` completion the jobs
+/// finish together or fail together ([`jobs::JobGroup`]); it is refused
+/// for anything but backups, as in QEMU.
 pub(super) async fn run(
     daemon: &Arc<Daemon>,
     actions: Vec<Action>,
@@ -335,12 +335,8 @@ pub(super) async fn run(
                 a.type_name()
             )));
         }
-        if !actions.is_empty() {
-            return Err(QmpError::generic(
-                "completion-mode 'grouped' is not supported by bitmirror yet",
-            ));
-        }
     }
+    let group = grouped.then(jobs::JobGroup::new);
     // Hold the writes of every node an action names, each once.
     let mut held: Vec<Arc<Node>> = Vec::new();
     for name in actions.iter().filter_map(Action::node) {
@@ -355,7 +351,12 @@ pub(super) async fn run(
     let mut failure = None;
     for action in actions {
         match prepare(daemon, action).await {
-            Ok(p) => prepared.push(p),
+            Ok(p) => {
+                if let (Prepared::Job(job), Some(group)) = (&p, &group) {
+                    daemon.jobs.join_group(job, group);
+                }
+                prepared.push(p)
+            }
             Err(e) => {
                 failure = Some(e);
                 break;
