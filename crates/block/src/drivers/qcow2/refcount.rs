@@ -182,6 +182,7 @@ impl Refcounts {
             // it are damage, which must not make the file grow without end.
             let limit =
                 (file.length() >> self.cluster_bits).max(self.high) + self.per_block() + n + 1;
+            let mut first = true;
             let len = loop {
                 while self.get(file, start).await? != 0 {
                     start += 1;
@@ -190,6 +191,14 @@ impl Refcounts {
                             "refcounts claim clusters past the end of the file (cluster {start})"
                         )));
                     }
+                }
+                if first {
+                    // Everything from the hint to here is in use: the next
+                    // search need not walk it again (without this, each
+                    // allocation walked every cluster allocated since the
+                    // hint last moved — quadratic, most of a backup's CPU).
+                    self.free_hint = self.free_hint.max(start);
+                    first = false;
                 }
                 let mut len = 1;
                 while len < n && self.get(file, start + len).await? == 0 {
