@@ -523,3 +523,65 @@ fn a_failed_copy_before_write_fails_the_guest_write() {
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+#[test]
+fn differential_backups_with_never_keep_everything_since_the_full() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let src = dir.join("src.qcow2");
+    qemu_img_create_qcow2(path_str(&src), 16 * MIB, "");
+    qemu_io_writes(path_str(&src), "qcow2", &[(0, 16 * MIB, Some(1))]);
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let mut qmp = daemon.qmp();
+    let full = dir.join("full.qcow2");
+    qemu_img_create_qcow2(path_str(&full), 16 * MIB, "");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "t0",
+               "file": {"driver": "file", "filename": path_str(&full)}}),
+    );
+    qmp.execute_ok(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "src", "name": "b0", "granularity": 65536}},
+            {"type": "blockdev-backup",
+             "data": {"job-id": "full", "device": "src", "target": "t0", "sync": "full"}}
+        ]}),
+    );
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.execute_ok("blockdev-del", json!({"node-name": "t0"}));
+    // Two differential backups, each onto the full one: the second holds
+    // the first's changes too, and the bitmap keeps growing.
+    let mut expected_dirty = 0;
+    for (n, write) in [(1, "write -P 21 1M 1M"), (2, "write -P 22 9M 512k")] {
+        guest(dir, &[write.into()]);
+        expected_dirty += if n == 1 { MIB } else { 512 * 1024 };
+        let image = dir.join(format!("diff{n}.qcow2"));
+        qemu_img_create_qcow2(
+            path_str(&image),
+            16 * MIB,
+            &format!("backing_file={},backing_fmt=qcow2", full.display()),
+        );
+        qmp.execute_ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "td",
+                   "file": {"driver": "file", "filename": path_str(&image)}}),
+        );
+        let snap = snapshot(dir, &format!("snap{n}.raw"));
+        qmp.execute_ok(
+            "blockdev-backup",
+            json!({"job-id": "diff", "device": "src", "target": "td", "sync": "bitmap",
+                   "bitmap": "b0", "bitmap-mode": "never"}),
+        );
+        let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+        assert!(done["data"].get("error").is_none(), "{done}");
+        assert_eq!(done["data"]["len"], expected_dirty, "{done}");
+        assert_eq!(bitmap(&mut qmp, "src", "b0")["count"], expected_dirty);
+        qmp.execute_ok("blockdev-del", json!({"node-name": "td"}));
+        assert_same(&snap, &image);
+    }
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}
