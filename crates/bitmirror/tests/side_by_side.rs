@@ -1036,6 +1036,26 @@ fn backup_jobs_match() {
     p.both(ex("block-job-cancel", json!({"device": "nope"})));
     p.both(ex("job-cancel", json!({"id": "b0"})));
     same_events_until_without_drains(&mut p, "null");
+    // While a bitmap backup runs: the bitmap busy, its nameless successor
+    // listed first (the filter node QEMU adds is not compared).
+    p.both(backup(
+        json!({"sync": "bitmap", "bitmap": "bm", "bitmap-mode": "on-success",
+                         "speed": 1}),
+    ));
+    let mut seen = Vec::new();
+    for side in [&mut p.qemu, &mut p.ours] {
+        let nodes = side.qmp.execute_ok("query-named-block-nodes", json!({}));
+        let s = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["node-name"] == "s")
+            .map(|n| n["dirty-bitmaps"].clone());
+        seen.push(s);
+    }
+    assert_eq!(seen[1], seen[0], "bitmaps during a backup (bitmirror left)");
+    p.both(ex("job-cancel", json!({"id": "b0"})));
+    same_events_until_without_drains(&mut p, "null");
     // Manual finalization: pending, then finalize and dismiss.
     p.both(backup(
         json!({"sync": "bitmap", "bitmap": "bm", "bitmap-mode": "on-success",

@@ -625,7 +625,30 @@ impl Bitmaps {
         Ok(self.read().named_ref(name)?.bits.sha256())
     }
 
-    /// What queries report, newest bitmap first; anonymous ones are left out.
+    /// The successors of the named bitmaps that have one (a backup's),
+    /// each reported with the name of the bitmap it will replace; QEMU
+    /// lists them, nameless, before the named ones.
+    pub fn successors_info(&self) -> Vec<BitmapInfo> {
+        self.read()
+            .bitmaps
+            .iter()
+            .filter_map(|bm| {
+                let s = bm.successor.as_ref()?;
+                Some(BitmapInfo {
+                    name: bm.name.clone()?,
+                    count: s.bits.dirty_granules() << s.bits.granularity(),
+                    granularity: 1 << s.bits.granularity(),
+                    recording: s.recording(),
+                    busy: s.busy,
+                    persistent: false,
+                    inconsistent: false,
+                })
+            })
+            .collect()
+    }
+
+    /// What queries report, newest bitmap first; anonymous ones (a
+    /// mirror's) are left out.
     pub fn info(&self) -> Vec<BitmapInfo> {
         self.read()
             .bitmaps

@@ -111,12 +111,21 @@ fn format_specific(specific: &FormatSpecific) -> Value {
     }
 }
 
-/// `BlockDirtyInfo` of each named bitmap of `node`.
+/// `BlockDirtyInfo` of each bitmap of `node`: a backup's nameless
+/// successors first (they are the newest), then the named ones.
 pub fn dirty_bitmaps(node: &Node) -> Vec<Value> {
-    node.bitmaps()
-        .info()
-        .into_iter()
-        .map(|b| {
+    let bitmaps = node.bitmaps();
+    let successors = bitmaps.successors_info().into_iter().map(|b| {
+        json!({
+            "recording": b.recording,
+            "persistent": false,
+            "busy": b.busy,
+            "granularity": b.granularity,
+            "count": b.count,
+        })
+    });
+    successors
+        .chain(bitmaps.info().into_iter().map(|b| {
             let mut v = json!({
                 "name": b.name,
                 "recording": b.recording,
@@ -129,7 +138,7 @@ pub fn dirty_bitmaps(node: &Node) -> Vec<Value> {
                 v["inconsistent"] = json!(true);
             }
             v
-        })
+        }))
         .collect()
 }
 
