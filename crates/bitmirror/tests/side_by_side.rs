@@ -1024,6 +1024,9 @@ fn backup_jobs_match() {
     p.both(ex("query-block-jobs", json!({})));
     p.both(backup(json!({"job-id": "b1", "device": "t2"})));
     p.both(backup(
+        json!({"job-id": "b1", "device": "t", "target": "t2"}),
+    ));
+    p.both(backup(
         json!({"job-id": "b1", "sync": "bitmap", "bitmap": "bm",
                          "bitmap-mode": "on-success"}),
     ));

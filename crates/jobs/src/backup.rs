@@ -562,6 +562,10 @@ impl JobDriver for Backup {
         self.settle_bitmap(true);
     }
 
+    fn target_node(&self) -> Option<Arc<Node>> {
+        Some(self.target.clone())
+    }
+
     fn abort(&self) {
         self.settle_bitmap(false);
     }

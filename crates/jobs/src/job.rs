@@ -98,6 +98,11 @@ pub trait JobDriver: Send + Sync + 'static {
         let _ = speed;
         Ok(())
     }
+    /// The node the job writes to, if any (QEMU's op blockers keep other
+    /// jobs off it).
+    fn target_node(&self) -> Option<Arc<block::Node>> {
+        None
+    }
 }
 
 /// Jobs that finish together (QEMU's `JobTxn`: a transaction with
@@ -649,6 +654,11 @@ impl Job {
         // A job waiting out the old limit goes on at the new one.
         self.wake.notify_waiters();
         Ok(())
+    }
+
+    /// The node the job writes to, if any.
+    pub fn target_node(&self) -> Option<Arc<block::Node>> {
+        self.driver.target_node()
     }
 
     /// `block-job-change`.

@@ -810,6 +810,10 @@ impl JobDriver for Mirror {
         Ok(())
     }
 
+    fn target_node(&self) -> Option<Arc<Node>> {
+        Some(self.target.clone())
+    }
+
     fn block_job_extra(&self) -> Vec<(&'static str, serde_json::Value)> {
         // In sync: write-blocking, and everything copied once (READY).
         let synced = self.is_write_blocking() && self.ready.load(Ordering::SeqCst);

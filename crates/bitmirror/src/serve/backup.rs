@@ -241,21 +241,27 @@ impl BackupAction {
     }
 }
 
-/// QEMU's op blocker on a backup's source: a mirror holds its source.
+/// QEMU's op blockers on a backup's source: a mirror holds its source,
+/// and any job its target (another backup may read the same source).
 fn source_busy(daemon: &Daemon, source: &block::Node) -> Result<(), QmpError> {
-    node_busy(daemon, source, |t| t == "mirror")
+    node_busy(daemon, source, |job| {
+        job.job_type() == "mirror"
+            || job
+                .target_node()
+                .is_some_and(|t| std::ptr::eq(Arc::as_ptr(&t), source))
+    })
 }
 
-/// `Node '%s' is busy` when a job of a type `blocks` accepts uses `node`.
+/// `Node '%s' is busy` when a job `blocks` accepts uses `node`.
 fn node_busy(
     daemon: &Daemon,
     node: &block::Node,
-    blocks: impl Fn(&str) -> bool,
+    blocks: impl Fn(&jobs::Job) -> bool,
 ) -> Result<(), QmpError> {
     for edge in node.users() {
         if let block::User::Job(id) = edge.user() {
             if let Ok(job) = daemon.jobs.find(id) {
-                if blocks(job.job_type()) {
+                if blocks(&job) {
                     return Err(QmpError::generic(format!(
                         "Node '{}' is busy: block device is in use by block job: {}",
                         node.name(),
