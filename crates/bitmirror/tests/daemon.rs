@@ -241,6 +241,14 @@ fn stdio_monitor_and_pidfile() {
         .expect("bitmirror starts");
     let mut stdin = child.stdin.take().expect("a stdin pipe");
     let mut stdout = BufReader::new(child.stdout.take().expect("a stdout pipe"));
+    // A failed assertion must not leave the daemon running.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.to_string()).status();
+        }
+    }
+    let _reap = Reap(child.id());
     let mut line = String::new();
     let mut next = |stdout: &mut BufReader<_>| -> Value {
         line.clear();
