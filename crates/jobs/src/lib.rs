@@ -4,10 +4,11 @@
 //! may apply in each state, and the events QEMU sends
 //! (`JOB_STATUS_CHANGE`, and `BLOCK_JOB_*` for block jobs).
 //!
-//! A [`JobDriver`] does the work (creating an image, mirroring, backing up);
-//! the [`Jobs`] registry runs it through the states. The crate knows
-//! nothing of blocks or QMP: events leave through a callback, errors are
-//! [`Error`]s worded as QEMU words them.
+//! A [`JobDriver`] does the work (creating an image, [`mirror`]ing, making a
+//! [`backup`]); the [`Jobs`] registry runs it through the states, alone or
+//! in a [`JobGroup`] that finishes together. The crate knows nothing of
+//! QMP: events leave through a callback, errors are [`Error`]s worded as
+//! QEMU words them. Its drivers work on the block layer's nodes.
 
 pub mod backup;
 mod copy;
