@@ -343,6 +343,8 @@ fn bitmap_case(dir: &Path, fraction: f64) {
             client.flush().await.expect("a flush");
         });
         drop(client);
+        // The guest's writes on disk first, for the loop below alike.
+        run("sync", &[]);
         let start = Instant::now();
         qmp.execute_ok(
             "blockdev-mirror",
@@ -358,6 +360,7 @@ fn bitmap_case(dir: &Path, fraction: f64) {
 
         // The same blocks by hand.
         sparse_file(&target, size);
+        run("sync", &[]);
         let start = Instant::now();
         let src = std::fs::File::open(&source).expect("the source");
         let dst = std::fs::OpenOptions::new()
@@ -634,6 +637,8 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
                 client.flush().await.expect("a flush");
             });
             drop(client);
+            // The guest's writes on disk first, for the loop below alike.
+            run("sync", &[]);
             let cpu0 = cpu_seconds(daemon.pid());
             let start = Instant::now();
             qmp.execute_ok(
@@ -656,6 +661,7 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
     for _ in 0..RUNS {
         let target = dir.join("loop.raw");
         sparse_file(&target, size);
+        run("sync", &[]);
         let start = Instant::now();
         let src = std::fs::File::open(&source).expect("the source");
         let dst = std::fs::OpenOptions::new()
