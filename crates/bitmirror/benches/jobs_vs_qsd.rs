@@ -300,6 +300,60 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a runtime")
 }
 
+/// Daemon arguments: raw node `src` over `source`, exported writable as
+/// `disk` on `dir/src.sock`, plus `target`'s. Returns the socket too.
+fn exported_source(dir: &Path, source: &Path, target: [String; 2]) -> (PathBuf, Vec<String>) {
+    let sock = dir.join("src.sock");
+    let mut args = raw_node("src", source, "").to_vec();
+    args.extend(target);
+    args.extend([
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+        "--export".into(),
+        "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
+    ]);
+    (sock, args)
+}
+
+/// A guest writes 64 KiB of data at each of `blocks` through the export
+/// on `sock` (64 in flight), then flushes: a bitmap on the node records
+/// them.
+fn guest_writes(sock: &Path, blocks: &[u64]) {
+    let rt = runtime();
+    let client = nbd_client(&rt, sock, "disk");
+    let data = vec![0x5au8; GUEST_BLOCK as usize];
+    rt.block_on(async {
+        for chunk in blocks.chunks(64) {
+            let writes = chunk.iter().map(|&o| client.write(o, &data, false));
+            for r in futures_util::future::join_all(writes).await {
+                r.expect("a guest write");
+            }
+        }
+        client.flush().await.expect("a flush");
+    });
+}
+
+/// The yardstick: `pread`/`pwrite` of `blocks` from `source` into a fresh
+/// sparse `target` of `size` bytes, then `fdatasync`; seconds (after a
+/// `sync`, so earlier writeback does not land here).
+fn copy_loop(source: &Path, target: &Path, size: u64, blocks: &[u64]) -> f64 {
+    sparse_file(target, size);
+    run("sync", &[]);
+    let start = Instant::now();
+    let src = std::fs::File::open(source).expect("the source");
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(target)
+        .expect("the target");
+    let mut buf = vec![0u8; GUEST_BLOCK as usize];
+    for &o in blocks {
+        src.read_exact_at(&mut buf, o).expect("a read");
+        dst.write_all_at(&buf, o).expect("a write");
+    }
+    dst.sync_data().expect("a sync");
+    start.elapsed().as_secs_f64()
+}
+
 /// `sync=bitmap` with `fraction` of a 16 GiB disk dirty, against a loop
 /// that reads and writes the same blocks with `pread`/`pwrite` and syncs.
 fn bitmap_case(dir: &Path, fraction: f64) {
@@ -313,15 +367,7 @@ fn bitmap_case(dir: &Path, fraction: f64) {
     for _ in 0..RUNS {
         let target = dir.join("target.raw");
         sparse_file(&target, size);
-        let sock = dir.join("src.sock");
-        let mut args = raw_node("src", &source, "").to_vec();
-        args.extend(raw_node("dst", &target, ""));
-        args.extend([
-            "--nbd-server".into(),
-            format!("addr.type=unix,addr.path={}", sock.display()),
-            "--export".into(),
-            "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
-        ]);
+        let (sock, args) = exported_source(dir, &source, raw_node("dst", &target, ""));
         let mut daemon = Daemon::Ours.start(dir, &args);
         let mut qmp = daemon.qmp();
         qmp.execute_ok(
@@ -330,19 +376,7 @@ fn bitmap_case(dir: &Path, fraction: f64) {
         );
         // The guest writes the blocks through the export: the bitmap
         // records them.
-        let rt = runtime();
-        let client = nbd_client(&rt, &sock, "disk");
-        let data = vec![0x5au8; GUEST_BLOCK as usize];
-        rt.block_on(async {
-            for chunk in blocks.chunks(64) {
-                let writes = chunk.iter().map(|&o| client.write(o, &data, false));
-                for r in futures_util::future::join_all(writes).await {
-                    r.expect("a guest write");
-                }
-            }
-            client.flush().await.expect("a flush");
-        });
-        drop(client);
+        guest_writes(&sock, &blocks);
         // The guest's writes on disk first, for the loop below alike.
         run("sync", &[]);
         let start = Instant::now();
@@ -358,22 +392,7 @@ fn bitmap_case(dir: &Path, fraction: f64) {
             "the mirror copied more than the bitmap"
         );
 
-        // The same blocks by hand.
-        sparse_file(&target, size);
-        run("sync", &[]);
-        let start = Instant::now();
-        let src = std::fs::File::open(&source).expect("the source");
-        let dst = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&target)
-            .expect("the target");
-        let mut buf = vec![0u8; GUEST_BLOCK as usize];
-        for &o in &blocks {
-            src.read_exact_at(&mut buf, o).expect("a read");
-            dst.write_all_at(&buf, o).expect("a write");
-        }
-        dst.sync_data().expect("a sync");
-        loop_times.push(start.elapsed().as_secs_f64());
+        loop_times.push(copy_loop(&source, &target, size, &blocks));
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (m, l) = (min(&mirror_times), min(&loop_times));
@@ -443,15 +462,7 @@ fn latency_once(
     let size = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
     let target = dir.join("target.raw");
     sparse_file(&target, size);
-    let sock = dir.join("src.sock");
-    let mut args = raw_node("src", source, "").to_vec();
-    args.extend(raw_node("dst", &target, ""));
-    args.extend([
-        "--nbd-server".into(),
-        format!("addr.type=unix,addr.path={}", sock.display()),
-        "--export".into(),
-        "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
-    ]);
+    let (sock, args) = exported_source(dir, source, raw_node("dst", &target, ""));
     let mut daemon = who.start(dir, &args);
     let mut qmp = daemon.qmp();
     let stop = Arc::new(AtomicBool::new(false));
@@ -609,34 +620,14 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
         let mut best = (f64::INFINITY, f64::INFINITY);
         for _ in 0..RUNS {
             let (_, target) = qcow2_target(dir, size, "");
-            let sock = dir.join("src.sock");
-            let mut args = raw_node("src", &source, "").to_vec();
-            args.extend(target);
-            args.extend([
-                "--nbd-server".into(),
-                format!("addr.type=unix,addr.path={}", sock.display()),
-                "--export".into(),
-                "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
-            ]);
+            let (sock, args) = exported_source(dir, &source, target);
             let mut daemon = who.start(dir, &args);
             let mut qmp = daemon.qmp();
             qmp.execute_ok(
                 "block-dirty-bitmap-add",
                 json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
             );
-            let rt = runtime();
-            let client = nbd_client(&rt, &sock, "disk");
-            let data = vec![0x5au8; GUEST_BLOCK as usize];
-            rt.block_on(async {
-                for chunk in blocks.chunks(64) {
-                    let writes = chunk.iter().map(|&o| client.write(o, &data, false));
-                    for r in futures_util::future::join_all(writes).await {
-                        r.expect("a guest write");
-                    }
-                }
-                client.flush().await.expect("a flush");
-            });
-            drop(client);
+            guest_writes(&sock, &blocks);
             // The guest's writes on disk first, for the loop below alike.
             run("sync", &[]);
             let cpu0 = cpu_seconds(daemon.pid());
@@ -659,22 +650,8 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
     // The same blocks by hand.
     let mut loop_best = f64::INFINITY;
     for _ in 0..RUNS {
-        let target = dir.join("loop.raw");
-        sparse_file(&target, size);
-        run("sync", &[]);
-        let start = Instant::now();
-        let src = std::fs::File::open(&source).expect("the source");
-        let dst = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&target)
-            .expect("the target");
-        let mut buf = vec![0u8; GUEST_BLOCK as usize];
-        for &o in &blocks {
-            src.read_exact_at(&mut buf, o).expect("a read");
-            dst.write_all_at(&buf, o).expect("a write");
-        }
-        dst.sync_data().expect("a sync");
-        loop_best = loop_best.min(start.elapsed().as_secs_f64());
+        let t = copy_loop(&source, &dir.join("loop.raw"), size, &blocks);
+        loop_best = loop_best.min(t);
     }
     let (q, o) = (times[0], times[1]);
     println!(
@@ -695,15 +672,7 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
 fn backup_latency_once(who: Daemon, dir: &Path, source: &Path) -> (Latencies, f64) {
     let size = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
     let (_, target) = qcow2_target(dir, size, "");
-    let sock = dir.join("src.sock");
-    let mut args = raw_node("src", source, "").to_vec();
-    args.extend(target);
-    args.extend([
-        "--nbd-server".into(),
-        format!("addr.type=unix,addr.path={}", sock.display()),
-        "--export".into(),
-        "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
-    ]);
+    let (sock, args) = exported_source(dir, source, target);
     let mut daemon = who.start(dir, &args);
     let mut qmp = daemon.qmp();
     let stop = Arc::new(AtomicBool::new(false));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::{destination, guest, path_str, serve, wait_event};
 use serde_json::{Value, json};
-use testkit::{Qmp, qemu_img_create_qcow2, qemu_io_writes, run};
+use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, qemu_io_writes, run};
 
 const MIB: u64 = 1 << 20;
 
@@ -203,6 +203,26 @@ fn incremental_chain_keeps_each_point_in_time() {
     assert_eq!(daemon.wait_exit(), Some(0));
 }
 
+/// A second daemon exporting `image` as `backup`, and node `tn` of ours
+/// that reaches it over NBD.
+fn nbd_target(qmp: &mut Qmp, dir: &Path, image: &Path) -> StorageDaemon {
+    let (dest, sock) = destination(dir, image, "backup");
+    qmp.execute_ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
+               "server": {"type": "unix", "path": path_str(&sock)}}),
+    );
+    dest
+}
+
+/// Kills `daemon` with SIGKILL and reaps it.
+fn kill9(daemon: &mut StorageDaemon) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &daemon.pid().to_string()])
+        .status();
+    let _ = daemon.wait_exit();
+}
+
 /// A backup into an NBD export of a second daemon that is killed
 /// mid-job: the job fails, and the bitmap keeps what the mode says.
 fn target_dies(mode: &str) -> (Value, Value, u64) {
@@ -220,12 +240,7 @@ fn target_dies(mode: &str) -> (Value, Value, u64) {
         json!({"node": "src", "name": "b0", "granularity": 65536}),
     );
     guest(dir, &["write -P 7 0 3M".into()]);
-    let (mut dest, sock) = destination(dir, &tgt, "backup");
-    qmp.execute_ok(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
-               "server": {"type": "unix", "path": path_str(&sock)}}),
-    );
+    let mut dest = nbd_target(&mut qmp, dir, &tgt);
     // Slow: one 1 MiB copy goes at once, the next after a second.
     qmp.execute_ok(
         "blockdev-backup",
@@ -233,10 +248,7 @@ fn target_dies(mode: &str) -> (Value, Value, u64) {
                "bitmap": "b0", "bitmap-mode": mode, "speed": MIB}),
     );
     guest(dir, &["write -P 8 16M 1M".into()]);
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &dest.pid().to_string()])
-        .status();
-    let _ = dest.wait_exit();
+    kill9(&mut dest);
     let error = wait_event(&mut qmp, "BLOCK_JOB_ERROR");
     let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
     let b0 = bitmap(&mut qmp, "src", "b0");
@@ -279,34 +291,21 @@ fn always_mode_lets_a_second_backup_finish_the_image() {
     );
     guest(dir, &["write -P 7 0 6M".into(), "write -z 10M 1M".into()]);
     // First attempt: the target's server dies after the first copies.
-    let (mut dest, sock) = destination(dir, &tgt, "backup");
-    qmp.execute_ok(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
-               "server": {"type": "unix", "path": path_str(&sock)}}),
-    );
+    let mut dest = nbd_target(&mut qmp, dir, &tgt);
     qmp.execute_ok(
         "blockdev-backup",
         json!({"job-id": "b", "device": "src", "target": "tn", "sync": "bitmap",
                "bitmap": "b0", "bitmap-mode": "always", "speed": MIB}),
     );
     guest(dir, &["write -P 9 20M 1M".into()]);
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &dest.pid().to_string()])
-        .status();
-    let _ = dest.wait_exit();
+    kill9(&mut dest);
     let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
     assert!(done["data"]["error"].is_string(), "{done}");
     qmp.execute_ok("blockdev-del", json!({"node-name": "tn"}));
     std::fs::remove_dir_all(dir.join("dest")).expect("the old destination's directory");
 
     // Second attempt, into the same image: copies only what is left.
-    let (mut dest, sock) = destination(dir, &tgt, "backup");
-    qmp.execute_ok(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
-               "server": {"type": "unix", "path": path_str(&sock)}}),
-    );
+    let mut dest = nbd_target(&mut qmp, dir, &tgt);
     let left = bitmap(&mut qmp, "src", "b0")["count"].as_u64().unwrap_or(0);
     let snap = snapshot(dir, "snap.raw");
     qmp.execute_ok(
@@ -487,22 +486,14 @@ fn a_failed_copy_before_write_fails_the_guest_write() {
     qemu_img_create_qcow2(path_str(&tgt), 16 * MIB, "");
     let mut daemon = serve(dir, &source_args(dir, &src));
     let mut qmp = daemon.qmp();
-    let (mut dest, sock) = destination(dir, &tgt, "backup");
-    qmp.execute_ok(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": "tn", "export": "backup",
-               "server": {"type": "unix", "path": path_str(&sock)}}),
-    );
+    let mut dest = nbd_target(&mut qmp, dir, &tgt);
     // At 1 byte/s only the first copy goes: the rest waits.
     qmp.execute_ok(
         "blockdev-backup",
         json!({"job-id": "b", "device": "src", "target": "tn", "sync": "full", "speed": 1}),
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &dest.pid().to_string()])
-        .status();
-    let _ = dest.wait_exit();
+    kill9(&mut dest);
     // A guest write to a cluster not copied yet: its old data cannot be
     // saved, so the write fails (QEMU's break-guest-write) …
     let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());

@@ -825,21 +825,24 @@ fn events_until(p: &mut Pair, name: &str, without_drains: bool) -> Vec<Value> {
     all.pop().unwrap_or_default()
 }
 
+/// A pair of daemons with the same `null-co` nodes (name, size) that read
+/// zeroes.
+fn null_co_pair(nodes: &[(&str, u64)]) -> Pair {
+    let args: Vec<String> = nodes
+        .iter()
+        .flat_map(|(name, size)| {
+            [
+                "--blockdev".to_string(),
+                format!("null-co,node-name={name},size={size},read-zeroes=on"),
+            ]
+        })
+        .collect();
+    Pair::start(|_| {}, |_| args.clone())
+}
+
 #[test]
 fn mirror_jobs_match() {
-    let mut p = Pair::start(
-        |_| {},
-        |_| {
-            [
-                "null-co,node-name=s,size=4194304,read-zeroes=on",
-                "null-co,node-name=t,size=4194304,read-zeroes=on",
-                "null-co,node-name=small,size=1048576,read-zeroes=on",
-            ]
-            .iter()
-            .flat_map(|b| ["--blockdev".to_string(), b.to_string()])
-            .collect()
-        },
-    );
+    let mut p = null_co_pair(&[("s", 4194304), ("t", 4194304), ("small", 1048576)]);
     let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
     let mirror = |extra: Value| {
         let mut a = json!({"job-id": "m0", "device": "s", "target": "t", "sync": "full"});
@@ -946,20 +949,12 @@ fn drive_mirror_matches() {
 
 #[test]
 fn backup_jobs_match() {
-    let mut p = Pair::start(
-        |_| {},
-        |_| {
-            [
-                "null-co,node-name=s,size=4194304,read-zeroes=on",
-                "null-co,node-name=t,size=4194304,read-zeroes=on",
-                "null-co,node-name=t2,size=4194304,read-zeroes=on",
-                "null-co,node-name=small,size=1048576,read-zeroes=on",
-            ]
-            .iter()
-            .flat_map(|b| ["--blockdev".to_string(), b.to_string()])
-            .collect()
-        },
-    );
+    let mut p = null_co_pair(&[
+        ("s", 4194304),
+        ("t", 4194304),
+        ("t2", 4194304),
+        ("small", 1048576),
+    ]);
     let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
     let backup = |extra: Value| {
         let mut a = json!({"job-id": "b0", "device": "s", "target": "t", "sync": "full"});
@@ -1090,20 +1085,12 @@ fn backup_jobs_match() {
 
 #[test]
 fn transactions_match() {
-    let mut p = Pair::start(
-        |_| {},
-        |_| {
-            [
-                "null-co,node-name=s,size=4194304,read-zeroes=on",
-                "null-co,node-name=t,size=4194304,read-zeroes=on",
-                "null-co,node-name=t2,size=4194304,read-zeroes=on",
-                "null-co,node-name=small,size=1048576,read-zeroes=on",
-            ]
-            .iter()
-            .flat_map(|b| ["--blockdev".to_string(), b.to_string()])
-            .collect()
-        },
-    );
+    let mut p = null_co_pair(&[
+        ("s", 4194304),
+        ("t", 4194304),
+        ("t2", 4194304),
+        ("small", 1048576),
+    ]);
     let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
     let tx = |actions: Value| ex("transaction", json!({ "actions": actions }));
     let add =
@@ -1254,19 +1241,7 @@ fn same_job_events_until_null(p: &mut Pair, ids: &[&str]) {
 
 #[test]
 fn grouped_transactions_match() {
-    let mut p = Pair::start(
-        |_| {},
-        |_| {
-            [
-                "null-co,node-name=s,size=4194304,read-zeroes=on",
-                "null-co,node-name=t,size=4194304,read-zeroes=on",
-                "null-co,node-name=t2,size=4194304,read-zeroes=on",
-            ]
-            .iter()
-            .flat_map(|b| ["--blockdev".to_string(), b.to_string()])
-            .collect()
-        },
-    );
+    let mut p = null_co_pair(&[("s", 4194304), ("t", 4194304), ("t2", 4194304)]);
     let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
     let grouped = |actions: Value| {
         ex(

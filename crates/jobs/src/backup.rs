@@ -31,7 +31,7 @@ use hbitmap::HBitmap;
 use tokio::sync::Notify;
 
 pub use crate::copy::OnError;
-use crate::copy::{Action, Copier, CopyError, MAX_CHUNK, Pace, Policies};
+use crate::copy::{Action, Copier, CopyError, MAX_CHUNK, Pace, Policies, overlaps};
 use crate::job::{BoxFuture, Error, Job, JobDriver};
 pub use crate::mirror::BitmapMode;
 
@@ -144,10 +144,6 @@ impl WriteHook for CopyBeforeWrite {
     ) -> BoxFuture<'a, block::Result<()>> {
         Box::pin(async { Ok(()) })
     }
-}
-
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
 }
 
 /// One background copy: its area and outcome.

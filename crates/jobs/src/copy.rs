@@ -9,6 +9,11 @@ use block::{IoBuf, Node, ZeroFlags};
 
 use crate::job::Job;
 
+/// Whether the areas `(offset, len)` `a` and `b` share a byte.
+pub(crate) fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
 /// Largest area one copy request moves.
 pub(crate) const MAX_CHUNK: u64 = 1 << 20;
 

@@ -32,7 +32,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Notify;
 
 pub use crate::copy::OnError;
-use crate::copy::{Action, Copier, CopyError, MAX_CHUNK, Pace, Policies};
+use crate::copy::{Action, Copier, CopyError, MAX_CHUNK, Pace, Policies, overlaps};
 use crate::job::{BoxFuture, Error, Job, JobDriver};
 
 /// Which data the mirror copies at first (QEMU's `MirrorSyncMode`).
@@ -154,10 +154,6 @@ impl std::fmt::Debug for Mirror {
 }
 
 /// Whether two `(offset, len)` areas share a byte.
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
-}
-
 /// The write-blocking hook: after a guest write to the source, its
 /// clusters are copied before the guest hears back.
 struct Active(Weak<Mirror>);

@@ -12,14 +12,7 @@ use qmp::QmpError;
 
 use super::commands::{done, job_err};
 use super::daemon::Daemon;
-
-const ERROR_POLICIES: &[(&str, OnError)] = &[
-    ("report", OnError::Report),
-    ("ignore", OnError::Ignore),
-    ("enospc", OnError::Enospc),
-    ("stop", OnError::Stop),
-    ("auto", OnError::Report),
-];
+use super::mirror::ERROR_POLICIES;
 
 /// The sync modes as given (`incremental` is told apart for its checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -112,11 +112,35 @@ pub fn job_err(e: jobs::Error) -> QmpError {
 
 /// The node of a bitmap command that names an existing bitmap (QEMU's
 /// words differ from other node lookups).
-fn bitmap_node(daemon: &Daemon, name: &str) -> Result<Arc<block::Node>, QmpError> {
+pub(super) fn bitmap_node(daemon: &Daemon, name: &str) -> Result<Arc<block::Node>, QmpError> {
     daemon
         .graph
         .find(name)
         .ok_or_else(|| qerr(block::Error::BitmapNodeNotFound(name.to_owned())))
+}
+
+/// The bits a `block-dirty-bitmap-merge` into bitmap `target` of
+/// `target_node` ORs in, once `target` may change: snapshots of `sources`
+/// (names on the same node, or `{node, name}`).
+pub(super) fn merge_sources(
+    daemon: &Daemon,
+    target_node: &Arc<block::Node>,
+    target: &str,
+    sources: Vec<BitmapRef>,
+) -> Result<Vec<hbitmap::HBitmap>, QmpError> {
+    target_node
+        .bitmaps()
+        .check(target, block::Check::Default)
+        .map_err(qerr)?;
+    let mut bits = Vec::with_capacity(sources.len());
+    for source in sources {
+        let (holder, name) = match source {
+            BitmapRef::Local(name) => (target_node.clone(), name),
+            BitmapRef::External { node, name } => (bitmap_node(daemon, &node)?, name),
+        };
+        bits.push(holder.bitmaps().snapshot(&name).map_err(qerr)?);
+    }
+    Ok(bits)
 }
 
 /// Reads no more arguments: the leftovers are unexpected.
@@ -225,24 +249,7 @@ async fn run(
                 .collect::<qapi::Result<Vec<_>>>()?;
             done(args)?;
             let target_node = bitmap_node(daemon, &node)?;
-            target_node
-                .bitmaps()
-                .check(&target, block::Check::Default)
-                .map_err(qerr)?;
-            let mut bits = Vec::with_capacity(sources.len());
-            for source in sources {
-                let (holder, name) = match source {
-                    BitmapRef::Local(name) => (target_node.clone(), name),
-                    BitmapRef::External { node, name } => (
-                        daemon
-                            .graph
-                            .find(&node)
-                            .ok_or_else(|| qerr(block::Error::BitmapNodeNotFound(node.clone())))?,
-                        name,
-                    ),
-                };
-                bits.push(holder.bitmaps().snapshot(&name).map_err(qerr)?);
-            }
+            let bits = merge_sources(daemon, &target_node, &target, sources)?;
             // An empty list merges nothing (QEMU 10.0 crashes on it).
             if !bits.is_empty() {
                 target_node.bitmaps().merge(&target, &bits).map_err(qerr)?;

@@ -55,7 +55,9 @@ const SYNC_MODES: &[(&str, MirrorSync)] = &[
     ("bitmap", MirrorSync::Bitmap),
 ];
 
-const ERROR_POLICIES: &[(&str, OnError)] = &[
+/// `BlockdevOnError`'s values (`auto` is `report` for block jobs), for
+/// every job's `on-source-error` and `on-target-error`.
+pub(super) const ERROR_POLICIES: &[(&str, OnError)] = &[
     ("report", OnError::Report),
     ("ignore", OnError::Ignore),
     ("enospc", OnError::Enospc),

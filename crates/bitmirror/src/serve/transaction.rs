@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::args::BitmapRef;
 use super::backup::{self, BackupAction};
+use super::commands::{bitmap_node, merge_sources};
 use super::daemon::{Daemon, qerr};
 
 /// A bitmap action on one bitmap.
@@ -203,13 +204,6 @@ enum Prepared {
     Job(Arc<Job>),
 }
 
-fn bitmap_node(daemon: &Daemon, name: &str) -> Result<Arc<Node>, QmpError> {
-    daemon
-        .graph
-        .find(name)
-        .ok_or_else(|| qerr(block::Error::BitmapNodeNotFound(name.to_owned())))
-}
-
 async fn prepare(daemon: &Arc<Daemon>, action: Action) -> Result<Prepared, QmpError> {
     match action {
         Action::Abort => Err(QmpError::generic("Transaction aborted using Abort action")),
@@ -265,18 +259,7 @@ async fn prepare(daemon: &Arc<Daemon>, action: Action) -> Result<Prepared, QmpEr
             sources,
         } => {
             let target_node = bitmap_node(daemon, &node)?;
-            target_node
-                .bitmaps()
-                .check(&target, block::Check::Default)
-                .map_err(qerr)?;
-            let mut bits = Vec::with_capacity(sources.len());
-            for source in sources {
-                let (holder, name) = match source {
-                    BitmapRef::Local(name) => (target_node.clone(), name),
-                    BitmapRef::External { node, name } => (bitmap_node(daemon, &node)?, name),
-                };
-                bits.push(holder.bitmaps().snapshot(&name).map_err(qerr)?);
-            }
+            let bits = merge_sources(daemon, &target_node, &target, sources)?;
             let undo = target_node
                 .bitmaps()
                 .merge_undoable(&target, &bits)
