@@ -28,10 +28,9 @@ use std::time::Duration;
 use block::{Edge, Graph, Node, User, WriteHook, WriteRequest};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hbitmap::HBitmap;
-use tokio::sync::Notify;
 
 pub use crate::copy::OnError;
-use crate::copy::{Action, Copier, CopyError, MAX_CHUNK, Pace, Policies, overlaps};
+use crate::copy::{Action, ActiveAreas, Copier, CopyError, MAX_CHUNK, Pace, Policies, overlaps};
 use crate::job::{BoxFuture, Error, Job, JobDriver};
 pub use crate::mirror::BitmapMode;
 
@@ -99,8 +98,7 @@ pub struct Backup {
     /// Clusters not copied yet.
     todo: Mutex<HBitmap>,
     /// Areas being copied now (by the loop or a copy-before-write).
-    active: Mutex<Vec<(u64, u64)>>,
-    active_done: Notify,
+    active: ActiveAreas,
     hook: Mutex<Option<Arc<dyn WriteHook>>>,
     /// The job, once it runs (copy-before-write counts its progress).
     job: Mutex<Option<Weak<Job>>>,
@@ -218,8 +216,7 @@ impl Backup {
             bitmap_mode: o.bitmap_mode,
             owns_target: o.owns_target,
             todo: Mutex::new(todo),
-            active: Mutex::new(Vec::new()),
-            active_done: Notify::new(),
+            active: ActiveAreas::default(),
             hook: Mutex::new(None),
             job: Mutex::new(None),
             settled: AtomicBool::new(true),
@@ -273,11 +270,7 @@ impl Backup {
     }
 
     fn release_area(&self, area: (u64, u64)) {
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|&a| a != area);
-        self.active_done.notify_waiters();
+        self.active.release(area);
     }
 
     fn progress_by(&self, n: u64) {
@@ -301,31 +294,22 @@ impl Backup {
             return Ok(());
         }
         let area = (start, end - start);
-        let runs = loop {
-            let done = self.active_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            {
-                let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-                if !active.iter().any(|&a| overlaps(a, area)) {
-                    let mut todo = self.todo();
-                    let mut runs = Vec::new();
-                    let mut at = start;
-                    while let Some((o, l)) = todo.next_dirty_area(at, end, end - at) {
-                        runs.push((o, l));
-                        at = o + l;
-                    }
-                    if runs.is_empty() {
-                        return Ok(());
-                    }
-                    for &(o, l) in &runs {
-                        let _ = todo.reset(o, l);
-                    }
-                    active.push(area);
-                    break runs;
-                }
+        let claimed = self.active.claim(area, || {
+            let mut todo = self.todo();
+            let mut runs = Vec::new();
+            let mut at = start;
+            while let Some((o, l)) = todo.next_dirty_area(at, end, end - at) {
+                runs.push((o, l));
+                at = o + l;
             }
-            done.await;
+            for &(o, l) in &runs {
+                let _ = todo.reset(o, l);
+            }
+            (!runs.is_empty()).then_some(runs)
+        });
+        // Nothing left to copy there (or it was copied while we waited).
+        let Some(runs) = claimed.await else {
+            return Ok(());
         };
         let mut result = Ok(());
         for &(o, l) in &runs {
@@ -345,7 +329,7 @@ impl Backup {
     /// flight, with its bits cleared and registered active.
     fn take_area(&self, cursor: &mut u64) -> Option<(u64, u64)> {
         let len = self.source.length();
-        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let mut active = self.active.lock();
         let todo = self.todo.lock().unwrap_or_else(|e| e.into_inner());
         let mut wrapped = false;
         loop {
@@ -437,11 +421,7 @@ impl Backup {
             if running.is_empty() {
                 if self.remaining() == 0 {
                     // Copy-before-writes still at work finish first.
-                    let pending = !self
-                        .active
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .is_empty();
+                    let pending = !self.active.lock().is_empty();
                     if !pending {
                         break;
                     }
@@ -522,7 +502,7 @@ impl Backup {
                     return;
                 }
             };
-            for &(o, l) in self.active.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for &(o, l) in self.active.lock().iter() {
                 let _ = left.set(o, l);
             }
             let updated = bitmaps.id(name).ok().and_then(|id| {

@@ -2,16 +2,62 @@
 //! node (zeroes as write-zeroes, nothing where the target reads zeroes
 //! already), the error policies, and the speed limit.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use block::{IoBuf, Node, ZeroFlags};
+use tokio::sync::Notify;
 
 use crate::job::Job;
 
 /// Whether the areas `(offset, len)` `a` and `b` share a byte.
 pub(crate) fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+/// The areas being copied now, none overlapping another: a cluster is
+/// copied by one copier at a time, so a newer copy never lands before an
+/// older one.
+#[derive(Debug, Default)]
+pub(crate) struct ActiveAreas {
+    areas: Mutex<Vec<(u64, u64)>>,
+    /// Wakes copiers waiting for an overlapping copy to end.
+    done: Notify,
+}
+
+impl ActiveAreas {
+    /// The list, locked (to pick an area that overlaps none and push it).
+    pub fn lock(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
+        self.areas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no active area overlaps `area`, then runs `claim`
+    /// under the lock: `Some` makes `area` active (release it with
+    /// [`release`](Self::release)) and is returned; `None` leaves nothing.
+    pub async fn claim<R>(&self, area: (u64, u64), claim: impl FnOnce() -> Option<R>) -> Option<R> {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            {
+                let mut areas = self.lock();
+                if !areas.iter().any(|&a| overlaps(a, area)) {
+                    let claimed = claim();
+                    if claimed.is_some() {
+                        areas.push(area);
+                    }
+                    return claimed;
+                }
+            }
+            done.await;
+        }
+    }
+
+    /// Ends the copy of `area`.
+    pub fn release(&self, area: (u64, u64)) {
+        self.lock().retain(|&a| a != area);
+        self.done.notify_waiters();
+    }
 }
 
 /// Largest area one copy request moves.

@@ -29,10 +29,9 @@ use std::time::{Duration, Instant};
 
 use block::{BitmapId, Check, Edge, Graph, Node, User, WriteHook, WriteRequest};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::Notify;
 
 pub use crate::copy::OnError;
-use crate::copy::{Action, Copier, CopyError, MAX_CHUNK, Pace, Policies, overlaps};
+use crate::copy::{Action, ActiveAreas, Copier, CopyError, MAX_CHUNK, Pace, Policies, overlaps};
 use crate::job::{BoxFuture, Error, Job, JobDriver};
 
 /// Which data the mirror copies at first (QEMU's `MirrorSyncMode`).
@@ -132,11 +131,8 @@ pub struct Mirror {
     holding: AtomicBool,
     cleaned: AtomicBool,
     /// Areas being copied now (by the background loop or a guest write in
-    /// write-blocking mode): no two overlap, so a newer copy never lands
-    /// before an older one.
-    active: Mutex<Vec<(u64, u64)>>,
-    /// Wakes copies waiting for an overlapping one to end.
-    active_done: Notify,
+    /// write-blocking mode).
+    active: ActiveAreas,
     /// The write-blocking hook, while the job is in that mode.
     hook: Mutex<Option<Arc<dyn WriteHook>>>,
     ready: AtomicBool,
@@ -330,8 +326,7 @@ impl Mirror {
             finish_in_place: AtomicBool::new(false),
             holding: AtomicBool::new(false),
             cleaned: AtomicBool::new(false),
-            active: Mutex::new(Vec::new()),
-            active_done: Notify::new(),
+            active: ActiveAreas::default(),
             hook: Mutex::new(None),
             ready: AtomicBool::new(false),
         });
@@ -381,20 +376,9 @@ impl Mirror {
             return;
         }
         let area = (start, end - start);
-        loop {
-            let done = self.active_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            {
-                let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-                if !active.iter().any(|&a| overlaps(a, area)) {
-                    active.push(area);
-                    self.with_dirty(|d| d.reset(area.0, area.1));
-                    break;
-                }
-            }
-            done.await;
-        }
+        self.active
+            .claim(area, || Some(self.with_dirty(|d| d.reset(area.0, area.1))))
+            .await;
         if let Err(e) = self.copier.copy(area.0, area.1, false).await {
             tracing::warn!(
                 "write-blocking copy failed, left to the background: {}",
@@ -406,11 +390,7 @@ impl Mirror {
     }
 
     fn release_area(&self, area: (u64, u64)) {
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|&a| a != area);
-        self.active_done.notify_waiters();
+        self.active.release(area);
     }
 
     /// The job's bitmap granularity.
@@ -483,7 +463,7 @@ impl Mirror {
     fn take_area(&self, cursor: &mut u64, max_len: u64) -> Option<(u64, u64)> {
         let len = self.source.length();
         let chunk = max_len.max(MAX_CHUNK).max(self.granularity);
-        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let mut active = self.active.lock();
         let mut wrapped = false;
         loop {
             let found = self
