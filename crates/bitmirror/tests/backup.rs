@@ -576,3 +576,85 @@ fn differential_backups_with_never_keep_everything_since_the_full() {
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+/// `compress=true` into a qcow2 target that `drive-backup` creates, with a
+/// guest writing meanwhile: QEMU reads the point in time back, `qemu-img
+/// check` finds the packed clusters' refcounts exact, clusters that deflate
+/// are stored compressed and noise (which does not) as plain data, and the
+/// file is smaller than the data it holds.
+#[test]
+fn compressed_backups_are_qcow2_that_qemu_reads() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let raw = dir.join("src.raw");
+    let mut data = vec![0u8; (16 * MIB) as usize];
+    for (i, b) in data[..(8 * MIB) as usize].iter_mut().enumerate() {
+        // Text-like: deflates well.
+        *b = b"bitmirror keeps dirty bitmaps; "[i % 31] ^ (i / 65536) as u8;
+    }
+    // Noise (xorshift): does not deflate.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in &mut data[(8 * MIB) as usize..(9 * MIB) as usize] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&raw, &data).expect("the source's data is written");
+    let src = dir.join("src.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            path_str(&raw),
+            path_str(&src),
+        ],
+    );
+    let mut daemon = serve(dir, &source_args(dir, &src));
+    let mut qmp = daemon.qmp();
+    let target = dir.join("z.qcow2");
+    let snap = snapshot(dir, "snap.raw");
+    qmp.execute_ok(
+        "drive-backup",
+        json!({"job-id": "z", "device": "src", "target": path_str(&target),
+               "format": "qcow2", "sync": "full", "compress": true, "speed": 2 * MIB}),
+    );
+    guest(
+        dir,
+        &[
+            "write -P 7 1M 1M".into(),
+            "write -P 8 8M 512k".into(),
+            "write -z 4M 64k".into(),
+        ],
+    );
+    qmp.execute_ok("block-job-set-speed", json!({"device": "z", "speed": 0}));
+    let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    run("qemu-img", &["check", path_str(&target)]);
+    assert_same(&snap, &target);
+    let out = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", path_str(&target)],
+    );
+    let map: Value = serde_json::from_str(&out).expect("qemu-img map's JSON");
+    let sum = |compressed: bool| -> u64 {
+        map.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["data"] == true && e["compressed"] == compressed)
+            .map(|e| e["length"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // 8 MiB of text, less the 64 KiB zeroed after the backup started (the
+    // backup holds the old data): compressed; the 1 MiB of noise: plain.
+    assert_eq!(sum(true), 8 * MIB, "{out}");
+    assert_eq!(sum(false), MIB, "{out}");
+    let size = std::fs::metadata(&target).expect("the target exists").len();
+    assert!(size < 4 * MIB, "{size} bytes for 9 MiB of data");
+}

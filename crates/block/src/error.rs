@@ -157,6 +157,20 @@ pub enum Error {
         /// Length of the node.
         size: u64,
     },
+    /// A compressed write that is not made of whole clusters.
+    #[error(
+        "Compressed write {offset}+{len} on node '{node}' is not whole clusters of {cluster_size} bytes"
+    )]
+    CompressedUnaligned {
+        /// The node.
+        node: String,
+        /// Offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// The node's cluster size.
+        cluster_size: u64,
+    },
     /// The driver cannot do this request (e.g. a fast zero it cannot make
     /// fast).
     #[error("Operation not supported: {0}")]

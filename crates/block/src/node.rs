@@ -74,6 +74,17 @@ pub struct ZeroFlags {
     pub fua: bool,
 }
 
+/// How [`Node::write_at`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A plain write inside the node.
+    Plain,
+    /// A format driver's write to its image file, which may grow it.
+    Growing,
+    /// Compressed clusters.
+    Compressed,
+}
+
 /// A storage driver: the part of a node that talks to a file, a child or a
 /// peer. Requests arrive checked and aligned to [`Driver::limits`].
 pub trait Driver: Send + Sync {
@@ -106,6 +117,19 @@ pub trait Driver: Send + Sync {
     /// format driver writes its image file past its end.
     fn can_grow(&self) -> bool {
         false
+    }
+    /// Whether [`write_compressed`](Driver::write_compressed) works (QEMU's
+    /// `bdrv_supports_compressed_writes`).
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
+    /// Writes `buf` at `offset` compressed: whole clusters (the last one may
+    /// end at the end of the node), each stored compressed where that makes
+    /// it smaller and as plain data otherwise. Drivers without compression
+    /// refuse with [`Error::NotSupported`].
+    fn write_compressed(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
+        let _ = offset;
+        Box::pin(async move { (Err(Error::NotSupported("compressed writes")), buf) })
     }
     /// Whether the driver stores persistent bitmaps (at close).
     fn stores_bitmaps(&self) -> bool {
@@ -661,7 +685,21 @@ impl Node {
     /// data is durable when this returns. All-zero data becomes a
     /// write-zeroes request when the node has `detect-zeroes`.
     pub async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
-        self.write_at(offset, buf, fua, false).await
+        self.write_at(offset, buf, fua, Mode::Plain).await
+    }
+
+    /// Whether [`write_compressed`](Self::write_compressed) works here.
+    pub fn supports_compressed_writes(&self) -> bool {
+        self.driver.supports_compressed_writes()
+    }
+
+    /// Writes `buf` at `offset` compressed (QEMU's
+    /// `BDRV_REQ_WRITE_COMPRESSED`): `offset` and the length must be whole
+    /// clusters of the node, except that the last cluster may end at the
+    /// end of the node. A cluster compression does not shrink is written as
+    /// plain data. Tracking and hooks see an ordinary write.
+    pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
+        self.write_at(offset, buf, false, Mode::Compressed).await
     }
 
     /// [`write`](Self::write) for a format driver writing its image file:
@@ -669,7 +707,7 @@ impl Node {
     /// writable `file`); other nodes refuse that as `write` does. Guests and
     /// exports never write through this.
     pub(crate) async fn write_growing(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
-        self.write_at(offset, buf, fua, true).await
+        self.write_at(offset, buf, fua, Mode::Growing).await
     }
 
     fn write_at(
@@ -677,27 +715,22 @@ impl Node {
         offset: u64,
         buf: IoBuf,
         fua: bool,
-        growing: bool,
+        mode: Mode,
     ) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
             if let Some(node) = self.gate.replacement() {
-                return node.write_at(offset, buf, fua, growing).await;
+                return node.write_at(offset, buf, fua, mode).await;
             }
             let _inside = match self.gate.enter().await {
                 Entry::Here(inside) => inside,
-                Entry::Forward(node) => return node.write_at(offset, buf, fua, growing).await,
+                Entry::Forward(node) => return node.write_at(offset, buf, fua, mode).await,
             };
-            self.write_inside(offset, buf, fua, growing).await
+            self.write_inside(offset, buf, fua, mode).await
         })
     }
 
-    async fn write_inside(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-        fua: bool,
-        growing: bool,
-    ) -> BufResult<()> {
+    async fn write_inside(&self, offset: u64, buf: IoBuf, fua: bool, mode: Mode) -> BufResult<()> {
+        let growing = mode == Mode::Growing;
         /// Returns the error together with the buffer.
         macro_rules! check {
             ($e:expr, $buf:expr) => {
@@ -740,7 +773,14 @@ impl Node {
             };
             check!(hook.before(self, req).await, buf);
         }
-        let (result, buf) = if serialising {
+        let (result, buf) = if mode == Mode::Compressed {
+            if buf.is_aligned(self.limits().memory_alignment) {
+                self.driver.write_compressed(offset, buf).await
+            } else {
+                let copy = IoBuf::copy_from(buf.as_slice(), self.limits().memory_alignment);
+                (self.driver.write_compressed(offset, copy).await.0, buf)
+            }
+        } else if serialising {
             (self.write_unaligned(offset, &buf, fua, growing).await, buf)
         } else if buf.is_aligned(self.limits().memory_alignment) {
             self.driver.write(offset, buf, fua).await

@@ -2,7 +2,9 @@
 //! image then judged by `qemu-img check` (no errors, no leaks) and `qemu-img
 //! compare` (QEMU reads what the model says), over every refcount width,
 //! both versions, cluster sizes from 512 B, backing files and compressed
-//! clusters; plus concurrency inside one cluster and refcount-table growth.
+//! clusters (read, and written); plus concurrency inside one cluster,
+//! compressed clusters packed by concurrent writers, and refcount-table
+//! growth.
 
 use std::path::Path;
 use std::process::Command;
@@ -70,10 +72,32 @@ fn assert_qemu_reads(image: &str, want: &[u8], dir: &Path) {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64, seed: u8 },
-    Zero { off: u64, len: u64, unmap: bool },
-    Discard { off: u64, len: u64 },
-    Read { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u8,
+    },
+    /// A compressed write of the whole clusters around `off..off + len`:
+    /// data that deflates well, or noise that does not (written plain).
+    Compressed {
+        off: u64,
+        len: u64,
+        seed: u8,
+        noise: bool,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Read {
+        off: u64,
+        len: u64,
+    },
     Flush,
     Reopen,
 }
@@ -108,6 +132,8 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
     let range = (0..size).prop_flat_map(move |off| (Just(off), 1..=(size - off).min(300_000)));
     prop_oneof![
         5 => (range.clone(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        3 => (range.clone(), any::<u8>(), prop::bool::weighted(0.2))
+            .prop_map(|((off, len), seed, noise)| Op::Compressed { off, len, seed, noise }),
         2 => (range.clone(), any::<bool>()).prop_map(|((off, len), unmap)| Op::Zero { off, len, unmap }),
         2 => range.clone().prop_map(|(off, len)| Op::Discard { off, len }),
         2 => range.prop_map(|(off, len)| Op::Read { off, len }),
@@ -154,6 +180,19 @@ fn case() -> impl Strategy<Value = Case> {
 fn pattern(len: u64, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// Bytes that do not deflate (xorshift from `seed`).
+fn noise(len: u64, seed: u8) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
         .collect()
 }
 
@@ -240,6 +279,25 @@ fn run_case(c: Case) {
                     let (r, _) = node.write(off, IoBuf::from_vec(data.clone()), false).await;
                     r.unwrap();
                     model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                Op::Compressed {
+                    off,
+                    len,
+                    seed,
+                    noise: rough,
+                } => {
+                    let off = off / cs * cs;
+                    let end = (off + len).div_ceil(cs).saturating_mul(cs).min(size);
+                    let len = end - off;
+                    let data = if rough {
+                        noise(len, seed)
+                    } else {
+                        pattern(len, seed)
+                    };
+                    let buf = IoBuf::from_vec(data.clone());
+                    let (r, _) = node.write_compressed(off, buf).await;
+                    r.unwrap();
+                    model[off as usize..end as usize].copy_from_slice(&data);
                 }
                 Op::Zero { off, len, unmap } => {
                     let flags = ZeroFlags {
@@ -367,6 +425,79 @@ async fn concurrent_writes_into_one_cluster_all_land() {
     hosts.sort_unstable();
     hosts.dedup();
     assert_eq!(hosts.len(), 4, "{map}");
+}
+
+/// Compressed writes from many tasks at once (as a backup's workers issue
+/// them), over clusters that held plain data, zeroes and nothing: QEMU
+/// reads every cluster back, sees them compressed, and finds the refcounts
+/// of the host clusters they share exact; the file holds a fraction of the
+/// data; a write of part of a cluster is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compressed_clusters_pack_and_qemu_reads_them() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = path(dir.path(), "z.qcow2");
+    let size = 8u64 << 20;
+    qemu_img_create_qcow2(&image, size, "");
+    qemu_io_writes(&image, "qcow2", &[(0, 1 << 20, Some(0x11))]);
+    let g = Graph::new();
+    let node = open_rw(&g, "n", &image).await;
+    node.write_zeroes(1 << 20, 1 << 20, ZeroFlags::default())
+        .await
+        .unwrap();
+    let mut want = vec![0u8; size as usize];
+    let mut tasks = Vec::new();
+    for chunk in 0..(size >> 19) {
+        // 512 KiB each: eight 64 KiB clusters of a short repeating pattern,
+        // which deflates to less than a sector.
+        let data: Vec<u8> = (0..512u64 << 10)
+            .map(|i| (i % 16) as u8 ^ chunk as u8)
+            .collect();
+        want[(chunk << 19) as usize..((chunk + 1) << 19) as usize].copy_from_slice(&data);
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            node.write_compressed(chunk << 19, IoBuf::from_vec(data))
+                .await
+                .0
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let err = node
+        .write_compressed(4096, IoBuf::from_vec(vec![1; 65536]))
+        .await
+        .0
+        .unwrap_err();
+    assert!(err.to_string().contains("not whole clusters"), "{err}");
+    assert!(node.read(0, size as usize).await.unwrap().into_vec() == want);
+    drop(node);
+    g.close_all().await.unwrap();
+    assert_check_clean(&image);
+    assert_qemu_reads(&image, &want, dir.path());
+    let map = run("qemu-img", &["map", "--output=json", &image]);
+    let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let compressed: u64 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["compressed"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(compressed, size, "{map}");
+    // Packed: the freed 1 MiB of plain data (not punched out of the file),
+    // metadata, and a sector per compressed cluster, where one host
+    // cluster per guest cluster would take 8 MiB.
+    let used = std::fs::metadata(&image).unwrap().len();
+    let blocks = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&image).unwrap().blocks() * 512
+    };
+    assert!(
+        blocks < (1 << 20) + (512 << 10),
+        "{blocks} bytes allocated (file {used}): {map}"
+    );
 }
 
 /// Filling an image of 512-byte clusters needs far more refcount blocks

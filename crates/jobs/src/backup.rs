@@ -71,6 +71,8 @@ pub struct BackupOptions {
     pub min_cluster_size: u64,
     /// Largest area one copy moves (0: 1 MiB).
     pub max_chunk: u64,
+    /// Write the target's clusters compressed (it must support that).
+    pub compress: bool,
     /// When reading the source fails.
     pub on_source_error: OnError,
     /// When writing the target fails.
@@ -167,6 +169,9 @@ impl Backup {
                     .map_err(|e| fail(e.to_string()))?;
             }
         }
+        if o.compress && !o.target.supports_compressed_writes() {
+            return Err(fail("Compression is not supported for this drive ".into()));
+        }
         if o.source.length() != o.target.length() {
             return Err(fail("Source and target image have different sizes".into()));
         }
@@ -198,10 +203,14 @@ impl Backup {
             Edge::new(&o.source, User::Job(o.id.clone())),
             Edge::new(&o.target, User::Job(o.id.clone())),
         );
+        let mut copier = Copier::new(o.source.clone(), o.target.clone(), WORKERS + 1);
+        copier.compress = o
+            .compress
+            .then(|| o.target.limits().cluster_size.unwrap_or(1 << 16));
         let backup = Arc::new_cyclic(|me| Backup {
             me: me.clone(),
             graph: o.graph,
-            copier: Copier::new(o.source.clone(), o.target.clone(), WORKERS + 1),
+            copier,
             source: o.source,
             target: o.target,
             edges: Mutex::new(Some(edges)),

@@ -185,6 +185,10 @@ pub(crate) struct Copier {
     pub target_is_zero: bool,
     /// Zeroes may be written by deallocating.
     pub unmap: bool,
+    /// Write data compressed, in whole clusters of this size (the
+    /// target's): a copy covers the clusters its area touches, and only
+    /// whole clusters of zeroes are written as zeroes.
+    pub compress: Option<u64>,
     /// Buffers kept for the next copies (at most `keep`): allocating and
     /// clearing a fresh 1 MiB buffer per copy cost an eighth of the CPU of
     /// a mirror between `O_DIRECT` files.
@@ -200,6 +204,7 @@ impl Copier {
             target,
             target_is_zero: false,
             unmap: true,
+            compress: None,
             buffers: Mutex::new(Vec::new()),
             keep,
         }
@@ -216,8 +221,7 @@ impl Copier {
             error,
         };
         let write = |error: block::Error| CopyError { write: true, error };
-        let mut at = offset;
-        let end = offset + len;
+        let (mut at, end) = self.whole(offset, offset + len);
         let mut zero_until = 0;
         while at < end {
             // The whole extent at `at`, even past `end`: one query.
@@ -231,14 +235,23 @@ impl Copier {
                 .ok_or(read(block::Error::NotSupported(
                     "block status returned nothing",
                 )))?;
-            if extent.zero {
-                let piece = extent.len.min(end - at).max(1);
-                self.write_zeroes(at, piece).await.map_err(write)?;
-                zero_until = at + extent.len;
-                at += piece;
+            let run = extent.len.min(end - at).max(1);
+            // Compressed, zeroes count only as whole clusters (`at` is at
+            // the start of one): a cluster with data in it is written whole.
+            let zeroes = match self.compress {
+                Some(unit) if at + run != self.source.length() => (at + run) / unit * unit - at,
+                _ => run,
+            };
+            if extent.zero && zeroes > 0 {
+                self.write_zeroes(at, zeroes).await.map_err(write)?;
+                zero_until = match self.compress {
+                    Some(_) => at + zeroes,
+                    None => at + extent.len,
+                };
+                at += zeroes;
                 continue;
             }
-            let piece = extent.len.min(end - at).clamp(1, MAX_CHUNK);
+            let piece = self.whole(at, at + run.min(MAX_CHUNK)).1 - at;
             let buf = self.buffer(piece as usize);
             let (result, buf) = if in_hook {
                 self.source.read_in_hook_into(at, buf).await
@@ -248,6 +261,11 @@ impl Copier {
             let buf = match result {
                 Ok(()) if buf.is_zero() => {
                     self.write_zeroes(at, piece).await.map_err(write)?;
+                    buf
+                }
+                Ok(()) if self.compress.is_some() => {
+                    let (result, buf) = self.target.write_compressed(at, buf).await;
+                    result.map_err(write)?;
                     buf
                 }
                 Ok(()) => {
@@ -261,6 +279,20 @@ impl Copier {
             at += piece;
         }
         Ok(zero_until)
+    }
+
+    /// `start..end` widened to whole compressed clusters (the last one may
+    /// end at the end of the source); as is without compression.
+    fn whole(&self, start: u64, end: u64) -> (u64, u64) {
+        match self.compress {
+            Some(unit) => (
+                start / unit * unit,
+                end.div_ceil(unit)
+                    .saturating_mul(unit)
+                    .min(self.source.length()),
+            ),
+            None => (start, end),
+        }
     }
 
     /// A buffer of `len` bytes (at most [`MAX_CHUNK`]) aligned for both

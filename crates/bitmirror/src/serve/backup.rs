@@ -342,10 +342,9 @@ async fn prepare_on(
     if c.compress {
         // QEMU names the target's device, which has none in a storage
         // daemon: hence the trailing space.
-        if target.driver_name() != "qcow2" {
+        if !target.supports_compressed_writes() {
             return fail("Compression is not supported for this drive ");
         }
-        return fail("Compressed backups are not supported by bitmirror yet");
     }
     source_busy(daemon, &source)?;
     node_busy(daemon, &target, |_| true)?;
@@ -387,6 +386,7 @@ async fn prepare_on(
         bitmap_mode,
         min_cluster_size,
         max_chunk: c.max_chunk.unwrap_or(0).max(0) as u64,
+        compress: c.compress,
         on_source_error: c.on_source_error,
         on_target_error: c.on_target_error,
         owns_target,

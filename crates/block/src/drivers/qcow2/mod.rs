@@ -107,6 +107,10 @@ struct Meta {
     stored_consistent: Vec<bool>,
     /// The activity log's areas, once the image has one.
     activity: Option<activity::Areas>,
+    /// Where the next compressed cluster may go (0: in a new host cluster):
+    /// the free rest of the host cluster the last one went to, whose
+    /// refcount counts the compressed clusters in it.
+    compressed_tail: u64,
 }
 
 /// An open qcow2 image.
@@ -238,6 +242,7 @@ impl Qcow2Driver {
                 stored_names: Vec::new(),
                 stored_consistent: Vec::new(),
                 activity: None,
+                compressed_tail: 0,
             }),
             log: Mutex::new(activity::Log {
                 bits: [vec![0; area_bytes], vec![0; area_bytes]],
@@ -784,6 +789,127 @@ impl Qcow2Driver {
         (Ok(()), buf)
     }
 
+    /// Writes whole clusters compressed (see [`Driver::write_compressed`]).
+    /// Deflating runs on a blocking thread; a cluster it does not shrink
+    /// is written as plain data, as QEMU does.
+    async fn write_compressed_impl(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
+        let cs = self.cluster_size();
+        let len = buf.len() as u64;
+        let end = offset + len;
+        if offset % cs != 0 || (end % cs != 0 && end != self.header.size) {
+            let e = Error::CompressedUnaligned {
+                node: self.node.clone(),
+                offset,
+                len,
+                cluster_size: cs,
+            };
+            return (Err(e), buf);
+        }
+        let data = buf.as_slice().to_vec();
+        let packed = tokio::task::spawn_blocking(move || {
+            data.chunks(cs as usize)
+                .map(|c| deflate(c, cs as usize))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let packed = match packed {
+            Ok(p) => p,
+            Err(e) => return (Err(Error::io("compress", std::io::Error::other(e))), buf),
+        };
+        let align = self.file.node().limits().memory_alignment;
+        for (i, packed) in packed.into_iter().enumerate() {
+            let at = offset + i as u64 * cs;
+            let result = match packed {
+                Some(packed) => self.place_compressed(at / cs, &packed).await,
+                None => {
+                    let from = (at - offset) as usize;
+                    let to = ((at + cs).min(end) - offset) as usize;
+                    let plain = IoBuf::copy_from(&buf.as_slice()[from..to], align);
+                    self.write_impl(at, plain).await.0
+                }
+            };
+            if let Err(e) = result {
+                return (Err(e), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Stores deflated data as guest cluster `cluster`, in whole 512-byte
+    /// sectors of its own right after the last compressed cluster when they
+    /// fit, dropping the reference the old mapping held.
+    async fn place_compressed(&self, cluster: u64, packed: &[u8]) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let shift = 62 - (bits - 8);
+        let sectors = (packed.len() as u64).div_ceil(512);
+        let mut m = self.lock_unclaimed(cluster, cluster + 1).await;
+        let _claim = self.claim(cluster, cluster + 1);
+        let host = self.alloc_bytes(&mut m, sectors * 512).await?;
+        drop(m);
+        let touched = (host >> bits)..=((host + sectors * 512 - 1) >> bits);
+        let align = self.file.node().limits().memory_alignment;
+        let mut data = IoBuf::zeroed((sectors * 512) as usize, align);
+        data.as_mut_slice()[..packed.len()].copy_from_slice(packed);
+        let mut written = self.file.node().write_growing(host, data, false).await.0;
+        if written.is_ok() && host >= 1 << shift {
+            written = Err(self.bad(format!(
+                "compressed cluster at {host:#x} is past what an L2 entry can address"
+            )));
+        }
+        let mut m = self.meta.lock().await;
+        if let Err(e) = written {
+            m.compressed_tail = 0;
+            let file = self.file.node();
+            if let Some(refcounts) = m.refcounts.as_mut() {
+                for c in touched {
+                    refcounts.update(&file, c, -1).await?;
+                }
+            }
+            return Err(e);
+        }
+        let entry = COMPRESSED | ((sectors - 1) << shift) | host;
+        {
+            // A freed compressed cluster that lived here may still be in
+            // the inflated cache.
+            let mut cached = self.lock_inflated();
+            if cached.as_ref().is_some_and(|c| c.0 == host) {
+                *cached = None;
+            }
+        }
+        let old = self.set_entry(&mut m, cluster, entry).await?;
+        let freed = self.referenced(old);
+        m.pending_free.extend(freed);
+        Ok(())
+    }
+
+    /// Allocates `len` bytes (whole sectors, less than a cluster) for
+    /// compressed data: after the last compressed cluster when they fit in
+    /// its host cluster or the one after it is free, else at the start of a
+    /// new host cluster. Each host cluster touched gains a reference.
+    async fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<u64> {
+        let cs = self.cluster_size();
+        let bits = self.header.cluster_bits;
+        let file = self.file.node();
+        let refcounts = m.refcounts.as_mut().ok_or_else(|| self.read_only())?;
+        let tail = m.compressed_tail;
+        let host = 'place: {
+            if tail != 0 {
+                let boundary = (tail >> bits) + 1;
+                let room = refcounts.get(&file, tail >> bits).await? < refcounts.max();
+                if room
+                    && (tail + len <= boundary << bits || refcounts.take(&file, boundary).await?)
+                {
+                    refcounts.update(&file, tail >> bits, 1).await?;
+                    break 'place tail;
+                }
+            }
+            refcounts.alloc(&file, 1).await?.0 << bits
+        };
+        let next = host + len;
+        m.compressed_tail = if next % cs == 0 { 0 } else { next };
+        Ok(host)
+    }
+
     /// Fills `out` with the old contents of guest bytes from `offset`, which
     /// the L2 entry `entry` maps.
     async fn copy_old(&self, entry: u64, offset: u64, out: &mut [u8]) -> Result<()> {
@@ -1005,11 +1131,17 @@ impl Qcow2Driver {
             file.flush().await?;
             let _gate = self.io_gate.write().await;
             let freed = std::mem::take(&mut m.pending_free);
-            let Some(refcounts) = m.refcounts.as_mut() else {
+            if m.refcounts.is_none() {
                 return Ok(());
-            };
+            }
             for cluster in freed {
-                refcounts.update(&file, cluster, -1).await?;
+                if cluster == m.compressed_tail >> self.header.cluster_bits {
+                    // Its refcount may drop to 0: pack nothing more there.
+                    m.compressed_tail = 0;
+                }
+                if let Some(refcounts) = m.refcounts.as_mut() {
+                    refcounts.update(&file, cluster, -1).await?;
+                }
             }
         }
     }
@@ -1110,6 +1242,28 @@ impl Qcow2Driver {
     }
 }
 
+/// Deflates one cluster as QEMU's qcow2 does: raw deflate with a 4 KiB
+/// window (QEMU inflates with that window, so a larger one would make
+/// images it cannot read); `None` unless the result is shorter than
+/// `cluster_size`.
+fn deflate(data: &[u8], cluster_size: usize) -> Option<Vec<u8>> {
+    let mut z = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+    let mut whole;
+    let data = if data.len() < cluster_size {
+        // The image's last cluster, padded as QEMU pads it.
+        whole = vec![0; cluster_size];
+        whole[..data.len()].copy_from_slice(data);
+        &whole[..]
+    } else {
+        data
+    };
+    let mut out = Vec::with_capacity(cluster_size);
+    match z.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+        Ok(flate2::Status::StreamEnd) if out.len() < cluster_size => Some(out),
+        _ => None,
+    }
+}
+
 impl Driver for Qcow2Driver {
     fn name(&self) -> &'static str {
         "qcow2"
@@ -1177,6 +1331,14 @@ impl Driver for Qcow2Driver {
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.flush_impl())
+    }
+
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+
+    fn write_compressed(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(self.write_compressed_impl(offset, buf))
     }
 
     fn stores_bitmaps(&self) -> bool {

@@ -84,7 +84,8 @@ impl Refcounts {
         (self.cluster_size() * 8) >> self.order
     }
 
-    fn max(&self) -> u64 {
+    /// The largest refcount an entry holds.
+    pub(crate) fn max(&self) -> u64 {
         u64::MAX >> (64 - (1u32 << self.order))
     }
 
@@ -226,6 +227,23 @@ impl Refcounts {
             self.high = self.high.max(start + len);
             return Ok((start, len));
         }
+    }
+
+    /// Takes host cluster `cluster` (refcount 1) if it is free and its
+    /// refcount block exists already; whether it did. Lets compressed data
+    /// run on into the cluster after the one it started in.
+    pub(crate) async fn take(&mut self, file: &Node, cluster: u64) -> Result<bool> {
+        if !self.load(file, cluster / self.per_block()).await?
+            || self.get(file, cluster).await? != 0
+        {
+            return Ok(false);
+        }
+        self.set_loaded(cluster, 1);
+        if self.free_hint == cluster {
+            self.free_hint += 1;
+        }
+        self.high = self.high.max(cluster + 1);
+        Ok(true)
     }
 
     /// Where the refcount table is: its offset and its length in clusters.
