@@ -56,6 +56,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-del",
     "blockdev-add",
     "x-debug-block-dirty-bitmap-sha256",
+    "block-dirty-bitmap-pull",
     "block-dirty-bitmap-merge",
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-enable",
@@ -237,6 +238,7 @@ async fn run(
             .map_err(qerr)?;
             Ok(json!({}))
         }
+        "block-dirty-bitmap-pull" => super::pull::pull(daemon, args).await,
         "block-dirty-bitmap-merge" => {
             let node = args.req_str("node")?;
             let target = args.req_str("target")?;

@@ -17,6 +17,7 @@ mod daemon;
 mod daemonize;
 mod info;
 mod mirror;
+mod pull;
 mod transaction;
 
 use std::process::ExitCode;
