@@ -81,7 +81,7 @@ fn top_level(dir: &Path, node: &str) -> anyhow::Result<Option<u64>> {
 }
 
 /// The node's entry in `query-named-block-nodes`.
-fn node_info(qmp: &mut QmpClient, node: &str) -> anyhow::Result<Value> {
+pub(crate) fn node_info(qmp: &mut QmpClient, node: &str) -> anyhow::Result<Value> {
     let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true}))?;
     nodes
         .as_array()
@@ -244,7 +244,7 @@ fn follow(qmp: &mut QmpClient, job: &str) -> anyhow::Result<u64> {
     }
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut unit = 0;

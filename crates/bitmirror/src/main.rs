@@ -6,6 +6,7 @@
 //! name get bitmirror.
 
 mod backup_cli;
+mod migrate_cli;
 mod qmp_client;
 mod serve;
 
@@ -35,6 +36,10 @@ enum Command {
     /// Back up a node of a running daemon (over QMP) into a chain of qcow2
     /// files: a full backup first, then only what changed since the last.
     Backup(backup_cli::BackupArgs),
+    /// Move a node of a running daemon to another daemon while it is in use
+    /// (live storage migration): incrementally from a bitmap onto a shared
+    /// base image, or in full; the bitmaps move along.
+    Migrate(migrate_cli::MigrateArgs),
     /// Check that an image (e.g. a backup chain's top) equals a source,
     /// byte for byte: files (qcow2, raw) or NBD URIs.
     Verify(backup_cli::VerifyArgs),
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Some(Command::Serve { args }) => serve::main("bitmirror serve", &args),
         Some(Command::Backup(a)) => report(backup_cli::backup(&a).map(|()| true)),
         Some(Command::Verify(a)) => report(backup_cli::verify(&a)),
+        Some(Command::Migrate(a)) => report(migrate_cli::migrate(&a).map(|()| true)),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();

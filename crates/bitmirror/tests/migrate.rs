@@ -1,7 +1,9 @@
-//! Bitmap migration: `block-dirty-bitmap-pull` copies a bitmap from any
-//! NBD server that publishes it — `qemu-nbd -B`, qemu-storage-daemon's
+//! Live storage migration. `block-dirty-bitmap-pull` copies a bitmap from
+//! any NBD server that publishes it — `qemu-nbd -B`, qemu-storage-daemon's
 //! export, another bitmirror — and the copy has the SHA-256 that
-//! qemu-storage-daemon computes for the original.
+//! qemu-storage-daemon computes for the original. `bitmirror migrate` runs
+//! the founding workflow (DESIGN.md §1) between two daemons with a guest
+//! writing, and a migration that fails leaves the source in charge.
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use common::{path_str, serve};
+use common::{guest, path_str, serve, wait_event};
 use serde_json::{Value, json};
 use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, require_tool, run};
 
@@ -258,4 +260,285 @@ fn a_failed_pull_says_why_and_changes_nothing() {
     assert_eq!(r["count"], (64 + 320 + 64 + 1024) * 1024, "{r}");
     q.execute_ok("quit", json!({}));
     assert_eq!(ours.wait_exit(), Some(0));
+}
+
+/// `bitmirror CLI args`: its exit code and its output (both streams).
+fn bitmirror(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bitmirror"))
+        .args(args)
+        .output()
+        .expect("bitmirror runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+/// Bytes the top layer of `image` allocates (`qemu-img map`, depth 0).
+fn allocated_in_top(image: &Path) -> u64 {
+    let out = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", path_str(image)],
+    );
+    let map: Value = serde_json::from_str(&out).expect("qemu-img map's JSON");
+    map.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Host A: a 64 MiB qcow2 node `src` (48 MiB of data) exported writable as
+/// `disk` on `dir/nbd.sock`, with bitmap `B` added atomically with a full
+/// backup into `dir/base.qcow2` (the shared image); then the guest writes
+/// 16 MiB more, which `B` records.
+fn host_a_after_full_backup(dir: &Path) -> StorageDaemon {
+    let src = dir.join("src.qcow2");
+    qemu_img_create_qcow2(path_str(&src), 64 * MIB, "");
+    testkit::qemu_io_writes(path_str(&src), "qcow2", &[(0, 48 * MIB, Some(1))]);
+    let base = dir.join("base.qcow2");
+    qemu_img_create_qcow2(path_str(&base), 64 * MIB, "");
+    let daemon = serve(
+        dir,
+        &[
+            "--blockdev".into(),
+            format!(
+                "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+                src.display()
+            ),
+            "--nbd-server".into(),
+            format!(
+                "addr.type=unix,addr.path={}",
+                dir.join("nbd.sock").display()
+            ),
+            "--export".into(),
+            "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
+        ],
+    );
+    let mut q = daemon.qmp();
+    q.execute_ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "r",
+               "file": {"driver": "file", "filename": path_str(&base)}}),
+    );
+    q.execute_ok(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "src", "name": "B", "granularity": 65536, "persistent": true}},
+            {"type": "blockdev-backup",
+             "data": {"job-id": "full", "device": "src", "target": "r", "sync": "full"}}]}),
+    );
+    let done = wait_event(&mut q, "BLOCK_JOB_COMPLETED");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    q.execute_ok("blockdev-del", json!({"node-name": "r"}));
+    guest(
+        dir,
+        &[
+            "write -P 2 4M 8M".into(),
+            "write -P 3 40M 4M".into(),
+            "write -P 4 60M 4M".into(),
+        ],
+    );
+    daemon
+}
+
+/// Host B: an empty daemon with an NBD server on `dir/b/nbd.sock`.
+fn host_b(dir: &Path) -> (StorageDaemon, std::path::PathBuf) {
+    let b = dir.join("b");
+    std::fs::create_dir(&b).expect("a directory");
+    let sock = b.join("nbd.sock");
+    let daemon = serve(
+        &b,
+        &[
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", sock.display()),
+        ],
+    );
+    (daemon, sock)
+}
+
+fn migrate_args(dir: &Path, a: &StorageDaemon, b: &StorageDaemon, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "migrate",
+        "--from",
+        path_str(a.qmp_path()),
+        "--to",
+        path_str(b.qmp_path()),
+        "--node",
+        "src",
+        "--dest-image",
+        path_str(&dir.join("b").join("src.qcow2")),
+        "--dest-nbd",
+        &format!("unix:{}", dir.join("b").join("nbd.sock").display()),
+        "--source-nbd",
+        &format!("unix:{}", dir.join("nbd.sock").display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn the_founding_workflow_migrates_only_what_changed_and_the_bitmap_follows() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let mut a = host_a_after_full_backup(dir);
+    let (mut b, b_sock) = host_b(dir);
+    let base = dir.join("base.qcow2");
+    let args = migrate_args(
+        dir,
+        &a,
+        &b,
+        &[
+            "--bitmap",
+            "B",
+            "--base",
+            path_str(&base),
+            "--speed",
+            "4194304",
+        ],
+    );
+    let migration = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bitmirror(&args)
+    });
+    // The guest goes on writing while the mirror runs (16 MiB at 4 MiB/s).
+    std::thread::sleep(Duration::from_millis(300));
+    guest(
+        dir,
+        &["write -P 5 20M 1M".into(), "write -P 6 5M 64k".into()],
+    );
+    let (code, out) = migration.join().expect("the migration thread");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("migrated 'src' (incremental mirror)"), "{out}");
+    assert!(out.contains("bitmap 'B' moved: 17.0 MiB dirty"), "{out}");
+
+    // The bitmap on B is the source's at the cut-over.
+    let mut qa = a.qmp();
+    let mut qb = b.qmp();
+    assert_eq!(sha256(&mut qa, "src", "B"), sha256(&mut qb, "src", "B"));
+    // Guest writes now reach B through A's export, and B records them.
+    guest(dir, &["write -P 7 30M 64k".into()]);
+    let uri = format!(
+        "nbd+unix:///bitmirror-migrate-src?socket={}",
+        b_sock.display()
+    );
+    let out = run("qemu-io", &["-f", "raw", "-c", "read -P 7 30M 64k", &uri]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let nodes = qb.execute_ok("query-named-block-nodes", json!({}));
+    let count = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["node-name"] == "src")
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["name"] == "B")
+        .map(|b| b["count"].clone());
+    assert_eq!(count, Some(json!(17 * MIB + 65536)), "{nodes}");
+    qa.execute_ok("quit", json!({}));
+    assert_eq!(a.wait_exit(), Some(0));
+    qb.execute_ok("quit", json!({}));
+    assert_eq!(b.wait_exit(), Some(0));
+
+    // B's overlay over the shared image reads as A's disk did (plus the
+    // write made after the cut-over), and holds only what changed since
+    // the full backup.
+    let dest = dir.join("b").join("src.qcow2");
+    run("qemu-img", &["check", path_str(&dest)]);
+    testkit::qemu_io_writes(
+        path_str(&dir.join("src.qcow2")),
+        "qcow2",
+        &[(30 * MIB, 64 << 10, Some(7))],
+    );
+    common::assert_identical(&dir.join("src.qcow2"), &dest);
+    let top = allocated_in_top(&dest);
+    assert!(
+        (17 * MIB..=18 * MIB).contains(&top),
+        "{top} bytes in the overlay"
+    );
+    // B was persistent on A, so it is on B, stored in the overlay.
+    let info = run("qemu-img", &["info", "--output=json", path_str(&dest)]);
+    let info: Value = serde_json::from_str(&info).expect("qemu-img info's JSON");
+    let stored = &info["format-specific"]["data"]["bitmaps"];
+    assert_eq!(stored[0]["name"], "B", "{info}");
+    assert_eq!(stored[0]["granularity"], 65536, "{info}");
+}
+
+/// The node names and bitmaps `qmp`'s daemon has.
+fn nodes_and_jobs(qmp: &mut Qmp) -> (Vec<String>, Value) {
+    let nodes = qmp.execute_ok("query-named-block-nodes", json!({}));
+    let names = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str().map(str::to_owned))
+        .collect();
+    (names, qmp.execute_ok("query-jobs", json!({})))
+}
+
+#[test]
+fn a_failed_migration_leaves_the_source_in_charge() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let mut a = host_a_after_full_backup(dir);
+    let (mut b, _) = host_b(dir);
+    // (A QMP socket takes one client at a time, as QEMU's: the CLI needs
+    // both sockets free.)
+    let (before, nodes_before) = {
+        let mut qa = a.qmp();
+        (sha256(&mut qa, "src", "B"), nodes_and_jobs(&mut qa).0)
+    };
+
+    // A bitmap the node does not have: refused before anything is made.
+    let args = migrate_args(dir, &a, &b, &["--bitmap", "nosuch"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out) = bitmirror(&args);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("node 'src' has no bitmap 'nosuch'"), "{out}");
+    assert!(!dir.join("b").join("src.qcow2").exists());
+
+    // The destination dies while the mirror runs (1 MiB/s: 16 s to go).
+    let args = migrate_args(dir, &a, &b, &["--bitmap", "B", "--speed", "1048576"]);
+    let migration = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bitmirror(&args)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-9", &b.pid().to_string()])
+        .status();
+    let _ = b.wait_exit();
+    let (code, out) = migration.join().expect("the migration thread");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("failed before the cut-over"), "{out}");
+    assert!(out.contains("the source is unchanged"), "{out}");
+    // The source: no job, no NBD node left, the same bitmap, and the
+    // guest's writes land on it.
+    let mut qa = a.qmp();
+    let (nodes, jobs) = nodes_and_jobs(&mut qa);
+    assert_eq!(nodes, nodes_before);
+    assert_eq!(jobs, json!([]));
+    assert_eq!(sha256(&mut qa, "src", "B"), before);
+    guest(dir, &["write -P 9 50M 64k".into()]);
+    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 9 50M 64k",
+            "-c",
+            "read -P 2 4M 8M",
+            &uri,
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // And the image the destination had begun is gone.
+    assert!(!dir.join("b").join("src.qcow2").exists());
+    qa.execute_ok("quit", json!({}));
+    assert_eq!(a.wait_exit(), Some(0));
 }

@@ -1,0 +1,557 @@
+//! `bitmirror migrate`: live storage migration of one node between two
+//! running daemons, driven over their QMP sockets (DESIGN.md §1, steps 3
+//! and 4). Only QEMU's commands plus `block-dirty-bitmap-pull` are used, so
+//! the destination may be qemu-storage-daemon when no bitmap moves.
+//!
+//! 1. On the destination: an overlay image (`blockdev-create`, backed by
+//!    the shared base image when one is given), opened and exported
+//!    writable over NBD; a bitmap of the same granularity for each bitmap
+//!    that will move, recording from now on.
+//! 2. On the source: an NBD node for that export, and a mirror into it —
+//!    `sync=bitmap, bitmap-mode=never` from the given bitmap (only what
+//!    changed since the base was made), or `sync=full`.
+//! 3. READY, then the cut-over (`block-job-complete`): the source's writes
+//!    are held, the last dirty blocks copied, and every user of the source
+//!    (its exports) moved onto the NBD node, so guest I/O goes on, to the
+//!    destination. The pause is reported as the downtime.
+//! 4. The bitmaps: disabled on the source (nothing writes there any more),
+//!    published on a read-only export, pulled into the destination's.
+//!
+//! Anything that fails before the cut-over cancels the mirror and removes
+//! what was made on both sides: the source stays authoritative and
+//! unchanged.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::backup_cli::{human, node_info};
+use crate::qmp_client::QmpClient;
+
+/// `bitmirror migrate`'s options.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The source daemon's QMP socket.
+    #[arg(long, value_name = "PATH")]
+    from: PathBuf,
+    /// The destination daemon's QMP socket.
+    #[arg(long, value_name = "PATH")]
+    to: PathBuf,
+    /// The node to migrate (on the source; the destination's node gets the
+    /// same name).
+    #[arg(long)]
+    node: String,
+    /// The destination's image to create (qcow2).
+    #[arg(long, value_name = "PATH")]
+    dest_image: PathBuf,
+    /// Where the destination's NBD server listens, as the source reaches it:
+    /// `unix:PATH` or `HOST:PORT`. Started there if it is not running.
+    #[arg(long, value_name = "ADDR")]
+    dest_nbd: String,
+    /// Migrate incrementally: mirror only what this bitmap marks (the
+    /// writes since the base image was made), and move the bitmap along.
+    #[arg(long)]
+    bitmap: Option<String>,
+    /// The shared base image the destination's overlay is backed by (the
+    /// full backup), as the destination opens it.
+    #[arg(long, value_name = "PATH")]
+    base: Option<String>,
+    /// The base image's format.
+    #[arg(long, default_value = "qcow2")]
+    base_format: String,
+    /// Where the source's NBD server listens, as the destination reaches
+    /// it (`unix:PATH` or `HOST:PORT`): needed to move bitmaps. Started
+    /// there if it is not running.
+    #[arg(long, value_name = "ADDR")]
+    source_nbd: Option<String>,
+    /// Speed limit of the mirror in bytes per second (0: none).
+    #[arg(long, default_value_t = 0)]
+    speed: u64,
+}
+
+/// QAPI's `SocketAddress` for `unix:PATH` or `HOST:PORT`.
+fn socket_address(spec: &str) -> anyhow::Result<Value> {
+    if let Some(path) = spec.strip_prefix("unix:") {
+        return Ok(json!({"type": "unix", "path": path}));
+    }
+    match spec.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !port.is_empty() => {
+            Ok(json!({"type": "inet", "host": host.trim_matches(['[', ']']), "port": port}))
+        }
+        _ => bail!("'{spec}' is not an address: use unix:PATH or HOST:PORT"),
+    }
+}
+
+/// The legacy form `nbd-server-start` takes.
+fn legacy_address(address: &Value) -> Value {
+    let mut data = address.clone();
+    if let Some(o) = data.as_object_mut() {
+        o.remove("type");
+    }
+    json!({"type": address["type"], "data": data})
+}
+
+/// Starts an NBD server on `address` unless one runs; whether it started.
+fn ensure_nbd_server(qmp: &mut QmpClient, address: &Value) -> anyhow::Result<bool> {
+    match qmp.execute("nbd-server-start", json!({"addr": legacy_address(address)})) {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("already running") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A bitmap of the source node that moves with it.
+#[derive(Debug, Clone)]
+struct Moving {
+    name: String,
+    granularity: u64,
+    persistent: bool,
+}
+
+/// A bitmap that stays behind: its name and why.
+type Skipped = (String, String);
+
+/// What the migration made, to undo on failure.
+#[derive(Debug, Default)]
+struct Made {
+    dest_file_node: bool,
+    dest_node: bool,
+    dest_export: bool,
+    dest_server: bool,
+    image: Option<PathBuf>,
+    source_target: bool,
+    job: bool,
+}
+
+/// Runs one migration; prints its summary.
+pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
+    let mut src = QmpClient::connect(&a.from).context("the source daemon")?;
+    let mut dst = QmpClient::connect(&a.to).context("the destination daemon")?;
+    let info = node_info(&mut src, &a.node)?;
+    let size = info["image"]["virtual-size"]
+        .as_u64()
+        .context("the source did not say the node's size")?;
+    let (moving, skipped) = bitmaps_to_move(&info, a)?;
+    if !moving.is_empty() && a.source_nbd.is_none() {
+        bail!(
+            "bitmaps {} must move with the node: give --source-nbd (where the destination \
+             reaches the source's NBD server)",
+            names(&moving)
+        );
+    }
+    for (name, why) in &skipped {
+        eprintln!("bitmirror: bitmap '{name}' stays behind: {why}");
+    }
+    let dest_address = socket_address(&a.dest_nbd)?;
+    let source_address = a.source_nbd.as_deref().map(socket_address).transpose()?;
+    let export = format!("bitmirror-migrate-{}", a.node);
+    let mut made = Made::default();
+    let started = Instant::now();
+    let result = prepare_and_mirror(
+        &mut src,
+        &mut dst,
+        a,
+        size,
+        &moving,
+        &dest_address,
+        &export,
+        &mut made,
+    );
+    let copied = match result {
+        Ok(copied) => copied,
+        Err(e) => {
+            undo(&mut src, &mut dst, a, &export, &made);
+            return Err(e.context(
+                "the migration failed before the cut-over; the source is unchanged and still \
+                 in charge",
+            ));
+        }
+    };
+    let (downtime, total) = copied;
+    let mut moved = Vec::new();
+    if let Some(address) = &source_address {
+        moved = move_bitmaps(&mut src, &mut dst, a, &moving, address)
+            .context("the node moved, but its bitmaps did not")?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "migrated '{}' ({} mirror): copied {} of {} ({:.1}%) in {secs:.1} s; cut-over {:.0} ms",
+        a.node,
+        if a.bitmap.is_some() {
+            "incremental"
+        } else {
+            "full"
+        },
+        human(total),
+        human(size),
+        total as f64 * 100.0 / size.max(1) as f64,
+        downtime.as_secs_f64() * 1e3,
+    );
+    for (name, count) in &moved {
+        println!("bitmap '{name}' moved: {} dirty", human(*count));
+    }
+    println!(
+        "guests now reach the disk through the source's exports, forwarded to export '{export}' \
+         at {}; connect them there directly to retire the source",
+        a.dest_nbd
+    );
+    Ok(())
+}
+
+fn names(moving: &[Moving]) -> String {
+    moving
+        .iter()
+        .map(|m| format!("'{}'", m.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The bitmaps that move: `--bitmap` and every persistent bitmap of the
+/// node; a busy one (a backup is using it) is skipped with a reason
+/// rather than failing the whole migration — except `--bitmap`, which the
+/// mirror needs.
+fn bitmaps_to_move(info: &Value, a: &MigrateArgs) -> anyhow::Result<(Vec<Moving>, Vec<Skipped>)> {
+    let all = info["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if let Some(b) = &a.bitmap {
+        let Some(bm) = all.iter().find(|x| x["name"] == b.as_str()) else {
+            bail!(
+                "node '{}' has no bitmap '{b}': migrate without --bitmap (a full mirror)",
+                a.node
+            );
+        };
+        if bm["busy"] == true {
+            bail!("bitmap '{b}' is in use by another operation (a backup?): try again later");
+        }
+        if bm["inconsistent"] == true {
+            bail!("bitmap '{b}' is inconsistent (a crash?): migrate without --bitmap");
+        }
+    }
+    let (mut moving, mut skipped) = (Vec::new(), Vec::new());
+    for bm in &all {
+        let Some(name) = bm["name"].as_str() else {
+            continue;
+        };
+        let chosen = a.bitmap.as_deref() == Some(name);
+        if !chosen && bm["persistent"] != true {
+            continue;
+        }
+        if bm["busy"] == true {
+            skipped.push((name.to_owned(), "it is in use by another operation".into()));
+        } else if bm["inconsistent"] == true {
+            skipped.push((name.to_owned(), "it is inconsistent".into()));
+        } else {
+            moving.push(Moving {
+                name: name.to_owned(),
+                granularity: bm["granularity"].as_u64().unwrap_or(1 << 16),
+                persistent: bm["persistent"] == true,
+            });
+        }
+    }
+    Ok((moving, skipped))
+}
+
+/// Waits for job `id` on `qmp` to conclude; its error, if it had one.
+fn wait_concluded(qmp: &mut QmpClient, id: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = qmp.execute("query-jobs", json!({}))?;
+        if let Some(j) = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| j["id"] == id)
+        {
+            if j["status"] == "concluded" {
+                let error = j["error"].as_str().map(str::to_owned);
+                qmp.execute("job-dismiss", json!({"id": id}))?;
+                return match error {
+                    Some(e) => bail!("{e}"),
+                    None => Ok(()),
+                };
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("job '{id}' did not finish within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Steps 1 to 3; returns the cut-over's length and the bytes the mirror
+/// copied.
+#[allow(clippy::too_many_arguments)]
+fn prepare_and_mirror(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    a: &MigrateArgs,
+    size: u64,
+    moving: &[Moving],
+    dest_address: &Value,
+    export: &str,
+    made: &mut Made,
+) -> anyhow::Result<(Duration, u64)> {
+    let image = std::path::absolute(&a.dest_image).unwrap_or(a.dest_image.clone());
+    if image.exists() {
+        bail!(
+            "{} exists already: choose a new --dest-image",
+            image.display()
+        );
+    }
+    let filename = image.display().to_string();
+    let file_node = format!("{}-file", a.node);
+    dst.execute(
+        "blockdev-create",
+        json!({"job-id": "bitmirror-create", "options":
+               {"driver": "file", "filename": filename, "size": 0}}),
+    )?;
+    made.image = Some(image.clone());
+    wait_concluded(dst, "bitmirror-create").context("creating the destination's file")?;
+    dst.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": file_node, "filename": filename}),
+    )?;
+    made.dest_file_node = true;
+    let mut qcow2 = json!({"driver": "qcow2", "file": file_node, "size": size});
+    if let Some(base) = &a.base {
+        qcow2["backing-file"] = json!(base);
+        qcow2["backing-fmt"] = json!(a.base_format);
+    }
+    dst.execute(
+        "blockdev-create",
+        json!({"job-id": "bitmirror-create", "options": qcow2}),
+    )?;
+    wait_concluded(dst, "bitmirror-create").context("creating the destination's overlay")?;
+    dst.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": a.node, "file": file_node}),
+    )?;
+    made.dest_node = true;
+    for m in moving {
+        dst.execute(
+            "block-dirty-bitmap-add",
+            json!({"node": a.node, "name": m.name, "granularity": m.granularity,
+                   "persistent": m.persistent}),
+        )?;
+    }
+    made.dest_server = ensure_nbd_server(dst, dest_address)?;
+    dst.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": export, "node-name": a.node, "name": export,
+               "writable": true}),
+    )?;
+    made.dest_export = true;
+
+    let target = format!("bitmirror-migrate-{}", a.node);
+    src.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": target, "server": dest_address,
+               "export": export}),
+    )?;
+    made.source_target = true;
+    let mut mirror = json!({"job-id": target, "device": a.node, "target": target,
+                            "speed": a.speed, "auto-dismiss": false});
+    match &a.bitmap {
+        Some(b) => {
+            mirror["sync"] = json!("bitmap");
+            mirror["bitmap"] = json!(b);
+            mirror["bitmap-mode"] = json!("never");
+        }
+        None => mirror["sync"] = json!("full"),
+    }
+    src.execute("blockdev-mirror", mirror)?;
+    made.job = true;
+    follow_to_ready(src, &target)?;
+    let cut = Instant::now();
+    src.execute("block-job-complete", json!({"device": target}))?;
+    let total = wait_completed(src, &target)?;
+    let downtime = cut.elapsed();
+    made.job = false;
+    let _ = src.execute("job-dismiss", json!({"id": target}));
+    Ok((downtime, total))
+}
+
+/// Follows the mirror with a progress bar (bytes, rate, ETA, and the
+/// dirty backlog) until it is READY.
+fn follow_to_ready(qmp: &mut QmpClient, job: &str) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, \
+             {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        while let Some(e) = qmp.next_event(Duration::from_millis(100))? {
+            if e["data"]["device"] != job && e["data"]["id"] != job {
+                continue;
+            }
+            match e["event"].as_str() {
+                Some("BLOCK_JOB_READY") => {
+                    bar.finish_and_clear();
+                    return Ok(());
+                }
+                Some("BLOCK_JOB_COMPLETED") | Some("BLOCK_JOB_CANCELLED") => {
+                    bar.finish_and_clear();
+                    let why = e["data"]["error"].as_str().unwrap_or("it was cancelled");
+                    bail!("the mirror ended before it was ready: {why}");
+                }
+                Some("JOB_STATUS_CHANGE") if e["data"]["status"] == "concluded" => {
+                    bar.finish_and_clear();
+                    bail!("the mirror ended before it was ready");
+                }
+                _ => {}
+            }
+        }
+        let jobs = qmp.execute("query-block-jobs", json!({}))?;
+        let Some(j) = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| j["device"] == job)
+        else {
+            bar.finish_and_clear();
+            bail!("the mirror is gone");
+        };
+        let (len, offset) = (
+            j["len"].as_u64().unwrap_or(0),
+            j["offset"].as_u64().unwrap_or(0),
+        );
+        bar.set_length(len);
+        bar.set_position(offset);
+        bar.set_message(format!("backlog {}", human(len.saturating_sub(offset))));
+    }
+}
+
+/// Waits for the mirror's `BLOCK_JOB_COMPLETED`; the bytes it copied.
+fn wait_completed(qmp: &mut QmpClient, job: &str) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(e) = qmp.next_event(Duration::from_millis(100))? {
+            if e["data"]["device"] != job {
+                continue;
+            }
+            match e["event"].as_str() {
+                Some("BLOCK_JOB_COMPLETED") => {
+                    if let Some(err) = e["data"]["error"].as_str() {
+                        bail!("the cut-over failed: {err}");
+                    }
+                    return Ok(e["data"]["offset"].as_u64().unwrap_or(0));
+                }
+                Some("BLOCK_JOB_CANCELLED") => bail!("the mirror was cancelled"),
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the cut-over did not finish within 5 minutes");
+        }
+    }
+}
+
+/// Step 4: each bitmap, disabled on the source, published there and pulled
+/// by the destination; `(name, dirty bytes)` for each.
+fn move_bitmaps(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    a: &MigrateArgs,
+    moving: &[Moving],
+    address: &Value,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    if moving.is_empty() {
+        return Ok(Vec::new());
+    }
+    let started = ensure_nbd_server(src, address)?;
+    let export = format!("bitmirror-bitmaps-{}", a.node);
+    let result = (|| {
+        for m in moving {
+            src.execute(
+                "block-dirty-bitmap-disable",
+                json!({"node": a.node, "name": m.name}),
+            )?;
+        }
+        let names: Vec<&str> = moving.iter().map(|m| m.name.as_str()).collect();
+        src.execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": export, "node-name": a.node, "name": export,
+                   "writable": false, "bitmaps": names}),
+        )?;
+        let mut moved = Vec::new();
+        for m in moving {
+            let r = dst.execute(
+                "block-dirty-bitmap-pull",
+                json!({"node": a.node, "name": m.name, "server": address, "export": export,
+                       "bitmap": m.name, "granularity": m.granularity}),
+            )?;
+            moved.push((m.name.clone(), r["count"].as_u64().unwrap_or(0)));
+        }
+        Ok(moved)
+    })();
+    let _ = src.execute("block-export-del", json!({"id": export}));
+    if started {
+        let _ = src.execute("nbd-server-stop", json!({}));
+    }
+    result
+}
+
+/// Removes what a failed migration made, newest first; the source keeps
+/// its node, exports and bitmaps as they were.
+fn undo(src: &mut QmpClient, dst: &mut QmpClient, a: &MigrateArgs, export: &str, made: &Made) {
+    let target = format!("bitmirror-migrate-{}", a.node);
+    if made.job {
+        let _ = src.execute("block-job-cancel", json!({"device": target, "force": true}));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let jobs = src.execute("query-jobs", json!({})).unwrap_or(json!([]));
+            let job = jobs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|j| j["id"] == target.as_str())
+                .cloned();
+            match job {
+                None => break,
+                Some(j) if j["status"] == "concluded" => {
+                    let _ = src.execute("job-dismiss", json!({"id": target}));
+                    break;
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    if made.source_target {
+        let _ = src.execute("blockdev-del", json!({"node-name": target}));
+    }
+    if made.dest_export {
+        let _ = dst.execute("block-export-del", json!({"id": export, "mode": "hard"}));
+    }
+    if made.dest_server {
+        let _ = dst.execute("nbd-server-stop", json!({}));
+    }
+    if made.dest_node {
+        let _ = dst.execute("blockdev-del", json!({"node-name": a.node}));
+    }
+    if made.dest_file_node {
+        let _ = dst.execute(
+            "blockdev-del",
+            json!({"node-name": format!("{}-file", a.node)}),
+        );
+    }
+    if let Some(image) = &made.image {
+        remove_image(image);
+    }
+}
+
+/// Deletes the destination's image when this host sees it (the daemons'
+/// QMP sockets are local, so normally it does).
+fn remove_image(image: &Path) {
+    if let Err(e) = std::fs::remove_file(image) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("bitmirror: cannot remove {}: {e}", image.display());
+        }
+    }
+}
