@@ -6,6 +6,7 @@
 //! name get bitmirror.
 
 mod backup_cli;
+mod demo;
 mod migrate_cli;
 mod qmp_client;
 mod serve;
@@ -36,6 +37,10 @@ enum Command {
     /// Back up a node of a running daemon (over QMP) into a chain of qcow2
     /// files: a full backup first, then only what changed since the last.
     Backup(backup_cli::BackupArgs),
+    /// See the whole workflow run here, with nothing to set up: a full
+    /// backup with a bitmap, incremental migrations A→B→A while a guest
+    /// writes, an incremental backup, each checked byte for byte.
+    Demo(demo::DemoArgs),
     /// Move a node of a running daemon to another daemon while it is in use
     /// (live storage migration): incrementally from a bitmap onto a shared
     /// base image, or in full; the bitmaps move along.
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
         Some(Command::Serve { args }) => serve::main("bitmirror serve", &args),
         Some(Command::Backup(a)) => report(backup_cli::backup(&a).map(|()| true)),
         Some(Command::Verify(a)) => report(backup_cli::verify(&a)),
+        Some(Command::Demo(a)) => report(demo::demo(&a)),
         Some(Command::Migrate(a)) => report(migrate_cli::migrate(&a).map(|()| true)),
         None => {
             use clap::CommandFactory;

@@ -31,44 +31,44 @@ use crate::backup_cli::{human, node_info};
 use crate::qmp_client::QmpClient;
 
 /// `bitmirror migrate`'s options.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct MigrateArgs {
     /// The source daemon's QMP socket.
     #[arg(long, value_name = "PATH")]
-    from: PathBuf,
+    pub(crate) from: PathBuf,
     /// The destination daemon's QMP socket.
     #[arg(long, value_name = "PATH")]
-    to: PathBuf,
+    pub(crate) to: PathBuf,
     /// The node to migrate (on the source; the destination's node gets the
     /// same name).
     #[arg(long)]
-    node: String,
+    pub(crate) node: String,
     /// The destination's image to create (qcow2).
     #[arg(long, value_name = "PATH")]
-    dest_image: PathBuf,
+    pub(crate) dest_image: PathBuf,
     /// Where the destination's NBD server listens, as the source reaches it:
     /// `unix:PATH` or `HOST:PORT`. Started there if it is not running.
     #[arg(long, value_name = "ADDR")]
-    dest_nbd: String,
+    pub(crate) dest_nbd: String,
     /// Migrate incrementally: mirror only what this bitmap marks (the
     /// writes since the base image was made), and move the bitmap along.
     #[arg(long)]
-    bitmap: Option<String>,
+    pub(crate) bitmap: Option<String>,
     /// The shared base image the destination's overlay is backed by (the
     /// full backup), as the destination opens it.
     #[arg(long, value_name = "PATH")]
-    base: Option<String>,
+    pub(crate) base: Option<String>,
     /// The base image's format.
     #[arg(long, default_value = "qcow2")]
-    base_format: String,
+    pub(crate) base_format: String,
     /// Where the source's NBD server listens, as the destination reaches
     /// it (`unix:PATH` or `HOST:PORT`): needed to move bitmaps. Started
     /// there if it is not running.
     #[arg(long, value_name = "ADDR")]
-    source_nbd: Option<String>,
+    pub(crate) source_nbd: Option<String>,
     /// Speed limit of the mirror in bytes per second (0: none).
     #[arg(long, default_value_t = 0)]
-    speed: u64,
+    pub(crate) speed: u64,
 }
 
 /// QAPI's `SocketAddress` for `unix:PATH` or `HOST:PORT`.
@@ -125,8 +125,54 @@ struct Made {
     job: bool,
 }
 
+/// What a migration did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The node's size.
+    pub size: u64,
+    /// Bytes the mirror copied.
+    pub copied: u64,
+    /// From the start to the bitmaps' arrival.
+    pub duration: Duration,
+    /// From `block-job-complete` to the job's end: the longest the
+    /// guest's writes were held.
+    pub cut_over: Duration,
+    /// The bitmaps moved, with their dirty bytes on arrival.
+    pub bitmaps: Vec<(String, u64)>,
+    /// The export the destination serves the node as.
+    pub export: String,
+}
+
 /// Runs one migration; prints its summary.
 pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
+    let s = run(a)?;
+    println!(
+        "migrated '{}' ({} mirror): copied {} of {} ({:.1}%) in {:.1} s; cut-over {:.0} ms",
+        a.node,
+        if a.bitmap.is_some() {
+            "incremental"
+        } else {
+            "full"
+        },
+        human(s.copied),
+        human(s.size),
+        s.copied as f64 * 100.0 / s.size.max(1) as f64,
+        s.duration.as_secs_f64(),
+        s.cut_over.as_secs_f64() * 1e3,
+    );
+    for (name, count) in &s.bitmaps {
+        println!("bitmap '{name}' moved: {} dirty", human(*count));
+    }
+    println!(
+        "guests now reach the disk through the source's exports, forwarded to export '{}' at \
+         {}; connect them there directly to retire the source",
+        s.export, a.dest_nbd
+    );
+    Ok(())
+}
+
+/// Runs one migration (see the module documentation).
+pub fn run(a: &MigrateArgs) -> anyhow::Result<Summary> {
     let mut src = QmpClient::connect(&a.from).context("the source daemon")?;
     let mut dst = QmpClient::connect(&a.to).context("the destination daemon")?;
     let info = node_info(&mut src, &a.node)?;
@@ -159,8 +205,8 @@ pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
         &export,
         &mut made,
     );
-    let copied = match result {
-        Ok(copied) => copied,
+    let (cut_over, copied) = match result {
+        Ok(r) => r,
         Err(e) => {
             undo(&mut src, &mut dst, a, &export, &made);
             return Err(e.context(
@@ -169,35 +215,19 @@ pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
             ));
         }
     };
-    let (downtime, total) = copied;
-    let mut moved = Vec::new();
+    let mut bitmaps = Vec::new();
     if let Some(address) = &source_address {
-        moved = move_bitmaps(&mut src, &mut dst, a, &moving, address)
+        bitmaps = move_bitmaps(&mut src, &mut dst, a, &moving, address)
             .context("the node moved, but its bitmaps did not")?;
     }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "migrated '{}' ({} mirror): copied {} of {} ({:.1}%) in {secs:.1} s; cut-over {:.0} ms",
-        a.node,
-        if a.bitmap.is_some() {
-            "incremental"
-        } else {
-            "full"
-        },
-        human(total),
-        human(size),
-        total as f64 * 100.0 / size.max(1) as f64,
-        downtime.as_secs_f64() * 1e3,
-    );
-    for (name, count) in &moved {
-        println!("bitmap '{name}' moved: {} dirty", human(*count));
-    }
-    println!(
-        "guests now reach the disk through the source's exports, forwarded to export '{export}' \
-         at {}; connect them there directly to retire the source",
-        a.dest_nbd
-    );
-    Ok(())
+    Ok(Summary {
+        size,
+        copied,
+        duration: started.elapsed(),
+        cut_over,
+        bitmaps,
+        export,
+    })
 }
 
 fn names(moving: &[Moving]) -> String {
@@ -553,5 +583,74 @@ fn remove_image(image: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             eprintln!("bitmirror: cannot remove {}: {e}", image.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(bitmap: Option<&str>) -> MigrateArgs {
+        MigrateArgs {
+            from: "a".into(),
+            to: "b".into(),
+            node: "disk0".into(),
+            dest_image: "d.qcow2".into(),
+            dest_nbd: "unix:/b".into(),
+            bitmap: bitmap.map(str::to_owned),
+            base: None,
+            base_format: "qcow2".into(),
+            source_nbd: Some("unix:/a".into()),
+            speed: 0,
+        }
+    }
+
+    fn bitmap(name: &str, persistent: bool, busy: bool, inconsistent: bool) -> Value {
+        json!({"name": name, "granularity": 65536, "persistent": persistent, "busy": busy,
+               "inconsistent": inconsistent, "recording": true, "count": 0})
+    }
+
+    #[test]
+    fn busy_bitmaps_stay_behind_and_the_others_move() {
+        let info = json!({"node-name": "disk0", "dirty-bitmaps": [
+            bitmap("B", false, false, false),
+            bitmap("busy", true, true, false),
+            bitmap("kept", true, false, false),
+            bitmap("scratch", false, false, false),
+            bitmap("broken", true, false, true),
+        ]});
+        let (moving, skipped) = bitmaps_to_move(&info, &args(Some("B"))).unwrap();
+        let moving: Vec<_> = moving.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(moving, ["B", "kept"]);
+        assert_eq!(
+            skipped,
+            [
+                ("busy".into(), "it is in use by another operation".into()),
+                ("broken".into(), "it is inconsistent".into())
+            ]
+        );
+        // The mirror's own bitmap cannot be skipped: that fails early.
+        let info = json!({"dirty-bitmaps": [bitmap("B", true, true, false)]});
+        let e = bitmaps_to_move(&info, &args(Some("B"))).unwrap_err();
+        assert!(e.to_string().contains("in use by another operation"), "{e}");
+        let e = bitmaps_to_move(&info, &args(Some("C"))).unwrap_err();
+        assert!(e.to_string().contains("has no bitmap 'C'"), "{e}");
+    }
+
+    #[test]
+    fn addresses_are_unix_paths_or_host_and_port() {
+        assert_eq!(
+            socket_address("unix:/run/b.sock").unwrap(),
+            json!({"type": "unix", "path": "/run/b.sock"})
+        );
+        assert_eq!(
+            socket_address("[::1]:10809").unwrap(),
+            json!({"type": "inet", "host": "::1", "port": "10809"})
+        );
+        assert!(socket_address("nowhere").is_err());
+        assert_eq!(
+            legacy_address(&json!({"type": "unix", "path": "/s"})),
+            json!({"type": "unix", "data": {"path": "/s"}})
+        );
     }
 }

@@ -542,3 +542,45 @@ fn a_failed_migration_leaves_the_source_in_charge() {
     qa.execute_ok("quit", json!({}));
     assert_eq!(a.wait_exit(), Some(0));
 }
+
+/// `bitmirror demo` (smaller than its default, for the debug build): every
+/// step runs and every check passes, and it says so.
+#[test]
+fn the_demo_runs_the_workflow_and_its_checks_pass() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let work = tmp.path().join("demo");
+    let (code, out) = bitmirror(&["demo", "--size", "64M", "--dir", path_str(&work)]);
+    assert_eq!(code, Some(0), "{out}");
+    for step in [
+        "full backup A → R (with bitmap B)",
+        "full mirror A → B (for comparison)",
+        "incremental migration A → B",
+        "incremental backup B → R",
+        "incremental migration B → A",
+        "host B: the disk reads exactly what the guest wrote",
+        "host A: the disk reads exactly what the guest wrote",
+        "all checks passed",
+    ] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
+    // The incremental migrations copied a fraction of the full mirror.
+    let copied = |row: &str| -> f64 {
+        let line = out.lines().find(|l| l.contains(row)).expect("the row");
+        let cell = line.split('|').nth(2).expect("the copied cell").trim();
+        let (n, unit) = cell.split_once(' ').expect("a number and a unit");
+        let n: f64 = n.parse().expect("a number");
+        n * match unit {
+            "KiB" => 1024.0,
+            "MiB" => 1048576.0,
+            "GiB" => 1073741824.0,
+            _ => 1.0,
+        }
+    };
+    let full = copied("full mirror A → B");
+    assert!(copied("incremental migration A → B") < full / 4.0, "{out}");
+    assert!(copied("incremental migration B → A") < full / 4.0, "{out}");
+    // A bad size is refused with a clear error.
+    let (code, out) = bitmirror(&["demo", "--size", "3X"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("is not a size"), "{out}");
+}
