@@ -9,8 +9,9 @@
 //!
 //! Run: `cargo bench -p bitmirror --bench jobs_vs_qsd [-- CASE...]` with
 //! mirror cases `full`, `direct`, `sparse`, `nbd`, `bitmap`, `latency` and
-//! backup cases `backup-full`, `backup-incremental`, `backup-latency` (all
-//! by default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
+//! backup cases `backup-full`, `backup-incremental`, `backup-latency`, and
+//! `migrate` (`bitmirror migrate`, incremental against full; all by
+//! default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
 //! 40 GiB of (mostly sparse) room. Every figure is the best of `RUNS` runs
 //! (the machine is shared).
 
@@ -704,6 +705,144 @@ fn backup_latency_case(dir: &Path, source: &Path) {
     }
 }
 
+/// `bitmirror migrate` between two daemons on this machine (NBD over a
+/// unix socket) of a 16 GiB raw disk holding 4 GiB of data, `fraction` of
+/// the disk rewritten since its full backup (the destination overlay's
+/// base): incremental (`--bitmap`) against full; the bytes the mirror
+/// moved, the wall time, and the cut-over. One run each.
+fn migrate_case(dir: &Path, fraction: f64) {
+    let size = 16 * GIB;
+    let base = dir.join("migrate-base.raw");
+    if !base.exists() {
+        sparse_file(&base, size);
+        let p = base.to_str().unwrap_or_default();
+        let writes: Vec<String> = (0..4)
+            .map(|i| format!("write -P {} {}G 1G", 60 + i, 4 * i))
+            .collect();
+        let mut args = vec!["-f", "raw"];
+        for w in &writes {
+            args.extend(["-c", w.as_str()]);
+        }
+        args.push(p);
+        run("qemu-io", &args);
+    }
+    let source = dir.join("migrate-src.raw");
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            base.to_str().unwrap_or_default(),
+            source.to_str().unwrap_or_default(),
+        ],
+    );
+    let count = (size as f64 * fraction / GUEST_BLOCK as f64) as usize;
+    let blocks = random_blocks(size, count, 0x316 + count as u64);
+    let mut rows = Vec::new();
+    for incremental in [true, false] {
+        let a_dir = dir.join("migrate-a");
+        let b_dir = dir.join("migrate-b");
+        for d in [&a_dir, &b_dir] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).expect("a directory");
+        }
+        let a_sock = a_dir.join("nbd.sock");
+        let b_sock = b_dir.join("nbd.sock");
+        let mut args = raw_node("src", &source, "").to_vec();
+        args.extend([
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", a_sock.display()),
+            "--export".into(),
+            "type=nbd,id=e,node-name=src,name=disk,writable=on".into(),
+        ]);
+        let mut a = Daemon::Ours.start(&a_dir, &args);
+        let mut b = Daemon::Ours.start(
+            &b_dir,
+            &[
+                "--nbd-server".into(),
+                format!("addr.type=unix,addr.path={}", b_sock.display()),
+            ],
+        );
+        {
+            let mut qa = a.qmp();
+            qa.execute_ok(
+                "block-dirty-bitmap-add",
+                json!({"node": "src", "name": "B", "granularity": GUEST_BLOCK}),
+            );
+        }
+        if incremental {
+            // The writes since the backup, once: the bitmap records them
+            // (the full run migrates the same disk).
+            guest_writes(&a_sock, &blocks);
+        }
+        run("sync", &[]);
+        let dest = b_dir.join("dest.qcow2");
+        let mut cli = vec![
+            "migrate".to_string(),
+            "--from".into(),
+            a.qmp_path().display().to_string(),
+            "--to".into(),
+            b.qmp_path().display().to_string(),
+            "--node".into(),
+            "src".into(),
+            "--dest-image".into(),
+            dest.display().to_string(),
+            "--dest-nbd".into(),
+            format!("unix:{}", b_sock.display()),
+            "--base".into(),
+            base.display().to_string(),
+            "--base-format".into(),
+            "raw".into(),
+            "--source-nbd".into(),
+            format!("unix:{}", a_sock.display()),
+        ];
+        if incremental {
+            cli.extend(["--bitmap".into(), "B".into()]);
+        }
+        let start = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitmirror"))
+            .args(&cli)
+            .output()
+            .expect("bitmirror migrate runs");
+        let took = start.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("migrated"))
+            .unwrap_or_default()
+            .to_owned();
+        let copied = line
+            .split("copied ")
+            .nth(1)
+            .and_then(|r| r.split(" of ").next())
+            .unwrap_or("?")
+            .to_owned();
+        let cut = line.split("cut-over ").nth(1).unwrap_or("?").to_owned();
+        // Bytes that crossed: what the destination's overlay holds.
+        let moved = allocated(&dest);
+        rows.push((incremental, copied, moved, took, cut));
+        for d in [&mut a, &mut b] {
+            let mut qmp = d.qmp();
+            qmp.execute_ok("quit", json!({}));
+            let _ = d.wait_exit();
+        }
+    }
+    let full_time = rows.iter().find(|r| !r.0).map_or(f64::NAN, |r| r.3);
+    for (incremental, progress, moved, took, cut) in rows {
+        println!(
+            "| {:.0}% of 16 GiB rewritten ({count} × 64 KiB) | {} | {:.1} MiB | {progress} | {took:.2} s | {:.2} | {cut} |",
+            fraction * 100.0,
+            if incremental { "incremental" } else { "full" },
+            moved as f64 / MIB as f64,
+            took / full_time,
+        );
+    }
+}
+
 /// A raw file of `size` bytes, written through with `pattern` runs of 1 GiB.
 fn full_source(path: &Path, size: u64) {
     if std::fs::metadata(path).is_ok_and(|m| m.len() == size && m.blocks() * 512 >= size) {
@@ -818,6 +957,16 @@ fn main() {
         println!("|---|---|---|---|---|");
         for fraction in [0.01, 0.10] {
             backup_incremental_case(dir, fraction);
+        }
+    }
+    if want("migrate") {
+        println!();
+        println!(
+            "| changed since the backup | migration | moved (overlay) | job progress | time | vs full | cut-over |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for fraction in [0.01, 0.10] {
+            migrate_case(dir, fraction);
         }
     }
     if want("backup-latency") {
