@@ -500,7 +500,8 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
             cut_over: None,
         });
         qa.execute("blockdev-del", json!({"node-name": "scratch-b"}))?;
-        qb.execute("block-export-del", json!({"id": "scratch"}))?;
+        // (A has just let go; its disconnect may not have reached B yet.)
+        qb.execute("block-export-del", json!({"id": "scratch", "mode": "hard"}))?;
         qb.execute("blockdev-del", json!({"node-name": "scratch"}))?;
         let _ = std::fs::remove_file(&scratch);
     }

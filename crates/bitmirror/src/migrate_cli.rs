@@ -484,7 +484,11 @@ fn wait_completed(qmp: &mut QmpClient, job: &str) -> anyhow::Result<u64> {
 }
 
 /// Step 4: each bitmap, disabled on the source, published there and pulled
-/// by the destination; `(name, dirty bytes)` for each.
+/// by the destination; `(name, dirty bytes)` for each. A bitmap that does
+/// not arrive is removed on the destination: there it holds only the
+/// writes since the cut-over, a subset of the truth, which would make the
+/// next incremental backup miss blocks. (The source keeps its copy,
+/// disabled.)
 fn move_bitmaps(
     src: &mut QmpClient,
     dst: &mut QmpClient,
@@ -495,6 +499,37 @@ fn move_bitmaps(
     if moving.is_empty() {
         return Ok(Vec::new());
     }
+    let mut moved = Vec::new();
+    let result = pull_bitmaps(src, dst, a, moving, address, &mut moved);
+    if let Err(e) = result {
+        let lost: Vec<&Moving> = moving
+            .iter()
+            .filter(|m| !moved.iter().any(|(n, _)| *n == m.name))
+            .collect();
+        for m in &lost {
+            let _ = dst.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": a.node, "name": m.name}),
+            );
+        }
+        let names: Vec<String> = lost.iter().map(|m| format!("'{}'", m.name)).collect();
+        return Err(e.context(format!(
+            "bitmaps {} were removed on the destination (they would miss the writes made \
+             before the cut-over): the next backup there must be a full one",
+            names.join(", ")
+        )));
+    }
+    Ok(moved)
+}
+
+fn pull_bitmaps(
+    src: &mut QmpClient,
+    dst: &mut QmpClient,
+    a: &MigrateArgs,
+    moving: &[Moving],
+    address: &Value,
+    moved: &mut Vec<(String, u64)>,
+) -> anyhow::Result<()> {
     let started = ensure_nbd_server(src, address)?;
     let export = format!("bitmirror-bitmaps-{}", a.node);
     let result = (|| {
@@ -510,7 +545,6 @@ fn move_bitmaps(
             json!({"type": "nbd", "id": export, "node-name": a.node, "name": export,
                    "writable": false, "bitmaps": names}),
         )?;
-        let mut moved = Vec::new();
         for m in moving {
             let r = dst.execute(
                 "block-dirty-bitmap-pull",
@@ -519,7 +553,7 @@ fn move_bitmaps(
             )?;
             moved.push((m.name.clone(), r["count"].as_u64().unwrap_or(0)));
         }
-        Ok(moved)
+        anyhow::Ok(())
     })();
     let _ = src.execute("block-export-del", json!({"id": export}));
     if started {

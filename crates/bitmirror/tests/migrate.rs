@@ -584,3 +584,51 @@ fn the_demo_runs_the_workflow_and_its_checks_pass() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("is not a size"), "{out}");
 }
+
+/// The bitmap cannot be fetched after the cut-over (the destination is
+/// told a source address nobody listens on): the disk has moved, and the
+/// destination drops its partial bitmap rather than keep a subset of the
+/// truth; the migration says so and fails.
+#[test]
+fn a_bitmap_that_cannot_follow_is_removed_not_left_partial() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let mut a = host_a_after_full_backup(dir);
+    let (mut b, _) = host_b(dir);
+    let mut args = migrate_args(dir, &a, &b, &["--bitmap", "B"]);
+    let at = args
+        .iter()
+        .position(|x| x == "--source-nbd")
+        .expect("the option")
+        + 1;
+    args[at] = format!("unix:{}", dir.join("nobody.sock").display());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out) = bitmirror(&args);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("the node moved, but its bitmaps did not"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the next backup there must be a full one"),
+        "{out}"
+    );
+    let mut qb = b.qmp();
+    let nodes = qb.execute_ok("query-named-block-nodes", json!({}));
+    let dest = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["node-name"] == "src")
+        .cloned()
+        .expect("the migrated node on B");
+    // (QEMU leaves the member out when there are none.)
+    assert!(dest.get("dirty-bitmaps").is_none(), "{dest}");
+    // The source keeps its copy (disabled), for the operator.
+    let mut qa = a.qmp();
+    sha256(&mut qa, "src", "B");
+    qa.execute_ok("quit", json!({}));
+    assert_eq!(a.wait_exit(), Some(0));
+    qb.execute_ok("quit", json!({}));
+    assert_eq!(b.wait_exit(), Some(0));
+}
