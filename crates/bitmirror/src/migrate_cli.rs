@@ -555,7 +555,8 @@ fn pull_bitmaps(
         }
         anyhow::Ok(())
     })();
-    let _ = src.execute("block-export-del", json!({"id": export}));
+    // (The destination has just disconnected; that may not have landed.)
+    let _ = src.execute("block-export-del", json!({"id": export, "mode": "hard"}));
     if started {
         let _ = src.execute("nbd-server-stop", json!({}));
     }

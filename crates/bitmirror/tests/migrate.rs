@@ -420,6 +420,14 @@ fn the_founding_workflow_migrates_only_what_changed_and_the_bitmap_follows() {
     let mut qa = a.qmp();
     let mut qb = b.qmp();
     assert_eq!(sha256(&mut qa, "src", "B"), sha256(&mut qb, "src", "B"));
+    // Nothing of the migration's is left on A but the forwarding node.
+    let exports = qa.execute_ok("query-block-exports", json!({}));
+    assert_eq!(exports.as_array().map(Vec::len), Some(1), "{exports}");
+    assert_eq!(exports[0]["id"], "e0", "{exports}");
+    assert_eq!(
+        exports[0]["node-name"], "bitmirror-migrate-src",
+        "{exports}"
+    );
     // Guest writes now reach B through A's export, and B records them.
     guest(dir, &["write -P 7 30M 64k".into()]);
     let uri = format!(
