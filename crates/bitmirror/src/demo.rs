@@ -182,6 +182,8 @@ struct Guest {
     client: Arc<Mutex<Client>>,
     generations: Arc<std::sync::Mutex<Vec<u32>>>,
     writes: Arc<AtomicU64>,
+    /// The longest write since the last [`Guest::take_longest`], in µs.
+    longest: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     error: Arc<std::sync::Mutex<Option<String>>>,
 }
@@ -213,13 +215,15 @@ impl Guest {
             client: Arc::new(Mutex::new(client)),
             generations: Arc::new(std::sync::Mutex::new(vec![0; (size / BLOCK) as usize])),
             writes: Arc::new(AtomicU64::new(0)),
+            longest: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
             error: Arc::new(std::sync::Mutex::new(None)),
         };
-        let (client, generations, writes, stop, error) = (
+        let (client, generations, writes, longest, stop, error) = (
             guest.client.clone(),
             guest.generations.clone(),
             guest.writes.clone(),
+            guest.longest.clone(),
             guest.stop.clone(),
             guest.error.clone(),
         );
@@ -234,7 +238,10 @@ impl Guest {
                 let client = client.lock().await;
                 let generation = lock(&generations)[i as usize] + 1;
                 content(i, generation, &mut data);
-                if let Err(e) = client.write(i * BLOCK, &data, false).await {
+                let t = Instant::now();
+                let written = client.write(i * BLOCK, &data, false).await;
+                longest.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if let Err(e) = written {
                     *lock(&error) = Some(format!("a guest write failed: {e}"));
                     return;
                 }
@@ -265,6 +272,11 @@ impl Guest {
         let old = std::mem::replace(&mut *guard, client);
         rt.block_on(old.disconnect());
         Ok(())
+    }
+
+    /// The longest a write took since the last call.
+    fn take_longest(&self) -> Duration {
+        Duration::from_micros(self.longest.swap(0, Ordering::Relaxed))
     }
 
     fn failed(&self) -> Option<String> {
@@ -377,6 +389,8 @@ struct Row {
     copied: u64,
     took: Duration,
     cut_over: Option<Duration>,
+    /// The guest's longest write during the step.
+    guest_max: Duration,
 }
 
 /// Runs the demo; `Ok(false)` when a check failed.
@@ -458,6 +472,7 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
             copied,
             took: t.elapsed(),
             cut_over: None,
+            guest_max: guest.take_longest(),
         });
     }
     println!("full backup done; the guest keeps writing …");
@@ -498,6 +513,7 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
             copied,
             took: t.elapsed(),
             cut_over: None,
+            guest_max: guest.take_longest(),
         });
         qa.execute("blockdev-del", json!({"node-name": "scratch-b"}))?;
         // (A has just let go; its disconnect may not have reached B yet.)
@@ -519,12 +535,14 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         source_nbd: Some(host_a.nbd_addr()),
         speed: 0,
     };
+    guest.take_longest();
     let s = migrate_cli::run(&to_b).context("migrating A → B")?;
     rows.push(Row {
         what: "incremental migration A → B",
         copied: s.copied,
         took: s.duration,
         cut_over: Some(s.cut_over),
+        guest_max: guest.take_longest(),
     });
     // The guest moves to B; A lets go of the old disk.
     guest.move_to(&rt, &host_b.nbd_addr(), &s.export)?;
@@ -560,6 +578,7 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
             copied,
             took: t.elapsed(),
             cut_over: None,
+            guest_max: guest.take_longest(),
         });
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -573,12 +592,14 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         source_nbd: Some(host_b.nbd_addr()),
         ..to_b
     };
+    guest.take_longest();
     let s = migrate_cli::run(&to_a).context("migrating B → A")?;
     rows.push(Row {
         what: "incremental migration B → A",
         copied: s.copied,
         took: s.duration,
         cut_over: Some(s.cut_over),
+        guest_max: guest.take_longest(),
     });
     guest.move_to(&rt, &host_a.nbd_addr(), &s.export)?;
     ok &= check(&rt, &guest, &host_a.nbd_addr(), &s.export, "A")?;
@@ -595,18 +616,18 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         }
     }
     println!();
-    println!("| step | copied | time | guest paused at cut-over |");
-    println!("|---|---|---|---|");
+    println!("| step | copied | time | cut-over | guest's longest write |");
+    println!("|---|---|---|---|---|");
     for r in &rows {
+        let cut = r.cut_over.map_or("—".to_owned(), |c| {
+            format!("{:.0} ms", c.as_secs_f64() * 1e3)
+        });
         println!(
-            "| {} | {} | {:.2} s | {} |",
+            "| {} | {} | {:.2} s | {cut} | {:.1} ms |",
             r.what,
             human(r.copied),
             r.took.as_secs_f64(),
-            r.cut_over.map_or("—".to_owned(), |c| format!(
-                "{:.0} ms",
-                c.as_secs_f64() * 1e3
-            ))
+            r.guest_max.as_secs_f64() * 1e3,
         );
     }
     println!();
