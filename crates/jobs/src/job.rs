@@ -226,6 +226,11 @@ impl std::fmt::Debug for Job {
 struct Inner {
     jobs: Mutex<Vec<Arc<Job>>>,
     emit: Emit,
+    /// Held while a job ends (abort or commit, its events, `concluded`,
+    /// `null`) and while anyone looks jobs up, so the end is one step to
+    /// them, as under QEMU's big lock: a client that saw
+    /// `BLOCK_JOB_CANCELLED` never finds the job still `aborting`.
+    settling: Mutex<()>,
 }
 
 /// The live jobs. Cloning shares the registry.
@@ -257,6 +262,7 @@ impl Jobs {
         Jobs {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(Vec::new()),
+                settling: Mutex::new(()),
                 emit,
             }),
         }
@@ -351,6 +357,7 @@ impl Jobs {
 
     /// The job called `id`.
     pub fn find(&self, id: &str) -> Result<Arc<Job>, Error> {
+        let _settled = lock(&self.inner.settling);
         lock(&self.inner.jobs)
             .iter()
             .find(|j| j.options.id == id)
@@ -360,6 +367,7 @@ impl Jobs {
 
     /// The block job called `id` (for `block-job-*`).
     pub fn find_block_job(&self, id: &str) -> Result<Arc<Job>, Error> {
+        let _settled = lock(&self.inner.settling);
         lock(&self.inner.jobs)
             .iter()
             .find(|j| j.options.id == id && j.options.block_job)
@@ -369,6 +377,7 @@ impl Jobs {
 
     /// Every live job, oldest first.
     pub fn all(&self) -> Vec<Arc<Job>> {
+        let _settled = lock(&self.inner.settling);
         lock(&self.inner.jobs).clone()
     }
 
@@ -766,7 +775,10 @@ impl Job {
                         notified.await;
                     }
                 }
+                let registry = self.registry.upgrade();
+                let settled = registry.as_ref().map(|r| lock(&r.settling));
                 if let Err(e) = driver.prepare() {
+                    drop(settled);
                     return self.conclude_failed(Some(e), false);
                 }
                 driver.commit();
@@ -837,6 +849,8 @@ impl Job {
                     notified.await;
                 }
             }
+            let registry = self.registry.upgrade();
+            let _settled = registry.as_ref().map(|r| lock(&r.settling));
             if lock(&group.inner).failure.is_none() {
                 for m in &members {
                     if let Err(e) = m.driver.prepare() {
@@ -855,6 +869,8 @@ impl Job {
                 return;
             }
         }
+        let registry = self.registry.upgrade();
+        let _settled = registry.as_ref().map(|r| lock(&r.settling));
         let Some((failed_id, error)) = lock(&group.inner).failure.clone() else {
             return;
         };
@@ -887,6 +903,8 @@ impl Job {
     }
 
     fn conclude_failed(&self, error: Option<String>, cancelled: bool) {
+        let registry = self.registry.upgrade();
+        let _settled = registry.as_ref().map(|r| lock(&r.settling));
         lock(&self.state).error =
             Some(error.clone().unwrap_or_else(|| "Operation canceled".into()));
         self.transition(JobStatus::Aborting);
