@@ -123,6 +123,9 @@ struct Made {
     image: Option<PathBuf>,
     source_target: bool,
     job: bool,
+    /// `block-job-complete` was sent: from here the switch may have
+    /// happened, and the destination may hold the only copy of new writes.
+    completing: bool,
 }
 
 /// What a migration did.
@@ -207,6 +210,12 @@ pub fn run(a: &MigrateArgs) -> anyhow::Result<Summary> {
     );
     let (cut_over, copied) = match result {
         Ok(r) => r,
+        Err(e) if made.completing && !cut_over_refused(&mut src, &export) => {
+            return Err(e.context(format!(
+                "the cut-over may have happened, so nothing was removed: see the source's job \
+                 '{export}' (query-jobs) and whether its exports now use node '{export}'"
+            )));
+        }
         Err(e) => {
             undo(&mut src, &mut dst, a, &export, &made);
             return Err(e.context(
@@ -362,10 +371,12 @@ fn prepare_and_mirror(
     )?;
     made.dest_node = true;
     for m in moving {
+        // Disabled while the mirror copies (it would mark every block it
+        // writes), enabled just before the cut-over.
         dst.execute(
             "block-dirty-bitmap-add",
             json!({"node": a.node, "name": m.name, "granularity": m.granularity,
-                   "persistent": m.persistent}),
+                   "persistent": m.persistent, "disabled": true}),
         )?;
     }
     made.dest_server = ensure_nbd_server(dst, dest_address)?;
@@ -396,7 +407,17 @@ fn prepare_and_mirror(
     src.execute("blockdev-mirror", mirror)?;
     made.job = true;
     follow_to_ready(src, &target)?;
+    // The destination's bitmaps record from now on: what the mirror
+    // copied so far is in the source's bitmaps anyway (they are pulled),
+    // and guest writes after the switch must be recorded here.
+    for m in moving {
+        dst.execute(
+            "block-dirty-bitmap-enable",
+            json!({"node": a.node, "name": m.name}),
+        )?;
+    }
     let cut = Instant::now();
+    made.completing = true;
     src.execute("block-job-complete", json!({"device": target}))?;
     let total = wait_completed(src, &target)?;
     let downtime = cut.elapsed();
@@ -455,6 +476,30 @@ fn follow_to_ready(qmp: &mut QmpClient, job: &str) -> anyhow::Result<()> {
         bar.set_length(len);
         bar.set_position(offset);
         bar.set_message(format!("backlog {}", human(len.saturating_sub(offset))));
+    }
+}
+
+/// Whether the source says for sure that the mirror `job` has not
+/// switched: it is still there and not ending (the complete was refused),
+/// or it concluded with an error (a failed pivot leaves the source in
+/// charge). Anything else — finished, gone, or no answer — may mean the
+/// switch happened.
+fn cut_over_refused(src: &mut QmpClient, job: &str) -> bool {
+    let Ok(jobs) = src.execute("query-jobs", json!({})) else {
+        return false;
+    };
+    let Some(j) = jobs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|j| j["id"] == job)
+    else {
+        return false;
+    };
+    match j["status"].as_str() {
+        Some("concluded") => j.get("error").is_some(),
+        Some("running" | "ready" | "paused" | "standby") => true,
+        _ => false,
     }
 }
 

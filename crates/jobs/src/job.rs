@@ -776,10 +776,9 @@ impl Job {
                     }
                 }
                 let registry = self.registry.upgrade();
-                let settled = registry.as_ref().map(|r| lock(&r.settling));
+                let _settled = registry.as_ref().map(|r| lock(&r.settling));
                 if let Err(e) = driver.prepare() {
-                    drop(settled);
-                    return self.conclude_failed(Some(e), false);
+                    return self.conclude_failed_settled(Some(e), false);
                 }
                 driver.commit();
                 driver.clean();
@@ -849,28 +848,33 @@ impl Job {
                     notified.await;
                 }
             }
-            let registry = self.registry.upgrade();
-            let _settled = registry.as_ref().map(|r| lock(&r.settling));
-            if lock(&group.inner).failure.is_none() {
-                for m in &members {
-                    if let Err(e) = m.driver.prepare() {
-                        group.fail(m.id(), Some(e));
-                        break;
-                    }
-                }
-            }
-            if lock(&group.inner).failure.is_none() {
-                for m in &members {
-                    m.driver.commit();
-                    m.driver.clean();
-                    m.block_job_event("BLOCK_JOB_COMPLETED", None);
-                    m.conclude();
-                }
-                return;
-            }
         }
+        self.settle_group(group, &members);
+    }
+
+    /// The group's end proper, in one step for lookups (see
+    /// `Inner::settling`): every member prepared and committed, or, once
+    /// one failed, all aborted.
+    fn settle_group(&self, group: &Arc<JobGroup>, members: &[Arc<Job>]) {
         let registry = self.registry.upgrade();
         let _settled = registry.as_ref().map(|r| lock(&r.settling));
+        if lock(&group.inner).failure.is_none() {
+            for m in members {
+                if let Err(e) = m.driver.prepare() {
+                    group.fail(m.id(), Some(e));
+                    break;
+                }
+            }
+        }
+        if lock(&group.inner).failure.is_none() {
+            for m in members {
+                m.driver.commit();
+                m.driver.clean();
+                m.block_job_event("BLOCK_JOB_COMPLETED", None);
+                m.conclude();
+            }
+            return;
+        }
         let Some((failed_id, error)) = lock(&group.inner).failure.clone() else {
             return;
         };
@@ -905,6 +909,12 @@ impl Job {
     fn conclude_failed(&self, error: Option<String>, cancelled: bool) {
         let registry = self.registry.upgrade();
         let _settled = registry.as_ref().map(|r| lock(&r.settling));
+        self.conclude_failed_settled(error, cancelled);
+    }
+
+    /// [`conclude_failed`](Self::conclude_failed) for a caller that holds
+    /// the registry's settling lock.
+    fn conclude_failed_settled(&self, error: Option<String>, cancelled: bool) {
         lock(&self.state).error =
             Some(error.clone().unwrap_or_else(|| "Operation canceled".into()));
         self.transition(JobStatus::Aborting);

@@ -21,6 +21,9 @@ use super::daemon::{Daemon, qerr};
 /// `qemu:dirty-bitmap:` context.
 const STATE_DIRTY: u32 = 1;
 
+/// How long the server may take to connect or to answer one request.
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The largest block-status request: under 4 GiB, a multiple of any
 /// alignment a server asks for.
 const MAX_STATUS: u64 = 1 << 31;
@@ -79,15 +82,8 @@ pub async fn pull(daemon: &Arc<Daemon>, args: &mut Object) -> Result<Value, QmpE
         export: a.export.clone(),
         contexts: vec![context.clone()],
     };
-    let client = Client::connect(&options).await.map_err(|e| {
-        fail(format!(
-            "Cannot pull bitmap '{}' from export '{}' at {}: {e}",
-            a.bitmap, a.export, a.server
-        ))
-    })?;
-    let result = read_remote(&client, &context, &a, node.length()).await;
-    client.disconnect().await;
-    let remote = result.map_err(fail)?;
+    // The local bitmap first: its checks (granularity, name) come before
+    // any network traffic, and its granularity sizes what is read.
     let existing = node.bitmaps().info().into_iter().find(|b| b.name == a.name);
     let granularity = match (&existing, a.granularity) {
         (Some(b), Some(g)) if b.granularity != u64::from(g) => {
@@ -108,15 +104,22 @@ pub async fn pull(daemon: &Arc<Daemon>, args: &mut Object) -> Result<Value, QmpE
                 .map_or(1 << 16, |b| b.granularity)
         }
     };
-    let merged = into_bitmap(&remote, node.length(), granularity)
-        .map_err(fail)
-        .and_then(|bits| {
-            let count = bits.count();
-            node.bitmaps()
-                .merge(&a.name, &[bits])
-                .map_err(qerr)
-                .map(|()| count)
-        });
+    let merged = async {
+        let connected = tokio::time::timeout(PEER_TIMEOUT, Client::connect(&options))
+            .await
+            .unwrap_or_else(|_| Err(nbd::Error::Refused("no answer within 30 seconds".into())));
+        let client = connected.map_err(|e| {
+            fail(format!(
+                "Cannot pull bitmap '{}' from export '{}' at {}: {e}",
+                a.bitmap, a.export, a.server
+            ))
+        })?;
+        let result = read_remote(&client, &context, &a, node.length(), granularity).await;
+        client.disconnect().await;
+        let remote = result.map_err(fail)?;
+        node.bitmaps().merge(&a.name, &[remote]).map_err(qerr)
+    }
+    .await;
     match merged {
         Ok(_) => {
             let count = node
@@ -136,14 +139,16 @@ pub async fn pull(daemon: &Arc<Daemon>, args: &mut Object) -> Result<Value, QmpE
     }
 }
 
-/// The dirty extents `(offset, length)` the server reports for `context`
-/// over the whole export, which must be `len` bytes long.
+/// The dirty extents the server reports for `context` over the whole
+/// export, which must be `len` bytes long, as a bitmap of `granularity`
+/// (its size is fixed by `len`, whatever the server sends).
 async fn read_remote(
     client: &Client,
     context: &str,
     a: &PullArgs,
     len: u64,
-) -> Result<Vec<(u64, u64)>, String> {
+    granularity: u64,
+) -> Result<HBitmap, String> {
     let Some(id) = client.context_id(context) else {
         return Err(format!(
             "Export '{}' at {} does not publish bitmap '{}' (no metadata context '{context}')",
@@ -158,13 +163,13 @@ async fn read_remote(
             a.node
         ));
     }
-    let mut dirty = Vec::new();
+    let mut dirty = HBitmap::new(len, granularity.trailing_zeros()).map_err(|e| e.to_string())?;
     let mut at = 0u64;
     while at < len {
         let ask = (len - at).min(MAX_STATUS) as u32;
-        let reply = client
-            .block_status(at, ask, false)
+        let reply = tokio::time::timeout(PEER_TIMEOUT, client.block_status(at, ask, false))
             .await
+            .unwrap_or_else(|_| Err(nbd::Error::Refused("no answer within 30 seconds".into())))
             .map_err(|e| format!("Reading bitmap '{}' at offset {at} failed: {e}", a.bitmap))?;
         let extents = reply
             .into_iter()
@@ -178,10 +183,7 @@ async fn read_remote(
                 break;
             }
             if flags & STATE_DIRTY != 0 {
-                match dirty.last_mut() {
-                    Some((o, l)) if *o + *l == at => *l += length,
-                    _ => dirty.push((at, length)),
-                }
+                dirty.set(at, length).map_err(|e| e.to_string())?;
             }
             at += length;
             if at >= len {
@@ -196,13 +198,4 @@ async fn read_remote(
         }
     }
     Ok(dirty)
-}
-
-/// A bitmap of `len` bytes at `granularity` with `dirty` set.
-fn into_bitmap(dirty: &[(u64, u64)], len: u64, granularity: u64) -> Result<HBitmap, String> {
-    let mut bits = HBitmap::new(len, granularity.trailing_zeros()).map_err(|e| e.to_string())?;
-    for &(offset, length) in dirty {
-        bits.set(offset, length).map_err(|e| e.to_string())?;
-    }
-    Ok(bits)
 }

@@ -142,7 +142,9 @@ impl FileDriver {
     /// at completion (`RWF_DSYNC`, which writes back only this range; a
     /// write and `fdatasync` where the kernel lacks it).
     async fn write_buf(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
-        let _serial = match self.direct {
+        // (A FUA write's sync needs no lock: the kernel syncs after it
+        // lets go of the inode, so the writes of others may go on.)
+        let _serial = match self.direct || fua {
             false => Some(self.buffered_writes.lock().await),
             true => None,
         };

@@ -845,24 +845,28 @@ impl Qcow2Driver {
         let mut m = self.lock_unclaimed(cluster, cluster + 1).await;
         let _claim = self.claim(cluster, cluster + 1);
         let host = self.alloc_bytes(&mut m, sectors * 512).await?;
+        if host >= 1 << shift {
+            // Past what an L2 entry can address (petabytes): the bytes stay
+            // counted (a leak, the safe direction), and the cluster fails.
+            return Err(self.bad(format!(
+                "compressed cluster at {host:#x} is past what an L2 entry can address"
+            )));
+        }
         drop(m);
         let touched = (host >> bits)..=((host + sectors * 512 - 1) >> bits);
         let align = self.file.node().limits().memory_alignment;
         let mut data = IoBuf::zeroed((sectors * 512) as usize, align);
         data.as_mut_slice()[..packed.len()].copy_from_slice(packed);
-        let mut written = self.file.node().write_growing(host, data, false).await.0;
-        if written.is_ok() && host >= 1 << shift {
-            written = Err(self.bad(format!(
-                "compressed cluster at {host:#x} is past what an L2 entry can address"
-            )));
-        }
+        let written = self.file.node().write_growing(host, data, false).await.0;
         let mut m = self.meta.lock().await;
         if let Err(e) = written {
             m.compressed_tail = 0;
             let file = self.file.node();
             if let Some(refcounts) = m.refcounts.as_mut() {
                 for c in touched {
-                    refcounts.update(&file, c, -1).await?;
+                    // Failing to give the bytes back only leaks them; the
+                    // write's error is the one to report.
+                    let _ = refcounts.update(&file, c, -1).await;
                 }
             }
             return Err(e);
