@@ -63,6 +63,10 @@ pub enum Error {
         /// What it said.
         message: String,
     },
+    /// TLS credentials that cannot be used, or a TLS handshake that
+    /// failed.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The connection failed or was closed.
     #[error("NBD connection lost: {0}")]
     Disconnected(String),

@@ -437,6 +437,7 @@ fn the_handshake_times_out() {
     let f = fixture_with_disk(ServerOptions {
         max_connections: 0,
         handshake_timeout: Duration::from_millis(300),
+        ..ServerOptions::default()
     });
     let start = Instant::now();
     let mut c = Raw::connect(&f.sock);
@@ -455,7 +456,7 @@ fn the_handshake_times_out() {
 fn max_connections_holds_further_clients_back() {
     let f = fixture_with_disk(ServerOptions {
         max_connections: 1,
-        handshake_timeout: Duration::from_secs(10),
+        ..ServerOptions::default()
     });
     let (mut first, _, _) = Raw::open(&f.sock, "disk", &[]);
     let second = UnixStream::connect(&f.sock).unwrap();

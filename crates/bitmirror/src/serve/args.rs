@@ -18,7 +18,7 @@ pub struct NbdServerArgs {
     /// Seconds a client may take to finish the handshake (QEMU 10.0:
     /// `handshake-max-seconds`, default 10; 0 waits forever).
     pub handshake_max_seconds: u32,
-    /// A TLS credentials object (not supported yet: refused when given).
+    /// The id of a `tls-creds-x509` object with `endpoint=server`.
     pub tls_creds: Option<String>,
 }
 
@@ -139,6 +139,7 @@ impl ExportArgs {
 pub const OBJECT_TYPES: &[(&str, &str)] = &[
     ("iothread", "iothread"),
     ("throttle-group", "throttle-group"),
+    ("tls-creds-x509", "tls-creds-x509"),
 ];
 
 /// `object-add` / `--object`: a QOM type, an id, and its properties.

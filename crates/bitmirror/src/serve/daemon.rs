@@ -27,6 +27,16 @@ pub const QEMU_VERSION_STRING: &str = "10.0.0";
 pub struct QomObject {
     /// Its id.
     pub id: String,
+    /// For `tls-creds-x509`: the loaded credentials.
+    pub tls: Option<TlsCreds>,
+}
+
+/// A `tls-creds-x509` object.
+#[derive(Debug, Clone)]
+pub struct TlsCreds {
+    /// Loaded for `endpoint=server` (QEMU loads them when the object is
+    /// made, and so reports bad files then).
+    pub server: Option<nbd::tls::ServerTls>,
 }
 
 /// Everything the daemon holds. Commands reach it through QMP
@@ -251,17 +261,17 @@ impl Daemon {
         if nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        if args.tls_creds.is_some() {
-            return Err(QmpError::generic(
-                "TLS for NBD is not supported yet by bitmirror",
-            ));
-        }
+        let tls = match &args.tls_creds {
+            None => None,
+            Some(id) => Some(self.server_tls(id)?),
+        };
         let server = Server::new(ServerOptions {
             max_connections: args.max_connections,
             handshake_timeout: match args.handshake_max_seconds {
                 0 => Duration::MAX,
                 s => Duration::from_secs(s.into()),
             },
+            tls,
         });
         let addr = match &args.addr {
             SocketAddress::Unix { path } => ListenAddr::Unix(path.into()),
@@ -399,7 +409,32 @@ impl Daemon {
     pub fn object_add(&self, args: &ObjectArgs) -> Result<(), QmpError> {
         let mut props = qapi::Object::nested(&Value::Object(args.props.clone()), "", args.keyval)?;
         let mut throttle = None;
+        let mut tls = None;
         match args.qom_type.as_str() {
+            "tls-creds-x509" => {
+                let dir = props.opt_str("dir")?;
+                let server = props
+                    .opt_enum("endpoint", &[("server", true), ("client", false)])?
+                    .unwrap_or(false);
+                let verify_peer = props.opt_bool("verify-peer")?.unwrap_or(true);
+                props.opt_str("priority")?;
+                props.opt_str("passwordid")?;
+                props.opt_bool("loaded")?;
+                props.opt_bool("sanity-check")?;
+                let Some(dir) = dir else {
+                    return Err(QmpError::generic(
+                        "Unable to access credentials: the 'dir' property is missing",
+                    ));
+                };
+                let loaded = if server {
+                    let creds = nbd::tls::ServerTls::load(std::path::Path::new(&dir), verify_peer)
+                        .map_err(|e| QmpError::generic(e.to_string()))?;
+                    Some(creds)
+                } else {
+                    None
+                };
+                tls = Some(TlsCreds { server: loaded });
+            }
             // Accepted and mapped onto the runtime's threads: every node is
             // served by all of them.
             "iothread" => {
@@ -440,8 +475,29 @@ impl Daemon {
         }
         objects.push(QomObject {
             id: args.id.clone(),
+            tls,
         });
         Ok(())
+    }
+
+    /// The server credentials of `tls-creds-x509` object `id`, with QEMU's
+    /// words when there are none.
+    fn server_tls(&self, id: &str) -> Result<nbd::tls::ServerTls, QmpError> {
+        let objects = self.objects();
+        let Some(object) = objects.iter().find(|o| o.id == id) else {
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{id}'"
+            )));
+        };
+        let Some(creds) = &object.tls else {
+            return Err(QmpError::generic(format!(
+                "Object with id '{id}' is not TLS credentials"
+            )));
+        };
+        creds
+            .server
+            .clone()
+            .ok_or_else(|| QmpError::generic("Expecting TLS credentials with a server endpoint"))
     }
 
     /// `object-del`.

@@ -39,13 +39,33 @@ struct Selected {
     contexts: Vec<Context>,
 }
 
-/// Runs the handshake. `Ok(None)`: the client left (ABORT, or asked for an
-/// export that does not exist with EXPORT_NAME, which has no error reply).
-pub(super) async fn negotiate<R, W>(
-    server: &Server,
-    r: &mut R,
-    w: &mut W,
-) -> Result<Option<Negotiated>>
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tls {
+    /// The server has no TLS credentials.
+    Off,
+    /// The server requires TLS, and the client has not started it.
+    Required,
+    /// The option haggling goes on inside TLS.
+    Done,
+}
+
+/// How the option haggling ended.
+pub(super) enum Outcome {
+    /// The client picked an export.
+    Export(Negotiated),
+    /// The client left (ABORT, or asked for an export that does not exist
+    /// with EXPORT_NAME, which has no error reply).
+    Left,
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake on the
+    /// connection, then haggles again (with [`Tls::Done`]) from a clean
+    /// slate, as the protocol requires.
+    StartTls,
+}
+
+/// Sends the greeting and reads the client's flags; whether the client
+/// asked for no zeroes after the export's flags.
+pub(super) async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<bool>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -61,7 +81,21 @@ where
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
+
+/// Runs the option haggling after [`greet`].
+pub(super) async fn negotiate<R, W>(
+    server: &Server,
+    r: &mut R,
+    w: &mut W,
+    no_zeroes: bool,
+    tls: Tls,
+) -> Result<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut structured = false;
     let mut extended = false;
     let mut selected: Option<Selected> = None;
@@ -78,6 +112,15 @@ where
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await.map_err(lost)?;
+        if tls == Tls::Required && option != opt::STARTTLS && option != opt::ABORT {
+            let msg = format!("Option {option:#x} not permitted before TLS");
+            if option == opt::EXPORT_NAME {
+                // No error reply exists for it: hang up.
+                return Err(Error::Refused(msg));
+            }
+            reply_err(w, option, rep::ERR_TLS_REQD, &msg).await?;
+            continue;
+        }
         match option {
             opt::EXPORT_NAME if extended => {
                 return Err(Error::Refused(
@@ -88,13 +131,13 @@ where
                 let name = String::from_utf8(data)
                     .map_err(|_| Error::Refused("export name is not UTF-8".into()))?;
                 let Some(export) = server.find_by_name(&name) else {
-                    return Ok(None);
+                    return Ok(Outcome::Left);
                 };
                 let Some(node) = export.node() else {
-                    return Ok(None);
+                    return Ok(Outcome::Left);
                 };
                 let Some((client, close)) = export.attach() else {
-                    return Ok(None);
+                    return Ok(Outcome::Left);
                 };
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&node.length().to_be_bytes());
@@ -112,11 +155,11 @@ where
                     contexts,
                 };
                 send(w, &b).await?;
-                return Ok(Some(n));
+                return Ok(Outcome::Export(n));
             }
             opt::ABORT => {
                 let _ = send(w, &option_reply(option, rep::ACK, &[])).await;
-                return Ok(None);
+                return Ok(Outcome::Left);
             }
             opt::LIST => {
                 if !data.is_empty() {
@@ -134,9 +177,17 @@ where
                 out.extend_from_slice(&option_reply(option, rep::ACK, &[]));
                 send(w, &out).await?;
             }
-            opt::STARTTLS => {
-                reply_err(w, option, rep::ERR_POLICY, "TLS not configured").await?;
-            }
+            opt::STARTTLS => match tls {
+                Tls::Off => reply_err(w, option, rep::ERR_POLICY, "TLS not configured").await?,
+                Tls::Done => reply_err(w, option, rep::ERR_INVALID, "TLS already enabled").await?,
+                Tls::Required if !data.is_empty() => {
+                    reply_err(w, option, rep::ERR_INVALID, "no payload expected").await?;
+                }
+                Tls::Required => {
+                    send(w, &option_reply(option, rep::ACK, &[])).await?;
+                    return Ok(Outcome::StartTls);
+                }
+            },
             opt::EXTENDED_HEADERS => {
                 if !data.is_empty() {
                     reply_err(w, option, rep::ERR_INVALID, "no payload expected").await?;
@@ -205,7 +256,7 @@ where
                     continue; // dropping `n` detaches
                 }
                 n.contexts = take_contexts(&mut selected, &export);
-                return Ok(Some(n));
+                return Ok(Outcome::Export(n));
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let listing = option == opt::LIST_META_CONTEXT;

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use block::Node;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -29,6 +29,22 @@ use tokio::task::JoinHandle;
 pub use export::{Export, ExportOptions};
 
 use crate::error::{Error, Result};
+use crate::tls::ServerTls;
+use handshake::{Outcome, Tls};
+
+/// A connection whose handshake is done, plain or inside TLS.
+enum Ready<S> {
+    Plain(
+        handshake::Negotiated,
+        BufReader<ReadHalf<S>>,
+        BufWriter<WriteHalf<S>>,
+    ),
+    Tls(
+        handshake::Negotiated,
+        BufReader<ReadHalf<tokio_rustls::server::TlsStream<S>>>,
+        BufWriter<WriteHalf<tokio_rustls::server::TlsStream<S>>>,
+    ),
+}
 
 /// Requests in flight per connection (QEMU's `NBD_MAX_REQUESTS`).
 pub const MAX_IN_FLIGHT: usize = 16;
@@ -40,6 +56,9 @@ pub struct ServerOptions {
     pub max_connections: u32,
     /// How long a client may take to finish the handshake (QEMU: 10 s).
     pub handshake_timeout: Duration,
+    /// TLS credentials: with them, clients must start TLS before anything
+    /// else (`NBD_REP_ERR_TLS_REQD`).
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerOptions {
@@ -47,6 +66,7 @@ impl Default for ServerOptions {
         ServerOptions {
             max_connections: 0,
             handshake_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -226,7 +246,7 @@ impl Server {
 
     async fn accept_loop<S, F, Fut>(&self, mut accept: F)
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::io::Result<S>>,
     {
@@ -259,21 +279,19 @@ impl Server {
     /// sends.
     pub async fn serve<S>(&self, stream: S)
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut stop = self.shared.stop.subscribe();
         if *stop.borrow() {
             return;
         }
-        let (reader, writer) = tokio::io::split(stream);
-        let mut reader = tokio::io::BufReader::new(reader);
-        let mut writer = tokio::io::BufWriter::new(writer);
-        let negotiated = tokio::select! {
-            r = tokio::time::timeout(
-                self.shared.options.handshake_timeout,
-                handshake::negotiate(self, &mut reader, &mut writer),
-            ) => match r {
-                Ok(Ok(Some(n))) => n,
+        let handshake = tokio::time::timeout(
+            self.shared.options.handshake_timeout,
+            self.handshake(stream),
+        );
+        let ready = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(Some(ready))) => ready,
                 Ok(Ok(None)) => return,
                 Ok(Err(e)) => {
                     tracing::debug!("NBD handshake ended: {e}");
@@ -286,7 +304,54 @@ impl Server {
             },
             _ = stop.wait_for(|s| *s) => return,
         };
-        transmission::run(negotiated, reader, writer, stop).await;
+        match ready {
+            Ready::Plain(n, reader, writer) => transmission::run(n, reader, writer, stop).await,
+            Ready::Tls(n, reader, writer) => transmission::run(n, reader, writer, stop).await,
+        }
+    }
+
+    /// The greeting and the option haggling, upgrading to TLS on the way
+    /// when the server has credentials; `None` when the client left.
+    async fn handshake<S>(&self, stream: S) -> Result<Option<Ready<S>>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        let mut reader = BufReader::new(reader);
+        let mut writer = BufWriter::new(writer);
+        let no_zeroes = handshake::greet(&mut reader, &mut writer).await?;
+        let tls = self.shared.options.tls.clone();
+        let state = if tls.is_some() {
+            Tls::Required
+        } else {
+            Tls::Off
+        };
+        match handshake::negotiate(self, &mut reader, &mut writer, no_zeroes, state).await? {
+            Outcome::Export(n) => return Ok(Some(Ready::Plain(n, reader, writer))),
+            Outcome::Left => return Ok(None),
+            Outcome::StartTls => {}
+        }
+        let Some(tls) = tls else {
+            return Ok(None);
+        };
+        if !reader.buffer().is_empty() {
+            return Err(Error::Refused(
+                "the client sent data before the TLS handshake".into(),
+            ));
+        }
+        let stream = reader.into_inner().unsplit(writer.into_inner());
+        let stream = tls
+            .acceptor()
+            .accept(stream)
+            .await
+            .map_err(|e| Error::Tls(format!("handshake with a client failed: {e}")))?;
+        let (reader, writer) = tokio::io::split(stream);
+        let mut reader = BufReader::new(reader);
+        let mut writer = BufWriter::new(writer);
+        match handshake::negotiate(self, &mut reader, &mut writer, no_zeroes, Tls::Done).await? {
+            Outcome::Export(n) => Ok(Some(Ready::Tls(n, reader, writer))),
+            Outcome::Left | Outcome::StartTls => Ok(None),
+        }
     }
 
     /// Stops listening and disconnects every client.
