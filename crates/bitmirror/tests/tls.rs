@@ -11,109 +11,8 @@ use std::process::Command;
 
 use common::{path_str, serve};
 use serde_json::json;
+use testkit::pki;
 use testkit::require_tool;
-
-/// Runs `openssl` with `args` in `dir`, failing the test with its words.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new(require_tool("openssl", "openssl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA in `dir/NAME-ca-{cert,key}.pem`.
-fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name} test CA"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-            &format!("{name}-ca-key.pem"),
-            "-out",
-            &format!("{name}-ca-cert.pem"),
-        ],
-    );
-}
-
-/// A certificate for `role` (`server` or `client`) signed by CA `ca`, in
-/// `dir/out/ROLE-{cert,key}.pem` with the CA's certificate as
-/// `ca-cert.pem`: the layout of a `tls-creds-x509` directory.
-fn make_cert(dir: &Path, ca: &str, role: &str, out: &str) {
-    std::fs::create_dir_all(dir.join(out)).expect("a directory");
-    let ext = dir.join(format!("{out}-{role}.ext"));
-    let usage = if role == "server" {
-        "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
-    } else {
-        "extendedKeyUsage=clientAuth\n"
-    };
-    std::fs::write(
-        &ext,
-        format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{usage}"
-        ),
-    )
-    .expect("an extension file");
-    let key = format!("{out}/{role}-key.pem");
-    let csr = format!("{out}/{role}.csr");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN={role}"),
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-days",
-            "2",
-            "-CA",
-            &format!("{ca}-ca-cert.pem"),
-            "-CAkey",
-            &format!("{ca}-ca-key.pem"),
-            "-CAcreateserial",
-            "-extfile",
-            path_str(&ext),
-            "-out",
-            &format!("{out}/{role}-cert.pem"),
-        ],
-    );
-    std::fs::copy(
-        dir.join(format!("{ca}-ca-cert.pem")),
-        dir.join(out).join("ca-cert.pem"),
-    )
-    .expect("the CA certificate");
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -147,11 +46,11 @@ fn qemu_io_tls(creds: &Path, port: u16, commands: &[&str]) -> (bool, String) {
 fn qemu_clients_use_our_tls_export_and_others_are_refused() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path();
-    make_ca(dir, "good");
-    make_ca(dir, "rogue");
-    make_cert(dir, "good", "server", "server");
-    make_cert(dir, "good", "client", "client");
-    make_cert(dir, "rogue", "client", "rogue");
+    pki::ca(dir, "good");
+    pki::ca(dir, "rogue");
+    pki::creds(dir, "good", "server", "server");
+    pki::creds(dir, "good", "client", "client");
+    pki::creds(dir, "rogue", "client", "rogue");
     let image = dir.join("disk.raw");
     std::fs::write(&image, vec![0u8; 4 << 20]).expect("an image");
     let port = free_port();
@@ -211,8 +110,8 @@ fn qemu_clients_use_our_tls_export_and_others_are_refused() {
 fn tls_credentials_errors_are_qemus() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path();
-    make_ca(dir, "good");
-    make_cert(dir, "good", "server", "server");
+    pki::ca(dir, "good");
+    pki::creds(dir, "good", "server", "server");
     let mut daemon = serve(dir, &[]);
     let mut qmp = daemon.qmp();
     qmp.execute_ok(

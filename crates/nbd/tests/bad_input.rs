@@ -878,3 +878,51 @@ fn a_refusal_behind_large_replies_does_not_deadlock() {
     assert_eq!(got[9], (101, 0));
     assert!(got[..8].iter().all(|&(_, e)| e == 0));
 }
+
+/// A server with TLS credentials: every option but STARTTLS and ABORT gets
+/// `NBD_REP_ERR_TLS_REQD` and the connection goes on; EXPORT_NAME, which has
+/// no error reply, is hung up on; STARTTLS with a payload is invalid; a
+/// STARTTLS is acknowledged, and a client that then sends plain text
+/// instead of a TLS handshake is dropped — while others are still served
+/// (over TLS: here nobody is, so the server must still accept them).
+#[test]
+fn a_tls_server_refuses_everything_before_starttls() {
+    let pki = tempfile::tempdir().unwrap();
+    testkit::pki::ca(pki.path(), "ca");
+    let creds = testkit::pki::creds(pki.path(), "ca", "server", "server");
+    let tls = nbd::tls::ServerTls::load(&creds, true).unwrap();
+    let f = fixture_with_disk(ServerOptions {
+        tls: Some(tls),
+        ..ServerOptions::default()
+    });
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    for option in [opt::LIST, opt::STRUCTURED_REPLY, opt::GO, opt::INFO] {
+        c.option(option, &[]);
+        let (h, text) = c.option_reply();
+        assert_eq!((h.option, h.reply), (option, rep::ERR_TLS_REQD));
+        assert!(
+            String::from_utf8_lossy(&text).contains("not permitted before TLS"),
+            "{text:?}"
+        );
+    }
+    c.option(opt::STARTTLS, b"x");
+    assert_eq!(c.option_reply().0.reply, rep::ERR_INVALID);
+    c.option(opt::EXPORT_NAME, b"disk");
+    assert!(c.closed());
+    // STARTTLS, then garbage instead of a ClientHello: dropped.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.option(opt::STARTTLS, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ACK);
+    c.send(b"this is not TLS at all, just some text to upset the handshake");
+    // At most a TLS alert (record type 21) comes back, then the end.
+    let mut rest = Vec::new();
+    c.s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty() || rest[0] == 21, "{rest:?}");
+    // The server still greets newcomers and answers their options.
+    let mut c = Raw::connect(&f.sock);
+    c.flags();
+    c.option(opt::LIST, &[]);
+    assert_eq!(c.option_reply().0.reply, rep::ERR_TLS_REQD);
+}

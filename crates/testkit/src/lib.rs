@@ -317,3 +317,117 @@ impl Drop for StorageDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// Test certificates in QEMU's `tls-creds-x509` layout, made with
+/// `openssl`: CAs, and for each endpoint a directory holding `ca-cert.pem`
+/// and `ROLE-cert.pem`/`ROLE-key.pem` signed by one of them.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use super::require_tool;
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new(require_tool("openssl", "openssl"))
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Makes a CA called `name` in `dir` (`NAME-ca-cert.pem`,
+    /// `NAME-ca-key.pem`).
+    pub fn ca(dir: &Path, name: &str) {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name} test CA"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{name}-ca-key.pem"),
+                "-out",
+                &format!("{name}-ca-cert.pem"),
+            ],
+        );
+    }
+
+    /// Makes `dir/out/`, a credentials directory for `role` (`server`:
+    /// valid for `localhost` and `127.0.0.1`; `client`: common name
+    /// `client`) signed by CA `ca`; returns its path.
+    pub fn creds(dir: &Path, ca: &str, role: &str, out: &str) -> PathBuf {
+        std::fs::create_dir_all(dir.join(out)).expect("a directory");
+        let ext = dir.join(format!("{out}-{role}.ext"));
+        let usage = if role == "server" {
+            "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        } else {
+            "extendedKeyUsage=clientAuth\n"
+        };
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=critical,CA:FALSE\n\
+                 keyUsage=critical,digitalSignature,keyEncipherment\n{usage}"
+            ),
+        )
+        .expect("an extension file");
+        let key = format!("{out}/{role}-key.pem");
+        let csr = format!("{out}/{role}.csr");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={role}"),
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-days",
+                "2",
+                "-CA",
+                &format!("{ca}-ca-cert.pem"),
+                "-CAkey",
+                &format!("{ca}-ca-key.pem"),
+                "-CAcreateserial",
+                "-extfile",
+                ext.to_str().unwrap_or_default(),
+                "-out",
+                &format!("{out}/{role}-cert.pem"),
+            ],
+        );
+        std::fs::copy(
+            dir.join(format!("{ca}-ca-cert.pem")),
+            dir.join(out).join("ca-cert.pem"),
+        )
+        .expect("the CA certificate");
+        dir.join(out)
+    }
+}
