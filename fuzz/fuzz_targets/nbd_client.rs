@@ -22,6 +22,8 @@ fuzz_target!(|data: &[u8]| {
             },
             export: "e".into(),
             contexts: vec!["qemu:dirty-bitmap:b".into()],
+            tls: None,
+            tls_hostname: None,
         };
         let (mut rd, mut wr) = tokio::io::split(&mut server);
         let drain = async {

@@ -290,6 +290,8 @@ fn nbd_client(rt: &tokio::runtime::Runtime, sock: &Path, name: &str) -> Client {
         },
         export: name.into(),
         contexts: Vec::new(),
+        tls: None,
+        tls_hostname: None,
     }))
     .expect("an NBD connection to the source's export")
 }

@@ -197,6 +197,8 @@ impl Guest {
             },
             export: export.to_owned(),
             contexts: Vec::new(),
+            tls: None,
+            tls_hostname: None,
         })
         .await
         .with_context(|| format!("cannot reach export '{export}' at {address}"))
@@ -534,6 +536,7 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         base_format: "qcow2".into(),
         source_nbd: Some(host_a.nbd_addr()),
         speed: 0,
+        tls_creds: None,
     };
     guest.take_longest();
     let s = migrate_cli::run(&to_b).context("migrating A → B")?;

@@ -69,6 +69,12 @@ pub struct MigrateArgs {
     /// Speed limit of the mirror in bytes per second (0: none).
     #[arg(long, default_value_t = 0)]
     pub(crate) speed: u64,
+    /// Talk NBD over TLS: the id of a `tls-creds-x509` object with
+    /// `endpoint=client` that both daemons have (the source's mirror
+    /// connects with it, the destination pulls the bitmaps with it). Both
+    /// NBD servers must already run with TLS credentials of their own.
+    #[arg(long, value_name = "ID")]
+    pub(crate) tls_creds: Option<String>,
 }
 
 /// QAPI's `SocketAddress` for `unix:PATH` or `HOST:PORT`.
@@ -388,11 +394,12 @@ fn prepare_and_mirror(
     made.dest_export = true;
 
     let target = format!("bitmirror-migrate-{}", a.node);
-    src.execute(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": target, "server": dest_address,
-               "export": export}),
-    )?;
+    let mut nbd_node = json!({"driver": "nbd", "node-name": target, "server": dest_address,
+                              "export": export});
+    if let Some(id) = &a.tls_creds {
+        nbd_node["tls-creds"] = json!(id);
+    }
+    src.execute("blockdev-add", nbd_node)?;
     made.source_target = true;
     let mut mirror = json!({"job-id": target, "device": a.node, "target": target,
                             "speed": a.speed, "auto-dismiss": false});
@@ -591,11 +598,13 @@ fn pull_bitmaps(
                    "writable": false, "bitmaps": names}),
         )?;
         for m in moving {
-            let r = dst.execute(
-                "block-dirty-bitmap-pull",
-                json!({"node": a.node, "name": m.name, "server": address, "export": export,
-                       "bitmap": m.name, "granularity": m.granularity}),
-            )?;
+            let mut pull = json!({"node": a.node, "name": m.name, "server": address,
+                                  "export": export, "bitmap": m.name,
+                                  "granularity": m.granularity});
+            if let Some(id) = &a.tls_creds {
+                pull["tls-creds"] = json!(id);
+            }
+            let r = dst.execute("block-dirty-bitmap-pull", pull)?;
             moved.push((m.name.clone(), r["count"].as_u64().unwrap_or(0)));
         }
         anyhow::Ok(())
@@ -682,6 +691,7 @@ mod tests {
             base_format: "qcow2".into(),
             source_nbd: Some("unix:/a".into()),
             speed: 0,
+            tls_creds: None,
         }
     }
 

@@ -152,3 +152,240 @@ fn tls_credentials_errors_are_qemus() {
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+/// `qemu-nbd --tls-creds` serving `image` on `port`, killed on drop.
+struct QemuNbd(std::process::Child);
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qemu_nbd_tls(creds: &Path, image: &Path, port: u16) -> QemuNbd {
+    let child = Command::new(require_tool("qemu-nbd", "qemu-utils"))
+        .args([
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+                creds.display()
+            ),
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "disk",
+            "-t",
+            path_str(image),
+        ])
+        .spawn()
+        .expect("qemu-nbd starts");
+    let peer = QemuNbd(child);
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return peer;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("qemu-nbd did not listen on {port}");
+}
+
+/// Our `driver=nbd` node talks TLS to `qemu-nbd --tls-creds`: a mirror
+/// into it lands byte for byte; without credentials, or with another CA's,
+/// the node cannot be opened, and says why.
+#[test]
+fn our_client_nodes_talk_tls_to_qemu_nbd() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    pki::ca(dir, "good");
+    pki::ca(dir, "rogue");
+    let server = pki::creds(dir, "good", "server", "server");
+    let client = pki::creds(dir, "good", "client", "client");
+    let rogue = pki::creds(dir, "rogue", "client", "rogue");
+    let target = dir.join("target.raw");
+    std::fs::write(&target, vec![0u8; 8 << 20]).expect("a target");
+    let source = dir.join("source.raw");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i / 4096) as u8 | 1).collect();
+    std::fs::write(&source, &data).expect("a source");
+    let port = free_port();
+    let _peer = qemu_nbd_tls(&server, &target, port);
+    let mut daemon = serve(
+        dir,
+        &[
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=c0,endpoint=client,dir={}",
+                client.display()
+            ),
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=r0,endpoint=client,dir={}",
+                rogue.display()
+            ),
+            "--blockdev".into(),
+            format!(
+                "driver=raw,node-name=src,file.driver=file,file.filename={}",
+                source.display()
+            ),
+        ],
+    );
+    let mut qmp = daemon.qmp();
+    let node = |creds: Option<&str>| {
+        let mut o = json!({"driver": "nbd", "node-name": "t", "export": "disk",
+                           "server": {"type": "inet", "host": "localhost",
+                                      "port": port.to_string()}});
+        if let Some(c) = creds {
+            o["tls-creds"] = json!(c);
+        }
+        o
+    };
+    let e = qmp
+        .execute("blockdev-add", node(None))
+        .expect_err("refused");
+    assert!(e.desc.to_lowercase().contains("tls"), "{e:?}");
+    let e = qmp
+        .execute("blockdev-add", node(Some("r0")))
+        .expect_err("refused");
+    assert!(e.desc.contains("TLS"), "{e:?}");
+    let e = qmp
+        .execute("blockdev-add", node(Some("nosuch")))
+        .expect_err("refused");
+    assert_eq!(e.desc, "No TLS credentials with id 'nosuch'");
+    qmp.execute_ok("blockdev-add", node(Some("c0")));
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "t", "sync": "full"}),
+    );
+    common::wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-cancel", json!({"device": "m"}));
+    common::wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+    assert!(std::fs::read(&target).expect("the target") == data);
+}
+
+/// `bitmirror migrate --tls-creds` between two daemons whose NBD servers
+/// require TLS: the mirror and the bitmap both cross over TLS.
+#[test]
+fn a_migration_between_tls_daemons() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    pki::ca(dir, "good");
+    let server = pki::creds(dir, "good", "server", "server");
+    let client = pki::creds(dir, "good", "client", "client");
+    let src = dir.join("src.qcow2");
+    testkit::qemu_img_create_qcow2(path_str(&src), 32 << 20, "");
+    testkit::qemu_io_writes(path_str(&src), "qcow2", &[(0, 16 << 20, Some(1))]);
+    // The "full backup": the disk as it is now.
+    let base = dir.join("base.qcow2");
+    std::fs::copy(&src, &base).expect("a copy");
+    let tls_args = |sock: &Path| -> Vec<String> {
+        vec![
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=srv,endpoint=server,dir={}",
+                server.display()
+            ),
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=cli,endpoint=client,dir={}",
+                client.display()
+            ),
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={},tls-creds=srv", sock.display()),
+        ]
+    };
+    let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&a_dir).expect("a directory");
+    std::fs::create_dir_all(&b_dir).expect("a directory");
+    let (a_sock, b_sock) = (a_dir.join("nbd.sock"), b_dir.join("nbd.sock"));
+    let mut a_args = tls_args(&a_sock);
+    a_args.extend([
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e,node-name=disk0,name=disk0,writable=on".into(),
+    ]);
+    let mut a = serve(&a_dir, &a_args);
+    let mut b = serve(&b_dir, &tls_args(&b_sock));
+    {
+        let mut qa = a.qmp();
+        qa.execute_ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "B", "granularity": 65536}),
+        );
+    }
+    // The guest writes over TLS too: A's server requires it.
+    let out = run_qemu_io_tls_unix(
+        &client,
+        &a_sock,
+        &["write -P 2 20M 2M", "write -P 3 1M 64k"],
+    );
+    assert!(out.0, "{}", out.1);
+    let dest = b_dir.join("disk0.qcow2");
+    let cli = [
+        "migrate",
+        "--from",
+        path_str(a.qmp_path()),
+        "--to",
+        path_str(b.qmp_path()),
+        "--node",
+        "disk0",
+        "--dest-image",
+        path_str(&dest),
+        "--dest-nbd",
+        &format!("unix:{}", b_sock.display()),
+        "--source-nbd",
+        &format!("unix:{}", a_sock.display()),
+        "--bitmap",
+        "B",
+        "--base",
+        path_str(&base),
+        "--tls-creds",
+        "cli",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_bitmirror"))
+        .args(cli)
+        .output()
+        .expect("bitmirror runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("bitmap 'B' moved: 2.1 MiB dirty"), "{text}");
+    for d in [&mut a, &mut b] {
+        let mut q = d.qmp();
+        q.execute_ok("quit", json!({}));
+        assert_eq!(d.wait_exit(), Some(0));
+    }
+    common::assert_identical(&src, &b_dir.join("disk0.qcow2"));
+}
+
+/// `qemu-io` over TLS through export `disk0` on unix socket `sock`.
+fn run_qemu_io_tls_unix(creds: &Path, sock: &Path, commands: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(require_tool("qemu-io", "qemu-utils"));
+    cmd.args([
+        "--object",
+        &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.display()),
+        "--image-opts",
+        &format!(
+            "driver=nbd,server.type=unix,server.path={},export=disk0,tls-creds=tls0,tls-hostname=localhost",
+            sock.display()
+        ),
+    ]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.output().expect("qemu-io runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success() && !text.contains("failed"), text)
+}

@@ -94,6 +94,10 @@ pub enum DriverOptions {
         /// A metadata context whose block status replaces `base:allocation`
         /// (QEMU's `x-dirty-bitmap`, e.g. `qemu:dirty-bitmap:B`).
         x_dirty_bitmap: Option<String>,
+        /// The id of a `tls-creds-x509` object (client endpoint): TLS first.
+        tls_creds: Option<String>,
+        /// The name the server's certificate must carry.
+        tls_hostname: Option<String>,
     },
     /// `throttle`: a filter that passes requests to its `file` child at
     /// the pace of a throttle group.
@@ -364,6 +368,8 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
                 server: address,
                 export: f.opt_str("export")?,
                 x_dirty_bitmap: f.opt_str("x-dirty-bitmap")?,
+                tls_creds: f.opt_str("tls-creds")?,
+                tls_hostname: f.opt_str("tls-hostname")?,
             }
         }
         "throttle" => DriverOptions::Throttle {

@@ -159,6 +159,8 @@ fn random_4k(rt: &tokio::runtime::Runtime, sock: &Path, write: bool) -> Duration
                 },
                 export: String::new(),
                 contexts: vec![],
+                tls: None,
+                tls_hostname: None,
             })
             .await
             .unwrap(),

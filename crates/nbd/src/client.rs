@@ -49,6 +49,12 @@ pub struct ClientOptions {
     /// Metadata contexts to select besides `base:allocation` (e.g.
     /// `qemu:dirty-bitmap:B`).
     pub contexts: Vec<String>,
+    /// Start TLS with these credentials before anything else.
+    pub tls: Option<crate::tls::ClientTls>,
+    /// The name the server's certificate must carry (QEMU's
+    /// `tls-hostname`); by default the server's host, or `localhost` for a
+    /// unix socket.
+    pub tls_hostname: Option<String>,
 }
 
 /// The server's block size constraints for the export.
@@ -234,6 +240,11 @@ impl Client {
         let stream: Box<dyn Stream> = Box::new(stream);
         let (r, mut w) = tokio::io::split(stream);
         let mut r = BufReader::new(r);
+        greeting(&mut r, &mut w).await?;
+        let (mut r, mut w) = match &options.tls {
+            None => (r, w),
+            Some(tls) => start_tls(r, w, tls, options).await?,
+        };
         let hs = handshake(&mut r, &mut w, options).await?;
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(w),
@@ -496,7 +507,10 @@ struct Handshake {
     contexts: Vec<(u32, String)>,
 }
 
-async fn handshake<R, W>(r: &mut R, w: &mut W, options: &ClientOptions) -> Result<Handshake>
+/// Reads the server's greeting and sends the client's flags (the
+/// handshake ends with GO, so whether zeroes follow EXPORT_NAME's reply
+/// does not matter).
+async fn greeting<R, W>(r: &mut R, w: &mut W) -> Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -522,7 +536,56 @@ where
         cflags |= CLIENT_NO_ZEROES;
     }
     w.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
+    Ok(())
+}
 
+type Halves = (
+    BufReader<tokio::io::ReadHalf<Box<dyn Stream>>>,
+    tokio::io::WriteHalf<Box<dyn Stream>>,
+);
+
+/// STARTTLS, then the TLS handshake; the halves of the TLS stream.
+async fn start_tls(
+    mut r: BufReader<tokio::io::ReadHalf<Box<dyn Stream>>>,
+    mut w: tokio::io::WriteHalf<Box<dyn Stream>>,
+    tls: &crate::tls::ClientTls,
+    options: &ClientOptions,
+) -> Result<Halves> {
+    let (h, p) = option(&mut r, &mut w, opt::STARTTLS, &[]).await?;
+    if h.reply != rep::ACK {
+        return Err(Error::Tls(format!(
+            "the server refused to start TLS: {}",
+            String::from_utf8_lossy(&p)
+        )));
+    }
+    if !r.buffer().is_empty() {
+        return Err(Error::Refused(
+            "the server sent data before the TLS handshake".into(),
+        ));
+    }
+    let name = match (&options.tls_hostname, &options.server) {
+        (Some(h), _) => h.clone(),
+        (None, SocketAddress::Inet { host, .. }) => host.clone(),
+        (None, SocketAddress::Unix { .. }) => "localhost".to_owned(),
+    };
+    let server_name = rustls_pki_types::ServerName::try_from(name.clone())
+        .map_err(|_| Error::Tls(format!("'{name}' is not a host name for TLS")))?;
+    let stream = r.into_inner().unsplit(w);
+    let stream = tls
+        .connector()
+        .connect(server_name, stream)
+        .await
+        .map_err(|e| Error::Tls(format!("handshake with the server failed: {e}")))?;
+    let stream: Box<dyn Stream> = Box::new(stream);
+    let (r, w) = tokio::io::split(stream);
+    Ok((BufReader::new(r), w))
+}
+
+async fn handshake<R, W>(r: &mut R, w: &mut W, options: &ClientOptions) -> Result<Handshake>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let (h, _) = option(r, w, opt::STRUCTURED_REPLY, &[]).await?;
     let structured = h.reply == rep::ACK;
     let mut contexts = Vec::new();

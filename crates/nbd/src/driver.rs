@@ -1,6 +1,7 @@
 //! `driver=nbd` nodes: a block driver over a [`Client`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use block::{
     BlockdevOptions, BoxFuture, BufResult, Driver, DriverFactory, Extent, Graph, IoBuf, Limits,
@@ -10,13 +11,50 @@ use block::{
 use crate::client::{Client, ClientOptions};
 use crate::proto::{Command, cflag, state, tflag};
 
-/// Opens `driver=nbd` nodes (register it with [`register`]).
+/// Opens `driver=nbd` nodes (register it with [`register`]), with the TLS
+/// credentials the daemon's `tls-creds-x509` objects hold.
 #[derive(Debug, Default)]
-pub struct NbdFactory;
+pub struct NbdFactory {
+    /// Credentials by object id; `None`: an object with a server endpoint.
+    creds: Mutex<HashMap<String, Option<crate::tls::ClientTls>>>,
+}
 
-/// Lets `graph` open `driver=nbd` nodes.
-pub fn register(graph: &Graph) {
-    graph.register_driver("nbd", Arc::new(NbdFactory));
+impl NbdFactory {
+    fn creds(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<crate::tls::ClientTls>>> {
+        self.creds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes TLS object `id` known to nodes' `tls-creds`: client
+    /// credentials, or `None` for server ones (which nodes refuse).
+    pub fn add_creds(&self, id: &str, tls: Option<crate::tls::ClientTls>) {
+        self.creds().insert(id.to_owned(), tls);
+    }
+
+    /// Forgets TLS object `id` (nodes that use it keep their connection).
+    pub fn remove_creds(&self, id: &str) {
+        self.creds().remove(id);
+    }
+
+    /// The client credentials of object `id`, with QEMU's words when
+    /// there are none.
+    pub fn client_tls(&self, id: &str) -> block::Result<crate::tls::ClientTls> {
+        let refuse = |message: String| block::Error::Peer { errno: 22, message };
+        match self.creds().get(id) {
+            None => Err(refuse(format!("No TLS credentials with id '{id}'"))),
+            Some(None) => Err(refuse(
+                "Expecting TLS credentials with a client endpoint".into(),
+            )),
+            Some(Some(tls)) => Ok(tls.clone()),
+        }
+    }
+}
+
+/// Lets `graph` open `driver=nbd` nodes; the factory, for the daemon to
+/// tell it about TLS credentials.
+pub fn register(graph: &Graph) -> Arc<NbdFactory> {
+    let factory = Arc::new(NbdFactory::default());
+    graph.register_driver("nbd", factory.clone());
+    factory
 }
 
 impl DriverFactory for NbdFactory {
@@ -30,6 +68,8 @@ impl DriverFactory for NbdFactory {
                 server,
                 export,
                 x_dirty_bitmap,
+                tls_creds,
+                tls_hostname,
             } = &options.driver
             else {
                 return Err(block::Error::DriverUnavailable(options.driver.name()));
@@ -38,6 +78,11 @@ impl DriverFactory for NbdFactory {
                 server: server.clone(),
                 export: export.clone().unwrap_or_default(),
                 contexts: x_dirty_bitmap.iter().cloned().collect(),
+                tls: tls_creds
+                    .as_deref()
+                    .map(|id| self.client_tls(id))
+                    .transpose()?,
+                tls_hostname: tls_hostname.clone(),
             })
             .await
             .map_err(|e| e.into_block())?;

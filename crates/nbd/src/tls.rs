@@ -101,3 +101,66 @@ impl ServerTls {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
 }
+
+/// A client's TLS settings, made from a credentials directory. Two are
+/// equal when they are the same loaded object.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    dir: String,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("dir", &self.dir).finish()
+    }
+}
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &ClientTls) -> bool {
+        Arc::ptr_eq(&self.config, &other.config)
+    }
+}
+
+impl Eq for ClientTls {}
+
+impl ClientTls {
+    /// Loads `dir/ca-cert.pem` (the CA that must have signed the server's
+    /// certificate) and, when both are there, `dir/client-cert.pem` and
+    /// `dir/client-key.pem` to show servers that verify their peers.
+    pub fn load(dir: &Path) -> Result<ClientTls> {
+        let mut roots = RootCertStore::empty();
+        for ca in certificates(dir, "ca-cert.pem")? {
+            roots
+                .add(ca)
+                .map_err(|e| bad(dir, format!("ca-cert.pem: {e}")))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(dir, e.to_string()))?
+            .with_root_certificates(roots);
+        let config = if dir.join("client-cert.pem").exists() {
+            let chain = certificates(dir, "client-cert.pem")?;
+            let key = PrivateKeyDer::from_pem_file(dir.join("client-key.pem")).map_err(|e| {
+                bad(
+                    dir,
+                    format!("cannot read a private key in client-key.pem: {e}"),
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| bad(dir, format!("client-cert.pem and client-key.pem: {e}")))?
+        } else {
+            builder.with_no_client_auth()
+        };
+        Ok(ClientTls {
+            config: Arc::new(config),
+            dir: dir.display().to_string(),
+        })
+    }
+
+    /// The connector for one connection's upgrade.
+    pub(crate) fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.config.clone())
+    }
+}

@@ -203,6 +203,8 @@ fn pulls_a_dirty_bitmap_from_qemu_nbd() {
             },
             export: "e".into(),
             contexts: vec!["qemu:dirty-bitmap:b".into()],
+            tls: None,
+            tls_hostname: None,
         }))
         .unwrap();
     let id = client

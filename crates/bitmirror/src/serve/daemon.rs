@@ -56,6 +56,8 @@ pub struct Daemon {
     monitors_stop: watch::Sender<bool>,
     monitor_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pidfile: Mutex<Option<std::path::PathBuf>>,
+    /// Opens `driver=nbd` nodes; knows the TLS credentials objects.
+    pub nbd_nodes: Arc<nbd::NbdFactory>,
 }
 
 impl Default for Daemon {
@@ -68,11 +70,12 @@ impl Daemon {
     /// A daemon with nothing in it yet.
     pub fn new() -> Daemon {
         let graph = Arc::new(Graph::new());
-        nbd::register(&graph);
+        let nbd_nodes = nbd::register(&graph);
         let events = Events::new();
         let sink = events.clone();
         Daemon {
             graph,
+            nbd_nodes,
             jobs: Jobs::new(Arc::new(move |name, data| sink.emit(name, Some(data)))),
             events,
             nbd: tokio::sync::Mutex::new(None),
@@ -426,14 +429,23 @@ impl Daemon {
                         "Unable to access credentials: the 'dir' property is missing",
                     ));
                 };
-                let loaded = if server {
-                    let creds = nbd::tls::ServerTls::load(std::path::Path::new(&dir), verify_peer)
-                        .map_err(|e| QmpError::generic(e.to_string()))?;
-                    Some(creds)
+                let path = std::path::Path::new(&dir);
+                let tls_error = |e: nbd::Error| QmpError::generic(e.to_string());
+                let (server_creds, client_creds) = if server {
+                    let creds = nbd::tls::ServerTls::load(path, verify_peer).map_err(tls_error)?;
+                    (Some(creds), None)
                 } else {
-                    None
+                    (
+                        None,
+                        Some(nbd::tls::ClientTls::load(path).map_err(tls_error)?),
+                    )
                 };
-                tls = Some(TlsCreds { server: loaded });
+                tls = Some((
+                    TlsCreds {
+                        server: server_creds,
+                    },
+                    client_creds,
+                ));
             }
             // Accepted and mapped onto the runtime's threads: every node is
             // served by all of them.
@@ -473,6 +485,10 @@ impl Daemon {
         if let Some(limits) = throttle {
             self.graph.add_throttle_group(&args.id, limits);
         }
+        let tls = tls.map(|(creds, client)| {
+            self.nbd_nodes.add_creds(&args.id, client);
+            creds
+        });
         objects.push(QomObject {
             id: args.id.clone(),
             tls,
@@ -508,6 +524,7 @@ impl Daemon {
         }
         let before = objects.len();
         objects.retain(|o| o.id != id);
+        self.nbd_nodes.remove_creds(id);
         if objects.len() == before {
             return Err(QmpError::generic(format!("object '{id}' not found")));
         }

@@ -38,6 +38,8 @@ struct PullArgs {
     granularity: Option<u32>,
     persistent: bool,
     disabled: bool,
+    tls_creds: Option<String>,
+    tls_hostname: Option<String>,
 }
 
 impl PullArgs {
@@ -52,6 +54,8 @@ impl PullArgs {
         let granularity = args.opt_u32("granularity")?;
         let persistent = args.opt_bool("persistent")?.unwrap_or(false);
         let disabled = args.opt_bool("disabled")?.unwrap_or(false);
+        let tls_creds = args.opt_str("tls-creds")?;
+        let tls_hostname = args.opt_str("tls-hostname")?;
         done(args)?;
         Ok(PullArgs {
             node,
@@ -62,6 +66,8 @@ impl PullArgs {
             granularity,
             persistent,
             disabled,
+            tls_creds,
+            tls_hostname,
         })
     }
 }
@@ -81,6 +87,13 @@ pub async fn pull(daemon: &Arc<Daemon>, args: &mut Object) -> Result<Value, QmpE
         server: a.server.clone(),
         export: a.export.clone(),
         contexts: vec![context.clone()],
+        tls: a
+            .tls_creds
+            .as_deref()
+            .map(|id| daemon.nbd_nodes.client_tls(id))
+            .transpose()
+            .map_err(qerr)?,
+        tls_hostname: a.tls_hostname.clone(),
     };
     // The local bitmap first: its checks (granularity, name) come before
     // any network traffic, and its granularity sizes what is read.
