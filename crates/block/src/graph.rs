@@ -463,6 +463,23 @@ impl Graph {
     }
 }
 
+/// Whether a backing name from an image header is more than a file name:
+/// `json:{…}` options, or a protocol (`nbd:…`, `rbd:…`, `file:…`; QEMU's
+/// rule: a colon before any slash). What it is, if so.
+fn special_backing_name(name: &str) -> Option<&'static str> {
+    if name.starts_with("json:") {
+        return Some("json: description");
+    }
+    let colon = name.find(':')?;
+    let prefix = &name[..colon];
+    let protocol = !prefix.is_empty()
+        && !prefix.contains('/')
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.' | '_'));
+    protocol.then_some("protocol name")
+}
+
 /// The backing child a qcow2 image names in its header, as QEMU resolves
 /// it: a relative name is relative to the image's directory; the format is
 /// the header's, or probed (qcow2 magic, else raw). It opens read-only.
@@ -472,6 +489,19 @@ fn backing_from_header(
     name: &str,
     format: Option<&str>,
 ) -> Result<ChildRef> {
+    if let Some(kind) = special_backing_name(name) {
+        // A guest may have written this header: a `json:` or protocol name
+        // could make us open any host file or reach any server.
+        return Err(Error::BadImage {
+            node: node.to_owned(),
+            format: "qcow2",
+            reason: format!(
+                "its backing file name '{name}' is a {kind}, which bitmirror refuses to open \
+                 from an image header (see docs/security.md); give the backing node in the \
+                 options instead"
+            ),
+        });
+    }
     let path = std::path::Path::new(name);
     let path = if path.is_absolute() {
         path.to_path_buf()

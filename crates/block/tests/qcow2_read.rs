@@ -449,3 +449,59 @@ async fn a_missing_backing_file_is_a_clear_error_and_leaves_nothing() {
     );
     assert!(g.nodes().is_empty(), "{:?}", g.nodes());
 }
+
+/// A qcow2 header is data a guest may have written: backing names that are
+/// `json:` descriptions or protocols (which could open any host file or
+/// reach any server) are refused with the reason; a plain relative name, as
+/// QEMU resolves it, still opens.
+#[tokio::test]
+async fn backing_names_that_are_not_file_names_are_refused() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = path(dir.path(), "secret.raw");
+    std::fs::write(&secret, b"host file contents").unwrap();
+    let hostile = [
+        format!(r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{secret}"}}}}"#),
+        format!("file:{secret}"),
+        "nbd:unix:/run/somebody.sock".to_owned(),
+        "rbd:pool/image".to_owned(),
+    ];
+    for (i, name) in hostile.iter().enumerate() {
+        let image = path(dir.path(), &format!("h{i}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", &image, "1M",
+            ],
+        );
+        let g = Graph::new();
+        let o = json!({"driver": "qcow2", "node-name": "n",
+                       "file": {"driver": "file", "filename": image}});
+        let e = g
+            .add(&block::BlockdevOptions::from_json(&o).unwrap())
+            .await
+            .expect_err("a hostile backing name");
+        let text = e.to_string();
+        assert!(text.contains("refuses to open"), "{name}: {text}");
+    }
+    let image = path(dir.path(), "plain.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "secret.raw",
+            "-F",
+            "raw",
+            &image,
+            "18",
+        ],
+    );
+    let g = Graph::new();
+    let node = open_qcow2(&g, "p", &image, json!({})).await.unwrap();
+    let got = node.read(0, 18).await.unwrap().into_vec();
+    assert_eq!(got, b"host file contents");
+}
