@@ -389,3 +389,107 @@ fn run_qemu_io_tls_unix(creds: &Path, sock: &Path, commands: &[&str]) -> (bool, 
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success() && !text.contains("failed"), text)
 }
+
+/// `tls-authz` with an `authz-simple` object lets in only the client
+/// whose certificate subject is the identity, written as QEMU (GnuTLS)
+/// writes distinguished names: the same identity string lets the same
+/// client into `qemu-nbd --tls-authz` and into ours, and keeps the same
+/// other client out of both.
+#[test]
+fn tls_authz_admits_the_same_client_as_qemu_nbd() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    pki::ca(dir, "good");
+    let server = pki::creds(dir, "good", "server", "server");
+    let laptop = pki::creds_for(
+        dir,
+        "good",
+        "client",
+        "laptop",
+        "/C=GB/O=Example Org, Ltd/CN=laptop",
+    );
+    let intruder = pki::creds_for(
+        dir,
+        "good",
+        "client",
+        "intruder",
+        "/C=GB/O=Example Org/CN=intruder",
+    );
+    let identity = r"C=GB,O=Example Org\, Ltd,CN=laptop";
+    let authz =
+        json!({"qom-type": "authz-simple", "id": "auth0", "identity": identity}).to_string();
+    let creds = json!({"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
+                       "dir": path_str(&server)})
+    .to_string();
+    let image = dir.join("disk.raw");
+    std::fs::write(&image, vec![5u8; 1 << 20]).expect("an image");
+
+    // QEMU's verdicts.
+    let port = free_port();
+    let qemu = Command::new(require_tool("qemu-nbd", "qemu-utils"))
+        .args([
+            "--object",
+            &creds,
+            "--object",
+            &authz,
+            "--tls-creds",
+            "tls0",
+            "--tls-authz",
+            "auth0",
+        ])
+        .args([
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "disk",
+            "-t",
+        ])
+        .arg(&image)
+        .spawn()
+        .expect("qemu-nbd starts");
+    let qemu = QemuNbd(qemu);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (qemu_laptop, out_l) = qemu_io_tls(&laptop, port, &["read -P 5 0 64k"]);
+    let (qemu_intruder, _) = qemu_io_tls(&intruder, port, &["read -P 5 0 64k"]);
+    drop(qemu);
+    assert!(qemu_laptop, "qemu-nbd must admit the laptop: {out_l}");
+    assert!(!qemu_intruder, "qemu-nbd must refuse the intruder");
+
+    // Ours, with the same objects.
+    let port = free_port();
+    let mut daemon = serve(
+        dir,
+        &[
+            "--object".into(),
+            creds,
+            "--object".into(),
+            authz,
+            "--blockdev".into(),
+            format!(
+                "driver=raw,node-name=n,file.driver=file,file.filename={}",
+                image.display()
+            ),
+            "--nbd-server".into(),
+            format!(
+                "addr.type=inet,addr.host=127.0.0.1,addr.port={port},tls-creds=tls0,tls-authz=auth0"
+            ),
+            "--export".into(),
+            "type=nbd,id=e,node-name=n,name=disk,writable=on".into(),
+        ],
+    );
+    let (ours_laptop, out) = qemu_io_tls(&laptop, port, &["read -P 5 0 64k"]);
+    assert!(ours_laptop, "{out}");
+    let (ours_intruder, out) = qemu_io_tls(&intruder, port, &["read -P 5 0 64k"]);
+    assert!(!ours_intruder, "{out}");
+    let (again, out) = qemu_io_tls(&laptop, port, &["read -P 5 0 64k"]);
+    assert!(again, "{out}");
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}

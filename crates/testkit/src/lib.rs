@@ -371,6 +371,12 @@ pub mod pki {
     /// valid for `localhost` and `127.0.0.1`; `client`: common name
     /// `client`) signed by CA `ca`; returns its path.
     pub fn creds(dir: &Path, ca: &str, role: &str, out: &str) -> PathBuf {
+        creds_for(dir, ca, role, out, &format!("/CN={role}"))
+    }
+
+    /// [`creds`] with the certificate's subject given (`openssl`'s
+    /// `/C=…/O=…/CN=…` form).
+    pub fn creds_for(dir: &Path, ca: &str, role: &str, out: &str, subject: &str) -> PathBuf {
         std::fs::create_dir_all(dir.join(out)).expect("a directory");
         let ext = dir.join(format!("{out}-{role}.ext"));
         let usage = if role == "server" {
@@ -391,15 +397,7 @@ pub mod pki {
         openssl(
             dir,
             &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={role}"),
-                "-keyout",
-                &key,
-                "-out",
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out",
                 &csr,
             ],
         );

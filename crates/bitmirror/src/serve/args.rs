@@ -20,6 +20,9 @@ pub struct NbdServerArgs {
     pub handshake_max_seconds: u32,
     /// The id of a `tls-creds-x509` object with `endpoint=server`.
     pub tls_creds: Option<String>,
+    /// The id of an `authz-simple` object: the one client certificate
+    /// subject let in.
+    pub tls_authz: Option<String>,
 }
 
 impl NbdServerArgs {
@@ -34,7 +37,7 @@ impl NbdServerArgs {
         };
         addr_obj.finish()?;
         let tls_creds = obj.opt_str("tls-creds")?;
-        obj.opt_str("tls-authz")?;
+        let tls_authz = obj.opt_str("tls-authz")?;
         let max_connections = obj.opt_u32("max-connections")?.unwrap_or(0);
         let handshake_max_seconds = obj.opt_u32("handshake-max-seconds")?.unwrap_or(10);
         Ok(NbdServerArgs {
@@ -42,6 +45,7 @@ impl NbdServerArgs {
             max_connections,
             handshake_max_seconds,
             tls_creds,
+            tls_authz,
         })
     }
 }
@@ -140,6 +144,7 @@ pub const OBJECT_TYPES: &[(&str, &str)] = &[
     ("iothread", "iothread"),
     ("throttle-group", "throttle-group"),
     ("tls-creds-x509", "tls-creds-x509"),
+    ("authz-simple", "authz-simple"),
 ];
 
 /// `object-add` / `--object`: a QOM type, an id, and its properties.

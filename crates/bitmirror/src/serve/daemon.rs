@@ -29,6 +29,8 @@ pub struct QomObject {
     pub id: String,
     /// For `tls-creds-x509`: the loaded credentials.
     pub tls: Option<TlsCreds>,
+    /// For `authz-simple`: the identity it lets in.
+    pub identity: Option<String>,
 }
 
 /// A `tls-creds-x509` object.
@@ -264,9 +266,35 @@ impl Daemon {
         if nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        let tls = match &args.tls_creds {
-            None => None,
-            Some(id) => Some(self.server_tls(id)?),
+        let tls = match (&args.tls_creds, &args.tls_authz) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(QmpError::generic(
+                    "tls-authz is not supported without tls-creds",
+                ));
+            }
+            (Some(id), None) => Some(self.server_tls(id)?),
+            (Some(id), Some(authz)) => {
+                let creds = self.server_tls(id)?;
+                let identity = self
+                    .objects()
+                    .iter()
+                    .find(|o| o.id == *authz)
+                    .map(|o| o.identity.clone());
+                match identity {
+                    Some(Some(identity)) => Some(creds.with_identity(&identity)),
+                    Some(None) => {
+                        return Err(QmpError::generic(format!(
+                            "Object with id '{authz}' is not an authorization object"
+                        )));
+                    }
+                    None => {
+                        return Err(QmpError::generic(format!(
+                            "Authorization object '{authz}' not found"
+                        )));
+                    }
+                }
+            }
         };
         let server = Server::new(ServerOptions {
             max_connections: args.max_connections,
@@ -413,7 +441,11 @@ impl Daemon {
         let mut props = qapi::Object::nested(&Value::Object(args.props.clone()), "", args.keyval)?;
         let mut throttle = None;
         let mut tls = None;
+        let mut identity = None;
         match args.qom_type.as_str() {
+            "authz-simple" => {
+                identity = Some(props.req_str("identity")?);
+            }
             "tls-creds-x509" => {
                 let dir = props.opt_str("dir")?;
                 let server = props
@@ -492,6 +524,7 @@ impl Daemon {
         objects.push(QomObject {
             id: args.id.clone(),
             tls,
+            identity,
         });
         Ok(())
     }

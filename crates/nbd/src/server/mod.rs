@@ -345,6 +345,7 @@ impl Server {
             .accept(stream)
             .await
             .map_err(|e| Error::Tls(format!("handshake with a client failed: {e}")))?;
+        tls.authorize(stream.get_ref().1.peer_certificates())?;
         let (reader, writer) = tokio::io::split(stream);
         let mut reader = BufReader::new(reader);
         let mut writer = BufWriter::new(writer);
