@@ -10,8 +10,8 @@
 //! Run: `cargo bench -p bitmirror --bench jobs_vs_qsd [-- CASE...]` with
 //! mirror cases `full`, `direct`, `sparse`, `nbd`, `bitmap`, `latency` and
 //! backup cases `backup-full`, `backup-incremental`, `backup-latency`, and
-//! `migrate` (`bitmirror migrate`, incremental against full; all by
-//! default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
+//! `migrate` (`bitmirror migrate`, incremental against full), and `tls`
+//! (NBD over TLS against plain, ours and `qemu-nbd`'s; all by default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
 //! 40 GiB of (mostly sparse) room. Every figure is the best of `RUNS` runs
 //! (the machine is shared).
 
@@ -845,6 +845,127 @@ fn migrate_case(dir: &Path, fraction: f64) {
     }
 }
 
+/// A server for the TLS case, killed on drop: its process.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..1000 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listens on port {port}");
+}
+
+/// NBD throughput over TLS against plain TCP on loopback: `nbdcopy` (one
+/// client for all) reads the whole 4 GiB `source` to `null:` from our
+/// server and from `qemu-nbd`, each plain and with `tls-creds`. Best of
+/// `RUNS`, with the server's CPU.
+fn tls_case(dir: &Path, source: &Path) {
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).expect("a directory");
+    testkit::pki::ca(&pki, "bench");
+    let server = testkit::pki::creds(&pki, "bench", "server", "server");
+    let client = testkit::pki::creds(&pki, "bench", "client", "client");
+    let size = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
+    let mut rows = Vec::new();
+    for (who, tls) in [
+        ("bitmirror serve", false),
+        ("bitmirror serve", true),
+        ("qemu-nbd", false),
+        ("qemu-nbd", true),
+    ] {
+        let port = free_port();
+        let creds = format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+            server.display()
+        );
+        let child = if who == "qemu-nbd" {
+            let mut c = std::process::Command::new("qemu-nbd");
+            if tls {
+                c.args(["--object", &creds, "--tls-creds", "tls0"]);
+            }
+            c.args([
+                "-f",
+                "raw",
+                "-r",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-x",
+                "disk",
+                "-t",
+            ])
+            .arg(source)
+            .spawn()
+            .expect("qemu-nbd starts")
+        } else {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_bitmirror"));
+            c.arg("serve");
+            if tls {
+                c.args(["--object", &creds]);
+            }
+            c.args([
+                "--blockdev",
+                &format!(
+                    "driver=raw,node-name=n,file.driver=file,file.filename={}",
+                    source.display()
+                ),
+                "--nbd-server",
+                &format!(
+                    "addr.type=inet,addr.host=127.0.0.1,addr.port={port}{}",
+                    if tls { ",tls-creds=tls0" } else { "" }
+                ),
+                "--export",
+                "type=nbd,id=e,node-name=n,name=disk",
+            ])
+            .spawn()
+            .expect("bitmirror serve starts")
+        };
+        let served = Served(child);
+        wait_port(port);
+        let uri = if tls {
+            format!(
+                "nbds://localhost:{port}/disk?tls-certificates={}",
+                client.display()
+            )
+        } else {
+            format!("nbd://127.0.0.1:{port}/disk")
+        };
+        let mut best = (f64::INFINITY, 0.0);
+        for _ in 0..RUNS {
+            let cpu0 = cpu_seconds(served.0.id());
+            let t = Instant::now();
+            run("nbdcopy", &[&uri, "null:"]);
+            let took = t.elapsed().as_secs_f64();
+            if took < best.0 {
+                best = (took, cpu_seconds(served.0.id()) - cpu0);
+            }
+        }
+        rows.push((who, tls, best));
+    }
+    let ours_plain = rows[0].2.0;
+    let qemu_tls = rows[3].2.0;
+    for (who, tls, (took, cpu)) in rows {
+        println!(
+            "| {who} | {} | {:.0} MB/s | {cpu:.2} s | {:.2} | {:.2} |",
+            if tls { "TLS" } else { "plain" },
+            size as f64 / took / 1e6,
+            took / ours_plain,
+            took / qemu_tls,
+        );
+    }
+}
+
 /// A raw file of `size` bytes, written through with `pattern` runs of 1 GiB.
 fn full_source(path: &Path, size: u64) {
     if std::fs::metadata(path).is_ok_and(|m| m.len() == size && m.blocks() * 512 >= size) {
@@ -960,6 +1081,15 @@ fn main() {
         for fraction in [0.01, 0.10] {
             backup_incremental_case(dir, fraction);
         }
+    }
+    if want("tls") {
+        full_source(&full, 4 * GIB);
+        println!();
+        println!(
+            "| server | transport | nbdcopy read of 4 GiB | server CPU | time vs ours plain | time vs qemu-nbd TLS |"
+        );
+        println!("|---|---|---|---|---|---|");
+        tls_case(dir, &full);
     }
     if want("migrate") {
         println!();
