@@ -1,8 +1,11 @@
-//! NBD over TLS with QEMU's x509 credentials (`tls-creds-x509`), the
-//! certificates made in the test with `openssl`: QEMU's own NBD client
-//! (`qemu-io`, `qemu-img`) reads and writes through our TLS export; a plain
-//! client and a client whose certificate another CA signed are refused,
-//! and the server goes on serving.
+//! Security: NBD over TLS with QEMU's x509 credentials
+//! (`tls-creds-x509`), the certificates made in the test with `openssl`
+//! (`testkit::pki`). QEMU's own NBD client (`qemu-io`) reads and writes
+//! through our TLS export; a plain client and a client whose certificate
+//! another CA signed are refused, and the server goes on serving; our
+//! client nodes talk TLS to `qemu-nbd`; a migration runs between TLS-only
+//! daemons; `tls-authz` admits the same client as `qemu-nbd --tls-authz`;
+//! the QMP socket is its owner's only.
 
 mod common;
 
@@ -489,6 +492,25 @@ fn tls_authz_admits_the_same_client_as_qemu_nbd() {
     assert!(!ours_intruder, "{out}");
     let (again, out) = qemu_io_tls(&laptop, port, &["read -P 5 0 64k"]);
     assert!(again, "{out}");
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}
+
+/// The QMP socket only lets its owner in (mode 0600 under the usual umask
+/// 022): whoever can connect controls the daemon.
+#[test]
+fn the_qmp_socket_is_the_owners_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let mut daemon = serve(tmp.path(), &[]);
+    let mode = std::fs::metadata(daemon.qmp_path())
+        .expect("the socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode & 0o077, 0, "group or others may connect: {mode:o}");
+    assert_eq!(mode & 0o600, 0o600, "{mode:o}");
     let mut qmp = daemon.qmp();
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
