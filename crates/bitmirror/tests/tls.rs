@@ -143,6 +143,25 @@ fn tls_credentials_errors_are_qemus() {
             .expect_err("refused");
         assert_eq!(e.desc, words);
     }
+    // tls-authz with credentials that ask clients for no certificate.
+    qmp.execute_ok(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "lax", "endpoint": "server",
+               "verify-peer": false, "dir": path_str(&dir.join("server"))}),
+    );
+    qmp.execute_ok(
+        "object-add",
+        json!({"qom-type": "authz-simple", "id": "auth0", "identity": "CN=x"}),
+    );
+    let mut args = start("lax");
+    args["tls-authz"] = json!("auth0");
+    let e = qmp.execute("nbd-server-start", args).expect_err("refused");
+    assert!(e.desc.contains("verify-peer=on"), "{e:?}");
+    let mut args = start("nosuch");
+    args.as_object_mut().map(|o| o.remove("tls-creds"));
+    args["tls-authz"] = json!("auth0");
+    let e = qmp.execute("nbd-server-start", args).expect_err("refused");
+    assert_eq!(e.desc, "tls-authz is not supported without tls-creds");
     // Files that are not there: said when the object is made.
     let e = qmp
         .execute(

@@ -24,6 +24,8 @@ pub struct ServerTls {
     /// The one client certificate subject let in (QEMU's `authz-simple`
     /// `identity`), when there is such a rule.
     identity: Option<String>,
+    /// Whether clients must show a certificate.
+    verify_peer: bool,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -97,7 +99,13 @@ impl ServerTls {
             config: Arc::new(config),
             dir: dir.display().to_string(),
             identity: None,
+            verify_peer,
         })
+    }
+
+    /// Whether clients must show a certificate the CA signed.
+    pub fn verify_peer(&self) -> bool {
+        self.verify_peer
     }
 
     /// These credentials, letting in only clients whose certificate's
@@ -252,10 +260,10 @@ fn attribute_name(oid: &[u8]) -> String {
     // Dotted form: the first byte holds two arcs.
     let mut arcs = Vec::new();
     let mut value = 0u64;
-    for (i, &b) in oid.iter().enumerate() {
+    for &b in oid {
         value = (value << 7) | u64::from(b & 0x7f);
         if b & 0x80 == 0 {
-            if arcs.is_empty() && i < oid.len() {
+            if arcs.is_empty() {
                 let first = (value / 40).min(2);
                 arcs.push(first);
                 arcs.push(value - first * 40);
@@ -274,10 +282,11 @@ fn attribute_name(oid: &[u8]) -> String {
 /// An attribute value escaped as RFC 4514 asks.
 fn escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
     for (i, c) in value.chars().enumerate() {
         let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
             || (i == 0 && matches!(c, '#' | ' '))
-            || (i + 1 == value.chars().count() && c == ' ');
+            || (i == last && c == ' ');
         if special {
             out.push('\\');
         }

@@ -32,10 +32,9 @@ pub async fn serve(
                     .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?,
             );
             // Whoever can connect controls the daemon: owner only (QEMU
-            // leaves the umask's 0755), or less if the umask says so.
+            // leaves the umask's mode, usually 0755).
             use std::os::unix::fs::PermissionsExt;
-            let mode = 0o600 & !current_umask();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("Failed to restrict {}: {e}", path.display()))?;
             let accept = move || {
                 let l = listener.clone();
@@ -160,18 +159,4 @@ where
     if let Err(e) = monitor.serve(reader, writer, stop).await {
         tracing::debug!("monitor session ended: {e}");
     }
-}
-
-/// The process's umask, read without changing it (`/proc/self/status`);
-/// QEMU's usual 022 if that cannot be read.
-fn current_umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        })
-        .unwrap_or(0o022)
 }

@@ -276,6 +276,13 @@ impl Daemon {
             (Some(id), None) => Some(self.server_tls(id)?),
             (Some(id), Some(authz)) => {
                 let creds = self.server_tls(id)?;
+                if !creds.verify_peer() {
+                    // QEMU skips the check then and lets everyone in;
+                    // refusing says so instead of locking everyone out.
+                    return Err(QmpError::generic(format!(
+                        "tls-authz needs TLS credentials with verify-peer=on ('{id}' has it off)"
+                    )));
+                }
                 let identity = self
                     .objects()
                     .iter()
