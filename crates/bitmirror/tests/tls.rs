@@ -534,3 +534,79 @@ fn the_qmp_socket_is_the_owners_only() {
     qmp.execute_ok("quit", json!({}));
     assert_eq!(daemon.wait_exit(), Some(0));
 }
+
+/// An overlay whose header names its backing file as an NBD URI: refused
+/// by default (a guest may have written that header), read through our
+/// NBD client when the node says `x-backing-protocols=on`.
+#[test]
+fn nbd_backing_names_open_only_when_allowed() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0x42u8; 1 << 20]).expect("a base");
+    let sock = dir.join("base.sock");
+    let peer = Command::new(require_tool("qemu-nbd", "qemu-utils"))
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "-t",
+            "-k",
+            path_str(&sock),
+            path_str(&base),
+        ])
+        .spawn()
+        .expect("qemu-nbd starts");
+    let _peer = QemuNbd(peer);
+    while !sock.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let overlay = dir.join("overlay.qcow2");
+    let name = format!("nbd+unix:///?socket={}", sock.display());
+    testkit::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &name,
+            "-F",
+            "raw",
+            path_str(&overlay),
+            "1M",
+        ],
+    );
+    let nbd_sock = dir.join("nbd.sock");
+    let mut daemon = serve(
+        dir,
+        &[
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", nbd_sock.display()),
+        ],
+    );
+    let mut qmp = daemon.qmp();
+    let node = |allow: bool| {
+        json!({"driver": "qcow2", "node-name": "o", "x-backing-protocols": allow,
+               "file": {"driver": "file", "filename": path_str(&overlay)}})
+    };
+    let e = qmp
+        .execute("blockdev-add", node(false))
+        .expect_err("refused");
+    assert!(e.desc.contains("x-backing-protocols=on"), "{e:?}");
+    qmp.execute_ok("blockdev-add", node(true));
+    qmp.execute_ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "o", "name": "o"}),
+    );
+    let uri = format!("nbd+unix:///o?socket={}", nbd_sock.display());
+    let out = testkit::run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x42 0 1M", &uri],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    qmp.execute_ok("quit", json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}

@@ -299,6 +299,7 @@ impl Graph {
                     file,
                     backing,
                     l2_cache_size,
+                    backing_protocols,
                 } => {
                     let edge = self
                         .open_child(file, options, &name, ChildRole::File, created)
@@ -315,9 +316,13 @@ impl Graph {
                     let backing = match backing {
                         Some(child) => child.clone(),
                         None => match driver.backing_file() {
-                            Some((file_name, format)) => {
-                                Some(backing_from_header(&name, &edge, file_name, format)?)
-                            }
+                            Some((file_name, format)) => Some(backing_from_header(
+                                &name,
+                                &edge,
+                                file_name,
+                                format,
+                                *backing_protocols,
+                            )?),
                             None => None,
                         },
                     };
@@ -483,52 +488,86 @@ fn special_backing_name(name: &str) -> Option<&'static str> {
 /// The backing child a qcow2 image names in its header, as QEMU resolves
 /// it: a relative name is relative to the image's directory; the format is
 /// the header's, or probed (qcow2 magic, else raw). It opens read-only.
+/// `json:` and protocol names (`nbd:…`, `nbd://…`, `nbd+unix://…`,
+/// `file:…`) only with `protocols` (the node's `x-backing-protocols`): a
+/// guest may have written the header, and such a name could make us open
+/// any host file or reach any server.
 fn backing_from_header(
     node: &str,
     file: &Arc<Edge>,
     name: &str,
     format: Option<&str>,
+    protocols: bool,
 ) -> Result<ChildRef> {
+    let bad = |reason: String| Error::BadImage {
+        node: node.to_owned(),
+        format: "qcow2",
+        reason,
+    };
+    let mut name = name;
+    let mut protocol_file = None;
     if let Some(kind) = special_backing_name(name) {
-        // A guest may have written this header: a `json:` or protocol name
-        // could make us open any host file or reach any server.
-        return Err(Error::BadImage {
-            node: node.to_owned(),
-            format: "qcow2",
-            reason: format!(
+        if !protocols {
+            return Err(bad(format!(
                 "its backing file name '{name}' is a {kind}, which bitmirror refuses to open \
-                 from an image header (see docs/security.md); give the backing node in the \
-                 options instead"
-            ),
-        });
-    }
-    let path = std::path::Path::new(name);
-    let path = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        let image = file.node();
-        let dir = image
-            .filename()
-            .and_then(|f| std::path::Path::new(f).parent().map(|p| p.to_path_buf()))
-            .ok_or_else(|| Error::BadImage {
+                 from an image header unless the node has x-backing-protocols=on (see \
+                 docs/security.md); or give the backing node in the options"
+            )));
+        }
+        if let Some(json) = name.strip_prefix("json:") {
+            let value: serde_json::Value = serde_json::from_str(json)
+                .map_err(|e| bad(format!("its json: backing file name does not parse: {e}")))?;
+            let mut options = BlockdevOptions::from_json(&value)?;
+            options.read_only = true;
+            options.explicit.read_only = true;
+            return Ok(ChildRef::Inline(Box::new(options)));
+        }
+        if let Some(path) = name.strip_prefix("file:") {
+            name = path;
+        } else if let Some(nbd) = crate::options::nbd_filename(name) {
+            protocol_file = Some(BlockdevOptions::from_json(&nbd)?);
+        } else {
+            let protocol = name.split(':').next().unwrap_or(name);
+            return Err(Error::UnsupportedFeature {
                 node: node.to_owned(),
-                format: "qcow2",
-                reason: format!("cannot resolve the relative backing file '{name}'"),
-            })?;
-        dir.join(path)
+                feature: format!("a backing file over protocol '{protocol}'"),
+            });
+        }
+    }
+    let (file, format) = match protocol_file {
+        Some(nbd) => (
+            ChildRef::Inline(Box::new(nbd)),
+            format.unwrap_or("raw").to_owned(),
+        ),
+        None => {
+            let path = std::path::Path::new(name);
+            let path = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                let image = file.node();
+                let dir = image
+                    .filename()
+                    .and_then(|f| std::path::Path::new(f).parent().map(|p| p.to_path_buf()))
+                    .ok_or_else(|| {
+                        bad(format!("cannot resolve the relative backing file '{name}'"))
+                    })?;
+                dir.join(path)
+            };
+            let filename = path.to_string_lossy().into_owned();
+            let format = match format {
+                Some(f) => f.to_owned(),
+                None => probe_format(&filename),
+            };
+            let file = ChildRef::Inline(Box::new(BlockdevOptions::new(
+                None,
+                DriverOptions::File {
+                    filename,
+                    aio: Aio::Threads,
+                },
+            )));
+            (file, format)
+        }
     };
-    let filename = path.to_string_lossy().into_owned();
-    let format = match format {
-        Some(f) => f.to_owned(),
-        None => probe_format(&filename),
-    };
-    let file = ChildRef::Inline(Box::new(BlockdevOptions::new(
-        None,
-        DriverOptions::File {
-            filename,
-            aio: Aio::Threads,
-        },
-    )));
     let driver = match format.as_str() {
         "raw" => DriverOptions::Raw {
             file,
@@ -539,6 +578,7 @@ fn backing_from_header(
             file,
             backing: None,
             l2_cache_size: None,
+            backing_protocols: false,
         },
         other => {
             return Err(Error::UnsupportedFeature {

@@ -83,6 +83,10 @@ pub enum DriverOptions {
         /// Memory for cached L2 tables in bytes (`l2-cache-size`; 32 MiB
         /// by default, at least two tables).
         l2_cache_size: Option<u64>,
+        /// Whether the image's header may name its backing file with `json:`
+        /// or a protocol (`x-backing-protocols`, ours; off by default, as a
+        /// guest may have written the header).
+        backing_protocols: bool,
     },
     /// `nbd`: an export on an NBD server (opened by the driver the NBD
     /// crate registers with [`crate::Graph::register_driver`]).
@@ -359,6 +363,7 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
             file: req_child(&mut f, "file")?,
             backing: opt_nullable_child(&mut f, "backing")?,
             l2_cache_size: f.opt_u64("l2-cache-size")?,
+            backing_protocols: f.opt_bool("x-backing-protocols")?.unwrap_or(false),
         },
         "nbd" => {
             let mut server = f.req_object("server")?;
@@ -462,6 +467,47 @@ pub fn check_node_name_length(name: &str) -> Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// QEMU's NBD filenames (`nbd:unix:PATH[:exportname=E]`,
+/// `nbd:HOST:PORT[:exportname=E]`, `nbd://HOST[:PORT]/E`,
+/// `nbd+unix:///E?socket=PATH`) as a `driver=nbd` node's options; `None`
+/// for anything else.
+pub fn nbd_filename(name: &str) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let (server, export) = if let Some(rest) = name.strip_prefix("nbd:unix:") {
+        let (path, export) = match rest.split_once(":exportname=") {
+            Some((p, e)) => (p, Some(e)),
+            None => (rest, None),
+        };
+        (json!({"type": "unix", "path": path}), export)
+    } else if let Some(rest) = name.strip_prefix("nbd+unix://") {
+        let (path_part, query) = rest.split_once('?')?;
+        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
+        let export = path_part.strip_prefix('/').filter(|e| !e.is_empty());
+        (json!({"type": "unix", "path": socket}), export)
+    } else if let Some(rest) = name.strip_prefix("nbd://") {
+        let (hostport, export) = match rest.split_once('/') {
+            Some((h, e)) => (h, Some(e).filter(|e| !e.is_empty())),
+            None => (rest, None),
+        };
+        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+        (json!({"type": "inet", "host": host, "port": port}), export)
+    } else if let Some(rest) = name.strip_prefix("nbd:") {
+        let (hostport, export) = match rest.split_once(":exportname=") {
+            Some((h, e)) => (h, Some(e)),
+            None => (rest, None),
+        };
+        let (host, port) = hostport.rsplit_once(':')?;
+        (json!({"type": "inet", "host": host, "port": port}), export)
+    } else {
+        return None;
+    };
+    let mut o = json!({"driver": "nbd", "server": server});
+    if let Some(e) = export {
+        o["export"] = json!(e);
+    }
+    Some(o)
 }
 
 #[cfg(test)]

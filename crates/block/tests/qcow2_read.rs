@@ -484,6 +484,32 @@ async fn backing_names_that_are_not_file_names_are_refused() {
         let text = e.to_string();
         assert!(text.contains("refuses to open"), "{name}: {text}");
     }
+    // With x-backing-protocols=on the operator vouches for the image: the
+    // json: name opens (NBD names are tested in the daemon's tests), and a
+    // protocol we lack is named.
+    let g = Graph::new();
+    let node = open_qcow2(
+        &g,
+        "a",
+        &path(dir.path(), "h0.qcow2"),
+        json!({"x-backing-protocols": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        node.read(0, 18).await.unwrap().into_vec(),
+        b"host file contents"
+    );
+    let e = open_qcow2(
+        &g,
+        "r",
+        &path(dir.path(), "h3.qcow2"),
+        json!({"x-backing-protocols": true}),
+    )
+    .await
+    .expect_err("no rbd yet");
+    assert!(e.to_string().contains("protocol 'rbd'"), "{e}");
+    drop(node);
     let image = path(dir.path(), "plain.qcow2");
     run(
         "qemu-img",

@@ -178,40 +178,7 @@ pub async fn drive_mirror(daemon: &Arc<Daemon>, args: &mut Object) -> Result<(),
 
 /// QEMU's NBD filenames as an `nbd` node's options.
 pub(crate) fn nbd_filename(name: &str) -> Option<serde_json::Value> {
-    use serde_json::json;
-    let (server, export) = if let Some(rest) = name.strip_prefix("nbd:unix:") {
-        let (path, export) = match rest.split_once(":exportname=") {
-            Some((p, e)) => (p, Some(e)),
-            None => (rest, None),
-        };
-        (json!({"type": "unix", "path": path}), export)
-    } else if let Some(rest) = name.strip_prefix("nbd+unix://") {
-        let (path_part, query) = rest.split_once('?')?;
-        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
-        let export = path_part.strip_prefix('/').filter(|e| !e.is_empty());
-        (json!({"type": "unix", "path": socket}), export)
-    } else if let Some(rest) = name.strip_prefix("nbd://") {
-        let (hostport, export) = match rest.split_once('/') {
-            Some((h, e)) => (h, Some(e).filter(|e| !e.is_empty())),
-            None => (rest, None),
-        };
-        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
-        (json!({"type": "inet", "host": host, "port": port}), export)
-    } else if let Some(rest) = name.strip_prefix("nbd:") {
-        let (hostport, export) = match rest.split_once(":exportname=") {
-            Some((h, e)) => (h, Some(e)),
-            None => (rest, None),
-        };
-        let (host, port) = hostport.rsplit_once(':')?;
-        (json!({"type": "inet", "host": host, "port": port}), export)
-    } else {
-        return None;
-    };
-    let mut o = json!({"driver": "nbd", "server": server});
-    if let Some(e) = export {
-        o["export"] = json!(e);
-    }
-    Some(o)
+    block::options::nbd_filename(name)
 }
 
 /// Opens (creating it first unless it exists already) `drive-mirror`'s
