@@ -741,6 +741,14 @@ impl Job {
                 }
             }
         };
+        // A job cancelled while paused (or resumed, before its pause point
+        // saw it) runs again on its way out, as QEMU's does: the states
+        // allow no step from `paused` or `standby` to `aborting`.
+        match self.status() {
+            JobStatus::Paused => self.transition(JobStatus::Running),
+            JobStatus::Standby => self.transition(JobStatus::Ready),
+            _ => {}
+        }
         let cancelled = self.is_cancelled();
         if let Some(group) = self.group.get().cloned() {
             return self.end_in_group(&group, result, cancelled).await;
