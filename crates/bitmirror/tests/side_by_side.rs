@@ -1307,3 +1307,26 @@ fn grouped_transactions_match() {
     p.both(ex("job-finalize", json!({"id": "g2"})));
     same_job_events_until_null(&mut p, &["g1", "g2"]);
 }
+
+/// Cancelling a paused job, and one resumed a moment before: the job runs
+/// again on its way out (`paused`, `running`, `aborting`, …), as QEMU's.
+#[test]
+fn cancel_while_paused_matches() {
+    let mut p = null_co_pair(&[("s", 67108864), ("t", 67108864)]);
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    for (id, resume_first) in [("m0", false), ("m1", true)] {
+        p.both(ex(
+            "blockdev-mirror",
+            json!({"job-id": id, "device": "s", "target": "t", "sync": "full", "speed": 1,
+                   "buf-size": 1048576}),
+        ));
+        p.both(ex("block-job-pause", json!({"device": id})));
+        same_events_until(&mut p, "paused");
+        if resume_first {
+            p.both(ex("block-job-resume", json!({"device": id})));
+        }
+        p.both(ex("block-job-cancel", json!({"device": id, "force": true})));
+        same_events_until(&mut p, "null");
+        p.both(ex("query-block-jobs", json!({})));
+    }
+}

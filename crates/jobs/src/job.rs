@@ -636,6 +636,9 @@ impl Job {
     pub fn pause(&self) -> Result<(), Error> {
         self.check_verb(Verb::Pause)?;
         lock(&self.state).user_paused = true;
+        // A job sleeping out its speed limit pauses now, not when the
+        // sleep ends (at 1 B/s that could be days), as QEMU's does.
+        self.wake.notify_waiters();
         Ok(())
     }
 
