@@ -640,3 +640,53 @@ fn a_bitmap_that_cannot_follow_is_removed_not_left_partial() {
     qb.execute_ok("quit", json!({}));
     assert_eq!(b.wait_exit(), Some(0));
 }
+
+/// The destination may be qemu-storage-daemon itself when no bitmap
+/// moves: `bitmirror migrate` only uses QEMU's commands there.
+#[test]
+fn a_full_migration_into_qemu_storage_daemon() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let mut a = host_a_after_full_backup(dir);
+    let b_dir = dir.join("b");
+    std::fs::create_dir(&b_dir).expect("a directory");
+    let b_sock = b_dir.join("nbd.sock");
+    let mut b = StorageDaemon::start(
+        &b_dir,
+        &[
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", b_sock.display()),
+        ],
+    );
+    // B is persistent on A: a full migration without --source-nbd must
+    // say it cannot move it, so drop it first (QEMU's daemon could not
+    // pull it anyway).
+    a.qmp().execute_ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "src", "name": "B"}),
+    );
+    let dest = b_dir.join("src.qcow2");
+    let (code, out) = bitmirror(&[
+        "migrate",
+        "--from",
+        path_str(a.qmp_path()),
+        "--to",
+        path_str(b.qmp_path()),
+        "--node",
+        "src",
+        "--dest-image",
+        path_str(&dest),
+        "--dest-nbd",
+        &format!("unix:{}", b_sock.display()),
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("migrated 'src' (full mirror)"), "{out}");
+    let mut qa = a.qmp();
+    qa.execute_ok("quit", json!({}));
+    assert_eq!(a.wait_exit(), Some(0));
+    let mut qb = b.qmp();
+    qb.execute_ok("quit", json!({}));
+    assert_eq!(b.wait_exit(), Some(0));
+    run("qemu-img", &["check", path_str(&dest)]);
+    common::assert_identical(&dir.join("src.qcow2"), &dest);
+}
