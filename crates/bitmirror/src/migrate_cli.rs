@@ -22,6 +22,8 @@
 //! unchanged.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -152,8 +154,31 @@ pub struct Summary {
     pub export: String,
 }
 
-/// Runs one migration; prints its summary.
+/// Set by SIGINT or SIGTERM while `bitmirror migrate` runs: the
+/// migration stops before the cut-over and undoes what it made.
+fn interrupted() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// Fails when the user interrupted the migration.
+fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted().load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Runs one migration; prints its summary. The first Ctrl-C (or SIGTERM)
+/// before the cut-over stops it and undoes what it made on both daemons;
+/// a second one ends the process at once.
 pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let flag = interrupted().clone();
+        signal_hook::flag::register_conditional_shutdown(signal, 130, flag.clone())
+            .and_then(|_| signal_hook::flag::register(signal, flag))
+            .context("cannot handle Ctrl-C")?;
+    }
     let s = run(a)?;
     println!(
         "migrated '{}' ({} mirror): copied {} of {} ({:.1}%) in {:.1} s; cut-over {:.0} ms",
@@ -323,6 +348,7 @@ fn wait_concluded(qmp: &mut QmpClient, id: &str) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!("job '{id}' did not finish within a minute");
         }
+        check_interrupted()?;
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -445,6 +471,10 @@ fn follow_to_ready(qmp: &mut QmpClient, job: &str) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     loop {
+        if let Err(e) = check_interrupted() {
+            bar.finish_and_clear();
+            return Err(e);
+        }
         while let Some(e) = qmp.next_event(Duration::from_millis(100))? {
             if e["data"]["device"] != job && e["data"]["id"] != job {
                 continue;

@@ -690,3 +690,42 @@ fn a_full_migration_into_qemu_storage_daemon() {
     run("qemu-img", &["check", path_str(&dest)]);
     common::assert_identical(&dir.join("src.qcow2"), &dest);
 }
+
+/// Ctrl-C (SIGINT) while the mirror runs: the migration stops, undoes what
+/// it made on both daemons, and says the source is still in charge.
+#[test]
+fn an_interrupted_migration_undoes_itself() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let mut a = host_a_after_full_backup(dir);
+    let (mut b, _) = host_b(dir);
+    let nodes_before = nodes_and_jobs(&mut a.qmp()).0;
+    let args = migrate_args(dir, &a, &b, &["--bitmap", "B", "--speed", "1048576"]);
+    let child = Command::new(env!("CARGO_BIN_EXE_bitmirror"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bitmirror runs");
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().expect("bitmirror ends");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("interrupted"), "{text}");
+    assert!(text.contains("the source is unchanged"), "{text}");
+    let mut qa = a.qmp();
+    let (nodes, jobs) = nodes_and_jobs(&mut qa);
+    assert_eq!(nodes, nodes_before);
+    assert_eq!(jobs, json!([]));
+    assert!(!dir.join("b").join("src.qcow2").exists());
+    let mut qb = b.qmp();
+    assert_eq!(nodes_and_jobs(&mut qb).0, Vec::<String>::new());
+    qa.execute_ok("quit", json!({}));
+    assert_eq!(a.wait_exit(), Some(0));
+    qb.execute_ok("quit", json!({}));
+    assert_eq!(b.wait_exit(), Some(0));
+}
