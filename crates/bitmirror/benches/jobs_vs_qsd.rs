@@ -984,6 +984,12 @@ fn full_source(path: &Path, size: u64) {
     run("qemu-io", &args);
 }
 
+/// Prints a markdown table's header row and the separator under it.
+fn table(header: &str) {
+    println!("{header}");
+    println!("|{}", "---|".repeat(header.matches('|').count() - 1));
+}
+
 fn main() {
     let wanted: Vec<String> = std::env::args()
         .skip(1)
@@ -997,10 +1003,9 @@ fn main() {
     let full = dir.join("full.raw");
 
     if want("full") || want("direct") || want("sparse") || want("nbd") {
-        println!(
-            "| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU |"
+        table(
+            "| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU |",
         );
-        println!("|---|---|---|---|---|---|---|");
     }
     if [
         "full",
@@ -1054,30 +1059,24 @@ fn main() {
     }
     if want("bitmap") {
         println!();
-        println!("| case | mirror to READY | pread/pwrite loop | ratio |");
-        println!("|---|---|---|---|");
+        table("| case | mirror to READY | pread/pwrite loop | ratio |");
         for fraction in [0.01, 0.10] {
             bitmap_case(dir, fraction);
         }
     }
     if want("latency") {
         println!();
-        println!("| copy mode | daemon | guest writes | p50 | p99 | p99 vs QEMU | time to READY |");
-        println!("|---|---|---|---|---|---|---|");
+        table("| copy mode | daemon | guest writes | p50 | p99 | p99 vs QEMU | time to READY |");
         latency_case(dir, &full);
     }
     if want("backup-full") {
         println!();
-        println!("| case | daemon | time | CPU | time vs dd | time vs QEMU | CPU vs QEMU |");
-        println!("|---|---|---|---|---|---|---|");
+        table("| case | daemon | time | CPU | time vs dd | time vs QEMU | CPU vs QEMU |");
         backup_full_case(dir, &full, 4 * GIB);
     }
     if want("backup-incremental") {
         println!();
-        println!(
-            "| case | qemu-storage-daemon | bitmirror serve | pread/pwrite loop | CPU vs QEMU |"
-        );
-        println!("|---|---|---|---|---|");
+        table("| case | qemu-storage-daemon | bitmirror serve | pread/pwrite loop | CPU vs QEMU |");
         for fraction in [0.01, 0.10] {
             backup_incremental_case(dir, fraction);
         }
@@ -1085,26 +1084,23 @@ fn main() {
     if want("tls") {
         full_source(&full, 4 * GIB);
         println!();
-        println!(
-            "| server | transport | nbdcopy read of 4 GiB | server CPU | time vs ours plain | time vs qemu-nbd TLS |"
+        table(
+            "| server | transport | nbdcopy read of 4 GiB | server CPU | time vs ours plain | time vs qemu-nbd TLS |",
         );
-        println!("|---|---|---|---|---|---|");
         tls_case(dir, &full);
     }
     if want("migrate") {
         println!();
-        println!(
-            "| changed since the backup | migration | moved (overlay) | job progress | time | vs full | cut-over |"
+        table(
+            "| changed since the backup | migration | moved (overlay) | job progress | time | vs full | cut-over |",
         );
-        println!("|---|---|---|---|---|---|---|");
         for fraction in [0.01, 0.10] {
             migrate_case(dir, fraction);
         }
     }
     if want("backup-latency") {
         println!();
-        println!("| during | daemon | guest writes | p50 | p99 | p99 vs QEMU | backup took |");
-        println!("|---|---|---|---|---|---|---|");
+        table("| during | daemon | guest writes | p50 | p99 | p99 vs QEMU | backup took |");
         backup_latency_case(dir, &full);
     }
 }

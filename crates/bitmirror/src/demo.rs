@@ -357,32 +357,10 @@ fn make_disk(rt: &tokio::runtime::Runtime, path: &Path, size: u64) -> anyhow::Re
     })
 }
 
-/// Waits for job `job`'s `BLOCK_JOB_COMPLETED` (or READY with
-/// `ready`); its `offset` (bytes copied).
+/// Waits for job `job`'s `BLOCK_JOB_COMPLETED` (or READY with `ready`);
+/// its `offset` (bytes copied).
 fn wait_job(qmp: &mut QmpClient, job: &str, ready: bool) -> anyhow::Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Some(e) = qmp.next_event(Duration::from_millis(100))? {
-            if e["data"]["device"] == job {
-                match e["event"].as_str() {
-                    Some("BLOCK_JOB_READY") if ready => {
-                        return Ok(e["data"]["offset"].as_u64().unwrap_or(0));
-                    }
-                    Some("BLOCK_JOB_COMPLETED") => {
-                        if let Some(err) = e["data"]["error"].as_str() {
-                            bail!("job '{job}' failed: {err}");
-                        }
-                        return Ok(e["data"]["offset"].as_u64().unwrap_or(0));
-                    }
-                    Some("BLOCK_JOB_CANCELLED") => bail!("job '{job}' was cancelled"),
-                    _ => {}
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("job '{job}' did not finish");
-        }
-    }
+    qmp.wait_block_job(job, ready, Duration::from_secs(600))
 }
 
 /// One row of the closing table.

@@ -452,7 +452,9 @@ fn prepare_and_mirror(
     let cut = Instant::now();
     made.completing = true;
     src.execute("block-job-complete", json!({"device": target}))?;
-    let total = wait_completed(src, &target)?;
+    let total = src
+        .wait_block_job(&target, false, Duration::from_secs(300))
+        .context("the cut-over failed")?;
     let downtime = cut.elapsed();
     made.job = false;
     let _ = src.execute("job-dismiss", json!({"id": target}));
@@ -537,31 +539,6 @@ fn cut_over_refused(src: &mut QmpClient, job: &str) -> bool {
         Some("concluded") => j.get("error").is_some(),
         Some("running" | "ready" | "paused" | "standby") => true,
         _ => false,
-    }
-}
-
-/// Waits for the mirror's `BLOCK_JOB_COMPLETED`; the bytes it copied.
-fn wait_completed(qmp: &mut QmpClient, job: &str) -> anyhow::Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(e) = qmp.next_event(Duration::from_millis(100))? {
-            if e["data"]["device"] != job {
-                continue;
-            }
-            match e["event"].as_str() {
-                Some("BLOCK_JOB_COMPLETED") => {
-                    if let Some(err) = e["data"]["error"].as_str() {
-                        bail!("the cut-over failed: {err}");
-                    }
-                    return Ok(e["data"]["offset"].as_u64().unwrap_or(0));
-                }
-                Some("BLOCK_JOB_CANCELLED") => bail!("the mirror was cancelled"),
-                _ => {}
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the cut-over did not finish within 5 minutes");
-        }
     }
 }
 

@@ -98,4 +98,37 @@ impl QmpClient {
             None => Ok(None),
         }
     }
+
+    /// Waits for block job `job` to end (`BLOCK_JOB_COMPLETED`), or with
+    /// `ready` also for its `BLOCK_JOB_READY`, at most `timeout`; the bytes
+    /// it reports done. A job that ends with an error or is cancelled is an
+    /// error. Other events are dropped.
+    pub fn wait_block_job(
+        &mut self,
+        job: &str,
+        ready: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.next_event(Duration::from_millis(100))? {
+                if e["data"]["device"] != job {
+                    continue;
+                }
+                let offset = e["data"]["offset"].as_u64().unwrap_or(0);
+                match e["event"].as_str() {
+                    Some("BLOCK_JOB_READY") if ready => return Ok(offset),
+                    Some("BLOCK_JOB_COMPLETED") => match e["data"]["error"].as_str() {
+                        Some(err) => bail!("job '{job}' failed: {err}"),
+                        None => return Ok(offset),
+                    },
+                    Some("BLOCK_JOB_CANCELLED") => bail!("job '{job}' was cancelled"),
+                    _ => {}
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("job '{job}' did not finish within {} s", timeout.as_secs());
+            }
+        }
+    }
 }

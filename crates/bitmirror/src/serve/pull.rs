@@ -97,7 +97,8 @@ pub async fn pull(daemon: &Arc<Daemon>, args: &mut Object) -> Result<Value, QmpE
     };
     // The local bitmap first: its checks (granularity, name) come before
     // any network traffic, and its granularity sizes what is read.
-    let existing = node.bitmaps().info().into_iter().find(|b| b.name == a.name);
+    let local = || node.bitmaps().info().into_iter().find(|b| b.name == a.name);
+    let existing = local();
     let granularity = match (&existing, a.granularity) {
         (Some(b), Some(g)) if b.granularity != u64::from(g) => {
             return Err(fail(format!(
@@ -110,11 +111,7 @@ pub async fn pull(daemon: &Arc<Daemon>, args: &mut Object) -> Result<Value, QmpE
             node.add_bitmap(&a.name, g.map(u64::from), a.persistent, a.disabled)
                 .await
                 .map_err(qerr)?;
-            node.bitmaps()
-                .info()
-                .into_iter()
-                .find(|b| b.name == a.name)
-                .map_or(1 << 16, |b| b.granularity)
+            local().map_or(1 << 16, |b| b.granularity)
         }
     };
     let merged = async {
@@ -135,12 +132,7 @@ pub async fn pull(daemon: &Arc<Daemon>, args: &mut Object) -> Result<Value, QmpE
     .await;
     match merged {
         Ok(_) => {
-            let count = node
-                .bitmaps()
-                .info()
-                .into_iter()
-                .find(|b| b.name == a.name)
-                .map_or(0, |b| b.count);
+            let count = local().map_or(0, |b| b.count);
             Ok(json!({"count": count}))
         }
         Err(e) => {
