@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{destination, guest, path_str, serve, wait_event};
+use common::{allocated_in_top, bitmirror, destination, guest, path_str, quit, serve, wait_event};
 use serde_json::{Value, json};
 use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, qemu_io_writes, run};
 
@@ -71,21 +71,6 @@ fn bitmap(qmp: &mut Qmp, node: &str, name: &str) -> Value {
         .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
         .find(|b| b["name"] == name)
         .unwrap_or_else(|| panic!("no bitmap {name} on {node}: {nodes}"))
-}
-
-/// Bytes the top layer of `image` allocates (`qemu-img map`, depth 0).
-fn allocated_in_top(image: &Path) -> u64 {
-    let out = run(
-        "qemu-img",
-        &["map", "--output=json", "-f", "qcow2", path_str(image)],
-    );
-    let map: Value = serde_json::from_str(&out).expect("qemu-img map's JSON");
-    map.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["depth"] == 0 && e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap_or(0))
-        .sum()
 }
 
 /// Starts a backup, lets the guest write `writes` while it runs (slowed
@@ -199,8 +184,7 @@ fn incremental_chain_keeps_each_point_in_time() {
         run("qemu-img", &["check", path_str(&image)]);
         below = image;
     }
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 /// A second daemon exporting `image` as `backup`, and node `tn` of ours
@@ -253,8 +237,7 @@ fn target_dies(mode: &str) -> (Value, Value, u64) {
     let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
     let b0 = bitmap(&mut qmp, "src", "b0");
     let copied = done["data"]["offset"].as_u64().unwrap_or(u64::MAX);
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     assert_eq!(error["data"]["operation"], "write", "{error}");
     assert_eq!(error["data"]["action"], "report", "{error}");
     assert!(done["data"]["error"].is_string(), "{done}");
@@ -317,8 +300,7 @@ fn always_mode_lets_a_second_backup_finish_the_image() {
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["len"], left, "{done}");
     assert_eq!(bitmap(&mut qmp, "src", "b0")["count"], 0);
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     dest.qmp().execute_ok("quit", json!({}));
     assert_eq!(dest.wait_exit(), Some(0));
     assert_same(&snap, &tgt);
@@ -389,23 +371,8 @@ fn a_bitmap_added_with_a_full_backup_misses_no_write() {
     );
     let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     assert_same(&snap, &inc);
-}
-
-/// Runs the `bitmirror` binary; its exit code and its output.
-fn bitmirror(args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitmirror"))
-        .args(args)
-        .output()
-        .expect("bitmirror runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
 }
 
 #[test]
@@ -472,8 +439,7 @@ fn the_backup_verb_makes_a_chain_that_verify_and_qemu_accept() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("the daemon has no node 'nosuch'"), "{out}");
     let mut qmp = daemon.qmp();
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 #[test]
@@ -511,8 +477,7 @@ fn a_failed_copy_before_write_fails_the_guest_write() {
     wait_event(&mut qmp, "BLOCK_JOB_CANCELLED");
     let out = run("qemu-io", &["-f", "raw", "-c", "read -P 1 8M 64k", &uri]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 #[test]
@@ -573,8 +538,7 @@ fn differential_backups_with_never_keep_everything_since_the_full() {
         qmp.execute_ok("blockdev-del", json!({"node-name": "td"}));
         assert_same(&snap, &image);
     }
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 /// `compress=true` into a qcow2 target that `drive-backup` creates, with a
@@ -634,8 +598,7 @@ fn compressed_backups_are_qcow2_that_qemu_reads() {
     qmp.execute_ok("block-job-set-speed", json!({"device": "z", "speed": 0}));
     let done = wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     run("qemu-img", &["check", path_str(&target)]);
     assert_same(&snap, &target);
     let out = run(

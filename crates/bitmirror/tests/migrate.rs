@@ -8,40 +8,23 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{guest, path_str, serve, wait_event};
+use common::{Peer, allocated_in_top, bitmirror, guest, path_str, quit, serve, wait_event};
 use serde_json::{Value, json};
 use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, require_tool, run};
 
 const MIB: u64 = 1 << 20;
 
-/// Kills a peer process when the test ends, failed or not.
-struct Peer(Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `qemu-nbd -r -B bitmap` serving `image` on `sock`.
 fn qemu_nbd_with_bitmap(image: &Path, sock: &Path, bitmap: &str) -> Peer {
-    let child = Command::new(require_tool("qemu-nbd", "qemu-utils"))
-        .args(["-r", "-f", "qcow2", "-t", "-B", bitmap, "-k"])
-        .args([path_str(sock), path_str(image)])
-        .spawn()
-        .expect("qemu-nbd starts");
-    let peer = Peer(child);
-    for _ in 0..500 {
-        if sock.exists() {
-            return peer;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("qemu-nbd did not create {}", sock.display());
+    Peer::start(
+        Command::new(require_tool("qemu-nbd", "qemu-utils"))
+            .args(["-r", "-f", "qcow2", "-t", "-B", bitmap, "-k"])
+            .args([path_str(sock), path_str(image)]),
+        || sock.exists(),
+    )
 }
 
 fn unix(sock: &Path) -> Value {
@@ -178,10 +161,8 @@ fn bitmaps_pulled_from_qemu_nbd_qsd_and_bitmirror_are_identical() {
     let r = pull(&mut q, "mixed", &nbd_sock, "");
     assert_eq!(r["count"], expected, "{r}");
 
-    q.execute_ok("quit", json!({}));
-    assert_eq!(ours.wait_exit(), Some(0));
-    qq.execute_ok("quit", json!({}));
-    assert_eq!(qsd.wait_exit(), Some(0));
+    quit(&mut q, &mut ours);
+    quit(&mut qq, &mut qsd);
 }
 
 #[test]
@@ -258,34 +239,7 @@ fn a_failed_pull_says_why_and_changes_nothing() {
                "bitmap": "b0"}),
     );
     assert_eq!(r["count"], (64 + 320 + 64 + 1024) * 1024, "{r}");
-    q.execute_ok("quit", json!({}));
-    assert_eq!(ours.wait_exit(), Some(0));
-}
-
-/// `bitmirror CLI args`: its exit code and its output (both streams).
-fn bitmirror(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bitmirror"))
-        .args(args)
-        .output()
-        .expect("bitmirror runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code(), text)
-}
-
-/// Bytes the top layer of `image` allocates (`qemu-img map`, depth 0).
-fn allocated_in_top(image: &Path) -> u64 {
-    let out = run(
-        "qemu-img",
-        &["map", "--output=json", "-f", "qcow2", path_str(image)],
-    );
-    let map: Value = serde_json::from_str(&out).expect("qemu-img map's JSON");
-    map.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["depth"] == 0 && e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap_or(0))
-        .sum()
+    quit(&mut q, &mut ours);
 }
 
 /// Host A: a 64 MiB qcow2 node `src` (48 MiB of data) exported writable as
@@ -446,10 +400,8 @@ fn the_founding_workflow_migrates_only_what_changed_and_the_bitmap_follows() {
         .find(|b| b["name"] == "B")
         .map(|b| b["count"].clone());
     assert_eq!(count, Some(json!(17 * MIB + 65536)), "{nodes}");
-    qa.execute_ok("quit", json!({}));
-    assert_eq!(a.wait_exit(), Some(0));
-    qb.execute_ok("quit", json!({}));
-    assert_eq!(b.wait_exit(), Some(0));
+    quit(&mut qa, &mut a);
+    quit(&mut qb, &mut b);
 
     // B's overlay over the shared image reads as A's disk did (plus the
     // write made after the cut-over), and holds only what changed since
@@ -547,8 +499,7 @@ fn a_failed_migration_leaves_the_source_in_charge() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // And the image the destination had begun is gone.
     assert!(!dir.join("b").join("src.qcow2").exists());
-    qa.execute_ok("quit", json!({}));
-    assert_eq!(a.wait_exit(), Some(0));
+    quit(&mut qa, &mut a);
 }
 
 /// `bitmirror demo` (smaller than its default, for the debug build): every
@@ -635,10 +586,8 @@ fn a_bitmap_that_cannot_follow_is_removed_not_left_partial() {
     // The source keeps its copy (disabled), for the operator.
     let mut qa = a.qmp();
     sha256(&mut qa, "src", "B");
-    qa.execute_ok("quit", json!({}));
-    assert_eq!(a.wait_exit(), Some(0));
-    qb.execute_ok("quit", json!({}));
-    assert_eq!(b.wait_exit(), Some(0));
+    quit(&mut qa, &mut a);
+    quit(&mut qb, &mut b);
 }
 
 /// The destination may be qemu-storage-daemon itself when no bitmap
@@ -682,11 +631,9 @@ fn a_full_migration_into_qemu_storage_daemon() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("migrated 'src' (full mirror)"), "{out}");
     let mut qa = a.qmp();
-    qa.execute_ok("quit", json!({}));
-    assert_eq!(a.wait_exit(), Some(0));
+    quit(&mut qa, &mut a);
     let mut qb = b.qmp();
-    qb.execute_ok("quit", json!({}));
-    assert_eq!(b.wait_exit(), Some(0));
+    quit(&mut qb, &mut b);
     run("qemu-img", &["check", path_str(&dest)]);
     common::assert_identical(&dir.join("src.qcow2"), &dest);
 }
@@ -724,8 +671,6 @@ fn an_interrupted_migration_undoes_itself() {
     assert!(!dir.join("b").join("src.qcow2").exists());
     let mut qb = b.qmp();
     assert_eq!(nodes_and_jobs(&mut qb).0, Vec::<String>::new());
-    qa.execute_ok("quit", json!({}));
-    assert_eq!(a.wait_exit(), Some(0));
-    qb.execute_ok("quit", json!({}));
-    assert_eq!(b.wait_exit(), Some(0));
+    quit(&mut qa, &mut a);
+    quit(&mut qb, &mut b);
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_identical, destination, guest, path_str, serve, wait_event};
+use common::{assert_identical, destination, guest, path_str, quit, serve, wait_event};
 use serde_json::{Value, json};
 use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, run};
 
@@ -38,8 +38,7 @@ fn complete_and_quit(qmp: &mut Qmp, daemon: &mut StorageDaemon, job: &str) {
     qmp.execute_ok("block-job-complete", json!({ "device": job }));
     let done = wait_event(qmp, "BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(qmp, daemon);
 }
 
 #[test]
@@ -86,8 +85,7 @@ fn full_mirror_with_a_writer_then_complete_pivots_the_export() {
     let exports = qmp.execute_ok("query-block-exports", json!({}));
     assert_eq!(exports[0]["node-name"], "dst", "{exports}");
     guest(dir.path(), &["write -P 77 62M 64k".into()]);
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 
     run("qemu-img", &["check", path_str(&dst)]);
     let mut reads: Vec<String> = vec![
@@ -176,8 +174,7 @@ fn bitmap_mirror_copies_only_what_changed_since_the_backup() {
     assert_eq!(b0["count"], count, "{b0}");
     assert_eq!(b0["busy"], false, "{b0}");
     assert_eq!(qmp.execute_ok("query-block-jobs", json!({})), json!([]));
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     assert_identical(&src, &dst);
 }
 
@@ -342,8 +339,7 @@ fn bitmap_modes_hand_back_what_is_left() {
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["len"], left, "only what was left crossed over");
     assert_eq!(count(&mut qmp)["count"], 0);
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 /// `sync=top` copies what the top layer allocates (the target overlay
@@ -439,8 +435,7 @@ fn top_and_none_with_pause_resume_speed_and_cancel() {
     // tracking).
     let len = done["data"]["len"].as_u64().unwrap_or(0);
     assert!(len == 64 << 10 || len == 128 << 10, "{done}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     assert_identical(&src, &dst);
     // The target's own allocation is only what the top layer had.
     let map = run(
@@ -669,8 +664,7 @@ fn error_policies_stop_ignore_report() {
     wait_event(&mut qmp, "BLOCK_JOB_READY");
     qmp.execute_ok("block-job-cancel", json!({"device": "i"}));
     wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     let target = format!("nbd+unix:///?socket={}", sock.display());
     let cmp = run(
         "qemu-img",
@@ -747,8 +741,7 @@ fn replaces_swaps_the_node_under_a_filter() {
         "the export keeps its filter"
     );
     guest(dir.path(), &["write -P 9 4M 64k".into()]);
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     run(
         "qemu-io",
         &[
@@ -1000,8 +993,7 @@ fn drive_mirror_creates_or_reuses_its_target() {
         exports[0]["node-name"].as_str().is_some_and(|n| n != "src"),
         "{exports}"
     );
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     dest.qmp().execute_ok("quit", json!({}));
     assert_eq!(dest.wait_exit(), Some(0));
     assert_identical(&src, &remote);
@@ -1052,8 +1044,7 @@ fn without_auto_finalize_the_pivot_waits_for_finalize_and_holds_the_guest() {
     assert!(writer.wait().expect("qemu-io ends").success());
     let exports = qmp.execute_ok("query-block-exports", json!({}));
     assert_eq!(exports[0]["node-name"], "dst", "{exports}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     // The held write went to the target only.
     let out = run(
         "qemu-io",

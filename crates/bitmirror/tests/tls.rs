@@ -12,29 +12,24 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{path_str, serve};
+use common::{Peer, free_port, listens, path_str, quit, serve};
 use serde_json::json;
 use testkit::pki;
 use testkit::require_tool;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `qemu-io` through export `disk` on `port` over TLS with the client
-/// credentials in `creds`; its exit status and output.
-fn qemu_io_tls(creds: &Path, port: u16, commands: &[&str]) -> (bool, String) {
+/// `qemu-io` with the client credentials in `creds` through an NBD export
+/// over TLS: `server` is the `--image-opts` part naming the server and the
+/// export. Its exit status (false when a command failed) and output.
+fn qemu_io_via(creds: &Path, server: &str, commands: &[&str]) -> (bool, String) {
     let mut cmd = Command::new(require_tool("qemu-io", "qemu-utils"));
     cmd.args([
         "--object",
-        &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.display()),
-        "--image-opts",
         &format!(
-            "driver=nbd,server.type=inet,server.host=localhost,server.port={port},export=disk,tls-creds=tls0"
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            creds.display()
         ),
+        "--image-opts",
+        &format!("driver=nbd,{server},tls-creds=tls0"),
     ]);
     for c in commands {
         cmd.args(["-c", c]);
@@ -43,6 +38,12 @@ fn qemu_io_tls(creds: &Path, port: u16, commands: &[&str]) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success() && !text.contains("failed"), text)
+}
+
+/// [`qemu_io_via`] export `disk` on TCP `port` of `localhost`.
+fn qemu_io_tls(creds: &Path, port: u16, commands: &[&str]) -> (bool, String) {
+    let server = format!("server.type=inet,server.host=localhost,server.port={port},export=disk");
+    qemu_io_via(creds, &server, commands)
 }
 
 #[test]
@@ -103,8 +104,7 @@ fn qemu_clients_use_our_tls_export_and_others_are_refused() {
     let (ok, out) = qemu_io_tls(&dir.join("client"), port, &["read -P 7 0 1M"]);
     assert!(ok, "{out}");
     let mut qmp = daemon.qmp();
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     let data = std::fs::read(&image).expect("the image");
     assert!(data[..1 << 20].iter().all(|&b| b == 7));
 }
@@ -171,23 +171,13 @@ fn tls_credentials_errors_are_qemus() {
         )
         .expect_err("refused");
     assert!(e.desc.contains("server-cert.pem"), "{e:?}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 /// `qemu-nbd --tls-creds` serving `image` on `port`, killed on drop.
-struct QemuNbd(std::process::Child);
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn qemu_nbd_tls(creds: &Path, image: &Path, port: u16) -> QemuNbd {
-    let child = Command::new(require_tool("qemu-nbd", "qemu-utils"))
-        .args([
+fn qemu_nbd_tls(creds: &Path, image: &Path, port: u16) -> Peer {
+    Peer::start(
+        Command::new(require_tool("qemu-nbd", "qemu-utils")).args([
             "--object",
             &format!(
                 "tls-creds-x509,id=tls0,endpoint=server,dir={}",
@@ -205,17 +195,9 @@ fn qemu_nbd_tls(creds: &Path, image: &Path, port: u16) -> QemuNbd {
             "disk",
             "-t",
             path_str(image),
-        ])
-        .spawn()
-        .expect("qemu-nbd starts");
-    let peer = QemuNbd(child);
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return peer;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    panic!("qemu-nbd did not listen on {port}");
+        ]),
+        || listens(port),
+    )
 }
 
 /// Our `driver=nbd` node talks TLS to `qemu-nbd --tls-creds`: a mirror
@@ -287,8 +269,7 @@ fn our_client_nodes_talk_tls_to_qemu_nbd() {
     common::wait_event(&mut qmp, "BLOCK_JOB_READY");
     qmp.execute_ok("block-job-cancel", json!({"device": "m"}));
     common::wait_event(&mut qmp, "BLOCK_JOB_COMPLETED");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
     assert!(std::fs::read(&target).expect("the target") == data);
 }
 
@@ -347,9 +328,13 @@ fn a_migration_between_tls_daemons() {
         );
     }
     // The guest writes over TLS too: A's server requires it.
-    let out = run_qemu_io_tls_unix(
+    let server = format!(
+        "server.type=unix,server.path={},export=disk0,tls-hostname=localhost",
+        a_sock.display()
+    );
+    let out = qemu_io_via(
         &client,
-        &a_sock,
+        &server,
         &["write -P 2 20M 2M", "write -P 3 1M 64k"],
     );
     assert!(out.0, "{}", out.1);
@@ -385,31 +370,9 @@ fn a_migration_between_tls_daemons() {
     assert!(text.contains("bitmap 'B' moved: 2.1 MiB dirty"), "{text}");
     for d in [&mut a, &mut b] {
         let mut q = d.qmp();
-        q.execute_ok("quit", json!({}));
-        assert_eq!(d.wait_exit(), Some(0));
+        quit(&mut q, d);
     }
     common::assert_identical(&src, &b_dir.join("disk0.qcow2"));
-}
-
-/// `qemu-io` over TLS through export `disk0` on unix socket `sock`.
-fn run_qemu_io_tls_unix(creds: &Path, sock: &Path, commands: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new(require_tool("qemu-io", "qemu-utils"));
-    cmd.args([
-        "--object",
-        &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.display()),
-        "--image-opts",
-        &format!(
-            "driver=nbd,server.type=unix,server.path={},export=disk0,tls-creds=tls0,tls-hostname=localhost",
-            sock.display()
-        ),
-    ]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.output().expect("qemu-io runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success() && !text.contains("failed"), text)
 }
 
 /// `tls-authz` with an `authz-simple` object lets in only the client
@@ -448,35 +411,30 @@ fn tls_authz_admits_the_same_client_as_qemu_nbd() {
 
     // QEMU's verdicts.
     let port = free_port();
-    let qemu = Command::new(require_tool("qemu-nbd", "qemu-utils"))
-        .args([
-            "--object",
-            &creds,
-            "--object",
-            &authz,
-            "--tls-creds",
-            "tls0",
-            "--tls-authz",
-            "auth0",
-        ])
-        .args([
-            "-f",
-            "raw",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-x",
-            "disk",
-            "-t",
-        ])
-        .arg(&image)
-        .spawn()
-        .expect("qemu-nbd starts");
-    let qemu = QemuNbd(qemu);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let mut qemu = Command::new(require_tool("qemu-nbd", "qemu-utils"));
+    qemu.args([
+        "--object",
+        &creds,
+        "--object",
+        &authz,
+        "--tls-creds",
+        "tls0",
+        "--tls-authz",
+        "auth0",
+    ])
+    .args([
+        "-f",
+        "raw",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-x",
+        "disk",
+        "-t",
+    ])
+    .arg(&image);
+    let qemu = Peer::start(&mut qemu, || listens(port));
     let (qemu_laptop, out_l) = qemu_io_tls(&laptop, port, &["read -P 5 0 64k"]);
     let (qemu_intruder, _) = qemu_io_tls(&intruder, port, &["read -P 5 0 64k"]);
     drop(qemu);
@@ -512,8 +470,7 @@ fn tls_authz_admits_the_same_client_as_qemu_nbd() {
     let (again, out) = qemu_io_tls(&laptop, port, &["read -P 5 0 64k"]);
     assert!(again, "{out}");
     let mut qmp = daemon.qmp();
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 /// The QMP socket only lets its owner in (mode 0600 under the usual umask
@@ -531,8 +488,7 @@ fn the_qmp_socket_is_the_owners_only() {
     assert_eq!(mode & 0o077, 0, "group or others may connect: {mode:o}");
     assert_eq!(mode & 0o600, 0o600, "{mode:o}");
     let mut qmp = daemon.qmp();
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }
 
 /// An overlay whose header names its backing file as an NBD URI: refused
@@ -545,22 +501,17 @@ fn nbd_backing_names_open_only_when_allowed() {
     let base = dir.join("base.raw");
     std::fs::write(&base, vec![0x42u8; 1 << 20]).expect("a base");
     let sock = dir.join("base.sock");
-    let peer = Command::new(require_tool("qemu-nbd", "qemu-utils"))
-        .args([
-            "-r",
-            "-f",
-            "raw",
-            "-t",
-            "-k",
-            path_str(&sock),
-            path_str(&base),
-        ])
-        .spawn()
-        .expect("qemu-nbd starts");
-    let _peer = QemuNbd(peer);
-    while !sock.exists() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let mut peer = Command::new(require_tool("qemu-nbd", "qemu-utils"));
+    peer.args([
+        "-r",
+        "-f",
+        "raw",
+        "-t",
+        "-k",
+        path_str(&sock),
+        path_str(&base),
+    ]);
+    let _peer = Peer::start(&mut peer, || sock.exists());
     let overlay = dir.join("overlay.qcow2");
     let name = format!("nbd+unix:///?socket={}", sock.display());
     testkit::run(
@@ -607,6 +558,5 @@ fn nbd_backing_names_open_only_when_allowed() {
         &["-r", "-f", "raw", "-c", "read -P 0x42 0 1M", &uri],
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    qmp.execute_ok("quit", json!({}));
-    assert_eq!(daemon.wait_exit(), Some(0));
+    quit(&mut qmp, &mut daemon);
 }

@@ -87,3 +87,73 @@ pub fn destination(dir: &Path, image: &Path, export: &str) -> (StorageDaemon, Pa
     );
     (daemon, sock)
 }
+
+/// Runs `bitmirror ARGS`; its exit code and its output (both streams).
+pub fn bitmirror(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitmirror"))
+        .args(args)
+        .output()
+        .expect("bitmirror runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+/// Bytes the top layer of `image` allocates (`qemu-img map`, depth 0).
+pub fn allocated_in_top(image: &Path) -> u64 {
+    let out = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", path_str(image)],
+    );
+    let map: Value = serde_json::from_str(&out).expect("qemu-img map's JSON");
+    map.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// `quit` through `qmp`, then the daemon must exit with 0.
+pub fn quit(qmp: &mut Qmp, daemon: &mut StorageDaemon) {
+    qmp.execute_ok("quit", serde_json::json!({}));
+    assert_eq!(daemon.wait_exit(), Some(0));
+}
+
+/// A peer process (qemu-nbd, …), killed when the test ends, failed or not.
+pub struct Peer(pub std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Peer {
+    /// Starts `cmd` and waits until `ready` holds (a socket exists, a port
+    /// listens), at most 5 s.
+    pub fn start(cmd: &mut std::process::Command, ready: impl Fn() -> bool) -> Peer {
+        let peer = Peer(cmd.spawn().expect("the peer starts"));
+        for _ in 0..500 {
+            if ready() {
+                return peer;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the peer {cmd:?} did not get ready");
+    }
+}
+
+/// Whether something listens on TCP `port` of 127.0.0.1.
+pub fn listens(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A TCP port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
