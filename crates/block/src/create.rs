@@ -38,16 +38,16 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 /// The pieces of a new, empty qcow2 image: `(offset, bytes)` to write, in
 /// order, and the image's length.
-struct Layout {
-    pieces: Vec<(u64, Vec<u8>)>,
-    length: u64,
+pub(crate) struct Layout {
+    pub(crate) pieces: Vec<(u64, Vec<u8>)>,
+    pub(crate) length: u64,
 }
 
 /// Lays out a new, empty qcow2 (version 3, 16-bit refcounts, no lazy
 /// refcounts): the header, a refcount table and the refcount blocks that
 /// count the metadata clusters, and a zeroed L1 table. `name` is for
 /// errors.
-fn layout(name: &str, opts: &Qcow2Create) -> Result<Layout> {
+pub(crate) fn layout(name: &str, opts: &Qcow2Create) -> Result<Layout> {
     let invalid = |reason: String| Error::BadImage {
         node: name.to_owned(),
         format: "qcow2",

@@ -258,10 +258,11 @@ impl Graph {
                 DriverOptions::NullCo { size, read_zeroes } => {
                     Box::new(NullDriver::new(*size, *read_zeroes))
                 }
-                DriverOptions::Nbd { .. } => {
+                DriverOptions::Nbd { .. } | DriverOptions::Rbd { .. } => {
                     let factory = self.factory(options.driver.name())?;
                     let (driver, ro) = factory.open(&name, options).await?;
                     read_only |= ro;
+                    loaded = driver.load_bitmaps().await?;
                     driver
                 }
                 DriverOptions::File { filename, aio } => {
@@ -526,6 +527,8 @@ fn backing_from_header(
             name = path;
         } else if let Some(nbd) = crate::options::nbd_filename(name) {
             protocol_file = Some(BlockdevOptions::from_json(&nbd)?);
+        } else if let Some(rbd) = crate::options::rbd_filename(name) {
+            protocol_file = Some(BlockdevOptions::new(None, DriverOptions::Rbd(rbd)));
         } else {
             let protocol = name.split(':').next().unwrap_or(name);
             return Err(Error::UnsupportedFeature {
@@ -535,8 +538,8 @@ fn backing_from_header(
         }
     }
     let (file, format) = match protocol_file {
-        Some(nbd) => (
-            ChildRef::Inline(Box::new(nbd)),
+        Some(protocol) => (
+            ChildRef::Inline(Box::new(protocol)),
             format.unwrap_or("raw").to_owned(),
         ),
         None => {

@@ -31,6 +31,7 @@ mod graph;
 mod inflight;
 mod node;
 pub mod options;
+pub mod sidecar;
 pub mod throttle;
 
 pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState, MarkTicket};
@@ -43,3 +44,4 @@ pub use node::{
     User, WriteHook, WriteKind, WriteRequest, ZeroFlags,
 };
 pub use options::{BlockdevOptions, SocketAddress};
+pub use sidecar::{Sidecar, SidecarStore};

@@ -167,6 +167,21 @@ pub trait Driver: Send + Sync {
     fn filename(&self) -> Option<&str> {
         None
     }
+    /// Where persistent bitmaps of a format without room for them (`raw`)
+    /// over this protocol driver go, if they can go anywhere: see
+    /// [`crate::sidecar`].
+    fn sidecar_store(&self) -> Option<Box<dyn crate::SidecarStore>> {
+        None
+    }
+    /// The persistent bitmaps the driver found at open, for drivers opened
+    /// by a [`crate::DriverFactory`] (the built-in ones load theirs
+    /// themselves).
+    #[allow(clippy::type_complexity)]
+    fn load_bitmaps(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<(String, hbitmap::HBitmap, crate::LoadedState)>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
     /// What the driver knows about its image (see [`ImageInfo`]).
     fn image_info(&self) -> ImageInfo {
         ImageInfo::default()
@@ -193,6 +208,9 @@ pub struct ImageInfo {
     pub throttle_group: Option<String>,
     /// For `null-co`: its `read-zeroes` option, when given.
     pub read_zeroes: Option<bool>,
+    /// For protocol nodes without a file name (`rbd`): the options that
+    /// describe the node in a `json:` filename.
+    pub description: Option<serde_json::Value>,
 }
 
 /// Format details (QEMU's `ImageInfoSpecific`).
@@ -406,6 +424,11 @@ impl Node {
     /// The file the node's driver opened, if it opened one.
     pub fn filename(&self) -> Option<&str> {
         self.driver.filename()
+    }
+
+    /// Where a `raw` parent keeps persistent bitmaps ([`Driver::sidecar_store`]).
+    pub fn sidecar_store(&self) -> Option<Box<dyn crate::SidecarStore>> {
+        self.driver.sidecar_store()
     }
 
     /// How the node's driver submits I/O (`threads`, `io_uring`), if it

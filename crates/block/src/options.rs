@@ -103,6 +103,9 @@ pub enum DriverOptions {
         /// The name the server's certificate must carry.
         tls_hostname: Option<String>,
     },
+    /// `rbd`: an image in a Ceph cluster (opened by the driver the `rbd`
+    /// crate registers with [`crate::Graph::register_driver`]).
+    Rbd(RbdOptions),
     /// `throttle`: a filter that passes requests to its `file` child at
     /// the pace of a throttle group.
     Throttle {
@@ -131,8 +134,103 @@ impl DriverOptions {
             DriverOptions::Qcow2 { .. } => "qcow2",
             DriverOptions::NullCo { .. } => "null-co",
             DriverOptions::Nbd { .. } => "nbd",
+            DriverOptions::Rbd(_) => "rbd",
             DriverOptions::Throttle { .. } => "throttle",
         }
+    }
+}
+
+/// Where an RBD image is and how to reach its cluster (QEMU's
+/// `BlockdevOptionsRbd`, without encryption and `key-secret`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RbdOptions {
+    /// The pool.
+    pub pool: String,
+    /// The namespace in the pool (none by default).
+    pub namespace: Option<String>,
+    /// The image.
+    pub image: String,
+    /// The Ceph configuration file (librados's search path by default).
+    pub conf: Option<String>,
+    /// A snapshot to open (read-only) instead of the image's head.
+    pub snapshot: Option<String>,
+    /// The Ceph user (`id`; librados's default, `admin`).
+    pub user: Option<String>,
+    /// Accepted authentication modes, in order (`cephx`, `none`).
+    pub auth_client_required: Option<Vec<String>>,
+    /// Monitors `(host, port)` to use instead of the configuration's.
+    pub server: Option<Vec<(String, String)>>,
+    /// Further librados options, from a filename's `key=value` pairs (QEMU's
+    /// internal `=keyvalue-pairs`).
+    pub conf_pairs: Vec<(String, String)>,
+}
+
+impl RbdOptions {
+    /// The image as `POOL/[NAMESPACE/]IMAGE[@SNAPSHOT]`, for messages.
+    pub fn spec(&self) -> String {
+        let mut s = self.pool.clone();
+        if let Some(ns) = &self.namespace {
+            s.push('/');
+            s.push_str(ns);
+        }
+        s.push('/');
+        s.push_str(&self.image);
+        if let Some(snap) = &self.snapshot {
+            s.push('@');
+            s.push_str(snap);
+        }
+        s
+    }
+
+    /// Reads QAPI's `BlockdevOptionsRbd` members from `f` (leaving the
+    /// others for the caller), refusing encryption and `key-secret`.
+    pub fn read(f: &mut Object) -> Result<RbdOptions> {
+        let mut o = RbdOptions {
+            pool: f.req_str("pool")?,
+            namespace: f.opt_str("namespace")?,
+            image: f.req_str("image")?,
+            conf: f.opt_str("conf")?,
+            snapshot: f.opt_str("snapshot")?,
+            user: f.opt_str("user")?,
+            ..RbdOptions::default()
+        };
+        if let Some(modes) = f.opt_list("auth-client-required")? {
+            let mut list = Vec::new();
+            for (name, v) in modes {
+                match v.as_str() {
+                    Some(m @ ("cephx" | "none")) => list.push(m.to_owned()),
+                    _ => {
+                        return Err(qapi::Error::InvalidValue {
+                            name,
+                            value: v.to_string().trim_matches('"').to_owned(),
+                        }
+                        .into());
+                    }
+                }
+            }
+            o.auth_client_required = Some(list);
+        }
+        if let Some(servers) = f.opt_list("server")? {
+            let mut list = Vec::new();
+            for (name, v) in servers {
+                let mut server = Object::nested(&v, &name, f.is_keyval())?;
+                let host = server.req_str("host")?;
+                let port = server.req_str("port")?;
+                server.finish()?;
+                list.push((host, port));
+            }
+            o.server = Some(list);
+        }
+        for unsupported in ["encrypt", "key-secret"] {
+            if f.has(unsupported) {
+                return Err(Error::NotSupported(if unsupported == "encrypt" {
+                    "RBD encryption (encrypt)"
+                } else {
+                    "RBD keys from secret objects (key-secret); give a keyring in the conf file"
+                }));
+            }
+        }
+        Ok(o)
     }
 }
 
@@ -377,6 +475,7 @@ fn parse(mut f: Object) -> Result<BlockdevOptions> {
                 tls_hostname: f.opt_str("tls-hostname")?,
             }
         }
+        "rbd" => DriverOptions::Rbd(RbdOptions::read(&mut f)?),
         "throttle" => DriverOptions::Throttle {
             group: f.req_str("throttle-group")?,
             file: req_child(&mut f, "file")?,
@@ -510,6 +609,104 @@ pub fn nbd_filename(name: &str) -> Option<serde_json::Value> {
     Some(o)
 }
 
+/// QEMU's RBD filenames, `rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:KEY=VALUE…]`
+/// (`\` escapes the next character; keys `conf` and `id` become options, the
+/// others librados settings), as a `driver=rbd` node's options; `None` for
+/// anything else or a malformed name.
+pub fn rbd_filename(name: &str) -> Option<RbdOptions> {
+    let rest = name.strip_prefix("rbd:")?;
+    // Split on unescaped ':', unescaping.
+    let mut fields = vec![String::new()];
+    let mut chars = rest.chars();
+    let mut spec_len = None;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let next = chars.next()?;
+                // The image spec keeps its escapes until it is split below.
+                if spec_len.is_none() {
+                    fields.last_mut()?.push('\\');
+                }
+                fields.last_mut()?.push(next);
+            }
+            ':' => {
+                spec_len.get_or_insert(());
+                fields.push(String::new());
+            }
+            c => fields.last_mut()?.push(c),
+        }
+    }
+    let spec = fields.remove(0);
+    let parts = split_unescaped(&spec, '@');
+    let (path, snapshot) = match parts.as_slice() {
+        [path] => (path.clone(), None),
+        [path, snap] if !snap.is_empty() => (path.clone(), Some(unescape(snap))),
+        _ => return None,
+    };
+    let path = split_unescaped(&path, '/');
+    let (pool, namespace, image) = match path.as_slice() {
+        [pool, image] => (pool, None, image),
+        [pool, ns, image] => (pool, Some(unescape(ns)), image),
+        _ => return None,
+    };
+    if pool.is_empty() || image.is_empty() {
+        return None;
+    }
+    let mut o = RbdOptions {
+        pool: unescape(pool),
+        namespace,
+        image: unescape(image),
+        snapshot,
+        ..RbdOptions::default()
+    };
+    for field in fields {
+        let (key, value) = field.split_once('=')?;
+        match key {
+            "conf" => o.conf = Some(value.to_owned()),
+            "id" => o.user = Some(value.to_owned()),
+            "" => return None,
+            _ => o.conf_pairs.push((key.to_owned(), value.to_owned())),
+        }
+    }
+    Some(o)
+}
+
+/// `s` split on the occurrences of `sep` that no `\` escapes (escapes kept).
+fn split_unescaped(s: &str, sep: char) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut escaped = false;
+    for c in s.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == sep {
+            out.push(String::new());
+            continue;
+        }
+        if let Some(last) = out.last_mut() {
+            last.push(c);
+        }
+    }
+    out
+}
+
+/// `s` without its `\` escapes.
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,6 +810,62 @@ mod tests {
                 read_zeroes: None
             }
         );
+    }
+
+    #[test]
+    fn rbd_options_and_filenames() {
+        let o = BlockdevOptions::from_json(&json!({
+            "driver": "rbd", "node-name": "r", "pool": "p", "image": "i",
+            "conf": "/c", "user": "u", "namespace": "n", "snapshot": "s",
+            "auth-client-required": ["cephx", "none"],
+            "server": [{"host": "h", "port": "1"}]
+        }))
+        .unwrap();
+        let DriverOptions::Rbd(r) = o.driver else {
+            panic!("not rbd: {o:?}")
+        };
+        assert_eq!(r.spec(), "p/n/i@s");
+        assert_eq!(r.server, Some(vec![("h".into(), "1".into())]));
+        assert_eq!(
+            err(json!({"driver": "rbd", "pool": "p"})),
+            "Parameter 'image' is missing"
+        );
+        assert!(
+            err(json!({"driver": "rbd", "pool": "p", "image": "i", "encrypt": {}}))
+                .contains("encryption")
+        );
+        assert!(
+            err(json!({"driver": "rbd", "pool": "p", "image": "i", "auth-client-required": ["x"]}))
+                .contains("auth-client-required[0]")
+        );
+
+        let f = rbd_filename("rbd:pool/img").unwrap();
+        assert_eq!((f.pool.as_str(), f.image.as_str()), ("pool", "img"));
+        let f =
+            rbd_filename(r"rbd:pool/ns/im\:g@snap:conf=/etc/c\:x:id=admin:mon_host=1.2.3.4\:6789")
+                .unwrap();
+        assert_eq!(f.namespace.as_deref(), Some("ns"));
+        assert_eq!(f.image, "im:g");
+        assert_eq!(f.snapshot.as_deref(), Some("snap"));
+        assert_eq!(f.conf.as_deref(), Some("/etc/c:x"));
+        assert_eq!(f.user.as_deref(), Some("admin"));
+        assert_eq!(
+            f.conf_pairs,
+            vec![("mon_host".into(), "1.2.3.4:6789".into())]
+        );
+        let f = rbd_filename(r"rbd:p/a\/b").unwrap();
+        assert_eq!(f.image, "a/b");
+        for bad in [
+            "rbd:",
+            "rbd:pool",
+            "rbd:/img",
+            "rbd:p/i@",
+            "rbd:p/i:novalue",
+            "nbd:x",
+            "rbd:a/b/c/d",
+        ] {
+            assert!(rbd_filename(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -465,6 +465,7 @@ async fn backing_names_that_are_not_file_names_are_refused() {
         format!("file:{secret}"),
         "nbd:unix:/run/somebody.sock".to_owned(),
         "rbd:pool/image".to_owned(),
+        "ssh://host/image".to_owned(),
     ];
     for (i, name) in hostile.iter().enumerate() {
         let image = path(dir.path(), &format!("h{i}.qcow2"));
@@ -485,7 +486,8 @@ async fn backing_names_that_are_not_file_names_are_refused() {
         assert!(text.contains("refuses to open"), "{name}: {text}");
     }
     // With x-backing-protocols=on the operator vouches for the image: the
-    // json: name opens (NBD names are tested in the daemon's tests), and a
+    // json: name opens (NBD and RBD names are tested in the daemon's
+    // tests), an RBD name wants the rbd driver (this graph has none), and a
     // protocol we lack is named.
     let g = Graph::new();
     let node = open_qcow2(
@@ -507,8 +509,17 @@ async fn backing_names_that_are_not_file_names_are_refused() {
         json!({"x-backing-protocols": true}),
     )
     .await
-    .expect_err("no rbd yet");
-    assert!(e.to_string().contains("protocol 'rbd'"), "{e}");
+    .expect_err("no rbd driver in this graph");
+    assert!(e.to_string().contains("Driver 'rbd'"), "{e}");
+    let e = open_qcow2(
+        &g,
+        "s",
+        &path(dir.path(), "h4.qcow2"),
+        json!({"x-backing-protocols": true}),
+    )
+    .await
+    .expect_err("no ssh");
+    assert!(e.to_string().contains("protocol 'ssh'"), "{e}");
     drop(node);
     let image = path(dir.path(), "plain.qcow2");
     run(

@@ -429,3 +429,104 @@ pub mod pki {
         dir.join(out)
     }
 }
+
+/// The one-node Ceph cluster the RBD tests run against (the project's
+/// `scripts/ceph-cluster`): found through `BITMIRROR_TEST_CEPH_CONF`
+/// (`scripts/test` starts the cluster and sets it), or started here on
+/// first use and left running for the next test.
+pub mod ceph {
+    use std::path::PathBuf;
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::{require_tool, run};
+
+    /// Where the tests' cluster lives when they start it themselves.
+    pub fn cluster_dir() -> PathBuf {
+        std::env::temp_dir().join("bitmirror-test-ceph")
+    }
+
+    /// The test cluster's `ceph.conf`, starting the cluster when needed.
+    pub fn conf() -> String {
+        if let Some(conf) = std::env::var_os("BITMIRROR_TEST_CEPH_CONF") {
+            return conf.to_string_lossy().into_owned();
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph-cluster");
+        let dir = cluster_dir();
+        std::fs::create_dir_all(&dir).expect("a directory for the test cluster");
+        // One starter at a time: tests run as parallel processes.
+        let out = Command::new(require_tool("flock", "util-linux"))
+            .arg(dir.join(".lock"))
+            .arg(&script)
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .expect("scripts/ceph-cluster runs");
+        assert!(
+            out.status.success(),
+            "cannot start the test Ceph cluster with {} start {}: {}",
+            script.display(),
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The pool the tests use.
+    pub const POOL: &str = "rbd";
+
+    /// A fresh image name for this test process: `PREFIX-PID-N`.
+    pub fn image_name(prefix: &str) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Runs `rbd` against the test cluster; returns its standard output.
+    pub fn rbd(args: &[&str]) -> String {
+        require_tool("rbd", "ceph-common");
+        let conf = conf();
+        let mut all = vec!["-c", conf.as_str()];
+        all.extend_from_slice(args);
+        run("rbd", &all)
+    }
+
+    /// The images in the test pool.
+    pub fn images() -> Vec<String> {
+        rbd(&["ls", POOL]).lines().map(str::to_owned).collect()
+    }
+
+    /// `rbd export` of image `name` into the file `to`.
+    pub fn export(name: &str, to: &std::path::Path) {
+        let spec = format!("{POOL}/{name}");
+        rbd(&["export", "--no-progress", &spec, &to.to_string_lossy()]);
+    }
+
+    /// `rbd import` of the file `from` as image `name`.
+    pub fn import(from: &std::path::Path, name: &str) {
+        let spec = format!("{POOL}/{name}");
+        rbd(&["import", "--no-progress", &from.to_string_lossy(), &spec]);
+    }
+
+    /// Removes image `name` (and its bitmap sidecar, if any).
+    pub fn remove(name: &str) {
+        for image in [name.to_owned(), format!("{name}.bitmaps")] {
+            let spec = format!("{POOL}/{image}");
+            let _ = Command::new("rbd")
+                .args(["-c", &conf(), "rm", "--no-progress", &spec])
+                .output();
+        }
+    }
+
+    /// A `driver=rbd` node's options for image `name`, as JSON text
+    /// members (`"driver": "rbd", …` without braces).
+    pub fn node_json(name: &str) -> String {
+        format!(
+            r#""driver": "rbd", "pool": "{POOL}", "image": "{name}", "conf": "{}""#,
+            conf()
+        )
+    }
+}

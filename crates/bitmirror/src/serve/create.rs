@@ -1,5 +1,5 @@
 //! `blockdev-create`: making an image as a job (QEMU's `create` job type),
-//! for `file` and `qcow2`.
+//! for `file`, `qcow2` and (with the `rbd` feature) `rbd`.
 
 use std::sync::{Arc, Weak};
 
@@ -19,6 +19,15 @@ pub enum CreateOptions {
         filename: String,
         /// Its length.
         size: u64,
+    },
+    /// An RBD image (`driver=rbd`).
+    Rbd {
+        /// Where it goes.
+        location: block::options::RbdOptions,
+        /// Its length.
+        size: u64,
+        /// Its object size (librbd's default when `None`).
+        cluster_size: Option<u64>,
     },
     /// A qcow2 image written through the existing node `file`.
     Qcow2 {
@@ -99,6 +108,24 @@ impl CreateOptions {
                     },
                 }
             }
+            "rbd" => {
+                let mut location = o.req_object("location")?;
+                let rbd = block::options::RbdOptions::read(&mut location)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                location.finish()?;
+                let size = o.req_size("size")?;
+                let cluster_size = o.opt_size("cluster-size")?;
+                if o.has("encrypt") {
+                    return Err(QmpError::generic(
+                        "bitmirror does not support RBD encryption (encrypt)",
+                    ));
+                }
+                CreateOptions::Rbd {
+                    location: rbd,
+                    size,
+                    cluster_size,
+                }
+            }
             "null-co" | "null-aio" | "raw" | "nbd" => {
                 return Err(QmpError::generic("Driver does not support blockdev-create"));
             }
@@ -132,6 +159,19 @@ impl CreateJob {
     async fn create(&self) -> Result<(), String> {
         match &self.options {
             CreateOptions::File { filename, size } => create_file(filename, *size),
+            #[cfg(feature = "rbd")]
+            CreateOptions::Rbd {
+                location,
+                size,
+                cluster_size,
+            } => {
+                let daemon = self.daemon.upgrade().ok_or("the daemon is shutting down")?;
+                rbd::create_image(&daemon.rbd_nodes, location, *size, *cluster_size)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            #[cfg(not(feature = "rbd"))]
+            CreateOptions::Rbd { .. } => Err(NO_RBD.to_owned()),
             CreateOptions::Qcow2 { file, image } => {
                 let daemon = self.daemon.upgrade().ok_or("the daemon is shutting down")?;
                 let node = daemon.graph.get(file).map_err(|e| e.to_string())?;
@@ -176,4 +216,30 @@ fn create_file(filename: &str, size: u64) -> Result<(), String> {
 fn os_text(e: &std::io::Error) -> String {
     let t = e.to_string();
     t.split(" (os error").next().unwrap_or(&t).to_owned()
+}
+
+/// Why `driver=rbd` fails in a build without the `rbd` feature.
+#[cfg(not(feature = "rbd"))]
+const NO_RBD: &str = "this bitmirror was built without Ceph RBD support \
+                      (build it with `cargo build --features rbd`)";
+
+/// The `rbd` driver of a build without the `rbd` feature: refuses every
+/// node with a message that says how to get one.
+#[cfg(not(feature = "rbd"))]
+pub struct NoRbd;
+
+#[cfg(not(feature = "rbd"))]
+impl block::DriverFactory for NoRbd {
+    fn open<'a>(
+        &'a self,
+        _node: &'a str,
+        _options: &'a block::BlockdevOptions,
+    ) -> block::BoxFuture<'a, block::Result<(Box<dyn block::Driver>, bool)>> {
+        Box::pin(async {
+            Err(block::Error::Peer {
+                errno: 95,
+                message: NO_RBD.to_owned(),
+            })
+        })
+    }
 }

@@ -60,6 +60,9 @@ pub struct Daemon {
     pidfile: Mutex<Option<std::path::PathBuf>>,
     /// Opens `driver=nbd` nodes; knows the TLS credentials objects.
     pub nbd_nodes: Arc<nbd::NbdFactory>,
+    /// Opens `driver=rbd` nodes; keeps the cluster connections.
+    #[cfg(feature = "rbd")]
+    pub rbd_nodes: Arc<rbd::RbdFactory>,
 }
 
 impl Default for Daemon {
@@ -73,11 +76,17 @@ impl Daemon {
     pub fn new() -> Daemon {
         let graph = Arc::new(Graph::new());
         let nbd_nodes = nbd::register(&graph);
+        #[cfg(feature = "rbd")]
+        let rbd_nodes = rbd::RbdFactory::register(&graph);
+        #[cfg(not(feature = "rbd"))]
+        graph.register_driver("rbd", Arc::new(super::create::NoRbd));
         let events = Events::new();
         let sink = events.clone();
         Daemon {
             graph,
             nbd_nodes,
+            #[cfg(feature = "rbd")]
+            rbd_nodes,
             jobs: Jobs::new(Arc::new(move |name, data| sink.emit(name, Some(data)))),
             events,
             nbd: tokio::sync::Mutex::new(None),

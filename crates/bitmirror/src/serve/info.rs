@@ -165,6 +165,9 @@ pub fn filename(node: &Node) -> String {
 
 /// The options that describe `node` in a `json:` filename.
 fn description(node: &Node) -> Value {
+    if let Some(d) = node.image_info().description {
+        return d;
+    }
     match node.driver_name() {
         "file" => json!({"driver": "file", "filename": node.filename().unwrap_or_default()}),
         "null-co" => {

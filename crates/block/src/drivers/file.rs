@@ -389,6 +389,10 @@ impl Driver for FileDriver {
         Some(&self.path)
     }
 
+    fn sidecar_store(&self) -> Option<Box<dyn crate::SidecarStore>> {
+        Some(Box::new(crate::sidecar::FileSidecar::new(&self.path)))
+    }
+
     fn image_info(&self) -> ImageInfo {
         ImageInfo {
             actual_size: rustix::fs::fstat(&*self.file)

@@ -6,7 +6,6 @@ mod null;
 mod pool;
 mod qcow2;
 mod raw;
-mod sidecar;
 mod throttle;
 mod uring;
 

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use hbitmap::HBitmap;
 
-use super::sidecar::Sidecar;
 use crate::bitmaps::{Bitmaps, LoadedState};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, ImageInfo, Limits, ZeroFlags};
+use crate::sidecar::Sidecar;
 
 /// A window `offset..offset + size` of the child node.
 #[derive(Debug)]
@@ -47,9 +47,9 @@ impl RawDriver {
             Some(size) => size,
             None => file_size - offset,
         };
-        let sidecar = match file.node().filename() {
-            Some(image) if offset == 0 && size == file_size => {
-                Some(Sidecar::new(node, size, image, writable))
+        let sidecar = match file.node().sidecar_store() {
+            Some(store) if offset == 0 && size == file_size => {
+                Some(Sidecar::new(node, size, store, writable))
             }
             _ => None,
         };

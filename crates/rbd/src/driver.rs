@@ -1,0 +1,466 @@
+//! The `rbd` block driver: nodes backed by RBD images, their persistent
+//! bitmaps in a sidecar image, and `blockdev-create` for RBD.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use block::options::{DriverOptions, RbdOptions};
+use block::{
+    BlockdevOptions, BoxFuture, BufResult, Driver, DriverFactory, Extent, Graph, ImageInfo, IoBuf,
+    Limits, Sidecar, SidecarStore, ZeroFlags,
+};
+use hbitmap::HBitmap;
+
+use crate::cluster::{Cluster, ClusterKey, Pool};
+use crate::error::{Error, Result};
+use crate::image::Image;
+
+/// What the sidecar holding an image's persistent bitmaps is called: the
+/// image's name with this suffix, in the same pool and namespace.
+pub const SIDECAR_SUFFIX: &str = ".bitmaps";
+
+/// The longest range one block-status answer looks at: the allocation map
+/// is read per object, so a bounded range bounds the work of one call.
+const STATUS_WINDOW: u64 = 1 << 30;
+
+/// Opens `driver=rbd` nodes; images opened with the same cluster options
+/// share one connection.
+#[derive(Debug, Default)]
+pub struct RbdFactory {
+    clusters: Mutex<HashMap<ClusterKey, Weak<Cluster>>>,
+}
+
+impl RbdFactory {
+    /// A factory registered with `graph` for `driver=rbd`.
+    pub fn register(graph: &Graph) -> Arc<RbdFactory> {
+        let factory = Arc::new(RbdFactory::default());
+        graph.register_driver("rbd", factory.clone());
+        factory
+    }
+
+    /// The connection for `key`: a live one if some image uses it, else a
+    /// new one.
+    pub async fn cluster(&self, key: &ClusterKey) -> Result<Arc<Cluster>> {
+        {
+            let clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(cluster) = clusters.get(key).and_then(Weak::upgrade) {
+                return Ok(cluster);
+            }
+        }
+        let k = key.clone();
+        let cluster = blocking(move || Cluster::connect(&k).map(Arc::new)).await?;
+        let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        clusters.retain(|_, c| c.strong_count() > 0);
+        // Two connecting at once: keep the first, drop the other.
+        if let Some(existing) = clusters.get(key).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        clusters.insert(key.clone(), Arc::downgrade(&cluster));
+        Ok(cluster)
+    }
+
+    /// The pool of `options`, connected.
+    pub async fn pool(&self, options: &RbdOptions, cache: bool) -> Result<Arc<Pool>> {
+        let cluster = self.cluster(&ClusterKey::new(options, cache)).await?;
+        let (pool, ns) = (options.pool.clone(), options.namespace.clone());
+        blocking(move || cluster.pool(&pool, ns.as_deref()).map(Arc::new)).await
+    }
+}
+
+/// Runs blocking librados/librbd work off the async runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::Invalid(format!("RBD worker failed: {e}"))))
+}
+
+impl DriverFactory for RbdFactory {
+    fn open<'a>(
+        &'a self,
+        node: &'a str,
+        options: &'a BlockdevOptions,
+    ) -> BoxFuture<'a, block::Result<(Box<dyn Driver>, bool)>> {
+        Box::pin(async move {
+            let DriverOptions::Rbd(rbd) = &options.driver else {
+                return Err(block::Error::DriverUnavailable(options.driver.name()));
+            };
+            let mut read_only = options.read_only;
+            if rbd.snapshot.is_some() && !read_only {
+                if !options.auto_read_only {
+                    return Err(block::Error::Peer {
+                        errno: 30,
+                        message: "rbd snapshots are read-only".into(),
+                    });
+                }
+                read_only = true;
+            }
+            let pool = self.pool(rbd, !options.cache_direct).await?;
+            let driver = RbdDriver::open(node, pool, rbd, read_only).await?;
+            Ok((Box::new(driver) as Box<dyn Driver>, read_only))
+        })
+    }
+}
+
+/// A node backed by an RBD image.
+#[derive(Debug)]
+pub struct RbdDriver {
+    image: Arc<Image>,
+    size: AtomicU64,
+    /// Serialises growing the image (a format driver writing past its end).
+    grow: tokio::sync::Mutex<()>,
+    fast_diff: bool,
+    /// Where persistent bitmaps go (not for snapshots).
+    sidecar: Option<Sidecar>,
+    spec: String,
+    /// The options as a `json:` filename shows them.
+    description: serde_json::Value,
+}
+
+impl RbdDriver {
+    /// Opens image `options.image` of `pool` for node `node`.
+    pub async fn open(
+        node: &str,
+        pool: Arc<Pool>,
+        options: &RbdOptions,
+        read_only: bool,
+    ) -> Result<RbdDriver> {
+        let (p, name, snap) = (
+            pool.clone(),
+            options.image.clone(),
+            options.snapshot.clone(),
+        );
+        let image = blocking(move || Image::open(&p, &name, snap.as_deref(), read_only)).await?;
+        let size = image.size()?;
+        let fast_diff = image.has_fast_diff();
+        let sidecar = options.snapshot.is_none().then(|| {
+            let store = RbdSidecar {
+                pool: pool.clone(),
+                name: format!("{}{SIDECAR_SUFFIX}", options.image),
+                location: format!("rbd:{}/{}{SIDECAR_SUFFIX}", pool.spec(), options.image),
+            };
+            Sidecar::new(node, size, Box::new(store), !read_only)
+        });
+        Ok(RbdDriver {
+            image: Arc::new(image),
+            size: AtomicU64::new(size),
+            grow: tokio::sync::Mutex::new(()),
+            fast_diff,
+            sidecar,
+            spec: options.spec(),
+            description: describe(options),
+        })
+    }
+
+    /// An image without a sidecar (a sidecar itself).
+    fn plain(image: Image) -> Result<RbdDriver> {
+        let size = image.size()?;
+        let spec = format!("{}/{}", image.pool().spec(), image.name());
+        let description = serde_json::json!({"driver": "rbd", "image": image.name()});
+        Ok(RbdDriver {
+            fast_diff: image.has_fast_diff(),
+            image: Arc::new(image),
+            size: AtomicU64::new(size),
+            grow: tokio::sync::Mutex::new(()),
+            sidecar: None,
+            description,
+            spec,
+        })
+    }
+
+    /// Grows the image to hold `end` bytes.
+    async fn grow_to(&self, end: u64) -> Result<()> {
+        let _one = self.grow.lock().await;
+        if end <= self.size.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let image = self.image.clone();
+        blocking(move || image.resize(end)).await?;
+        self.size.store(end, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// QEMU's description of an rbd node: its options, in QAPI's order.
+fn describe(o: &RbdOptions) -> serde_json::Value {
+    let mut d = serde_json::Map::new();
+    d.insert("driver".into(), "rbd".into());
+    d.insert("pool".into(), o.pool.clone().into());
+    if let Some(ns) = &o.namespace {
+        d.insert("namespace".into(), ns.clone().into());
+    }
+    d.insert("image".into(), o.image.clone().into());
+    if let Some(conf) = &o.conf {
+        d.insert("conf".into(), conf.clone().into());
+    }
+    if let Some(snap) = &o.snapshot {
+        d.insert("snapshot".into(), snap.clone().into());
+    }
+    if let Some(user) = &o.user {
+        d.insert("user".into(), user.clone().into());
+    }
+    d.into()
+}
+
+fn block_err(e: Error) -> block::Error {
+    e.into()
+}
+
+impl Driver for RbdDriver {
+    fn name(&self) -> &'static str {
+        "rbd"
+    }
+
+    fn length(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    fn can_grow(&self) -> bool {
+        // As QEMU's rbd driver: a write past the end resizes the image (a
+        // qcow2 image kept on RBD, a bitmap sidecar).
+        true
+    }
+
+    fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(async move {
+            let (r, buf) = self.image.read(offset, buf).await;
+            (r.map_err(block_err), buf)
+        })
+    }
+
+    fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> BoxFuture<'_, BufResult<()>> {
+        Box::pin(async move {
+            let end = offset + buf.len() as u64;
+            if end > self.length() {
+                if let Err(e) = self.grow_to(end).await {
+                    return (Err(e.into()), buf);
+                }
+            }
+            let (r, buf) = self.image.write(offset, buf).await;
+            if let Err(e) = r {
+                return (Err(e.into()), buf);
+            }
+            if fua {
+                if let Err(e) = self.image.flush().await {
+                    return (Err(e.into()), buf);
+                }
+            }
+            (Ok(()), buf)
+        })
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> BoxFuture<'_, block::Result<()>> {
+        Box::pin(async move {
+            if flags.fast {
+                // librbd does not say whether zeroing is fast (QEMU's rbd
+                // driver has no BDRV_REQ_NO_FALLBACK either).
+                return Err(block::Error::NotSupported("fast write-zeroes on RBD"));
+            }
+            self.image
+                .write_zeroes(offset, len, !flags.may_unmap)
+                .await?;
+            if flags.fua {
+                self.image.flush().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, block::Result<()>> {
+        Box::pin(async move { Ok(self.image.discard(offset, len).await?) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, block::Result<()>> {
+        Box::pin(async move { Ok(self.image.flush().await?) })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, block::Result<Extent>> {
+        Box::pin(async move {
+            let len = len.min(STATUS_WINDOW);
+            let data = |len| Extent {
+                offset,
+                len,
+                data: true,
+                zero: false,
+                allocated: true,
+                depth: 1,
+            };
+            if !self.fast_diff {
+                // Without an object map every object would be asked: say
+                // data, as QEMU does.
+                return Ok(data(len));
+            }
+            let image = self.image.clone();
+            let segments = blocking(move || image.diff(offset, len, true, 64)).await?;
+            let end = offset + len;
+            let Some(first) = segments.first() else {
+                return Ok(Extent {
+                    zero: true,
+                    data: false,
+                    ..data(len)
+                });
+            };
+            if first.offset > offset {
+                return Ok(Extent {
+                    zero: true,
+                    data: false,
+                    ..data(first.offset.min(end) - offset)
+                });
+            }
+            // Adjacent segments of the same kind make one extent.
+            let mut stop = first.offset + first.len;
+            for s in &segments[1..] {
+                if s.offset != stop || s.exists != first.exists {
+                    break;
+                }
+                stop = s.offset + s.len;
+            }
+            let len = stop.min(end).max(offset + 1) - offset;
+            Ok(Extent {
+                data: first.exists,
+                zero: !first.exists,
+                ..data(len)
+            })
+        })
+    }
+
+    fn stores_bitmaps(&self) -> bool {
+        self.sidecar.is_some()
+    }
+
+    fn load_bitmaps(
+        &self,
+    ) -> BoxFuture<'_, block::Result<Vec<(String, HBitmap, block::LoadedState)>>> {
+        Box::pin(async move {
+            match &self.sidecar {
+                Some(sidecar) => sidecar.load().await,
+                None => Ok(Vec::new()),
+            }
+        })
+    }
+
+    fn log_activity(&self, offset: u64, len: u64) -> Option<BoxFuture<'_, block::Result<()>>> {
+        self.sidecar.as_ref()?.log_activity(offset, len)
+    }
+
+    fn checkpoint<'a>(&'a self, bitmaps: &'a block::Bitmaps) -> BoxFuture<'a, block::Result<()>> {
+        match &self.sidecar {
+            Some(sidecar) => sidecar.checkpoint(bitmaps),
+            None => Box::pin(async { Ok(()) }),
+        }
+    }
+
+    fn close<'a>(&'a self, bitmaps: &'a block::Bitmaps) -> BoxFuture<'a, block::Result<()>> {
+        Box::pin(async move {
+            if let Some(sidecar) = &self.sidecar {
+                sidecar.close(bitmaps).await?;
+            }
+            Ok(self.image.flush().await?)
+        })
+    }
+
+    fn image_info(&self) -> ImageInfo {
+        ImageInfo {
+            description: Some(self.description.clone()),
+            ..ImageInfo::default()
+        }
+    }
+}
+
+impl RbdDriver {
+    /// The image as `POOL/[NAMESPACE/]IMAGE[@SNAPSHOT]`.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+}
+
+/// Where an RBD image's sidecar lives: image `IMAGE.bitmaps` in its pool.
+struct RbdSidecar {
+    pool: Arc<Pool>,
+    name: String,
+    location: String,
+}
+
+impl SidecarStore for RbdSidecar {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn open(&self, writable: bool) -> BoxFuture<'_, block::Result<Option<Box<dyn Driver>>>> {
+        Box::pin(async move {
+            let (pool, name) = (self.pool.clone(), self.name.clone());
+            match blocking(move || Image::open(&pool, &name, None, !writable)).await {
+                Ok(image) => Ok(Some(Box::new(RbdDriver::plain(image)?) as Box<dyn Driver>)),
+                Err(Error::Call { errno: 2, .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn create(&self, pieces: Vec<(u64, Vec<u8>)>, len: u64) -> BoxFuture<'_, block::Result<()>> {
+        Box::pin(async move {
+            // Written under a temporary name and renamed into place, so a
+            // crash leaves no half-made sidecar under the real name.
+            let tmp = format!("{}.tmp", self.name);
+            let (pool, t) = (self.pool.clone(), tmp.clone());
+            let image = blocking(move || {
+                match pool.remove(&t) {
+                    Ok(()) | Err(Error::Call { errno: 2, .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                pool.create(&t, len, None)?;
+                Image::open(&pool, &t, None, false)
+            })
+            .await?;
+            for (offset, bytes) in pieces {
+                image.write(offset, IoBuf::from_vec(bytes)).await.0?;
+            }
+            image.flush().await?;
+            // Closing blocks until librbd has written everything back.
+            blocking(move || {
+                drop(image);
+                Ok(())
+            })
+            .await?;
+            let (pool, name) = (self.pool.clone(), self.name.clone());
+            blocking(move || pool.rename(&tmp, &name)).await?;
+            Ok(())
+        })
+    }
+}
+
+/// `blockdev-create` for `driver=rbd`: creates image `location.image` of
+/// `size` bytes with objects of `cluster_size` bytes (librbd's default,
+/// 4 MiB, when `None`), with QEMU's checks and messages.
+pub async fn create_image(
+    factory: &RbdFactory,
+    location: &RbdOptions,
+    size: u64,
+    cluster_size: Option<u64>,
+) -> Result<()> {
+    let order = match cluster_size {
+        None => None,
+        Some(cs) if !cs.is_power_of_two() => {
+            return Err(Error::Invalid("obj size needs to be power of 2".into()));
+        }
+        Some(cs) if cs < 4096 => return Err(Error::Invalid("obj size too small".into())),
+        Some(cs) => Some(cs.trailing_zeros()),
+    };
+    if location.snapshot.is_some() {
+        return Err(Error::Invalid(
+            "Can't use snapshot name for image creation".into(),
+        ));
+    }
+    let pool = factory.pool(location, true).await?;
+    let name = location.image.clone();
+    blocking(move || pool.create(&name, size, order)).await
+}
