@@ -12,6 +12,9 @@
 //! 4. an incremental backup on B (R catches up, the bitmap resets);
 //! 5. an incremental migration B→A; the guest moves back; A is checked.
 //!
+//! With `--rbd CEPH_CONF` the shared image R is an RBD image in that
+//! cluster (removed at the end unless `--keep`), as in the founding patch.
+//!
 //! It prints what each step copied and took, and exits non-zero when a
 //! check fails.
 
@@ -44,9 +47,59 @@ pub struct DemoArgs {
     /// temporary directory, removed at the end).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Keep the working directory (images, daemon logs).
+    /// Keep the working directory (images, daemon logs), and R.
     #[arg(long)]
     keep: bool,
+    /// Keep the shared image R on Ceph RBD, in the cluster this
+    /// configuration file names (needs a bitmirror built with the `rbd`
+    /// feature).
+    #[arg(long, value_name = "CEPH_CONF")]
+    rbd: Option<PathBuf>,
+    /// The pool for R with `--rbd`.
+    #[arg(long, default_value = "rbd", requires = "rbd")]
+    rbd_pool: String,
+}
+
+/// Where the shared image R lives, and how each daemon opens it.
+enum Shared {
+    /// A qcow2 file.
+    File(PathBuf),
+    /// An RBD image.
+    Rbd {
+        pool: String,
+        image: String,
+        conf: String,
+    },
+}
+
+impl Shared {
+    /// R's node options for `blockdev-add`, named `R`.
+    fn node(&self) -> serde_json::Value {
+        match self {
+            Shared::File(path) => json!({"driver": "qcow2", "node-name": "R",
+                                         "file": {"driver": "file",
+                                                  "filename": path.display().to_string()}}),
+            Shared::Rbd { pool, image, conf } => json!({"driver": "rbd", "node-name": "R",
+                                                        "pool": pool, "image": image,
+                                                        "conf": conf}),
+        }
+    }
+
+    /// R as a backing file name, and its format.
+    fn backing(&self) -> (String, &'static str) {
+        match self {
+            Shared::File(path) => (path.display().to_string(), "qcow2"),
+            Shared::Rbd { pool, image, conf } => (format!("rbd:{pool}/{image}:conf={conf}"), "raw"),
+        }
+    }
+
+    /// Says where R is.
+    fn describe(&self) -> String {
+        match self {
+            Shared::File(path) => path.display().to_string(),
+            Shared::Rbd { pool, image, .. } => format!("RBD image {pool}/{image}"),
+        }
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -86,6 +139,21 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// Asks the daemon to quit and waits (up to 30 s) until it has, so
+    /// that it has let go of its images.
+    fn quit(&mut self) {
+        if let Ok(mut q) = self.qmp() {
+            let _ = q.execute("quit", json!({}));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `bitmirror serve` in `dir` with an NBD server and a QMP socket there,
     /// plus `args`; its log in `dir/daemon.log`.
     fn start(dir: &Path, args: &[String]) -> anyhow::Result<Daemon> {
@@ -405,7 +473,7 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
     let disk = dir_a.join("disk0.qcow2");
     println!("making a {} disk with data, text and holes …", human(size));
     make_disk(&rt, &disk, size)?;
-    let host_a = Daemon::start(
+    let mut host_a = Daemon::start(
         &dir_a,
         &[
             "--blockdev".into(),
@@ -417,23 +485,70 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
             "type=nbd,id=guest,node-name=disk0,name=disk0,writable=on".into(),
         ],
     )?;
-    let host_b = Daemon::start(&dir_b, &[])?;
+    let mut host_b = Daemon::start(&dir_b, &[])?;
     // A guest writing about 8 MiB/s, a little over the disk each minute
     // at the default size.
     let guest = Guest::start(&rt, &host_a.nbd_addr(), "disk0", size, 8 << 20)?;
-    let mut rows = Vec::new();
-    let mut ok = true;
 
     // 1. A full backup into R, atomically with bitmap B.
-    let r = shared.join("R.qcow2");
-    block::create_qcow2(&r, &block::Qcow2Create::new(size))?;
+    let r = match &a.rbd {
+        None => {
+            let r = shared.join("R.qcow2");
+            block::create_qcow2(&r, &block::Qcow2Create::new(size))?;
+            Shared::File(r)
+        }
+        Some(conf) => {
+            let r = Shared::Rbd {
+                pool: a.rbd_pool.clone(),
+                image: format!("bitmirror-demo-R-{}", std::process::id()),
+                conf: std::path::absolute(conf)
+                    .unwrap_or(conf.clone())
+                    .display()
+                    .to_string(),
+            };
+            let Shared::Rbd { pool, image, conf } = &r else {
+                unreachable!("just made")
+            };
+            let mut qa = host_a.qmp()?;
+            qa.execute(
+                "blockdev-create",
+                json!({"job-id": "create-R", "options": {"driver": "rbd", "size": size,
+                       "location": {"pool": pool, "image": image, "conf": conf}}}),
+            )?;
+            migrate_cli::wait_concluded(&mut qa, "create-R").context("creating R on RBD")?;
+            r
+        }
+    };
+    println!("the shared image R is {}", r.describe());
+    let result = workflow(&rt, a, &r, &host_a, &host_b, &dir_a, &dir_b, started, guest);
+    for d in [&mut host_a, &mut host_b] {
+        d.quit();
+    }
+    if !a.keep {
+        remove_rbd(&rt, &r);
+    }
+    result
+}
+
+/// Steps 1 to 5 and the closing table.
+#[allow(clippy::too_many_arguments)]
+fn workflow(
+    rt: &tokio::runtime::Runtime,
+    a: &DemoArgs,
+    r: &Shared,
+    host_a: &Daemon,
+    host_b: &Daemon,
+    dir_a: &Path,
+    dir_b: &Path,
+    started: Instant,
+    guest: Guest,
+) -> anyhow::Result<bool> {
+    let size = a.size;
+    let mut rows = Vec::new();
+    let mut ok = true;
     {
         let mut qa = host_a.qmp()?;
-        qa.execute(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": "R",
-                   "file": {"driver": "file", "filename": r.display().to_string()}}),
-        )?;
+        qa.execute("blockdev-add", r.node())?;
         let t = Instant::now();
         qa.execute(
             "transaction",
@@ -510,8 +625,8 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         dest_image: dir_b.join("disk0.qcow2"),
         dest_nbd: host_b.nbd_addr(),
         bitmap: Some("B".into()),
-        base: Some(r.display().to_string()),
-        base_format: "qcow2".into(),
+        base: Some(r.backing().0),
+        base_format: r.backing().1.into(),
         source_nbd: Some(host_a.nbd_addr()),
         speed: 0,
         tls_creds: None,
@@ -526,7 +641,7 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         guest_max: guest.take_longest(),
     });
     // The guest moves to B; A lets go of the old disk.
-    guest.move_to(&rt, &host_b.nbd_addr(), &s.export)?;
+    guest.move_to(rt, &host_b.nbd_addr(), &s.export)?;
     {
         let mut qa = host_a.qmp()?;
         qa.execute("block-export-del", json!({"id": "guest", "mode": "hard"}))?;
@@ -536,16 +651,12 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         )?;
         qa.execute("blockdev-del", json!({"node-name": "disk0"}))?;
     }
-    ok &= check(&rt, &guest, &host_b.nbd_addr(), &s.export, "B")?;
+    ok &= check(rt, &guest, &host_b.nbd_addr(), &s.export, "B")?;
 
     // 4. An incremental backup on B brings R up to date and resets B.
     {
         let mut qb = host_b.qmp()?;
-        qb.execute(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": "R",
-                   "file": {"driver": "file", "filename": r.display().to_string()}}),
-        )?;
+        qb.execute("blockdev-add", r.node())?;
         let t = Instant::now();
         qb.execute(
             "blockdev-backup",
@@ -582,8 +693,8 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         cut_over: Some(s.cut_over),
         guest_max: guest.take_longest(),
     });
-    guest.move_to(&rt, &host_a.nbd_addr(), &s.export)?;
-    ok &= check(&rt, &guest, &host_a.nbd_addr(), &s.export, "A")?;
+    guest.move_to(rt, &host_a.nbd_addr(), &s.export)?;
+    ok &= check(rt, &guest, &host_a.nbd_addr(), &s.export, "A")?;
 
     guest.stop.store(true, Ordering::Relaxed);
     if let Some(e) = guest.failed() {
@@ -591,11 +702,6 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         ok = false;
     }
     let writes = guest.writes.load(Ordering::Relaxed);
-    for d in [&host_a, &host_b] {
-        if let Ok(mut q) = d.qmp() {
-            let _ = q.execute("quit", json!({}));
-        }
-    }
     println!();
     println!("| step | copied | time | cut-over | guest's longest write |");
     println!("|---|---|---|---|---|");
@@ -623,6 +729,35 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         }
     );
     Ok(ok)
+}
+
+/// Removes R from the cluster.
+fn remove_rbd(rt: &tokio::runtime::Runtime, r: &Shared) {
+    let Shared::Rbd { pool, image, conf } = r else {
+        return;
+    };
+    #[cfg(feature = "rbd")]
+    let result = rt.block_on(async {
+        let options = block::options::RbdOptions {
+            pool: pool.clone(),
+            image: image.clone(),
+            conf: Some(conf.clone()),
+            ..Default::default()
+        };
+        let pool = rbd::RbdFactory::default().pool(&options, true).await?;
+        let name = image.clone();
+        tokio::task::spawn_blocking(move || pool.remove(&name))
+            .await
+            .map_err(|e| rbd::Error::Invalid(e.to_string()))?
+    });
+    #[cfg(not(feature = "rbd"))]
+    let result: Result<(), String> = {
+        let _ = (rt, conf);
+        Err("this bitmirror was built without RBD support".into())
+    };
+    if let Err(e) = result {
+        println!("could not remove the RBD image {pool}/{image}: {e}; remove it with `rbd rm`");
+    }
 }
 
 /// Verifies the disk behind `export` and says so.

@@ -57,8 +57,9 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub(crate) bitmap: Option<String>,
     /// The shared base image the destination's overlay is backed by (the
-    /// full backup), as the destination opens it.
-    #[arg(long, value_name = "PATH")]
+    /// full backup), as the destination opens it: a path, or an RBD image
+    /// as QEMU names it (`rbd:POOL/IMAGE[:conf=PATH][:id=USER]`).
+    #[arg(long, value_name = "PATH|rbd:…")]
     pub(crate) base: Option<String>,
     /// The base image's format.
     #[arg(long, default_value = "qcow2")]
@@ -77,6 +78,23 @@ pub struct MigrateArgs {
     /// NBD servers must already run with TLS credentials of their own.
     #[arg(long, value_name = "ID")]
     pub(crate) tls_creds: Option<String>,
+}
+
+/// The `driver=rbd` options of a base named `rbd:…`; `None` for a path.
+fn rbd_base(base: &str) -> anyhow::Result<Option<Value>> {
+    if !base.starts_with("rbd:") {
+        return Ok(None);
+    }
+    let Some(rbd) = block::options::rbd_filename(base) else {
+        bail!("'{base}' is not an RBD image name (rbd:POOL/IMAGE[:conf=PATH][:id=USER])");
+    };
+    if let Some((key, _)) = rbd.conf_pairs.first() {
+        bail!(
+            "'{base}': put '{key}' in the Ceph configuration file; only conf= and id= \
+             can be given in the name"
+        );
+    }
+    Ok(Some(rbd.to_qapi()))
 }
 
 /// QAPI's `SocketAddress` for `unix:PATH` or `HOST:PORT`.
@@ -124,6 +142,7 @@ type Skipped = (String, String);
 /// What the migration made, to undo on failure.
 #[derive(Debug, Default)]
 struct Made {
+    dest_base_node: bool,
     dest_file_node: bool,
     dest_node: bool,
     dest_export: bool,
@@ -326,7 +345,7 @@ fn bitmaps_to_move(info: &Value, a: &MigrateArgs) -> anyhow::Result<(Vec<Moving>
 }
 
 /// Waits for job `id` on `qmp` to conclude; its error, if it had one.
-fn wait_concluded(qmp: &mut QmpClient, id: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_concluded(qmp: &mut QmpClient, id: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let jobs = qmp.execute("query-jobs", json!({}))?;
@@ -392,15 +411,33 @@ fn prepare_and_mirror(
         qcow2["backing-file"] = json!(base);
         qcow2["backing-fmt"] = json!(a.base_format);
     }
+    // An RBD base is opened here, as the command line names it, rather than
+    // from the overlay's header (bitmirror opens protocol names in headers
+    // only with x-backing-protocols=on; see docs/security.md).
+    let base_node = match a.base.as_deref().map(rbd_base).transpose()?.flatten() {
+        Some(rbd) => {
+            let name = format!("{}-base", a.node);
+            dst.execute(
+                "blockdev-add",
+                json!({"driver": a.base_format, "node-name": name, "read-only": true,
+                       "file": rbd}),
+            )
+            .context("opening the base image on the destination")?;
+            made.dest_base_node = true;
+            Some(name)
+        }
+        None => None,
+    };
     dst.execute(
         "blockdev-create",
         json!({"job-id": "bitmirror-create", "options": qcow2}),
     )?;
     wait_concluded(dst, "bitmirror-create").context("creating the destination's overlay")?;
-    dst.execute(
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": a.node, "file": file_node}),
-    )?;
+    let mut overlay = json!({"driver": "qcow2", "node-name": a.node, "file": file_node});
+    if let Some(base) = &base_node {
+        overlay["backing"] = json!(base);
+    }
+    dst.execute("blockdev-add", overlay)?;
     made.dest_node = true;
     for m in moving {
         // Disabled while the mirror copies (it would mark every block it
@@ -665,6 +702,12 @@ fn undo(src: &mut QmpClient, dst: &mut QmpClient, a: &MigrateArgs, export: &str,
         let _ = dst.execute(
             "blockdev-del",
             json!({"node-name": format!("{}-file", a.node)}),
+        );
+    }
+    if made.dest_base_node {
+        let _ = dst.execute(
+            "blockdev-del",
+            json!({"node-name": format!("{}-base", a.node)}),
         );
     }
     if let Some(image) = &made.image {

@@ -234,3 +234,205 @@ fn what_we_write_rbd_exports_and_what_rbd_imports_we_read() {
     );
     quit(&mut qmp, &mut daemon);
 }
+
+/// The dirty-bitmap entry `name` of node `node`, if there is one.
+fn bitmap(qmp: &mut Qmp, node: &str, name: &str) -> Option<Value> {
+    let nodes = qmp.execute_ok("query-named-block-nodes", json!({}));
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["node-name"] == node)
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["name"] == name)
+}
+
+fn sha256(qmp: &mut Qmp, node: &str, name: &str) -> String {
+    let r = qmp.execute_ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": node, "name": name}),
+    );
+    r["sha256"].as_str().expect("a sha256").to_owned()
+}
+
+/// A daemon in `dir` (created) with image `name` as node `disk`, exported
+/// writable as `disk`.
+fn serve_image(dir: &Path, name: &str) -> testkit::StorageDaemon {
+    std::fs::create_dir_all(dir).expect("a directory");
+    let mut args = nbd_server(dir);
+    args.extend([
+        "--blockdev".into(),
+        format!(
+            "driver=rbd,node-name=disk,pool={},image={name},conf={}",
+            ceph::POOL,
+            ceph::conf()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=disk,name=disk,writable=on".into(),
+    ]);
+    serve(dir, &args)
+}
+
+/// A persistent bitmap on an RBD node lives in the cluster, beside the
+/// image: another daemon ("another host") finds it with the same bits, and
+/// after a `kill -9` it comes back a superset of the writes, not
+/// inconsistent.
+#[test]
+fn persistent_bitmaps_of_rbd_images_live_in_the_cluster_and_survive_kill_9() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let name = ceph::image_name("bm");
+    let _cleanup = Images(vec![name.clone()]);
+    ceph::rbd(&["create", "--size", "32M", &format!("{}/{name}", ceph::POOL)]);
+
+    // Host A: the bitmap records the guest's writes and is stored at quit.
+    let dir_a = tmp.path().join("a");
+    let mut a = serve_image(&dir_a, &name);
+    let mut qa = a.qmp();
+    qa.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b0", "granularity": 65536, "persistent": true}),
+    );
+    guest(
+        &dir_a,
+        &["write -P 1 1M 64k".into(), "write -P 2 5M 300k".into()],
+    );
+    let before = bitmap(&mut qa, "disk", "b0").expect("b0");
+    assert_eq!(before["count"], 64 * 1024 + 320 * 1024, "{before}");
+    let sum = sha256(&mut qa, "disk", "b0");
+    quit(&mut qa, &mut a);
+    let sidecar = format!("{name}.bitmaps");
+    assert!(ceph::images().contains(&sidecar), "{:?}", ceph::images());
+
+    // Host B opens the image and finds b0 as A left it.
+    let dir_b = tmp.path().join("b");
+    let mut b = serve_image(&dir_b, &name);
+    let mut qb = b.qmp();
+    let found = bitmap(&mut qb, "disk", "b0").expect("b0 on host B");
+    assert_eq!(found["count"], before["count"], "{found}");
+    assert_eq!(found["persistent"], true, "{found}");
+    assert_eq!(found["inconsistent"], Value::Null, "{found}");
+    assert_eq!(found["recording"], true, "{found}");
+    assert_eq!(sha256(&mut qb, "disk", "b0"), sum);
+
+    // B writes and dies without storing anything.
+    guest(&dir_b, &["write -P 3 20M 64k".into(), "flush".into()]);
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &b.pid().to_string()])
+        .status();
+    let _ = b.wait_exit();
+    drop(qb);
+
+    // Host C: b0 is back, consistent, and holds every write.
+    let dir_c = tmp.path().join("c");
+    let mut c = serve_image(&dir_c, &name);
+    let mut qc = c.qmp();
+    let after = bitmap(&mut qc, "disk", "b0").expect("b0 after kill -9");
+    assert_eq!(after["inconsistent"], Value::Null, "{after}");
+    let count = after["count"].as_u64().unwrap_or(0);
+    assert!(
+        count >= 64 * 1024 + 320 * 1024 + 64 * 1024,
+        "a subset after the crash: {after}"
+    );
+    // The bits are where the writes were: an export of b0 shows them.
+    qc.execute_ok("block-export-del", json!({"id": "e0"}));
+    wait_event(&mut qc, "BLOCK_EXPORT_DELETED");
+    qc.execute_ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    qc.execute_ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "disk", "name": "disk",
+               "bitmaps": ["b0"]}),
+    );
+    let map = run(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=unix,server.path={},export=disk,\
+                 x-dirty-bitmap=qemu:dirty-bitmap:b0",
+                dir_c.join("nbd.sock").display()
+            ),
+        ],
+    );
+    let map: Value = serde_json::from_str(&map).expect("qemu-img map's JSON");
+    // QEMU shows dirty extents as data: false.
+    let dirty_at = |offset: u64| {
+        map.as_array().into_iter().flatten().any(|e| {
+            let start = e["start"].as_u64().unwrap_or(u64::MAX);
+            e["data"] == false
+                && start <= offset
+                && offset < start + e["length"].as_u64().unwrap_or(0)
+        })
+    };
+    for offset in [MIB, 5 * MIB, 5 * MIB + 299 * 1024, 20 * MIB] {
+        assert!(dirty_at(offset), "{offset} not dirty: {map}");
+    }
+    assert!(!dirty_at(10 * MIB), "{map}");
+
+    // Removing it removes it from the cluster's copy too.
+    qc.execute_ok("block-export-del", json!({"id": "e1"}));
+    wait_event(&mut qc, "BLOCK_EXPORT_DELETED");
+    qc.execute_ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    quit(&mut qc, &mut c);
+    let mut d = serve_image(&tmp.path().join("d"), &name);
+    let mut qd = d.qmp();
+    assert_eq!(bitmap(&mut qd, "disk", "b0"), None);
+    quit(&mut qd, &mut d);
+}
+
+/// `bitmirror demo --rbd`: the founding workflow with the shared image R on
+/// RBD — full backup into R, incremental migration onto R, incremental
+/// backup into R, incremental migration back — each host checked byte for
+/// byte against what the guest wrote; R is removed at the end.
+#[test]
+fn the_founding_workflow_on_rbd_twice_in_a_row() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let work = tmp.path().join("demo");
+    let conf = ceph::conf();
+    let (code, out) = common::bitmirror(&[
+        "demo",
+        "--size",
+        "64M",
+        "--dir",
+        path_str(&work),
+        "--rbd",
+        &conf,
+    ]);
+    let image = out
+        .lines()
+        .find_map(|l| l.strip_prefix("the shared image R is RBD image rbd/"))
+        .map(str::to_owned);
+    let _cleanup = Images(image.iter().cloned().collect());
+    assert_eq!(code, Some(0), "{out}");
+    for step in [
+        "full backup A → R (with bitmap B)",
+        "incremental migration A → B",
+        "incremental backup B → R",
+        "incremental migration B → A",
+        "host B: the disk reads exactly what the guest wrote",
+        "host A: the disk reads exactly what the guest wrote",
+        "all checks passed",
+    ] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
+    let image = image.expect("the demo names R");
+    assert!(!ceph::images().contains(&image), "R is left behind: {out}");
+    // The destinations' overlays were backed by R on RBD.
+    let info = run(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            "-U",
+            path_str(&work.join("b").join("disk0.qcow2")),
+        ],
+    );
+    assert!(info.contains(&format!("rbd:rbd/{image}:conf=")), "{info}");
+}

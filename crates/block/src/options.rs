@@ -182,6 +182,43 @@ impl RbdOptions {
         s
     }
 
+    /// The options as QAPI's `BlockdevOptionsRbd` members, in QAPI's order
+    /// (with `"driver": "rbd"`), as `blockdev-add` takes them and a `json:`
+    /// filename shows them. `conf_pairs` have no QAPI member and are left
+    /// out.
+    pub fn to_qapi(&self) -> serde_json::Value {
+        let mut d = serde_json::Map::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            d.insert(k.to_owned(), v);
+        };
+        put("driver", "rbd".into());
+        put("pool", self.pool.clone().into());
+        if let Some(ns) = &self.namespace {
+            put("namespace", ns.clone().into());
+        }
+        put("image", self.image.clone().into());
+        if let Some(conf) = &self.conf {
+            put("conf", conf.clone().into());
+        }
+        if let Some(snap) = &self.snapshot {
+            put("snapshot", snap.clone().into());
+        }
+        if let Some(user) = &self.user {
+            put("user", user.clone().into());
+        }
+        if let Some(modes) = &self.auth_client_required {
+            put("auth-client-required", modes.clone().into());
+        }
+        if let Some(servers) = &self.server {
+            let list = servers
+                .iter()
+                .map(|(host, port)| serde_json::json!({"host": host, "port": port}))
+                .collect();
+            put("server", serde_json::Value::Array(list));
+        }
+        d.into()
+    }
+
     /// Reads QAPI's `BlockdevOptionsRbd` members from `f` (leaving the
     /// others for the caller), refusing encryption and `key-secret`.
     pub fn read(f: &mut Object) -> Result<RbdOptions> {
@@ -825,6 +862,12 @@ mod tests {
             panic!("not rbd: {o:?}")
         };
         assert_eq!(r.spec(), "p/n/i@s");
+        let mut back = r.to_qapi();
+        back["node-name"] = json!("r");
+        assert_eq!(
+            BlockdevOptions::from_json(&back).unwrap().driver,
+            DriverOptions::Rbd(r.clone())
+        );
         assert_eq!(r.server, Some(vec![("h".into(), "1".into())]));
         assert_eq!(
             err(json!({"driver": "rbd", "pool": "p"})),

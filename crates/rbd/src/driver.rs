@@ -148,7 +148,7 @@ impl RbdDriver {
             fast_diff,
             sidecar,
             spec: options.spec(),
-            description: describe(options),
+            description: options.to_qapi(),
         })
     }
 
@@ -179,27 +179,6 @@ impl RbdDriver {
         self.size.store(end, Ordering::Release);
         Ok(())
     }
-}
-
-/// QEMU's description of an rbd node: its options, in QAPI's order.
-fn describe(o: &RbdOptions) -> serde_json::Value {
-    let mut d = serde_json::Map::new();
-    d.insert("driver".into(), "rbd".into());
-    d.insert("pool".into(), o.pool.clone().into());
-    if let Some(ns) = &o.namespace {
-        d.insert("namespace".into(), ns.clone().into());
-    }
-    d.insert("image".into(), o.image.clone().into());
-    if let Some(conf) = &o.conf {
-        d.insert("conf".into(), conf.clone().into());
-    }
-    if let Some(snap) = &o.snapshot {
-        d.insert("snapshot".into(), snap.clone().into());
-    }
-    if let Some(user) = &o.user {
-        d.insert("user".into(), user.clone().into());
-    }
-    d.into()
 }
 
 fn block_err(e: Error) -> block::Error {

@@ -454,8 +454,10 @@ pub mod ceph {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ceph-cluster");
         let dir = cluster_dir();
         std::fs::create_dir_all(&dir).expect("a directory for the test cluster");
-        // One starter at a time: tests run as parallel processes.
+        // One starter at a time: tests run as parallel processes. (`-o`:
+        // the daemons must not inherit the lock.)
         let out = Command::new(require_tool("flock", "util-linux"))
+            .arg("-o")
             .arg(dir.join(".lock"))
             .arg(&script)
             .arg("start")
@@ -511,12 +513,20 @@ pub mod ceph {
         rbd(&["import", "--no-progress", &from.to_string_lossy(), &spec]);
     }
 
-    /// Removes image `name` (and its bitmap sidecar, if any).
+    /// Removes image `name` (and its bitmap sidecar, if any), quietly and
+    /// without starting the cluster: for clean-up code, which must not
+    /// panic.
     pub fn remove(name: &str) {
+        let conf = std::env::var("BITMIRROR_TEST_CEPH_CONF").unwrap_or_else(|_| {
+            cluster_dir()
+                .join("ceph.conf")
+                .to_string_lossy()
+                .into_owned()
+        });
         for image in [name.to_owned(), format!("{name}.bitmaps")] {
             let spec = format!("{POOL}/{image}");
             let _ = Command::new("rbd")
-                .args(["-c", &conf(), "rm", "--no-progress", &spec])
+                .args(["-c", &conf, "rm", "--no-progress", &spec])
                 .output();
         }
     }
