@@ -436,3 +436,380 @@ fn the_founding_workflow_on_rbd_twice_in_a_row() {
     );
     assert!(info.contains(&format!("rbd:rbd/{image}:conf=")), "{info}");
 }
+
+/// The guest's disk as it reads now through export `name`, into
+/// `dir/file` (raw).
+fn snapshot(dir: &Path, name: &str, file: &str) -> std::path::PathBuf {
+    let out = dir.join(file);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri(dir, name),
+            path_str(&out),
+        ],
+    );
+    out
+}
+
+/// `qemu-img compare` of two raw files.
+fn assert_same_raw(a: &Path, b: &Path) {
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            path_str(a),
+            path_str(b),
+        ],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// Waits for job `id`'s `BLOCK_JOB_COMPLETED` and checks it succeeded.
+fn completed(qmp: &mut Qmp, id: &str) -> Value {
+    loop {
+        let e = wait_event(qmp, "BLOCK_JOB_COMPLETED");
+        if e["data"]["device"] == id {
+            assert_eq!(e["data"]["error"], Value::Null, "{e}");
+            return e;
+        }
+    }
+}
+
+/// The founding workflow's jobs with RBD on either side: a full backup
+/// into RBD atomically with a bitmap, an incremental one after guest
+/// writes, a mirror out of RBD into a local qcow2, and a mirror of the
+/// guest's disk into RBD while the guest writes; each copy equals its
+/// source (`rbd export` and `qemu-img compare`).
+#[test]
+fn backup_and_mirror_to_and_from_rbd() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (r, m) = (ceph::image_name("r"), ceph::image_name("m"));
+    let _cleanup = Images(vec![r.clone(), m.clone()]);
+    let src = dir.join("src.qcow2");
+    testkit::qemu_img_create_qcow2(path_str(&src), 32 * MIB, "");
+    testkit::qemu_io_writes(
+        path_str(&src),
+        "qcow2",
+        &[
+            (0, 2 * MIB, Some(0x41)),
+            (9 * MIB, 3 * MIB, Some(0x42)),
+            (31 * MIB, MIB, Some(0x43)),
+        ],
+    );
+    let local = dir.join("local.qcow2");
+    testkit::qemu_img_create_qcow2(path_str(&local), 32 * MIB, "");
+    let mut args = nbd_server(dir);
+    args.extend([
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            src.display()
+        ),
+        "--blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=local,file.driver=file,file.filename={}",
+            local.display()
+        ),
+        "--export".into(),
+        "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
+    ]);
+    let mut daemon = serve(dir, &args);
+    let mut qmp = daemon.qmp();
+    for (id, image) in [("c0", &r), ("c1", &m)] {
+        let location = json!({"pool": ceph::POOL, "image": image, "conf": ceph::conf()});
+        let err = create(
+            &mut qmp,
+            id,
+            json!({"driver": "rbd", "location": location, "size": 32 * MIB}),
+        );
+        assert_eq!(err, None);
+    }
+    qmp.execute_ok("blockdev-add", rbd_node("R", &r));
+    qmp.execute_ok("blockdev-add", rbd_node("M", &m));
+
+    // 1. Full backup into RBD, atomically with bitmap b0.
+    let at_full = snapshot(dir, "disk", "at-full.raw");
+    qmp.execute_ok(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "src", "name": "b0", "granularity": 65536}},
+            {"type": "blockdev-backup",
+             "data": {"job-id": "full", "device": "src", "target": "R", "sync": "full"}}]}),
+    );
+    completed(&mut qmp, "full");
+    let exported = dir.join("r-full.raw");
+    ceph::export(&r, &exported);
+    assert_same_raw(&at_full, &exported);
+
+    // 2. The guest writes; an incremental backup copies just that.
+    guest(
+        dir,
+        &["write -P 0x51 1M 64k".into(), "write -P 0x52 20M 1M".into()],
+    );
+    let at_incremental = snapshot(dir, "disk", "at-incremental.raw");
+    qmp.execute_ok(
+        "blockdev-backup",
+        json!({"job-id": "inc", "device": "src", "target": "R", "sync": "bitmap",
+               "bitmap": "b0", "bitmap-mode": "on-success"}),
+    );
+    let e = completed(&mut qmp, "inc");
+    assert_eq!(e["data"]["offset"], 64 * 1024 + MIB, "only the writes: {e}");
+    let exported = dir.join("r-inc.raw");
+    ceph::export(&r, &exported);
+    assert_same_raw(&at_incremental, &exported);
+
+    // 3. A mirror out of RBD into the local qcow2.
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "out", "device": "R", "target": "local", "sync": "full"}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-complete", json!({"device": "out"}));
+    completed(&mut qmp, "out");
+    qmp.execute_ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "local", "name": "local"}),
+    );
+    let local_now = snapshot(dir, "local", "local.raw");
+    assert_same_raw(&at_incremental, &local_now);
+
+    // 4. The guest's disk mirrored into RBD while the guest writes; after
+    // the cut-over the guest's export is on RBD.
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "in", "device": "src", "target": "M", "sync": "full",
+               "speed": 8 * MIB}),
+    );
+    guest(
+        dir,
+        &[
+            "write -P 0x61 3M 64k".into(),
+            "write -P 0x62 30M 128k".into(),
+            "write -z 9M 1M".into(),
+        ],
+    );
+    qmp.execute_ok("block-job-set-speed", json!({"device": "in", "speed": 0}));
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    qmp.execute_ok("block-job-complete", json!({"device": "in"}));
+    completed(&mut qmp, "in");
+    guest(dir, &["write -P 0x71 5M 64k".into(), "flush".into()]);
+    let now = snapshot(dir, "disk", "now.raw");
+    let exported = dir.join("m.raw");
+    ceph::export(&m, &exported);
+    assert_same_raw(&now, &exported);
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x71 5M 64k",
+            path_str(&exported),
+        ],
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+    quit(&mut qmp, &mut daemon);
+}
+
+/// A qcow2 overlay whose header names its backing image on RBD — as QEMU
+/// writes it (`rbd:POOL/IMAGE:conf=…`) or as a `json:` name — opens with
+/// `x-backing-protocols=on` and reads through to RBD; without it the
+/// header is not trusted.
+#[test]
+fn qcow2_overlays_backed_by_rbd_images() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let base = ceph::image_name("base");
+    let _cleanup = Images(vec![base.clone()]);
+    let file = dir.join("base.raw");
+    run("qemu-img", &["create", "-f", "raw", path_str(&file), "16M"]);
+    testkit::qemu_io_writes(
+        path_str(&file),
+        "raw",
+        &[(0, MIB, Some(0x0b)), (8 * MIB, MIB, Some(0x0c))],
+    );
+    ceph::import(&file, &base);
+    let names = [
+        format!("rbd:{}/{base}:conf={}", ceph::POOL, ceph::conf()),
+        format!(
+            r#"json:{{"driver": "raw", "file": {{{}}}}}"#,
+            ceph::node_json(&base)
+        ),
+    ];
+    let mut daemon = serve(dir, &nbd_server(dir));
+    let mut qmp = daemon.qmp();
+    for (i, name) in names.iter().enumerate() {
+        let overlay = dir.join(format!("ov{i}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                name,
+                "-F",
+                "raw",
+                path_str(&overlay),
+                "16M",
+            ],
+        );
+        let node = |id: &str, protocols: bool| {
+            json!({"driver": "qcow2", "node-name": id, "x-backing-protocols": protocols,
+                   "file": {"driver": "file", "filename": path_str(&overlay)}})
+        };
+        let err = qmp
+            .execute("blockdev-add", node(&format!("no{i}"), false))
+            .expect_err("a protocol backing name from a header");
+        assert!(err.desc.contains("x-backing-protocols"), "{}", err.desc);
+        let id = format!("ov{i}");
+        qmp.execute_ok("blockdev-add", node(&id, true));
+        qmp.execute_ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": id, "node-name": id, "name": id, "writable": true}),
+        );
+        // Reads come from RBD; writes stay in the overlay.
+        let cmp = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                path_str(&file),
+                &uri(dir, &id),
+            ],
+        );
+        assert!(cmp.contains("Images are identical"), "{cmp}");
+        let out = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x0d 8M 64k",
+                "-c",
+                "read -P 0x0c 8256k 960k",
+                &uri(dir, &id),
+            ],
+        );
+        assert!(!out.contains("verification failed"), "{out}");
+    }
+    quit(&mut qmp, &mut daemon);
+    // The base on RBD was only read.
+    let exported = dir.join("base-after.raw");
+    ceph::export(&base, &exported);
+    assert_same_raw(&file, &exported);
+}
+
+/// Bad RBD options get clear errors and the daemon goes on serving;
+/// snapshots open read-only and read the image as it was.
+#[test]
+fn bad_rbd_options_are_refused_and_snapshots_are_read_only() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let name = ceph::image_name("snap");
+    let _cleanup = Images(vec![name.clone()]);
+    let spec = format!("{}/{name}", ceph::POOL);
+    let file = dir.join("v1.raw");
+    run("qemu-img", &["create", "-f", "raw", path_str(&file), "8M"]);
+    testkit::qemu_io_writes(path_str(&file), "raw", &[(0, MIB, Some(0x01))]);
+    ceph::import(&file, &name);
+    ceph::rbd(&["snap", "create", &format!("{spec}@v1")]);
+
+    let mut daemon = serve(dir, &nbd_server(dir));
+    let mut qmp = daemon.qmp();
+    let conf = ceph::conf();
+    let bad = |options: &Value| {
+        let mut o = options.clone();
+        o["driver"] = json!("rbd");
+        o["node-name"] = json!("x");
+        o
+    };
+    for (options, expected) in [
+        (
+            json!({"pool": ceph::POOL, "image": "no-such-image", "conf": conf}),
+            "error reading header from rbd/no-such-image: No such file or directory",
+        ),
+        (
+            json!({"pool": "no-such-pool", "image": name, "conf": conf}),
+            "error opening pool no-such-pool: No such file or directory",
+        ),
+        (
+            json!({"pool": ceph::POOL, "image": name, "conf": "/nonexistent/ceph.conf"}),
+            "error reading conf file /nonexistent/ceph.conf",
+        ),
+        (
+            json!({"pool": ceph::POOL, "image": name, "conf": conf, "snapshot": "v1"}),
+            "rbd snapshots are read-only",
+        ),
+        (
+            json!({"pool": ceph::POOL, "image": name, "conf": conf, "encrypt": {"format": "luks"}}),
+            "encryption",
+        ),
+        (json!({"pool": ceph::POOL}), "Parameter 'image' is missing"),
+    ] {
+        let err = qmp
+            .execute("blockdev-add", bad(&options))
+            .expect_err("bad options");
+        assert!(err.desc.contains(expected), "{options}: {}", err.desc);
+        assert_eq!(err.class, "GenericError", "{options}");
+    }
+
+    // The snapshot, read-only, reads v1 while the image moves on.
+    qmp.execute_ok("blockdev-add", rbd_node("head", &name));
+    let mut snap = rbd_node("v1", &name);
+    snap["snapshot"] = json!("v1");
+    snap["read-only"] = json!(true);
+    qmp.execute_ok("blockdev-add", snap);
+    for (id, node, writable) in [("e0", "head", true), ("e1", "v1", false)] {
+        qmp.execute_ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": id, "node-name": node, "name": node,
+                   "writable": writable}),
+        );
+    }
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x02 0 64k", &uri(dir, "head")],
+    );
+    let out = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x01 0 1M",
+            &uri(dir, "v1"),
+        ],
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 3 0 4k", &uri(dir, "v1")])
+        .output()
+        .expect("qemu-io runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("Permission denied"),
+        "{text}"
+    );
+    // And the daemon still serves.
+    qmp.execute_ok("query-version", json!({}));
+    quit(&mut qmp, &mut daemon);
+}
