@@ -23,6 +23,16 @@ fn value() -> impl Strategy<Value = Value> {
         "offset",
         "size",
         "read-zeroes",
+        "pool",
+        "image",
+        "namespace",
+        "conf",
+        "snapshot",
+        "user",
+        "server",
+        "host",
+        "port",
+        "auth-client-required",
         "bogus",
     ]);
     let leaf = prop_oneof![
@@ -42,6 +52,8 @@ fn value() -> impl Strategy<Value = Value> {
             "io_uring",
             "threads",
             "/nonexistent",
+            "cephx",
+            "rbd",
             "",
         ])
         .prop_map(Value::from),
@@ -66,7 +78,7 @@ proptest! {
     #[test]
     fn arbitrary_json_never_panics(
         v in value(),
-        driver in prop::sample::select(vec!["null-co", "raw", "file", "qcow2"]),
+        driver in prop::sample::select(vec!["null-co", "raw", "file", "qcow2", "rbd"]),
         keyval in any::<bool>(),
     ) {
         // Mostly objects with a driver, so that parsing gets deep.
@@ -87,6 +99,25 @@ proptest! {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             // Opening may fail (missing files, names); it must not panic.
             let _ = rt.block_on(g.add(&options));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 5000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// QEMU's `rbd:` names come from image headers: anything parses to
+    /// options that name a pool and an image, or to nothing, never a panic.
+    #[test]
+    fn rbd_filenames_never_panic(rest in "[a-z/@:=\\\\.]{0,40}") {
+        let name = format!("rbd:{rest}");
+        if let Some(o) = block::options::rbd_filename(&name) {
+            prop_assert!(!o.pool.is_empty() && !o.image.is_empty(), "{name}: {o:?}");
+            prop_assert!(o.snapshot.as_deref() != Some(""), "{name}: {o:?}");
         }
     }
 }
