@@ -709,6 +709,38 @@ fn qcow2_overlays_backed_by_rbd_images() {
         );
         assert!(!out.contains("verification failed"), "{out}");
     }
+    // librados settings beyond how to reach the cluster are not taken
+    // from a header, even with x-backing-protocols=on.
+    let overlay = dir.join("hostile.qcow2");
+    let hostile = format!(
+        "rbd:{}/{base}:conf={}:log_file=/tmp/written-by-a-header",
+        ceph::POOL,
+        ceph::conf()
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &hostile,
+            "-F",
+            "raw",
+            path_str(&overlay),
+            "16M",
+        ],
+    );
+    let err = qmp
+        .execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "h", "x-backing-protocols": true,
+                   "file": {"driver": "file", "filename": path_str(&overlay)}}),
+        )
+        .expect_err("a header setting log_file");
+    assert!(err.desc.contains("'log_file'"), "{}", err.desc);
     quit(&mut qmp, &mut daemon);
     // The base on RBD was only read.
     let exported = dir.join("base-after.raw");
@@ -812,4 +844,178 @@ fn bad_rbd_options_are_refused_and_snapshots_are_read_only() {
     // And the daemon still serves.
     qmp.execute_ok("query-version", json!({}));
     quit(&mut qmp, &mut daemon);
+}
+
+/// Block status of an RBD node, asked through the block layer from
+/// offsets inside objects: objects written are data from their start,
+/// others holes; a clone reports its parent's data; without a valid
+/// `fast-diff` everything is data (nothing is ever skipped).
+#[test]
+fn block_status_per_object_from_any_offset_with_parents() {
+    let (parent, child, plain) = (
+        ceph::image_name("bsp"),
+        ceph::image_name("bsc"),
+        ceph::image_name("bsn"),
+    );
+    let _cleanup = Images(vec![child.clone(), parent.clone(), plain.clone()]);
+    for image in [&parent, &plain] {
+        ceph::rbd(&[
+            "create",
+            "--size",
+            "16M",
+            "--object-size",
+            "1M",
+            &format!("{}/{image}", ceph::POOL),
+        ]);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let graph = block::Graph::new();
+    rbd::RbdFactory::register(&graph);
+    let open = |node: &str, image: &str| {
+        let options = block::BlockdevOptions::from_json(&rbd_node(node, image)).expect("options");
+        rt.block_on(graph.add(&options)).expect("an rbd node")
+    };
+    let status = |node: &std::sync::Arc<block::Node>, offset: u64| {
+        let e = rt
+            .block_on(node.block_status_upto(offset, 16 * MIB - offset, 1))
+            .expect("block status");
+        (e[0].offset, e[0].len, e[0].data)
+    };
+    let p = open("p", &parent);
+    for offset in [3 * MIB, 9 * MIB + 512 * 1024] {
+        let buf = block::IoBuf::copy_from(&[7u8; 65536], 4096);
+        rt.block_on(p.write(offset, buf, false)).0.expect("a write");
+    }
+    rt.block_on(p.flush()).expect("a flush");
+    // From inside a written object: data to the object's end.
+    assert_eq!(
+        status(&p, 3 * MIB + 4096),
+        (3 * MIB + 4096, MIB - 4096, true)
+    );
+    // From inside an untouched one: a hole up to the next written object.
+    assert_eq!(
+        status(&p, 4 * MIB + 100),
+        (4 * MIB + 100, 5 * MIB - 100, false)
+    );
+    assert_eq!(
+        status(&p, 9 * MIB + 4096),
+        (9 * MIB + 4096, MIB - 4096, true)
+    );
+    assert_eq!(status(&p, 10 * MIB), (10 * MIB, 6 * MIB, false));
+    drop(p);
+    rt.block_on(graph.remove("p")).expect("node p goes");
+
+    // A clone reports its parent's data as its own reads see it.
+    let snap = format!("{}/{parent}@s", ceph::POOL);
+    ceph::rbd(&["snap", "create", &snap]);
+    ceph::rbd(&["snap", "protect", &snap]);
+    ceph::rbd(&["clone", &snap, &format!("{}/{child}", ceph::POOL)]);
+    let c = open("c", &child);
+    assert_eq!(status(&c, 3 * MIB + 1), (3 * MIB + 1, MIB - 1, true));
+    assert!(!status(&c, 5 * MIB).2);
+    drop(c);
+    rt.block_on(graph.remove("c")).expect("node c goes");
+
+    // Without fast-diff: all data, never a hole.
+    ceph::rbd(&[
+        "feature",
+        "disable",
+        &format!("{}/{plain}", ceph::POOL),
+        "fast-diff",
+    ]);
+    let n = open("n", &plain);
+    assert_eq!(status(&n, 4096), (4096, 16 * MIB - 4096, true));
+    drop(n);
+    rt.block_on(graph.remove("n")).expect("node n goes");
+    ceph::remove(&child);
+    ceph::rbd(&["snap", "unprotect", &snap]);
+}
+
+/// A writable RBD node holds the image's exclusive lock, so a second
+/// writer is refused rather than writing behind the bitmaps' back; the
+/// sidecar names the image it belongs to, so an image made again under the
+/// same name does not inherit stale bitmaps, and an unrelated image that
+/// has the sidecar's name is never used or touched.
+#[test]
+fn sidecars_belong_to_one_image_and_one_writer() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let (name, other) = (ceph::image_name("own"), ceph::image_name("oth"));
+    let _cleanup = Images(vec![name.clone(), other.clone()]);
+    let spec = format!("{}/{name}", ceph::POOL);
+    ceph::rbd(&["create", "--size", "8M", &spec]);
+
+    let mut a = serve_image(&tmp.path().join("a"), &name);
+    let mut qa = a.qmp();
+    qa.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b0", "persistent": true}),
+    );
+    // The sidecar is tagged with the image's id.
+    let info: Value =
+        serde_json::from_str(&ceph::rbd(&["info", "--format", "json", &spec])).expect("JSON");
+    let id = info["id"].as_str().expect("an image id").to_owned();
+    let tag = ceph::rbd(&[
+        "image-meta",
+        "get",
+        &format!("{spec}.bitmaps"),
+        "bitmirror.sidecar-of",
+    ]);
+    assert_eq!(tag.trim(), id);
+
+    // A second daemon cannot open the image for writing meanwhile.
+    let dir_b = tmp.path().join("b");
+    std::fs::create_dir_all(&dir_b).expect("a directory");
+    let mut b = serve(&dir_b, &[]);
+    let mut qb = b.qmp();
+    let err = qb
+        .execute("blockdev-add", rbd_node("disk", &name))
+        .expect_err("a second writer");
+    assert!(err.desc.contains("exclusive lock"), "{}", err.desc);
+    // Reading is fine.
+    let mut ro = rbd_node("ro", &name);
+    ro["read-only"] = json!(true);
+    qb.execute_ok("blockdev-add", ro);
+    qb.execute_ok("blockdev-del", json!({"node-name": "ro"}));
+    quit(&mut qa, &mut a);
+
+    // The image is made again under its name: the old sidecar is not its.
+    ceph::rbd(&["rm", "--no-progress", &spec]);
+    ceph::rbd(&["create", "--size", "8M", &spec]);
+    qb.execute_ok("blockdev-add", rbd_node("disk", &name));
+    assert_eq!(bitmap(&mut qb, "disk", "b0"), None);
+    // A new persistent bitmap replaces the orphan.
+    qb.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b1", "persistent": true}),
+    );
+    qb.execute_ok("blockdev-del", json!({"node-name": "disk"}));
+    qb.execute_ok("blockdev-add", rbd_node("disk", &name));
+    assert!(bitmap(&mut qb, "disk", "b1").is_some());
+    assert_eq!(bitmap(&mut qb, "disk", "b0"), None);
+    qb.execute_ok("blockdev-del", json!({"node-name": "disk"}));
+
+    // An unrelated image called OTHER.bitmaps: OTHER opens, its persistent
+    // bitmap is refused with the reason, and the unrelated image is intact.
+    let other_spec = format!("{}/{other}", ceph::POOL);
+    ceph::rbd(&["create", "--size", "8M", &other_spec]);
+    ceph::rbd(&["create", "--size", "1M", &format!("{other_spec}.bitmaps")]);
+    qb.execute_ok("blockdev-add", rbd_node("other", &other));
+    let err = qb
+        .execute(
+            "block-dirty-bitmap-add",
+            json!({"node": "other", "name": "b0", "persistent": true}),
+        )
+        .expect_err("the sidecar's name is taken");
+    assert!(
+        err.desc.contains("not a bitmirror bitmap sidecar"),
+        "{}",
+        err.desc
+    );
+    let info = ceph::rbd(&["info", "--format", "json", &format!("{other_spec}.bitmaps")]);
+    assert!(info.contains("\"size\":1048576"), "{info}");
+    quit(&mut qb, &mut b);
 }

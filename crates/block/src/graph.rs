@@ -527,7 +527,27 @@ fn backing_from_header(
             name = path;
         } else if let Some(nbd) = crate::options::nbd_filename(name) {
             protocol_file = Some(BlockdevOptions::from_json(&nbd)?);
-        } else if let Some(rbd) = crate::options::rbd_filename(name) {
+        } else if name.starts_with("rbd:") {
+            let rbd = crate::options::rbd_filename(name).ok_or_else(|| {
+                bad(format!(
+                    "its backing file name '{name}' is not a well-formed RBD name \
+                     (rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:KEY=VALUE…])"
+                ))
+            })?;
+            // A header's librados settings could make the daemon write files
+            // or talk to other monitors (log_file, admin_socket, keyring):
+            // only those that say how to reach the cluster pass.
+            if let Some((key, _)) = rbd
+                .conf_pairs
+                .iter()
+                .find(|(k, _)| !HEADER_RBD_SETTINGS.contains(&k.as_str()))
+            {
+                return Err(bad(format!(
+                    "its backing file name sets the librados option '{key}', which bitmirror \
+                     does not take from an image header (allowed: {})",
+                    HEADER_RBD_SETTINGS.join(", ")
+                )));
+            }
             protocol_file = Some(BlockdevOptions::new(None, DriverOptions::Rbd(rbd)));
         } else {
             let protocol = name.split(':').next().unwrap_or(name);
@@ -595,6 +615,17 @@ fn backing_from_header(
     options.explicit.read_only = true;
     Ok(ChildRef::Inline(Box::new(options)))
 }
+
+/// The librados settings an `rbd:` backing name in an image header may set
+/// (besides `conf` and `id`).
+const HEADER_RBD_SETTINGS: &[&str] = &[
+    "mon_host",
+    "mon_addr",
+    "auth_client_required",
+    "auth_supported",
+    "client_mount_timeout",
+    "rbd_cache",
+];
 
 /// `qcow2` if the file starts with the qcow2 magic, else `raw`.
 fn probe_format(path: &str) -> String {

@@ -199,7 +199,8 @@ impl Pool {
         }
     }
 
-    /// Creates image `name` of `size` bytes with librbd's default features
+    /// Creates image `name` of `size` bytes with the cluster's default
+    /// features (`rbd_default_features`, as QEMU's `blockdev-create` does)
     /// and objects of `1 << order` bytes (librbd's default, 4 MiB, when
     /// `None`). Blocks.
     pub fn create(&self, name: &str, size: u64, order: Option<u32>) -> Result<()> {
@@ -212,16 +213,6 @@ impl Pool {
             // SAFETY: valid options handle.
             r = unsafe {
                 ffi::rbd_image_options_set_uint64(opts, ffi::RBD_IMAGE_OPTION_ORDER, order.into())
-            };
-        }
-        if r == 0 {
-            // SAFETY: valid options handle.
-            r = unsafe {
-                ffi::rbd_image_options_set_uint64(
-                    opts,
-                    ffi::RBD_IMAGE_OPTION_FEATURES,
-                    ffi::RBD_FEATURES_DEFAULT,
-                )
             };
         }
         if r == 0 {
@@ -251,6 +242,28 @@ impl Pool {
             ));
         }
         Ok(())
+    }
+
+    /// Whether an image with id `id` exists in the pool. Blocks.
+    pub fn has_image_id(&self, id: &str) -> Result<bool> {
+        let cid = cstring("image id", id)?;
+        let mut raw: ffi::rbd_image_t = ptr::null_mut();
+        // SAFETY: valid ioctx and id, valid out-pointer; a read-only open
+        // sets no watch and is closed right away.
+        let r =
+            unsafe { ffi::rbd_open_by_id_read_only(self.raw, cid.as_ptr(), &mut raw, ptr::null()) };
+        match r {
+            0 => {
+                // SAFETY: just opened, used by no one else.
+                unsafe { ffi::rbd_close(raw) };
+                Ok(true)
+            }
+            -2 => Ok(false),
+            r => Err(Error::call(
+                format!("error looking for image id {id} in {}", self.spec()),
+                r.into(),
+            )),
+        }
     }
 
     /// Renames image `from` to `to`, which must not exist. Blocks.

@@ -20,6 +20,10 @@ use crate::image::Image;
 /// image's name with this suffix, in the same pool and namespace.
 pub const SIDECAR_SUFFIX: &str = ".bitmaps";
 
+/// The image metadata key that marks an image as the bitmap sidecar of
+/// another, whose id it holds.
+const SIDECAR_TAG: &str = "bitmirror.sidecar-of";
+
 /// The longest range one block-status answer looks at: the allocation map
 /// is read per object, so a bounded range bounds the work of one call.
 const STATUS_WINDOW: u64 = 1 << 30;
@@ -110,6 +114,8 @@ pub struct RbdDriver {
     /// Serialises growing the image (a format driver writing past its end).
     grow: tokio::sync::Mutex<()>,
     fast_diff: bool,
+    /// The unit of allocation, to which block-status queries are aligned.
+    object_size: u64,
     /// Where persistent bitmaps go (not for snapshots).
     sidecar: Option<Sidecar>,
     spec: String,
@@ -130,22 +136,46 @@ impl RbdDriver {
             options.image.clone(),
             options.snapshot.clone(),
         );
-        let image = blocking(move || Image::open(&p, &name, snap.as_deref(), read_only)).await?;
+        let image = blocking(move || {
+            let image = Image::open(&p, &name, snap.as_deref(), read_only)?;
+            if !read_only {
+                // One writer at a time, so that every write is in this
+                // node's bitmaps (and only this process writes the sidecar).
+                match image.lock_exclusive() {
+                    Ok(()) => {}
+                    Err(Error::Call { errno: 22, .. }) => tracing::warn!(
+                        "RBD image {}/{name} has no exclusive-lock feature: other clients \
+                         may write to it unseen by its dirty bitmaps",
+                        p.spec()
+                    ),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(image)
+        })
+        .await?;
         let size = image.size()?;
         let fast_diff = image.has_fast_diff();
-        let sidecar = options.snapshot.is_none().then(|| {
-            let store = RbdSidecar {
-                pool: pool.clone(),
-                name: format!("{}{SIDECAR_SUFFIX}", options.image),
-                location: format!("rbd:{}/{}{SIDECAR_SUFFIX}", pool.spec(), options.image),
-            };
-            Sidecar::new(node, size, Box::new(store), !read_only)
-        });
+        let object_size = image.object_size()?;
+        let sidecar = match options.snapshot {
+            Some(_) => None,
+            None => {
+                let store = RbdSidecar {
+                    pool: pool.clone(),
+                    name: format!("{}{SIDECAR_SUFFIX}", options.image),
+                    location: format!("rbd:{}/{}{SIDECAR_SUFFIX}", pool.spec(), options.image),
+                    owner: format!("{}/{}", pool.spec(), options.image),
+                    owner_id: image.id()?,
+                };
+                Some(Sidecar::new(node, size, Box::new(store), !read_only))
+            }
+        };
         Ok(RbdDriver {
             image: Arc::new(image),
             size: AtomicU64::new(size),
             grow: tokio::sync::Mutex::new(()),
             fast_diff,
+            object_size,
             sidecar,
             spec: options.spec(),
             description: options.to_qapi(),
@@ -159,6 +189,7 @@ impl RbdDriver {
         let description = serde_json::json!({"driver": "rbd", "image": image.name()});
         Ok(RbdDriver {
             fast_diff: image.has_fast_diff(),
+            object_size: image.object_size()?,
             image: Arc::new(image),
             size: AtomicU64::new(size),
             grow: tokio::sync::Mutex::new(()),
@@ -278,8 +309,22 @@ impl Driver for RbdDriver {
                 // data, as QEMU does.
                 return Ok(data(len));
             }
+            // Asked from the start of the object (older librbd 16.2
+            // releases report wrong offsets in whole-object mode for a
+            // start inside an object), and checked: segments out of order
+            // or overlapping make the answer "data".
+            let from = offset - offset % self.object_size;
             let image = self.image.clone();
-            let segments = blocking(move || image.diff(offset, len, true, 64)).await?;
+            let mut segments =
+                blocking(move || image.diff(from, offset + len - from, true, 64)).await?;
+            let ordered = segments
+                .windows(2)
+                .all(|w| w[0].offset + w[0].len <= w[1].offset);
+            if !ordered {
+                return Ok(data(len));
+            }
+            // What ends before `offset` does not matter.
+            segments.retain(|s| s.offset + s.len > offset);
             let end = offset + len;
             let Some(first) = segments.first() else {
                 return Ok(Extent {
@@ -362,11 +407,51 @@ impl RbdDriver {
     }
 }
 
-/// Where an RBD image's sidecar lives: image `IMAGE.bitmaps` in its pool.
+/// Where an RBD image's sidecar lives: image `IMAGE.bitmaps` in its pool,
+/// tagged (metadata `bitmirror.sidecar-of`) with the id of the image whose
+/// bitmaps it holds, so that a sidecar left by a removed image of the same
+/// name is not taken for this one's, and an unrelated image that happens to
+/// have the name is never touched.
 struct RbdSidecar {
     pool: Arc<Pool>,
     name: String,
     location: String,
+    /// The image whose bitmaps it holds: `POOL/IMAGE`, and its id.
+    owner: String,
+    owner_id: String,
+}
+
+/// Whose sidecar an existing image is.
+enum Claim {
+    /// None there.
+    Absent,
+    /// Ours.
+    Ours(Image),
+    /// Left by an image that no longer exists (the id no image has).
+    Orphan,
+    /// Not a sidecar, or another live image's: never touched.
+    Foreign(String),
+}
+
+impl RbdSidecar {
+    /// Who `name` in the pool belongs to. Blocks.
+    fn claim(pool: &Arc<Pool>, name: &str, owner_id: &str, writable: bool) -> Result<Claim> {
+        let image = match Image::open(pool, name, None, !writable) {
+            Ok(image) => image,
+            Err(Error::Call { errno: 2, .. }) => return Ok(Claim::Absent),
+            Err(e) => return Err(e),
+        };
+        match image.metadata(SIDECAR_TAG)? {
+            Some(id) if id == owner_id => Ok(Claim::Ours(image)),
+            Some(id) if !pool.has_image_id(&id)? => Ok(Claim::Orphan),
+            Some(id) => Ok(Claim::Foreign(format!(
+                "it holds the bitmaps of another image (id {id})"
+            ))),
+            None => Ok(Claim::Foreign(
+                "it is not a bitmirror bitmap sidecar".into(),
+            )),
+        }
+    }
 }
 
 impl SidecarStore for RbdSidecar {
@@ -376,11 +461,21 @@ impl SidecarStore for RbdSidecar {
 
     fn open(&self, writable: bool) -> BoxFuture<'_, block::Result<Option<Box<dyn Driver>>>> {
         Box::pin(async move {
-            let (pool, name) = (self.pool.clone(), self.name.clone());
-            match blocking(move || Image::open(&pool, &name, None, !writable)).await {
-                Ok(image) => Ok(Some(Box::new(RbdDriver::plain(image)?) as Box<dyn Driver>)),
-                Err(Error::Call { errno: 2, .. }) => Ok(None),
-                Err(e) => Err(e.into()),
+            let (pool, name, id) = (self.pool.clone(), self.name.clone(), self.owner_id.clone());
+            match blocking(move || RbdSidecar::claim(&pool, &name, &id, writable)).await? {
+                Claim::Ours(image) => {
+                    Ok(Some(Box::new(RbdDriver::plain(image)?) as Box<dyn Driver>))
+                }
+                Claim::Absent => Ok(None),
+                Claim::Orphan | Claim::Foreign(_) => {
+                    // Not this image's bitmaps: it has none (yet).
+                    tracing::warn!(
+                        "{} is not the bitmap sidecar of {}; its bitmaps are not loaded",
+                        self.location,
+                        self.owner
+                    );
+                    Ok(None)
+                }
             }
         })
     }
@@ -390,14 +485,44 @@ impl SidecarStore for RbdSidecar {
             // Written under a temporary name and renamed into place, so a
             // crash leaves no half-made sidecar under the real name.
             let tmp = format!("{}.tmp", self.name);
-            let (pool, t) = (self.pool.clone(), tmp.clone());
+            let (pool, t, name) = (self.pool.clone(), tmp.clone(), self.name.clone());
+            let (id, location) = (self.owner_id.clone(), self.location.clone());
             let image = blocking(move || {
-                match pool.remove(&t) {
-                    Ok(()) | Err(Error::Call { errno: 2, .. }) => {}
-                    Err(e) => return Err(e),
+                // The real name: free, or an orphan to replace.
+                match RbdSidecar::claim(&pool, &name, &id, true)? {
+                    Claim::Absent => {}
+                    Claim::Orphan => pool.remove(&name)?,
+                    Claim::Ours(_) => {
+                        return Err(Error::Invalid(format!(
+                            "{location} appeared while it was being created"
+                        )));
+                    }
+                    Claim::Foreign(why) => {
+                        return Err(Error::Invalid(format!(
+                            "cannot keep persistent bitmaps in {location}: {why}; \
+                             rename or remove that image"
+                        )));
+                    }
+                }
+                // A temporary left by a crash: ours or an orphan's only.
+                match RbdSidecar::claim(&pool, &t, &id, true)? {
+                    Claim::Absent => {}
+                    Claim::Ours(image) => {
+                        drop(image);
+                        pool.remove(&t)?;
+                    }
+                    Claim::Orphan => pool.remove(&t)?,
+                    Claim::Foreign(why) => {
+                        return Err(Error::Invalid(format!(
+                            "cannot create {location}: {}/{t} is in the way ({why})",
+                            pool.spec()
+                        )));
+                    }
                 }
                 pool.create(&t, len, None)?;
-                Image::open(&pool, &t, None, false)
+                let image = Image::open(&pool, &t, None, false)?;
+                image.set_metadata(SIDECAR_TAG, &id)?;
+                Ok(image)
             })
             .await?;
             for (offset, bytes) in pieces {

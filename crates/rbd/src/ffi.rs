@@ -15,14 +15,8 @@ pub type rbd_callback_t = extern "C" fn(c: rbd_completion_t, arg: *mut c_void);
 pub type diff_callback_t =
     extern "C" fn(offset: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int;
 
-/// `RBD_IMAGE_OPTION_FEATURES`.
-pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 /// `RBD_IMAGE_OPTION_ORDER`.
 pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
-/// `RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK |
-/// RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF | RBD_FEATURE_DEEP_FLATTEN`:
-/// `RBD_FEATURES_DEFAULT` of `rbd/features.h`.
-pub const RBD_FEATURES_DEFAULT: u64 = 1 | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5);
 
 #[link(name = "rados")]
 unsafe extern "C" {
@@ -62,6 +56,12 @@ unsafe extern "C" {
     pub fn rbd_open_read_only(
         io: rados_ioctx_t,
         name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_open_by_id_read_only(
+        io: rados_ioctx_t,
+        id: *const c_char,
         image: *mut rbd_image_t,
         snap_name: *const c_char,
     ) -> c_int;
@@ -112,8 +112,34 @@ unsafe extern "C" {
     pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
 }
 
+/// `RBD_LOCK_MODE_EXCLUSIVE`.
+pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+
+/// `rbd_image_info_t` (`RBD_MAX_BLOCK_NAME_SIZE` 24,
+/// `RBD_MAX_IMAGE_NAME_SIZE` 96).
+#[repr(C)]
+pub struct rbd_image_info_t {
+    pub size: u64,
+    pub obj_size: u64,
+    pub num_objs: u64,
+    pub order: c_int,
+    pub block_name_prefix: [c_char; 24],
+    pub parent_pool: i64,
+    pub parent_name: [c_char; 96],
+}
+
 #[link(name = "rbd")]
 unsafe extern "C" {
+    pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
+    pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int;
+    pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
+    pub fn rbd_metadata_get(
+        image: rbd_image_t,
+        key: *const c_char,
+        value: *mut c_char,
+        val_len: *mut usize,
+    ) -> c_int;
+    pub fn rbd_metadata_set(image: rbd_image_t, key: *const c_char, value: *const c_char) -> c_int;
     pub fn rbd_rename(io: rados_ioctx_t, srcname: *const c_char, destname: *const c_char) -> c_int;
     pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
     pub fn rbd_get_flags(image: rbd_image_t, flags: *mut u64) -> c_int;

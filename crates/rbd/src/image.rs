@@ -154,6 +154,99 @@ impl Image {
         Ok(size)
     }
 
+    /// The size of the image's objects (its allocation unit in the
+    /// cluster).
+    pub fn object_size(&self) -> Result<u64> {
+        // SAFETY: all-zero bytes are a valid rbd_image_info_t (integers and
+        // byte arrays).
+        let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
+        // SAFETY: open image; `info` is writable and its size is passed.
+        let r = unsafe {
+            ffi::rbd_stat(
+                self.raw,
+                &mut info,
+                std::mem::size_of::<ffi::rbd_image_info_t>(),
+            )
+        };
+        if r < 0 {
+            return Err(self.error("error reading image info", r.into()));
+        }
+        Ok(info.obj_size.max(512))
+    }
+
+    /// The image's id: unlike its name, it changes when the image is
+    /// removed and made again.
+    pub fn id(&self) -> Result<String> {
+        let mut buf = vec![0u8; 64];
+        loop {
+            // SAFETY: open image; `buf` is writable for its length.
+            let r = unsafe { ffi::rbd_get_id(self.raw, buf.as_mut_ptr().cast(), buf.len()) };
+            if r == -34 && buf.len() < 4096 {
+                // ERANGE: a longer id.
+                buf.resize(buf.len() * 4, 0);
+                continue;
+            }
+            if r < 0 {
+                return Err(self.error("error reading the image id", r.into()));
+            }
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            return Ok(String::from_utf8_lossy(&buf[..end]).into_owned());
+        }
+    }
+
+    /// The image's metadata value for `key`, if it has one.
+    pub fn metadata(&self, key: &str) -> Result<Option<String>> {
+        let ckey = cstring("metadata key", key)?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            let mut len = buf.len();
+            // SAFETY: open image, NUL-terminated key, `buf` writable for
+            // `len` bytes; librbd writes the needed length to `len`.
+            let r = unsafe {
+                ffi::rbd_metadata_get(self.raw, ckey.as_ptr(), buf.as_mut_ptr().cast(), &mut len)
+            };
+            match r {
+                -2 => return Ok(None),
+                -34 if len > buf.len() && len <= 1 << 20 => buf.resize(len, 0),
+                r if r < 0 => return Err(self.error("error reading image metadata", r.into())),
+                _ => {
+                    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+                    return Ok(Some(String::from_utf8_lossy(&buf[..end]).into_owned()));
+                }
+            }
+        }
+    }
+
+    /// Sets the image's metadata `key` to `value`.
+    pub fn set_metadata(&self, key: &str, value: &str) -> Result<()> {
+        let (k, v) = (
+            cstring("metadata key", key)?,
+            cstring("metadata value", value)?,
+        );
+        // SAFETY: open image, NUL-terminated strings.
+        let r = unsafe { ffi::rbd_metadata_set(self.raw, k.as_ptr(), v.as_ptr()) };
+        if r < 0 {
+            return Err(self.error("error writing image metadata", r.into()));
+        }
+        Ok(())
+    }
+
+    /// Takes the image's exclusive lock and keeps it until the image is
+    /// closed: no other client can write meanwhile (librbd otherwise hands
+    /// the lock to any client that asks). A lock whose owner died is broken
+    /// once the cluster notices. Blocks.
+    pub fn lock_exclusive(&self) -> Result<()> {
+        // SAFETY: open image.
+        let r = unsafe { ffi::rbd_lock_acquire(self.raw, ffi::RBD_LOCK_MODE_EXCLUSIVE) };
+        if r < 0 {
+            return Err(self.error(
+                "error taking the exclusive lock (is another client writing to it?)",
+                r.into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether block status can come from the object map
     /// (`fast-diff` enabled and valid); otherwise [`Image::diff`] would
     /// have to ask every object.

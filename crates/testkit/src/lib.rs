@@ -446,8 +446,14 @@ pub mod ceph {
         std::env::temp_dir().join("bitmirror-test-ceph")
     }
 
-    /// The test cluster's `ceph.conf`, starting the cluster when needed.
+    /// The test cluster's `ceph.conf`, starting the cluster when needed
+    /// (once per test process).
     pub fn conf() -> String {
+        static CONF: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        CONF.get_or_init(find_or_start).clone()
+    }
+
+    fn find_or_start() -> String {
         if let Some(conf) = std::env::var_os("BITMIRROR_TEST_CEPH_CONF") {
             return conf.to_string_lossy().into_owned();
         }
@@ -477,11 +483,15 @@ pub mod ceph {
     /// The pool the tests use.
     pub const POOL: &str = "rbd";
 
-    /// A fresh image name for this test process: `PREFIX-PID-N`.
+    /// A fresh image name: `PREFIX-PID-MICROS-N`, unique across test
+    /// processes and runs against a cluster left running.
     pub fn image_name(prefix: &str) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(0);
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() % 1_000_000_000);
         format!(
-            "{prefix}-{}-{}",
+            "{prefix}-{}-{micros}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         )
@@ -525,9 +535,16 @@ pub mod ceph {
         });
         for image in [name.to_owned(), format!("{name}.bitmaps")] {
             let spec = format!("{POOL}/{image}");
-            let _ = Command::new("rbd")
-                .args(["-c", &conf, "rm", "--no-progress", &spec])
-                .output();
+            for args in [
+                &["snap", "purge", "--no-progress"][..],
+                &["rm", "--no-progress"],
+            ] {
+                let _ = Command::new("rbd")
+                    .args(["-c", &conf])
+                    .args(args)
+                    .arg(&spec)
+                    .output();
+            }
         }
     }
 
