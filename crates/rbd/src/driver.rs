@@ -24,6 +24,11 @@ pub const SIDECAR_SUFFIX: &str = ".bitmaps";
 /// another, whose id it holds.
 const SIDECAR_TAG: &str = "bitmirror.sidecar-of";
 
+/// The snapshot taken when a node with persistent bitmaps closes cleanly:
+/// at the next open, whatever was written since (by any client, while no
+/// bitmirror had the image) is added to the bitmaps.
+pub const BITMAPS_SNAPSHOT: &str = "bitmirror-bitmaps";
+
 /// The longest range one block-status answer looks at: the allocation map
 /// is read per object, so a bounded range bounds the work of one call.
 const STATUS_WINDOW: u64 = 1 << 30;
@@ -114,6 +119,8 @@ pub struct RbdDriver {
     /// Serialises growing the image (a format driver writing past its end).
     grow: tokio::sync::Mutex<()>,
     fast_diff: bool,
+    /// Opened for writing (and holding the exclusive lock).
+    writable: bool,
     /// The unit of allocation, to which block-status queries are aligned.
     object_size: u64,
     /// Where persistent bitmaps go (not for snapshots).
@@ -175,6 +182,7 @@ impl RbdDriver {
             size: AtomicU64::new(size),
             grow: tokio::sync::Mutex::new(()),
             fast_diff,
+            writable: !read_only,
             object_size,
             sidecar,
             spec: options.spec(),
@@ -189,6 +197,7 @@ impl RbdDriver {
         let description = serde_json::json!({"driver": "rbd", "image": image.name()});
         Ok(RbdDriver {
             fast_diff: image.has_fast_diff(),
+            writable: false,
             object_size: image.object_size()?,
             image: Arc::new(image),
             size: AtomicU64::new(size),
@@ -316,7 +325,7 @@ impl Driver for RbdDriver {
             let from = offset - offset % self.object_size;
             let image = self.image.clone();
             let mut segments =
-                blocking(move || image.diff(from, offset + len - from, true, 64)).await?;
+                blocking(move || image.diff(None, from, offset + len - from, true, 64)).await?;
             let ordered = segments
                 .windows(2)
                 .all(|w| w[0].offset + w[0].len <= w[1].offset);
@@ -365,10 +374,56 @@ impl Driver for RbdDriver {
         &self,
     ) -> BoxFuture<'_, block::Result<Vec<(String, HBitmap, block::LoadedState)>>> {
         Box::pin(async move {
-            match &self.sidecar {
-                Some(sidecar) => sidecar.load().await,
-                None => Ok(Vec::new()),
+            let Some(sidecar) = &self.sidecar else {
+                return Ok(Vec::new());
+            };
+            let mut loaded = sidecar.load().await?;
+            if loaded.is_empty() {
+                return Ok(loaded);
             }
+            // Writes since the last clean close, by anyone: into every
+            // bitmap, and into the activity log before the snapshot goes.
+            let image = self.image.clone();
+            let size = self.length();
+            let since = blocking(move || {
+                if !image.has_snapshot(BITMAPS_SNAPSHOT)? {
+                    return Ok(None);
+                }
+                image
+                    .diff(Some(BITMAPS_SNAPSHOT), 0, size, true, usize::MAX)
+                    .map(Some)
+            })
+            .await?;
+            let Some(since) = since else {
+                return Ok(loaded);
+            };
+            // (A disabled bitmap stands for a past span of time, and an
+            // inconsistent one is unusable anyway.)
+            for (_, bits, state) in &mut loaded {
+                if state.disabled || state.inconsistent {
+                    continue;
+                }
+                for s in &since {
+                    let end = (s.offset + s.len).min(bits.len());
+                    if s.offset < end {
+                        bits.set(s.offset, end - s.offset)
+                            .map_err(|e| block::Error::Peer {
+                                errno: 22,
+                                message: format!("marking writes since the last close: {e}"),
+                            })?;
+                    }
+                }
+            }
+            if self.writable {
+                for s in &since {
+                    if let Some(logged) = sidecar.log_activity(s.offset, s.len) {
+                        logged.await?;
+                    }
+                }
+                let image = self.image.clone();
+                blocking(move || image.remove_snapshot(BITMAPS_SNAPSHOT)).await?;
+            }
+            Ok(loaded)
         })
     }
 
@@ -388,7 +443,24 @@ impl Driver for RbdDriver {
             if let Some(sidecar) = &self.sidecar {
                 sidecar.close(bitmaps).await?;
             }
-            Ok(self.image.flush().await?)
+            self.image.flush().await?;
+            if self.sidecar.is_some() && self.writable {
+                // The point the stored bitmaps are true at, for the next
+                // open (see BITMAPS_SNAPSHOT); none without bitmaps.
+                let image = self.image.clone();
+                let keep = bitmaps.has_persistent();
+                blocking(move || {
+                    if image.has_snapshot(BITMAPS_SNAPSHOT)? {
+                        image.remove_snapshot(BITMAPS_SNAPSHOT)?;
+                    }
+                    if keep {
+                        image.create_snapshot(BITMAPS_SNAPSHOT)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+            Ok(())
         })
     }
 

@@ -131,6 +131,10 @@ pub struct rbd_image_info_t {
 #[link(name = "rbd")]
 unsafe extern "C" {
     pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
+    pub fn rbd_snap_exists(image: rbd_image_t, snapname: *const c_char, exists: *mut bool)
+    -> c_int;
+    pub fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    pub fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
     pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int;
     pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
     pub fn rbd_metadata_get(

@@ -231,6 +231,40 @@ impl Image {
         Ok(())
     }
 
+    /// Whether the image has snapshot `name`.
+    pub fn has_snapshot(&self, name: &str) -> Result<bool> {
+        let cname = cstring("snapshot", name)?;
+        let mut exists = false;
+        // SAFETY: open image, NUL-terminated name, valid out-pointer.
+        let r = unsafe { ffi::rbd_snap_exists(self.raw, cname.as_ptr(), &mut exists) };
+        if r < 0 {
+            return Err(self.error("error looking for a snapshot", r.into()));
+        }
+        Ok(exists)
+    }
+
+    /// Takes snapshot `name` of the image. Blocks.
+    pub fn create_snapshot(&self, name: &str) -> Result<()> {
+        let cname = cstring("snapshot", name)?;
+        // SAFETY: open image, NUL-terminated name.
+        let r = unsafe { ffi::rbd_snap_create(self.raw, cname.as_ptr()) };
+        if r < 0 {
+            return Err(self.error(&format!("error creating snapshot {name}"), r.into()));
+        }
+        Ok(())
+    }
+
+    /// Removes snapshot `name` of the image. Blocks.
+    pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+        let cname = cstring("snapshot", name)?;
+        // SAFETY: open image, NUL-terminated name.
+        let r = unsafe { ffi::rbd_snap_remove(self.raw, cname.as_ptr()) };
+        if r < 0 {
+            return Err(self.error(&format!("error removing snapshot {name}"), r.into()));
+        }
+        Ok(())
+    }
+
     /// Takes the image's exclusive lock and keeps it until the image is
     /// closed: no other client can write meanwhile (librbd otherwise hands
     /// the lock to any client that asks). A lock whose owner died is broken
@@ -271,18 +305,20 @@ impl Image {
         Ok(())
     }
 
-    /// The allocated extents in `offset..offset + len` since the image was
-    /// created (the parent's included), at most `limit` of them, in order.
-    /// With `whole_object` they come from the object map, one per object
-    /// (exact only for objects that existed at the last snapshot; a new
-    /// object reports from its start to the last byte written). Blocks.
+    /// The extents in `offset..offset + len` written since snapshot
+    /// `from` (since the image was made, the parent's data included, when
+    /// `None`), at most `limit` of them. With `whole_object` they come from
+    /// the object map, whole objects at a time, which may report more than
+    /// was written but never less. Blocks.
     pub fn diff(
         &self,
+        from: Option<&str>,
         offset: u64,
         len: u64,
         whole_object: bool,
         limit: usize,
     ) -> Result<Vec<Segment>> {
+        let from = from.map(|f| cstring("snapshot", f)).transpose()?;
         let mut state = DiffState {
             segments: Vec::new(),
             limit: limit.max(1),
@@ -292,7 +328,7 @@ impl Image {
         let r = unsafe {
             ffi::rbd_diff_iterate2(
                 self.raw,
-                ptr::null(),
+                from.as_ref().map_or(ptr::null(), |f| f.as_ptr()),
                 offset,
                 len,
                 1,
