@@ -646,69 +646,55 @@ pub fn nbd_filename(name: &str) -> Option<serde_json::Value> {
     Some(o)
 }
 
-/// QEMU's RBD filenames, `rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:KEY=VALUE…]`
-/// (`\` escapes the next character; keys `conf` and `id` become options, the
-/// others librados settings), as a `driver=rbd` node's options; `None` for
-/// anything else or a malformed name.
+/// QEMU's RBD filenames, `rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:KEY=VALUE…]`,
+/// split as QEMU splits them: `\\` escapes the next character (a lone
+/// trailing one stands for itself); the pool ends at the first `/`, the
+/// namespace (if any) at the next, the image at the first `@`; keys `conf`
+/// and `id` become options, the others librados settings. `None` for
+/// anything else or a malformed name (an empty pool, image, snapshot or
+/// key, a `/` in the image, a field without `=`).
 pub fn rbd_filename(name: &str) -> Option<RbdOptions> {
     let rest = name.strip_prefix("rbd:")?;
-    // Split on unescaped ':', unescaping.
-    let mut fields = vec![String::new()];
-    let mut chars = rest.chars();
-    let mut spec_len = None;
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                let next = chars.next()?;
-                // The image spec keeps its escapes until it is split below.
-                if spec_len.is_none() {
-                    fields.last_mut()?.push('\\');
-                }
-                fields.last_mut()?.push(next);
-            }
-            ':' => {
-                spec_len.get_or_insert(());
-                fields.push(String::new());
-            }
-            c => fields.last_mut()?.push(c),
-        }
-    }
-    let spec = fields.remove(0);
-    let parts = split_unescaped(&spec, '@');
-    let (path, snapshot) = match parts.as_slice() {
-        [path] => (path.clone(), None),
-        [path, snap] if !snap.is_empty() => (path.clone(), Some(unescape(snap))),
-        _ => return None,
+    let mut fields = split_unescaped(rest, ':').into_iter();
+    let spec = fields.next()?;
+    let (pool, after) = split_first(&spec, '/')?;
+    let (namespace, after) = match split_first(&after, '/') {
+        Some((ns, rest)) => (Some(unescape(&ns)), rest),
+        None => (None, after),
     };
-    let path = split_unescaped(&path, '/');
-    let (pool, namespace, image) = match path.as_slice() {
-        [pool, image] => (pool, None, image),
-        [pool, ns, image] => (pool, Some(unescape(ns)), image),
-        _ => return None,
+    let (image, snapshot) = match split_first(&after, '@') {
+        Some((image, snap)) => (image, Some(unescape(&snap))),
+        None => (after, None),
     };
-    if pool.is_empty() || image.is_empty() {
+    if pool.is_empty()
+        || image.is_empty()
+        || split_first(&image, '/').is_some()
+        || snapshot.as_deref() == Some("")
+    {
         return None;
     }
     let mut o = RbdOptions {
-        pool: unescape(pool),
+        pool: unescape(&pool),
         namespace,
-        image: unescape(image),
+        image: unescape(&image),
         snapshot,
         ..RbdOptions::default()
     };
     for field in fields {
-        let (key, value) = field.split_once('=')?;
-        match key {
-            "conf" => o.conf = Some(value.to_owned()),
-            "id" => o.user = Some(value.to_owned()),
+        let (key, value) = split_first(&field, '=')?;
+        let (key, value) = (unescape(&key), unescape(&value));
+        match key.as_str() {
+            "conf" => o.conf = Some(value),
+            "id" => o.user = Some(value),
             "" => return None,
-            _ => o.conf_pairs.push((key.to_owned(), value.to_owned())),
+            _ => o.conf_pairs.push((key, value)),
         }
     }
     Some(o)
 }
 
-/// `s` split on the occurrences of `sep` that no `\` escapes (escapes kept).
+/// `s` split on the occurrences of `sep` that no `\\` escapes (escapes
+/// kept).
 fn split_unescaped(s: &str, sep: char) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut escaped = false;
@@ -728,15 +714,24 @@ fn split_unescaped(s: &str, sep: char) -> Vec<String> {
     out
 }
 
-/// `s` without its `\` escapes.
+/// `s` cut at its first unescaped `sep` (escapes kept); `None` without one.
+fn split_first(s: &str, sep: char) -> Option<(String, String)> {
+    let mut parts = split_unescaped(s, sep).into_iter();
+    let first = parts.next()?;
+    let rest: Vec<String> = parts.collect();
+    if rest.is_empty() {
+        return None;
+    }
+    Some((first, rest.join(&sep.to_string())))
+}
+
+/// `s` without its `\\` escapes; a lone trailing `\\` stays.
 fn unescape(s: &str) -> String {
     let mut out = String::new();
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
-            if let Some(n) = chars.next() {
-                out.push(n);
-            }
+            out.push(chars.next().unwrap_or('\\'));
         } else {
             out.push(c);
         }
@@ -898,6 +893,13 @@ mod tests {
         );
         let f = rbd_filename(r"rbd:p/a\/b").unwrap();
         assert_eq!(f.image, "a/b");
+        // QEMU's splits: the first unescaped '=' of a field, the first '@'.
+        let f = rbd_filename(r"rbd:p/i@s@t:k\=x=v=w:z=tail\").unwrap_or_default();
+        assert_eq!(f.snapshot.as_deref(), Some("s@t"));
+        assert_eq!(
+            f.conf_pairs,
+            vec![("k=x".into(), "v=w".into()), ("z".into(), r"tail\".into())]
+        );
         for bad in [
             "rbd:",
             "rbd:pool",

@@ -113,7 +113,7 @@ proptest! {
     /// QEMU's `rbd:` names come from image headers: anything parses to
     /// options that name a pool and an image, or to nothing, never a panic.
     #[test]
-    fn rbd_filenames_never_panic(rest in "[a-z/@:=\\\\.]{0,40}") {
+    fn rbd_filenames_never_panic(rest in "[a-z/@:=\\\\.é☃]{0,40}") {
         let name = format!("rbd:{rest}");
         if let Some(o) = block::options::rbd_filename(&name) {
             prop_assert!(!o.pool.is_empty() && !o.image.is_empty(), "{name}: {o:?}");
