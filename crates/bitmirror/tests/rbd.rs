@@ -799,7 +799,7 @@ fn bad_rbd_options_are_refused_and_snapshots_are_read_only() {
     for (options, expected) in [
         (
             json!({"pool": ceph::POOL, "image": "no-such-image", "conf": conf}),
-            "error reading header from rbd/no-such-image: No such file or directory",
+            "error reading header from no-such-image: No such file or directory",
         ),
         (
             json!({"pool": "no-such-pool", "image": name, "conf": conf}),

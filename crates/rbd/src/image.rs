@@ -121,8 +121,9 @@ impl Image {
             }
         };
         if r < 0 {
+            // QEMU's words: the image's name alone.
             return Err(Error::call(
-                format!("error reading header from {}/{name}", pool.spec()),
+                format!("error reading header from {name}"),
                 r.into(),
             ));
         }
