@@ -15,6 +15,24 @@ struct Side {
     daemon: StorageDaemon,
     qmp: Qmp,
     dir: tempfile::TempDir,
+    /// What `$IMG` stands for on this side (names in shared storage, such
+    /// as RBD images, must differ between the two).
+    img: String,
+}
+
+impl Side {
+    /// `value` with this side's `$DIR` and `$IMG` put back, normalized.
+    fn normalize(&self, value: Value) -> Value {
+        let text = value.to_string().replace(&self.img, "$IMG");
+        let value = serde_json::from_str(&text).unwrap_or(value);
+        normalize(value, &self.dir.path().display().to_string())
+    }
+
+    /// `text` with `$DIR` and `$IMG` filled in for this side.
+    fn fill(&self, text: &str) -> String {
+        text.replace("$DIR", &self.dir.path().display().to_string())
+            .replace("$IMG", &self.img)
+    }
 }
 
 /// `qemu-storage-daemon` and `bitmirror serve`, set up alike.
@@ -38,11 +56,16 @@ impl Pair {
             let daemon =
                 StorageDaemon::start_program(program, prefix, dir.path(), &args(dir.path()));
             let qmp = daemon.qmp();
+            let micros = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() % 1_000_000_000);
+            let img = format!("sbs{}x{micros}x{}", std::process::id(), &name[..1]);
             Side {
                 name,
                 daemon,
                 qmp,
                 dir,
+                img,
             }
         };
         Pair {
@@ -62,10 +85,9 @@ impl Pair {
     fn both_raw(&mut self, text: &str) -> Value {
         let mut replies = Vec::new();
         for side in [&mut self.qemu, &mut self.ours] {
-            let dir = side.dir.path().display().to_string();
-            side.qmp.send_raw(&text.replace("$DIR", &dir));
+            side.qmp.send_raw(&side.fill(text));
             let reply = side.qmp.read_reply();
-            replies.push(normalize(reply, &dir));
+            replies.push(side.normalize(reply));
         }
         if let Some(diff) = difference(&replies[1], &replies[0], "") {
             panic!("bitmirror and qemu-storage-daemon differ on {text}: {diff}");
@@ -78,12 +100,11 @@ impl Pair {
     fn same_events(&mut self, count: usize) -> Vec<Value> {
         let mut all = Vec::new();
         for side in [&mut self.qemu, &mut self.ours] {
-            let dir = side.dir.path().display().to_string();
             let events: Vec<Value> = side
                 .qmp
                 .take_events(count)
                 .into_iter()
-                .map(|e| normalize(e, &dir))
+                .map(|e| side.normalize(e))
                 .collect();
             assert_eq!(events.len(), count, "{}: {events:?}", side.name);
             all.push(events);
@@ -1329,4 +1350,99 @@ fn cancel_while_paused_matches() {
         same_events_until(&mut p, "null");
         p.both(ex("query-block-jobs", json!({})));
     }
+}
+
+/// RBD nodes, `blockdev-create` for RBD and their errors, against
+/// qemu-storage-daemon with QEMU's rbd module (Debian's `qemu-block-extra`),
+/// on the tests' Ceph cluster.
+#[cfg(feature = "rbd")]
+#[test]
+fn rbd_nodes_creation_and_errors_match() {
+    require_rbd_module();
+    let conf = testkit::ceph::conf();
+    let mut p = Pair::start(|_| {}, |_| vec![]);
+    let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
+    let at = |image: &str| json!({"pool": testkit::ceph::POOL, "image": image, "conf": conf});
+    let create =
+        |id: &str, options: Value| ex("blockdev-create", json!({"job-id": id, "options": options}));
+    p.both(create(
+        "c0",
+        json!({"driver": "rbd", "location": at("$IMG"), "size": 8 << 20}),
+    ));
+    p.same_events(5);
+    p.both(ex("query-jobs", json!({})));
+    p.both(ex("job-dismiss", json!({"id": "c0"})));
+    p.same_events(1);
+    // The image exists now; an object size QEMU refuses.
+    for (id, options) in [
+        (
+            "c1",
+            json!({"driver": "rbd", "location": at("$IMG"), "size": 1 << 20}),
+        ),
+        (
+            "c2",
+            json!({"driver": "rbd", "location": at("$IMG-2"), "size": 1 << 20,
+                   "cluster-size": 3000}),
+        ),
+        (
+            "c3",
+            json!({"driver": "rbd", "location": at("$IMG-3"), "size": 1 << 20,
+                   "cluster-size": 2048}),
+        ),
+    ] {
+        p.both(create(id, options));
+        p.same_events(4);
+        p.both(ex("query-jobs", json!({})));
+        p.both(ex("job-dismiss", json!({"id": id})));
+        p.same_events(1);
+    }
+    // Nodes that do not open, with QEMU's words.
+    let mut snapshot_rw = at("$IMG");
+    snapshot_rw["snapshot"] = json!("nosuch");
+    for options in [
+        at("no-such-image"),
+        json!({"pool": "no-such-pool", "image": "$IMG", "conf": conf}),
+        json!({"pool": testkit::ceph::POOL, "image": "$IMG", "conf": "/nonexistent.conf"}),
+        json!({"pool": testkit::ceph::POOL}),
+        snapshot_rw,
+    ] {
+        let mut o = options;
+        o["driver"] = json!("rbd");
+        o["node-name"] = json!("r0");
+        p.both(ex("blockdev-add", o));
+    }
+    // A node that opens, as the node list shows it.
+    let mut o = at("$IMG");
+    o["driver"] = json!("rbd");
+    o["node-name"] = json!("r0");
+    p.both(ex("blockdev-add", o));
+    p.both(ex("query-named-block-nodes", json!({"flat": true})));
+    p.both(ex("blockdev-del", json!({"node-name": "r0"})));
+    // Snapshots: refused for writing, opened for reading.
+    for side in [&p.qemu, &p.ours] {
+        testkit::ceph::rbd(&["snap", "create", &format!("rbd/{}@s", side.img)]);
+    }
+    let mut o = at("$IMG");
+    o["driver"] = json!("rbd");
+    o["node-name"] = json!("s0");
+    o["snapshot"] = json!("s");
+    p.both(ex("blockdev-add", o.clone()));
+    o["read-only"] = json!(true);
+    p.both(ex("blockdev-add", o));
+    p.both(ex("query-named-block-nodes", json!({"flat": true})));
+    p.both(ex("blockdev-del", json!({"node-name": "s0"})));
+    for side in [&p.qemu, &p.ours] {
+        testkit::ceph::remove(&side.img);
+    }
+}
+
+/// Fails with the package to install when QEMU has no rbd module.
+#[cfg(feature = "rbd")]
+fn require_rbd_module() {
+    let formats = run("qemu-img", &["--help"]);
+    assert!(
+        formats.contains(" rbd "),
+        "QEMU here has no rbd block driver: install Debian's qemu-block-extra of the same \
+         version as qemu-utils (./scripts/test does that for you)"
+    );
 }

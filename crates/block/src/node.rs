@@ -211,6 +211,8 @@ pub struct ImageInfo {
     /// For protocol nodes without a file name (`rbd`): the options that
     /// describe the node in a `json:` filename.
     pub description: Option<serde_json::Value>,
+    /// The image's snapshots (RBD's), oldest first: name and size.
+    pub snapshots: Vec<(String, u64)>,
 }
 
 /// Format details (QEMU's `ImageInfoSpecific`).
@@ -218,6 +220,8 @@ pub struct ImageInfo {
 pub enum FormatSpecific {
     /// A host file.
     File,
+    /// An RBD image (nothing to say without encryption).
+    Rbd,
     /// A qcow2 image.
     Qcow2 {
         /// `0.10` (version 2) or `1.1` (version 3).

@@ -222,10 +222,8 @@ impl Pool {
         // SAFETY: created above, used by no one else.
         unsafe { ffi::rbd_image_options_destroy(opts) };
         if r < 0 {
-            return Err(Error::call(
-                format!("error rbd create {}/{name}", self.spec()),
-                r.into(),
-            ));
+            // QEMU's words.
+            return Err(Error::call("error rbd create", r.into()));
         }
         Ok(())
     }

@@ -94,18 +94,18 @@ impl DriverFactory for RbdFactory {
             let DriverOptions::Rbd(rbd) = &options.driver else {
                 return Err(block::Error::DriverUnavailable(options.driver.name()));
             };
-            let mut read_only = options.read_only;
-            if rbd.snapshot.is_some() && !read_only {
-                if !options.auto_read_only {
-                    return Err(block::Error::Peer {
-                        errno: 30,
-                        message: "rbd snapshots are read-only".into(),
-                    });
-                }
-                read_only = true;
-            }
+            // A snapshot opens read-only; asked for writing, it is refused
+            // once it has opened, as QEMU does (so a missing snapshot says
+            // so first).
+            let read_only = options.read_only || rbd.snapshot.is_some();
             let pool = self.pool(rbd, !options.cache_direct).await?;
             let driver = RbdDriver::open(node, pool, rbd, read_only).await?;
+            if rbd.snapshot.is_some() && !options.read_only && !options.auto_read_only {
+                return Err(block::Error::Peer {
+                    errno: 30,
+                    message: "rbd snapshots are read-only".into(),
+                });
+            }
             Ok((Box::new(driver) as Box<dyn Driver>, read_only))
         })
     }
@@ -466,6 +466,12 @@ impl Driver for RbdDriver {
 
     fn image_info(&self) -> ImageInfo {
         ImageInfo {
+            // QEMU reports the object size as the cluster size.
+            cluster_size: Some(self.object_size),
+            dirty: Some(false),
+            format_specific: Some(block::FormatSpecific::Rbd),
+            // As QEMU's query shows them (a failure shows none).
+            snapshots: self.image.snapshots().unwrap_or_default(),
             description: Some(self.description.clone()),
             ..ImageInfo::default()
         }

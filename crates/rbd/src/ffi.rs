@@ -128,8 +128,22 @@ pub struct rbd_image_info_t {
     pub parent_name: [c_char; 96],
 }
 
+/// `rbd_snap_info_t`.
+#[repr(C)]
+pub struct rbd_snap_info_t {
+    pub id: u64,
+    pub size: u64,
+    pub name: *const c_char,
+}
+
 #[link(name = "rbd")]
 unsafe extern "C" {
+    pub fn rbd_snap_list(
+        image: rbd_image_t,
+        snaps: *mut rbd_snap_info_t,
+        max_snaps: *mut c_int,
+    ) -> c_int;
+    pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
     pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: usize) -> c_int;
     pub fn rbd_snap_exists(image: rbd_image_t, snapname: *const c_char, exists: *mut bool)
     -> c_int;

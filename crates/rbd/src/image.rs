@@ -232,6 +232,48 @@ impl Image {
         Ok(())
     }
 
+    /// The image's snapshots: name and size, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(String, u64)>> {
+        let mut max: std::os::raw::c_int = 16;
+        loop {
+            let mut infos: Vec<ffi::rbd_snap_info_t> = (0..max)
+                .map(|_| ffi::rbd_snap_info_t {
+                    id: 0,
+                    size: 0,
+                    name: ptr::null(),
+                })
+                .collect();
+            // SAFETY: open image; `infos` holds `max` entries; on -ERANGE
+            // librbd sets `max` to the count it needs and fills nothing.
+            let r = unsafe { ffi::rbd_snap_list(self.raw, infos.as_mut_ptr(), &mut max) };
+            if r == -34 && max > 0 && max <= 65536 {
+                continue;
+            }
+            if r < 0 {
+                return Err(self.error("error listing snapshots", r.into()));
+            }
+            let n = usize::try_from(r).unwrap_or(0).min(infos.len());
+            let list = infos[..n]
+                .iter()
+                .map(|i| {
+                    let name = if i.name.is_null() {
+                        String::new()
+                    } else {
+                        // SAFETY: librbd filled a NUL-terminated name that
+                        // lives until rbd_snap_list_end below.
+                        unsafe { std::ffi::CStr::from_ptr(i.name) }
+                            .to_string_lossy()
+                            .into_owned()
+                    };
+                    (name, i.size)
+                })
+                .collect();
+            // SAFETY: frees the names librbd allocated for these entries.
+            unsafe { ffi::rbd_snap_list_end(infos.as_mut_ptr()) };
+            return Ok(list);
+        }
+    }
+
     /// Whether the image has snapshot `name`.
     pub fn has_snapshot(&self, name: &str) -> Result<bool> {
         let cname = cstring("snapshot", name)?;

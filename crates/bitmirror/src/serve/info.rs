@@ -66,6 +66,19 @@ fn image_info(node: &Arc<Node>, flat: bool) -> Value {
     if let Some(specific) = &info.format_specific {
         image.insert("format-specific".into(), format_specific(specific));
     }
+    if !info.snapshots.is_empty() {
+        // QEMU's SnapshotInfo for RBD snapshots: the name is the id, the
+        // size the VM state size, no times.
+        let list = info
+            .snapshots
+            .iter()
+            .map(|(name, size)| {
+                json!({"id": name, "name": name, "vm-state-size": size, "date-sec": 0,
+                       "date-nsec": 0, "vm-clock-sec": 0, "vm-clock-nsec": 0, "icount": 0})
+            })
+            .collect();
+        image.insert("snapshots".into(), Value::Array(list));
+    }
     if let Some(name) = &info.backing_filename {
         image.insert("backing-filename".into(), json!(name));
         if let Some(format) = &info.backing_format {
@@ -84,6 +97,7 @@ fn image_info(node: &Arc<Node>, flat: bool) -> Value {
 fn format_specific(specific: &FormatSpecific) -> Value {
     match specific {
         FormatSpecific::File => json!({"type": "file", "data": {}}),
+        FormatSpecific::Rbd => json!({"type": "rbd", "data": {}}),
         FormatSpecific::Qcow2 {
             compat,
             lazy_refcounts,
