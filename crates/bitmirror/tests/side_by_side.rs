@@ -1361,6 +1361,21 @@ fn rbd_nodes_creation_and_errors_match() {
     require_rbd_module();
     let conf = testkit::ceph::conf();
     let mut p = Pair::start(|_| {}, |_| vec![]);
+    // Both sides' images go when the test ends, passed or failed.
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for image in &self.0 {
+                testkit::ceph::remove(image);
+            }
+        }
+    }
+    let _cleanup = Cleanup(
+        [&p.qemu.img, &p.ours.img]
+            .iter()
+            .flat_map(|i| [i.to_string(), format!("{i}-2"), format!("{i}-3")])
+            .collect(),
+    );
     let ex = |cmd: &str, args: Value| json!({"execute": cmd, "arguments": args});
     let at = |image: &str| json!({"pool": testkit::ceph::POOL, "image": image, "conf": conf});
     let create =
@@ -1431,9 +1446,6 @@ fn rbd_nodes_creation_and_errors_match() {
     p.both(ex("blockdev-add", o));
     p.both(ex("query-named-block-nodes", json!({"flat": true})));
     p.both(ex("blockdev-del", json!({"node-name": "s0"})));
-    for side in [&p.qemu, &p.ours] {
-        testkit::ceph::remove(&side.img);
-    }
 }
 
 /// Fails with the package to install when QEMU has no rbd module.

@@ -1,11 +1,13 @@
-//! Our `rbd` driver against librbd's own tools on the same one-node test
-//! cluster, in one run: `rbd bench` and fio's `rbd` engine. Sequential
+//! Our `rbd` driver against librbd's own tools and QEMU's rbd driver on the
+//! same one-node test cluster, in one run: `rbd bench`, fio's `rbd` engine
+//! and `qemu-img bench` (Debian's `qemu-block-extra`). Sequential
 //! 4 MiB and random 4 KiB writes and reads, 16 requests in flight, through
 //! a `driver=rbd` node of the block layer (bitmaps, write tracking and all)
 //! for ours. Prints markdown for `docs/benchmarks.md`: throughput or IOPS,
 //! and ours as a ratio of each peer's.
 //!
-//! Run: `cargo bench -p rbd --bench rbd_vs_peers`. The cluster is the
+//! Run: `cargo bench -p rbd --bench rbd_vs_peers [-- WORD…]` (words pick
+//! workloads by name, e.g. `random write`). The cluster is the
 //! tests' (`BITMIRROR_TEST_CEPH_CONF`, or `scripts/ceph-cluster` started on
 //! first use). Every figure is the median of `RUNS` runs, the peers' and
 //! ours interleaved (the machine is shared).
@@ -66,8 +68,22 @@ const WORKLOADS: [Workload; 4] = [
     },
 ];
 
-/// Operations per second through our node.
-fn ours(rt: &tokio::runtime::Runtime, node: &Arc<Node>, w: Workload) -> f64 {
+/// Operations per second through our node, opened for the run (a writable
+/// node holds the image's exclusive lock, which the peers need too).
+fn ours(
+    rt: &tokio::runtime::Runtime,
+    graph: &Graph,
+    options: &BlockdevOptions,
+    w: Workload,
+) -> f64 {
+    let node = rt.block_on(graph.add(options)).expect("the rbd node");
+    let ops_per_second = run_ours(rt, &node, w);
+    drop(node);
+    rt.block_on(graph.remove("bench")).expect("the node goes");
+    ops_per_second
+}
+
+fn run_ours(rt: &tokio::runtime::Runtime, node: &Arc<Node>, w: Workload) -> f64 {
     let ops = w.total / w.block;
     let blocks = IMAGE_SIZE / w.block;
     let next = Arc::new(AtomicU64::new(0));
@@ -141,6 +157,40 @@ fn rbd_bench(conf: &str, image: &str, w: Workload) -> f64 {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse().ok());
     field.unwrap_or_else(|| panic!("no ops/sec in rbd bench's output: {out}"))
+}
+
+/// Operations per second by `qemu-img bench` through QEMU's rbd driver.
+/// QEMU's bench has no random pattern: 4 KiB runs stride by a prime
+/// number of blocks instead, which visits every block once per pass.
+fn qemu_img(conf: &str, image: &str, w: Workload) -> f64 {
+    let count = w.total / w.block;
+    let step = if w.random { w.block * 7919 } else { w.block };
+    let mut args = vec![
+        "bench".to_owned(),
+        "-f".into(),
+        "raw".into(),
+        "-c".into(),
+        count.to_string(),
+        "-d".into(),
+        DEPTH.to_string(),
+        "-s".into(),
+        w.block.to_string(),
+        "-S".into(),
+        step.to_string(),
+    ];
+    if w.write {
+        args.push("-w".into());
+    }
+    args.push(format!("rbd:{}/{image}:conf={conf}", ceph::POOL));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("qemu-img", &args);
+    let seconds: f64 = out
+        .split("Run completed in ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no time in qemu-img bench's output: {out}"));
+    count as f64 / seconds
 }
 
 /// Operations per second by fio's `rbd` engine.
@@ -219,31 +269,39 @@ fn main() {
         "conf": conf,
     }))
     .expect("options");
-    let node = rt.block_on(graph.add(&options)).expect("the rbd node");
 
-    println!("| workload | bitmirror | rbd bench | fio rbd | vs rbd bench | vs fio |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| workload | bitmirror | rbd bench | fio rbd | qemu-img bench | vs rbd bench | vs fio | vs QEMU |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    // Arguments pick workloads by a word of their name ("random", "write").
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     for w in WORKLOADS {
-        let (mut o, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new());
+        if !wanted.iter().all(|word| w.name.contains(word.as_str())) {
+            continue;
+        }
+        let (mut o, mut r, mut f, mut q) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..RUNS {
             r.push(rbd_bench(&conf, &image, w));
-            o.push(ours(&rt, &node, w));
+            o.push(ours(&rt, &graph, &options, w));
             f.push(fio(&conf, &image, w));
+            q.push(qemu_img(&conf, &image, w));
         }
-        let (o, r, f) = (median(o), median(r), median(f));
+        let (o, r, f, q) = (median(o), median(r), median(f), median(q));
         println!(
-            "| {} | {} | {} | {} | {:.2}× | {:.2}× |",
+            "| {} | {} | {} | {} | {} | {:.2}× | {:.2}× | {:.2}× |",
             w.name,
             rate(w, o),
             rate(w, r),
             rate(w, f),
+            rate(w, q),
             o / r,
-            o / f
+            o / f,
+            o / q
         );
     }
-    drop(node);
-    rt.block_on(async {
-        let _ = graph.remove("bench").await;
-    });
     ceph::remove(&image);
 }
