@@ -249,7 +249,22 @@ fn rate(w: Workload, ops: f64) -> String {
 }
 
 fn main() {
-    let conf = ceph::conf();
+    // Every client reads one configuration, so that librbd's cache works
+    // alike for all: write-back from the first request. (Its default,
+    // write-through until the first flush, favoured whichever client had
+    // flushed before, and the `rbd` tool, which starts in write-back.)
+    let conf = {
+        let cluster = ceph::conf();
+        let text = std::fs::read_to_string(&cluster).expect("the cluster's ceph.conf");
+        let bench = std::env::temp_dir().join(format!("rbd-bench-{}.conf", std::process::id()));
+        let text = text.replacen(
+            "[global]\n",
+            "[global]\nrbd cache writethrough until flush = false\n",
+            1,
+        );
+        std::fs::write(&bench, text).expect("a bench ceph.conf");
+        bench.to_string_lossy().into_owned()
+    };
     let image = ceph::image_name("bench");
     ceph::rbd(&[
         "create",
@@ -304,4 +319,5 @@ fn main() {
         );
     }
     ceph::remove(&image);
+    let _ = std::fs::remove_file(&conf);
 }
