@@ -498,17 +498,12 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
             Shared::File(r)
         }
         Some(conf) => {
-            let r = Shared::Rbd {
-                pool: a.rbd_pool.clone(),
-                image: format!("bitmirror-demo-R-{}", std::process::id()),
-                conf: std::path::absolute(conf)
-                    .unwrap_or(conf.clone())
-                    .display()
-                    .to_string(),
-            };
-            let Shared::Rbd { pool, image, conf } = &r else {
-                unreachable!("just made")
-            };
+            let pool = a.rbd_pool.clone();
+            let image = format!("bitmirror-demo-R-{}", std::process::id());
+            let conf = std::path::absolute(conf)
+                .unwrap_or(conf.clone())
+                .display()
+                .to_string();
             let mut qa = host_a.qmp()?;
             qa.execute(
                 "blockdev-create",
@@ -516,7 +511,7 @@ fn run(a: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
                        "location": {"pool": pool, "image": image, "conf": conf}}}),
             )?;
             migrate_cli::wait_concluded(&mut qa, "create-R").context("creating R on RBD")?;
-            r
+            Shared::Rbd { pool, image, conf }
         }
     };
     println!("the shared image R is {}", r.describe());

@@ -7,7 +7,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{allocated_in_top, bitmirror, destination, guest, path_str, quit, serve, wait_event};
+use common::{
+    allocated_in_top, bitmirror, destination, guest, guest_snapshot, nbd_server, path_str, quit,
+    serve, wait_event,
+};
 use serde_json::{Value, json};
 use testkit::{Qmp, StorageDaemon, qemu_img_create_qcow2, qemu_io_writes, run};
 
@@ -15,49 +18,30 @@ const MIB: u64 = 1 << 20;
 
 /// A qcow2 source node `src` exported writable as `disk`.
 fn source_args(dir: &Path, src: &Path) -> Vec<String> {
-    vec![
+    let mut args = vec![
         "--blockdev".into(),
         format!(
             "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
             src.display()
         ),
-        "--nbd-server".into(),
-        format!(
-            "addr.type=unix,addr.path={}",
-            dir.join("nbd.sock").display()
-        ),
+    ];
+    args.extend(nbd_server(dir));
+    args.extend([
         "--export".into(),
         "type=nbd,id=e0,node-name=src,name=disk,writable=on".into(),
-    ]
+    ]);
+    args
 }
 
 /// The source as the guest sees it now, copied to `dir/name` (raw).
 fn snapshot(dir: &Path, name: &str) -> PathBuf {
-    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
-    let out = dir.join(name);
-    run(
-        "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &uri, path_str(&out)],
-    );
-    out
+    guest_snapshot(dir, "disk", name)
 }
 
 /// `qemu-img compare` finds the raw `expected` and the qcow2 `image`
 /// (through its backing chain) identical.
 fn assert_same(expected: &Path, image: &Path) {
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            path_str(expected),
-            path_str(image),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    common::assert_same(path_str(expected), "raw", path_str(image), "qcow2");
 }
 
 /// The dirty-bitmap entry `name` of node `node`.

@@ -10,22 +10,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{guest, path_str, quit, serve, wait_event};
+use common::{
+    assert_same, guest, guest_snapshot, nbd_server, nbd_uri, path_str, quit, serve, wait_event,
+};
 use serde_json::{Value, json};
 use testkit::{Qmp, ceph, run};
 
 const MIB: u64 = 1 << 20;
-
-/// The daemon's arguments for an NBD server on `dir/nbd.sock`.
-fn nbd_server(dir: &Path) -> Vec<String> {
-    vec![
-        "--nbd-server".into(),
-        format!(
-            "addr.type=unix,addr.path={}",
-            dir.join("nbd.sock").display()
-        ),
-    ]
-}
 
 /// `driver=rbd` options for image `name` of the test pool.
 fn rbd_node(node: &str, name: &str) -> Value {
@@ -53,14 +44,6 @@ fn create(qmp: &mut Qmp, id: &str, options: Value) -> Option<String> {
         .unwrap_or_else(|| panic!("no job {id}: {jobs}"));
     qmp.execute_ok("job-dismiss", json!({"id": id}));
     job["error"].as_str().map(str::to_owned)
-}
-
-/// The NBD URI of export `name` on `dir/nbd.sock`.
-fn uri(dir: &Path, name: &str) -> String {
-    format!(
-        "nbd+unix:///{name}?socket={}",
-        dir.join("nbd.sock").display()
-    )
 }
 
 /// Removes the test's images when it ends, passed or failed.
@@ -144,19 +127,7 @@ fn what_we_write_rbd_exports_and_what_rbd_imports_we_read() {
     );
 
     // What `rbd import` wrote reads the same through our node.
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            path_str(&file),
-            &uri(dir.path(), "imp"),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_same(path_str(&file), "raw", &nbd_uri(dir.path(), "imp"), "raw");
 
     // Writes, zeroes and discards through our node...
     guest(
@@ -189,19 +160,7 @@ fn what_we_write_rbd_exports_and_what_rbd_imports_we_read() {
             "{check}: {out}"
         );
     }
-    let cmp = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            e,
-            &uri(dir.path(), "disk"),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_same(e, "raw", &nbd_uri(dir.path(), "disk"), "raw");
 
     // Block status comes from the object map: the objects written are
     // data, the others holes.
@@ -212,7 +171,7 @@ fn what_we_write_rbd_exports_and_what_rbd_imports_we_read() {
             "--output=json",
             "-f",
             "raw",
-            &uri(dir.path(), "disk"),
+            &nbd_uri(dir.path(), "disk"),
         ],
     );
     let map: Value = serde_json::from_str(&map).expect("qemu-img map's JSON");
@@ -434,18 +393,7 @@ fn the_founding_workflow_on_rbd_twice_in_a_row() {
         .find_map(|l| l.strip_prefix("the shared image R is RBD image rbd/"))
         .map(str::to_owned);
     let _cleanup = Images(image.iter().cloned().collect());
-    assert_eq!(code, Some(0), "{out}");
-    for step in [
-        "full backup A → R (with bitmap B)",
-        "incremental migration A → B",
-        "incremental backup B → R",
-        "incremental migration B → A",
-        "host B: the disk reads exactly what the guest wrote",
-        "host A: the disk reads exactly what the guest wrote",
-        "all checks passed",
-    ] {
-        assert!(out.contains(step), "{step}: {out}");
-    }
+    common::assert_demo_passed(code, &out);
     let image = image.expect("the demo names R");
     assert!(!ceph::images().contains(&image), "R is left behind: {out}");
     // The destinations' overlays were backed by R on RBD.
@@ -459,42 +407,6 @@ fn the_founding_workflow_on_rbd_twice_in_a_row() {
         ],
     );
     assert!(info.contains(&format!("rbd:rbd/{image}:conf=")), "{info}");
-}
-
-/// The guest's disk as it reads now through export `name`, into
-/// `dir/file` (raw).
-fn snapshot(dir: &Path, name: &str, file: &str) -> std::path::PathBuf {
-    let out = dir.join(file);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri(dir, name),
-            path_str(&out),
-        ],
-    );
-    out
-}
-
-/// `qemu-img compare` of two raw files.
-fn assert_same_raw(a: &Path, b: &Path) {
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            path_str(a),
-            path_str(b),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
 }
 
 /// Waits for job `id`'s `BLOCK_JOB_COMPLETED` and checks it succeeded.
@@ -562,7 +474,7 @@ fn backup_and_mirror_to_and_from_rbd() {
     qmp.execute_ok("blockdev-add", rbd_node("M", &m));
 
     // 1. Full backup into RBD, atomically with bitmap b0.
-    let at_full = snapshot(dir, "disk", "at-full.raw");
+    let at_full = guest_snapshot(dir, "disk", "at-full.raw");
     qmp.execute_ok(
         "transaction",
         json!({"actions": [
@@ -574,14 +486,14 @@ fn backup_and_mirror_to_and_from_rbd() {
     completed(&mut qmp, "full");
     let exported = dir.join("r-full.raw");
     ceph::export(&r, &exported);
-    assert_same_raw(&at_full, &exported);
+    assert_same(path_str(&at_full), "raw", path_str(&exported), "raw");
 
     // 2. The guest writes; an incremental backup copies just that.
     guest(
         dir,
         &["write -P 0x51 1M 64k".into(), "write -P 0x52 20M 1M".into()],
     );
-    let at_incremental = snapshot(dir, "disk", "at-incremental.raw");
+    let at_incremental = guest_snapshot(dir, "disk", "at-incremental.raw");
     qmp.execute_ok(
         "blockdev-backup",
         json!({"job-id": "inc", "device": "src", "target": "R", "sync": "bitmap",
@@ -591,7 +503,7 @@ fn backup_and_mirror_to_and_from_rbd() {
     assert_eq!(e["data"]["offset"], 64 * 1024 + MIB, "only the writes: {e}");
     let exported = dir.join("r-inc.raw");
     ceph::export(&r, &exported);
-    assert_same_raw(&at_incremental, &exported);
+    assert_same(path_str(&at_incremental), "raw", path_str(&exported), "raw");
 
     // 3. A mirror out of RBD into the local qcow2.
     qmp.execute_ok(
@@ -605,8 +517,13 @@ fn backup_and_mirror_to_and_from_rbd() {
         "block-export-add",
         json!({"type": "nbd", "id": "e1", "node-name": "local", "name": "local"}),
     );
-    let local_now = snapshot(dir, "local", "local.raw");
-    assert_same_raw(&at_incremental, &local_now);
+    let local_now = guest_snapshot(dir, "local", "local.raw");
+    assert_same(
+        path_str(&at_incremental),
+        "raw",
+        path_str(&local_now),
+        "raw",
+    );
 
     // 4. The guest's disk mirrored into RBD while the guest writes; after
     // the cut-over the guest's export is on RBD.
@@ -628,10 +545,10 @@ fn backup_and_mirror_to_and_from_rbd() {
     qmp.execute_ok("block-job-complete", json!({"device": "in"}));
     completed(&mut qmp, "in");
     guest(dir, &["write -P 0x71 5M 64k".into(), "flush".into()]);
-    let now = snapshot(dir, "disk", "now.raw");
+    let now = guest_snapshot(dir, "disk", "now.raw");
     let exported = dir.join("m.raw");
     ceph::export(&m, &exported);
-    assert_same_raw(&now, &exported);
+    assert_same(path_str(&now), "raw", path_str(&exported), "raw");
     let out = run(
         "qemu-io",
         &[
@@ -675,22 +592,7 @@ fn qcow2_overlays_backed_by_rbd_images() {
     let mut qmp = daemon.qmp();
     for (i, name) in names.iter().enumerate() {
         let overlay = dir.join(format!("ov{i}.qcow2"));
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                name,
-                "-F",
-                "raw",
-                path_str(&overlay),
-                "16M",
-            ],
-        );
+        testkit::qemu_img_create_overlay(path_str(&overlay), name, "raw", "16M");
         let node = |id: &str, protocols: bool| {
             json!({"driver": "qcow2", "node-name": id, "x-backing-protocols": protocols,
                    "file": {"driver": "file", "filename": path_str(&overlay)}})
@@ -706,19 +608,7 @@ fn qcow2_overlays_backed_by_rbd_images() {
             json!({"type": "nbd", "id": id, "node-name": id, "name": id, "writable": true}),
         );
         // Reads come from RBD; writes stay in the overlay.
-        let cmp = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                path_str(&file),
-                &uri(dir, &id),
-            ],
-        );
-        assert!(cmp.contains("Images are identical"), "{cmp}");
+        assert_same(path_str(&file), "raw", &nbd_uri(dir, &id), "raw");
         let out = run(
             "qemu-io",
             &[
@@ -728,7 +618,7 @@ fn qcow2_overlays_backed_by_rbd_images() {
                 "write -P 0x0d 8M 64k",
                 "-c",
                 "read -P 0x0c 8256k 960k",
-                &uri(dir, &id),
+                &nbd_uri(dir, &id),
             ],
         );
         assert!(!out.contains("verification failed"), "{out}");
@@ -741,22 +631,7 @@ fn qcow2_overlays_backed_by_rbd_images() {
         ceph::POOL,
         ceph::conf()
     );
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &hostile,
-            "-F",
-            "raw",
-            path_str(&overlay),
-            "16M",
-        ],
-    );
+    testkit::qemu_img_create_overlay(path_str(&overlay), &hostile, "raw", "16M");
     let err = qmp
         .execute(
             "blockdev-add",
@@ -769,7 +644,7 @@ fn qcow2_overlays_backed_by_rbd_images() {
     // The base on RBD was only read.
     let exported = dir.join("base-after.raw");
     ceph::export(&base, &exported);
-    assert_same_raw(&file, &exported);
+    assert_same(path_str(&file), "raw", path_str(&exported), "raw");
 }
 
 /// Bad RBD options get clear errors and the daemon goes on serving;
@@ -841,7 +716,13 @@ fn bad_rbd_options_are_refused_and_snapshots_are_read_only() {
     }
     run(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x02 0 64k", &uri(dir, "head")],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x02 0 64k",
+            &nbd_uri(dir, "head"),
+        ],
     );
     let out = run(
         "qemu-io",
@@ -851,12 +732,12 @@ fn bad_rbd_options_are_refused_and_snapshots_are_read_only() {
             "raw",
             "-c",
             "read -P 0x01 0 1M",
-            &uri(dir, "v1"),
+            &nbd_uri(dir, "v1"),
         ],
     );
     assert!(!out.contains("verification failed"), "{out}");
     let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 3 0 4k", &uri(dir, "v1")])
+        .args(["-f", "raw", "-c", "write -P 3 0 4k", &nbd_uri(dir, "v1")])
         .output()
         .expect("qemu-io runs");
     let text =

@@ -514,22 +514,7 @@ fn nbd_backing_names_open_only_when_allowed() {
     let _peer = Peer::start(&mut peer, || sock.exists());
     let overlay = dir.join("overlay.qcow2");
     let name = format!("nbd+unix:///?socket={}", sock.display());
-    testkit::run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &name,
-            "-F",
-            "raw",
-            path_str(&overlay),
-            "1M",
-        ],
-    );
+    testkit::qemu_img_create_overlay(path_str(&overlay), &name, "raw", "1M");
     let nbd_sock = dir.join("nbd.sock");
     let mut daemon = serve(
         dir,

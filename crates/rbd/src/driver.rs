@@ -125,7 +125,6 @@ pub struct RbdDriver {
     object_size: u64,
     /// Where persistent bitmaps go (not for snapshots).
     sidecar: Option<Sidecar>,
-    spec: String,
     /// The options as a `json:` filename shows them.
     description: serde_json::Value,
 }
@@ -162,8 +161,6 @@ impl RbdDriver {
         })
         .await?;
         let size = image.size()?;
-        let fast_diff = image.has_fast_diff();
-        let object_size = image.object_size()?;
         let sidecar = match options.snapshot {
             Some(_) => None,
             None => {
@@ -177,34 +174,31 @@ impl RbdDriver {
                 Some(Sidecar::new(node, size, Box::new(store), !read_only))
             }
         };
-        Ok(RbdDriver {
-            image: Arc::new(image),
-            size: AtomicU64::new(size),
-            grow: tokio::sync::Mutex::new(()),
-            fast_diff,
-            writable: !read_only,
-            object_size,
-            sidecar,
-            spec: options.spec(),
-            description: options.to_qapi(),
-        })
+        RbdDriver::new(image, !read_only, sidecar, options.to_qapi())
     }
 
-    /// An image without a sidecar (a sidecar itself).
+    /// An image without a sidecar (a sidecar itself), read and written
+    /// without the exclusive lock of its own.
     fn plain(image: Image) -> Result<RbdDriver> {
-        let size = image.size()?;
-        let spec = format!("{}/{}", image.pool().spec(), image.name());
         let description = serde_json::json!({"driver": "rbd", "image": image.name()});
+        RbdDriver::new(image, false, None, description)
+    }
+
+    fn new(
+        image: Image,
+        writable: bool,
+        sidecar: Option<Sidecar>,
+        description: serde_json::Value,
+    ) -> Result<RbdDriver> {
         Ok(RbdDriver {
+            size: AtomicU64::new(image.size()?),
             fast_diff: image.has_fast_diff(),
-            writable: false,
             object_size: image.object_size()?,
             image: Arc::new(image),
-            size: AtomicU64::new(size),
             grow: tokio::sync::Mutex::new(()),
-            sidecar: None,
+            writable,
+            sidecar,
             description,
-            spec,
         })
     }
 
@@ -219,10 +213,6 @@ impl RbdDriver {
         self.size.store(end, Ordering::Release);
         Ok(())
     }
-}
-
-fn block_err(e: Error) -> block::Error {
-    e.into()
 }
 
 impl Driver for RbdDriver {
@@ -247,7 +237,7 @@ impl Driver for RbdDriver {
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
             let (r, buf) = self.image.read(offset, buf).await;
-            (r.map_err(block_err), buf)
+            (r.map_err(block::Error::from), buf)
         })
     }
 
@@ -475,13 +465,6 @@ impl Driver for RbdDriver {
             description: Some(self.description.clone()),
             ..ImageInfo::default()
         }
-    }
-}
-
-impl RbdDriver {
-    /// The image as `POOL/[NAMESPACE/]IMAGE[@SNAPSHOT]`.
-    pub fn spec(&self) -> &str {
-        &self.spec
     }
 }
 

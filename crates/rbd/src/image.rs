@@ -288,22 +288,27 @@ impl Image {
 
     /// Takes snapshot `name` of the image. Blocks.
     pub fn create_snapshot(&self, name: &str) -> Result<()> {
-        let cname = cstring("snapshot", name)?;
-        // SAFETY: open image, NUL-terminated name.
-        let r = unsafe { ffi::rbd_snap_create(self.raw, cname.as_ptr()) };
-        if r < 0 {
-            return Err(self.error(&format!("error creating snapshot {name}"), r.into()));
-        }
-        Ok(())
+        self.on_snapshot(name, "error creating snapshot", ffi::rbd_snap_create)
     }
 
     /// Removes snapshot `name` of the image. Blocks.
     pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+        self.on_snapshot(name, "error removing snapshot", ffi::rbd_snap_remove)
+    }
+
+    /// Calls librbd's `call` on snapshot `name`; `what` names it in errors.
+    fn on_snapshot(
+        &self,
+        name: &str,
+        what: &str,
+        call: unsafe extern "C" fn(ffi::rbd_image_t, *const std::os::raw::c_char) -> c_int,
+    ) -> Result<()> {
         let cname = cstring("snapshot", name)?;
-        // SAFETY: open image, NUL-terminated name.
-        let r = unsafe { ffi::rbd_snap_remove(self.raw, cname.as_ptr()) };
+        // SAFETY: open image, NUL-terminated name: what rbd_snap_create and
+        // rbd_snap_remove, the only `call`s, take.
+        let r = unsafe { call(self.raw, cname.as_ptr()) };
         if r < 0 {
-            return Err(self.error(&format!("error removing snapshot {name}"), r.into()));
+            return Err(self.error(&format!("{what} {name}"), r.into()));
         }
         Ok(())
     }

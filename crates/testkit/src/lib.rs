@@ -62,6 +62,29 @@ pub fn qemu_img_create_qcow2(image: &str, size: u64, options: &str) {
     run("qemu-img", &args);
 }
 
+/// Creates a qcow2 overlay `image` of `size` (e.g. `16M`) whose header
+/// names `backing` in format `backing_format`, without opening the backing
+/// file (`qemu-img create -u`): it may be a name only the daemon can reach.
+pub fn qemu_img_create_overlay(image: &str, backing: &str, backing_format: &str, size: &str) {
+    require_tool("qemu-img", "qemu-utils");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            backing_format,
+            image,
+            size,
+        ],
+    );
+}
+
 /// Writes to `image` (opened as `format`) with one `qemu-io` run: each
 /// `(offset, len, Some(pattern))` writes that byte, `(offset, len, None)`
 /// writes zeroes (`write -z`).

@@ -19,7 +19,7 @@ pub fn serve(dir: &Path, args: &[String]) -> StorageDaemon {
 
 /// Runs `qemu-io` `commands` against the export `disk` on `dir/nbd.sock`.
 pub fn guest(dir: &Path, commands: &[String]) {
-    let uri = format!("nbd+unix:///disk?socket={}", dir.join("nbd.sock").display());
+    let uri = nbd_uri(dir, "disk");
     let mut args = vec!["-f", "raw"];
     for c in commands {
         args.extend(["-c", c]);
@@ -30,19 +30,73 @@ pub fn guest(dir: &Path, commands: &[String]) {
 
 /// `qemu-img compare` finds the two qcow2 images identical.
 pub fn assert_identical(a: &Path, b: &Path) {
+    assert_same(path_str(a), "qcow2", path_str(b), "qcow2");
+}
+
+/// `qemu-img compare` finds image `a` (in format `a_format`) and image `b`
+/// (a file or an NBD URI, in `b_format`) identical.
+pub fn assert_same(a: &str, a_format: &str, b: &str, b_format: &str) {
     let cmp = run(
         "qemu-img",
+        &["compare", "-f", a_format, "-F", b_format, a, b],
+    );
+    assert!(cmp.contains("Images are identical"), "{a} and {b}: {cmp}");
+}
+
+/// The NBD URI of export `export` on `dir/nbd.sock`.
+pub fn nbd_uri(dir: &Path, export: &str) -> String {
+    format!(
+        "nbd+unix:///{export}?socket={}",
+        dir.join("nbd.sock").display()
+    )
+}
+
+/// The export `export` on `dir/nbd.sock` as a guest reads it now, copied
+/// to the raw file `dir/file`.
+pub fn guest_snapshot(dir: &Path, export: &str, file: &str) -> PathBuf {
+    let out = dir.join(file);
+    run(
+        "qemu-img",
         &[
-            "compare",
+            "convert",
             "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(a),
-            path_str(b),
+            "raw",
+            "-O",
+            "raw",
+            &nbd_uri(dir, export),
+            path_str(&out),
         ],
     );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    out
+}
+
+/// The daemon's options for an NBD server on `dir/nbd.sock`.
+pub fn nbd_server(dir: &Path) -> Vec<String> {
+    vec![
+        "--nbd-server".into(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            dir.join("nbd.sock").display()
+        ),
+    ]
+}
+
+/// `bitmirror demo` exited 0 with every step and check of the workflow in
+/// its report, `out`.
+pub fn assert_demo_passed(code: Option<i32>, out: &str) {
+    assert_eq!(code, Some(0), "{out}");
+    for step in [
+        "full backup A → R (with bitmap B)",
+        "full mirror A → B (for comparison)",
+        "incremental migration A → B",
+        "incremental backup B → R",
+        "incremental migration B → A",
+        "host B: the disk reads exactly what the guest wrote",
+        "host A: the disk reads exactly what the guest wrote",
+        "all checks passed",
+    ] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
 }
 
 /// Waits for event `name` (other events are kept aside).
