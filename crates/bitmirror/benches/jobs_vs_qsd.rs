@@ -455,17 +455,19 @@ fn guest_writer(
 }
 
 /// The guest's latencies during one phase: none (no mirror for 5 s), or a
-/// mirror in `copy_mode` until READY (whose time is returned too).
+/// mirror in `copy_mode` until READY (whose time is returned too), into a
+/// target with `target_extra` file options.
 fn latency_once(
     who: Daemon,
     dir: &Path,
     source: &Path,
     copy_mode: Option<&str>,
+    target_extra: &str,
 ) -> (Latencies, f64) {
     let size = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
     let target = dir.join("target.raw");
     sparse_file(&target, size);
-    let (sock, args) = exported_source(dir, source, raw_node("dst", &target, ""));
+    let (sock, args) = exported_source(dir, source, raw_node("dst", &target, target_extra));
     let mut daemon = who.start(dir, &args);
     let mut qmp = daemon.qmp();
     let stop = Arc::new(AtomicBool::new(false));
@@ -492,13 +494,25 @@ fn latency_once(
 }
 
 fn latency_case(dir: &Path, source: &Path) {
-    for mode in [None, Some("background"), Some("write-blocking")] {
-        let qemu = latency_once(Daemon::Qemu, dir, source, mode);
-        let ours = latency_once(Daemon::Ours, dir, source, mode);
+    const DIRECT: &str = ",file.cache.direct=on";
+    for (mode, extra) in [
+        (None, ""),
+        (Some("background"), ""),
+        (Some("write-blocking"), ""),
+        (Some("background"), DIRECT),
+        (Some("write-blocking"), DIRECT),
+    ] {
+        let qemu = latency_once(Daemon::Qemu, dir, source, mode, extra);
+        let ours = latency_once(Daemon::Ours, dir, source, mode, extra);
         for (who, (lat, ready)) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
             println!(
-                "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} | {} |",
+                "| {}{} | {} | {} | {:.2} ms | {:.2} ms | {:.2} | {} |",
                 mode.unwrap_or("no mirror"),
+                if extra.is_empty() {
+                    ""
+                } else {
+                    ", O_DIRECT target"
+                },
                 who.name(),
                 lat.0.len(),
                 lat.pct(0.5) / 1e3,

@@ -1065,3 +1065,66 @@ fn without_auto_finalize_the_pivot_waits_for_finalize_and_holds_the_guest() {
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+/// Write-blocking mode puts a guest write's copy ahead of the background
+/// copy: while guest writes wait for their copies, the background keeps
+/// one chunk (1 MiB) in flight instead of `buf-size` (16 MiB), so a guest
+/// write queues behind at most that. The target is throttled to 4 MiB/s:
+/// behind 16 MiB a guest write would take 4 s, behind 1 MiB about 0.3 s.
+#[test]
+fn write_blocking_puts_guest_writes_ahead_of_the_background_copy() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
+    qemu_img_create_qcow2(path_str(&dst), 64 << 20, "");
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 3 0 64M", path_str(&src)],
+    );
+    let mut args = setup(dir.path(), &src, &dst);
+    args.extend([
+        "--object".into(),
+        "throttle-group,id=tg,limits.bps-write=4194304".into(),
+        "--blockdev".into(),
+        "throttle,node-name=slow,throttle-group=tg,file=dst".into(),
+    ]);
+    let mut daemon = serve(dir.path(), &args);
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "slow", "sync": "full",
+               "copy-mode": "write-blocking"}),
+    );
+    // Let the background fill its pipeline first.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut slowest = std::time::Duration::ZERO;
+    for i in 0..4u64 {
+        let started = std::time::Instant::now();
+        guest(
+            dir.path(),
+            &[format!("write -P {} {} 64k", 10 + i, (40 + i * 5) << 20)],
+        );
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(
+        slowest < std::time::Duration::from_millis(2000),
+        "a guest write took {slowest:?} behind the background copy"
+    );
+    qmp.execute_ok("block-job-set-speed", json!({"device": "m", "speed": 0}));
+    qmp.execute_ok("block-job-cancel", json!({"device": "m", "force": true}));
+    wait_event(&mut qmp, "BLOCK_JOB_CANCELLED");
+    quit(&mut qmp, &mut daemon);
+    // The guest's writes reached the target before they completed.
+    for i in 0..4u64 {
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("read -P {} {} 64k", 10 + i, (40 + i * 5) << 20),
+                path_str(&dst),
+            ],
+        );
+    }
+}
