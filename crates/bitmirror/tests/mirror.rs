@@ -1067,10 +1067,10 @@ fn without_auto_finalize_the_pivot_waits_for_finalize_and_holds_the_guest() {
 }
 
 /// Write-blocking mode puts a guest write's copy close to the front: the
-/// background keeps two chunks (2 MiB) in flight instead of `buf-size`
+/// background keeps one chunk (1 MiB) in flight instead of `buf-size`
 /// (16 MiB), so a guest write's copy queues behind at most that. The
 /// target is throttled to 4 MiB/s: behind 16 MiB a guest write would take
-/// 4 s, behind 2 MiB about half a second.
+/// 4 s, behind 1 MiB about a quarter of a second.
 #[test]
 fn write_blocking_puts_guest_writes_ahead_of_the_background_copy() {
     let dir = tempfile::tempdir().expect("a temporary directory");
