@@ -162,6 +162,21 @@ fn best(mut f: impl FnMut() -> Duration) -> Duration {
     (0..RUNS).map(|_| f()).min().unwrap_or_default()
 }
 
+/// The best of `runs` runs of each, taken in turns, so that drift on the
+/// shared machine hits both alike.
+fn best_in_turns(
+    runs: usize,
+    mut a: impl FnMut() -> Duration,
+    mut b: impl FnMut() -> Duration,
+) -> (Duration, Duration) {
+    let (mut best_a, mut best_b) = (Duration::MAX, Duration::MAX);
+    for _ in 0..runs {
+        best_a = best_a.min(a());
+        best_b = best_b.min(b());
+    }
+    (best_a, best_b)
+}
+
 fn rate(p: &Pattern, d: Duration) -> String {
     let per_sec = p.count as f64 / d.as_secs_f64();
     if p.size >= 1 << 20 {
@@ -342,11 +357,11 @@ fn qcow2_writes(rt: &tokio::runtime::Runtime, raw: &str) {
     for p in &PATTERNS {
         for (state, prepare) in [("fresh", &fresh as &dyn Fn(&str)), ("allocated", &copy)] {
             for direct in [false, true] {
-                let theirs = best(|| {
+                let theirs = || {
                     prepare(&image);
                     qemu_fmt(&image, "qcow2", p, true, direct, "threads")
-                });
-                let mine = best(|| {
+                };
+                let mine = || {
                     prepare(&image);
                     let g = Graph::new();
                     let v = json!({"driver": "qcow2", "node-name": "q",
@@ -358,7 +373,8 @@ fn qcow2_writes(rt: &tokio::runtime::Runtime, raw: &str) {
                     drop(node);
                     rt.block_on(g.close_all()).expect("the image closes");
                     took
-                });
+                };
+                let (theirs, mine) = best_in_turns(5, theirs, mine);
                 row(&[p.name, state, cache_name(direct)], p, theirs, mine);
             }
         }
@@ -398,13 +414,7 @@ fn qcow2_bitmap_cost(rt: &tokio::runtime::Runtime, raw: &str) {
                 rt.block_on(g.close_all()).expect("the image closes");
                 took
             };
-            // Alternating, best of five each: drift on the shared machine
-            // hits both sides alike.
-            let (mut without, mut with) = (Duration::MAX, Duration::MAX);
-            for _ in 0..5 {
-                without = without.min(run(false));
-                with = with.min(run(true));
-            }
+            let (without, with) = best_in_turns(5, || run(false), || run(true));
             row(&[p.name, cache_name(direct)], p, without, with);
         }
     }
