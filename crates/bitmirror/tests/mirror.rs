@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{assert_identical, destination, guest, path_str, quit, serve, wait_event};
 use serde_json::{Value, json};
@@ -33,6 +33,16 @@ fn setup(dir: &Path, src: &Path, dst: &Path) -> Vec<String> {
     ]
 }
 
+/// A temporary directory holding two empty qcow2 images of `size` bytes,
+/// `src.qcow2` and `dst.qcow2`.
+fn empty_pair(size: u64) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    qemu_img_create_qcow2(path_str(&src), size, "");
+    qemu_img_create_qcow2(path_str(&dst), size, "");
+    (dir, src, dst)
+}
+
 /// Completes mirror `job`, expects success, and quits the daemon.
 fn complete_and_quit(qmp: &mut Qmp, daemon: &mut StorageDaemon, job: &str) {
     qmp.execute_ok("block-job-complete", json!({ "device": job }));
@@ -43,10 +53,7 @@ fn complete_and_quit(qmp: &mut Qmp, daemon: &mut StorageDaemon, job: &str) {
 
 #[test]
 fn full_mirror_with_a_writer_then_complete_pivots_the_export() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
-    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
-    qemu_img_create_qcow2(path_str(&dst), 64 << 20, "");
+    let (dir, src, dst) = empty_pair(64 << 20);
     run(
         "qemu-io",
         &[
@@ -236,10 +243,7 @@ fn writes_racing_the_start_reach_the_target() {
 /// here the target's NBD server dies mid-job — so a retry resumes.
 #[test]
 fn bitmap_modes_hand_back_what_is_left() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
-    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
-    qemu_img_create_qcow2(path_str(&dst), 64 << 20, "");
+    let (dir, src, dst) = empty_pair(64 << 20);
     let nbd_sock = dir.path().join("target.sock");
     let mut qemu_nbd = std::process::Command::new(testkit::require_tool("qemu-nbd", "qemu-utils"))
         .args([
@@ -687,10 +691,7 @@ fn error_policies_stop_ignore_report() {
 /// the filter; the export keeps its filter, which now reads the target.
 #[test]
 fn replaces_swaps_the_node_under_a_filter() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
-    qemu_img_create_qcow2(path_str(&src), 16 << 20, "");
-    qemu_img_create_qcow2(path_str(&dst), 16 << 20, "");
+    let (dir, src, dst) = empty_pair(16 << 20);
     run(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 8 0 2M", path_str(&src)],
@@ -1001,10 +1002,7 @@ fn drive_mirror_creates_or_reuses_its_target() {
 
 #[test]
 fn without_auto_finalize_the_pivot_waits_for_finalize_and_holds_the_guest() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
-    qemu_img_create_qcow2(path_str(&src), 16 << 20, "");
-    qemu_img_create_qcow2(path_str(&dst), 16 << 20, "");
+    let (dir, src, dst) = empty_pair(16 << 20);
     run(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 1 0 4M", path_str(&src)],
@@ -1073,10 +1071,7 @@ fn without_auto_finalize_the_pivot_waits_for_finalize_and_holds_the_guest() {
 /// 4 s, behind 1 MiB about a quarter of a second.
 #[test]
 fn write_blocking_puts_guest_writes_ahead_of_the_background_copy() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let (src, dst) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
-    qemu_img_create_qcow2(path_str(&src), 64 << 20, "");
-    qemu_img_create_qcow2(path_str(&dst), 64 << 20, "");
+    let (dir, src, dst) = empty_pair(64 << 20);
     run(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 3 0 64M", path_str(&src)],
