@@ -74,6 +74,17 @@ pub struct ZeroFlags {
     pub fua: bool,
 }
 
+/// Where a range of a node's bytes lies in a host file that can be read
+/// as plain buffered file data: the source side of a copy offload
+/// ([`Node::copy_range_to`]). Only the `file` driver makes one (`raw`
+/// passes its child's on, shifted); drivers of other crates cannot.
+#[derive(Debug, Clone)]
+pub struct HostRange {
+    pub(crate) file: Arc<std::fs::File>,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
 /// How [`Node::write_at`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -185,6 +196,21 @@ pub trait Driver: Send + Sync {
     /// What the driver knows about its image (see [`ImageInfo`]).
     fn image_info(&self) -> ImageInfo {
         ImageInfo::default()
+    }
+    /// Where `offset..offset + len` lies in a host file a copy offload may
+    /// read directly (buffered, no format in between), all of it or
+    /// `None`.
+    fn host_range(&self, offset: u64, len: u64) -> Option<HostRange> {
+        let _ = (offset, len);
+        None
+    }
+    /// Writes the bytes of `source` at `offset` without them passing
+    /// through memory of ours (`copy_file_range`). `Ok(false)` where the
+    /// driver cannot: the caller then writes the range itself (a part of
+    /// it may have been copied already).
+    fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
+        let _ = (offset, source);
+        Box::pin(async { Ok(false) })
     }
 }
 
@@ -865,6 +891,85 @@ impl Node {
         let skip = (offset - start) as usize;
         bounce.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data.as_slice());
         self.driver.write(start, bounce, fua).await.0
+    }
+
+    /// Copies `offset..offset + len` of this node to the same range of
+    /// `target` inside the kernel (`copy_file_range`; no copy in or out of
+    /// our memory), when this node reads the range as a buffered host file
+    /// (`file`, perhaps behind `raw`) and the target writes it to one with
+    /// nothing on its write path that needs the data (no `detect-zeroes`,
+    /// no write hooks). It is a read of this node (registered as one
+    /// unless `in_hook`, see [`read_in_hook`](Self::read_in_hook)) and a
+    /// write of the target, with the target's write tracking: its bitmaps
+    /// are marked and its gate and in-flight requests respected.
+    /// `Ok(false)`: not possible here, and the caller copies through
+    /// memory (a part of the range may have been copied already).
+    pub async fn copy_range_to(
+        &self,
+        offset: u64,
+        len: u64,
+        target: &Node,
+        in_hook: bool,
+    ) -> Result<bool> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(true);
+        }
+        let _req = match in_hook {
+            true => None,
+            false => Some(self.inflight.begin(offset, len, RequestKind::Read).await),
+        };
+        match self.host_range(offset, len) {
+            Some(source) => target.write_copy(offset, &source).await,
+            None => Ok(false),
+        }
+    }
+
+    /// Where `offset..offset + len` lies in a host file (see
+    /// [`Driver::host_range`]), for a checked, aligned range.
+    pub(crate) fn host_range(&self, offset: u64, len: u64) -> Option<HostRange> {
+        if self.check_range(offset, len).is_err() || !self.aligned(offset, len) {
+            return None;
+        }
+        self.driver.host_range(offset, len)
+    }
+
+    /// The write side of [`copy_range_to`](Self::copy_range_to): `source`'s
+    /// bytes written at `offset` through the driver's
+    /// [`copy_from`](Driver::copy_from).
+    pub(crate) fn write_copy<'a>(
+        &'a self,
+        offset: u64,
+        source: &'a HostRange,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            if let Some(node) = self.gate.replacement() {
+                return node.write_copy(offset, source).await;
+            }
+            let _inside = match self.gate.enter().await {
+                Entry::Here(inside) => inside,
+                Entry::Forward(node) => return node.write_copy(offset, source).await,
+            };
+            let len = source.len;
+            self.check_write(offset, len)?;
+            if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
+                return Ok(false);
+            }
+            let _req = self.begin_write(offset, len, false).await;
+            // Hooks see the data of a write: those writes go through memory.
+            if !self.hooks().is_empty() {
+                return Ok(false);
+            }
+            let ticket = self.bitmaps.mark(offset, len);
+            if self.bitmaps.has_persistent() {
+                if let Some(logged) = self.driver.log_activity(offset, len) {
+                    logged.await?;
+                }
+            }
+            let result = self.driver.copy_from(offset, source).await;
+            self.bitmaps.mark_again(offset, len, ticket);
+            result
+        })
     }
 
     /// Makes `offset..offset + len` read as zeroes.

@@ -1,7 +1,9 @@
 //! What copying jobs share: moving an area from a source node to a target
 //! node (zeroes as write-zeroes, nothing where the target reads zeroes
-//! already), the error policies, and the speed limit.
+//! already; data inside the kernel where both are buffered host files),
+//! the error policies, and the speed limit.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -62,6 +64,11 @@ impl ActiveAreas {
 
 /// Largest area one copy request moves.
 pub(crate) const MAX_CHUNK: u64 = 1 << 20;
+
+/// What is read of a piece of data before it is copied inside the kernel:
+/// when that reads as zeroes, the piece is read whole to see whether it is
+/// all zeroes (and written as zeroes, keeping the target sparse).
+const OFFLOAD_SAMPLE: u64 = 4096;
 
 /// `ENOSPC`, for the `enospc` policy.
 const ENOSPC: i32 = 28;
@@ -194,6 +201,11 @@ pub(crate) struct Copier {
     /// a mirror between `O_DIRECT` files.
     buffers: Mutex<Vec<IoBuf>>,
     keep: usize,
+    /// Whether data may still be copied inside the kernel
+    /// ([`Node::copy_range_to`]); off for good once the nodes refuse it.
+    offload: AtomicBool,
+    /// Bytes copied inside the kernel so far.
+    offloaded: AtomicU64,
 }
 
 impl Copier {
@@ -207,7 +219,16 @@ impl Copier {
             compress: None,
             buffers: Mutex::new(Vec::new()),
             keep,
+            offload: AtomicBool::new(true),
+            offloaded: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes copied inside the kernel so far (they never passed through
+    /// our memory).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn offloaded(&self) -> u64 {
+        self.offloaded.load(Ordering::Relaxed)
     }
 
     /// Copies `offset..offset + len` as the source reads now. Returns where
@@ -252,6 +273,10 @@ impl Copier {
                 continue;
             }
             let piece = self.whole(at, at + run.min(MAX_CHUNK)).1 - at;
+            if self.try_offload(at, piece, in_hook).await.map_err(read)? {
+                at += piece;
+                continue;
+            }
             let buf = self.buffer(piece as usize);
             let (result, buf) = if in_hook {
                 self.source.read_in_hook_into(at, buf).await
@@ -279,6 +304,47 @@ impl Copier {
             at += piece;
         }
         Ok(zero_until)
+    }
+
+    /// Copies the data piece `at..at + piece` inside the kernel where the
+    /// nodes allow it (`true`), unless it starts with
+    /// [`OFFLOAD_SAMPLE`] bytes of zeroes (then, and where the nodes do
+    /// not allow it, `false`: the caller copies through memory, and sees
+    /// whether it is all zeroes). A buffered `pread`/`pwrite` pair costs
+    /// the kernel about twice the CPU of `copy_file_range` between the
+    /// same page caches (docs/benchmarks.md).
+    async fn try_offload(&self, at: u64, piece: u64, in_hook: bool) -> block::Result<bool> {
+        if self.compress.is_some() || !self.offload.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let buf = self.buffer(piece.min(OFFLOAD_SAMPLE) as usize);
+        let (result, buf) = if in_hook {
+            self.source.read_in_hook_into(at, buf).await
+        } else {
+            self.source.read_into(at, buf).await
+        };
+        let zero = buf.is_zero();
+        self.give_back(buf);
+        result?;
+        if zero {
+            return Ok(false);
+        }
+        match self
+            .source
+            .copy_range_to(at, piece, &self.target, in_hook)
+            .await
+        {
+            Ok(true) => {
+                self.offloaded.fetch_add(piece, Ordering::Relaxed);
+                Ok(true)
+            }
+            // Through memory from now on, where errors are told apart as
+            // the source's or the target's.
+            Ok(false) | Err(_) => {
+                self.offload.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+        }
     }
 
     /// `start..end` widened to whole compressed clusters (the last one may
@@ -347,5 +413,121 @@ impl Copier {
             at = last.max(at + 1);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use block::{BlockdevOptions, Graph};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    async fn add(g: &Graph, v: Value) -> Arc<Node> {
+        let options = BlockdevOptions::from_json(&v).expect("valid options");
+        g.add(&options).await.expect("the node opens")
+    }
+
+    /// A source of four 1 MiB pieces: data; zeroes written as data; 4 KiB
+    /// of zeroes, then data; a hole.
+    fn source(path: &std::path::Path) {
+        let file = std::fs::File::create(path).expect("a file");
+        file.set_len(4 * MIB).expect("a length");
+        file.write_all_at(&vec![0xa5; MIB as usize], 0)
+            .expect("data");
+        file.write_all_at(&vec![0; MIB as usize], MIB)
+            .expect("zeroes");
+        let mut third = vec![0x5a; MIB as usize];
+        third[..4096].fill(0);
+        file.write_all_at(&third, 2 * MIB)
+            .expect("zeroes, then data");
+    }
+
+    /// Whether `node` has data allocated anywhere in `offset..offset + len`.
+    async fn allocated(node: &Node, offset: u64, len: u64) -> bool {
+        let extents = node.block_status(offset, len).await.expect("status");
+        extents.iter().any(|e| e.data)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
+    #[test]
+    fn data_is_copied_inside_the_kernel_and_zeroes_stay_holes() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        source(&src);
+        std::fs::File::create(&dst)
+            .and_then(|f| f.set_len(4 * MIB))
+            .expect("a sparse target");
+        runtime().block_on(async {
+            let g = Graph::new();
+            let raw = |name: &str, path: &std::path::Path| {
+                json!({"driver": "raw", "node-name": name,
+                       "file": {"driver": "file", "filename": path.display().to_string()}})
+            };
+            let source = add(&g, raw("src", &src)).await;
+            let target = add(&g, raw("dst", &dst)).await;
+            let copier = Copier::new(source.clone(), target.clone(), 2);
+            copier.copy(0, 4 * MIB, false).await.expect("the copy");
+            // Only the piece that starts with data went through the kernel.
+            assert_eq!(copier.offloaded(), MIB);
+            let (want, got) = (
+                source.read(0, (4 * MIB) as usize).await.expect("a read"),
+                std::fs::read(&dst).expect("the target"),
+            );
+            assert!(
+                want.as_slice() == got.as_slice(),
+                "the target equals the source"
+            );
+            assert!(allocated(&target, 0, MIB).await);
+            assert!(!allocated(&target, MIB, MIB).await, "zeroes stay a hole");
+            assert!(allocated(&target, 2 * MIB, MIB).await);
+            assert!(!allocated(&target, 3 * MIB, MIB).await, "a hole stays one");
+        });
+    }
+
+    #[test]
+    fn a_target_that_refuses_the_kernel_copy_is_written_through_memory() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        source(&src);
+        std::fs::File::create(&dst)
+            .and_then(|f| f.set_len(4 * MIB))
+            .expect("a sparse target");
+        runtime().block_on(async {
+            let g = Graph::new();
+            let source = add(
+                &g,
+                json!({"driver": "raw", "node-name": "src",
+                       "file": {"driver": "file", "filename": src.display().to_string()}}),
+            )
+            .await;
+            // `O_DIRECT` bypasses the page cache a kernel copy would fill.
+            let target = add(
+                &g,
+                json!({"driver": "raw", "node-name": "dst",
+                       "file": {"driver": "file", "filename": dst.display().to_string(),
+                                "cache": {"direct": true}}}),
+            )
+            .await;
+            let copier = Copier::new(source.clone(), target.clone(), 2);
+            copier.copy(0, 4 * MIB, false).await.expect("the copy");
+            assert_eq!(copier.offloaded(), 0);
+            let want = source.read(0, (4 * MIB) as usize).await.expect("a read");
+            let got = target.read(0, (4 * MIB) as usize).await.expect("a read");
+            assert!(
+                want.as_slice() == got.as_slice(),
+                "the target equals the source"
+            );
+        });
     }
 }

@@ -25,7 +25,7 @@ use super::uring::{OpKind, Uring};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{
-    BoxFuture, BufResult, Driver, Extent, FormatSpecific, ImageInfo, Limits, ZeroFlags,
+    BoxFuture, BufResult, Driver, Extent, FormatSpecific, HostRange, ImageInfo, Limits, ZeroFlags,
 };
 use crate::options::Aio;
 
@@ -52,6 +52,9 @@ pub(crate) struct FileDriver {
     /// the file system refuses the flag).
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// Whether copies into this file may use `copy_file_range` (turned off
+    /// for good where the kernel or the file system refuses it).
+    copy_offload: AtomicBool,
     /// Buffered writes run one after another. Linux takes the inode's
     /// lock exclusively for each buffered write (ext4, XFS), so concurrent
     /// writers only spin on it: a mirror's parallel 1 MiB writes spent
@@ -134,6 +137,7 @@ impl FileDriver {
                 alignment,
                 nowait_reads: AtomicBool::new(!direct),
                 nowait_writes: AtomicBool::new(!direct),
+                copy_offload: AtomicBool::new(!direct),
                 buffered_lane: Arc::default(),
                 buffered_uring: tokio::sync::Mutex::new(()),
                 uring,
@@ -242,6 +246,39 @@ impl FileDriver {
         })
         .await
     }
+}
+
+/// Copies `len` bytes at `at` of `from` to `to_at` of `to` with
+/// `copy_file_range`: `Ok(false)` if `from` ends first.
+fn copy_file(from: &File, mut at: u64, to: &File, mut to_at: u64, len: u64) -> io::Result<bool> {
+    let end = at + len;
+    while at < end {
+        let want = (end - at).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(from, Some(&mut at), to, Some(&mut to_at), want) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Whether `copy_file_range` failed for a reason that will not go away:
+/// files on different file systems, a kernel or file system without it,
+/// a file it does not take (a pipe, a device).
+fn cannot_copy(e: &io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(e),
+        Some(
+            Errno::XDEV
+                | Errno::INVAL
+                | Errno::OPNOTSUPP
+                | Errno::NOSYS
+                | Errno::BADF
+                | Errno::PERM
+        )
+    )
 }
 
 fn pool_failed() -> io::Error {
@@ -397,6 +434,50 @@ impl Driver for FileDriver {
 
     fn filename(&self) -> Option<&str> {
         Some(&self.path)
+    }
+
+    fn host_range(&self, offset: u64, len: u64) -> Option<HostRange> {
+        // `O_DIRECT` reads bypass the page cache, which a copy in the
+        // kernel would not.
+        (!self.direct).then(|| HostRange {
+            file: self.file.clone(),
+            offset,
+            len,
+        })
+    }
+
+    fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            if !self.copy_offload.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let (from, to) = (source.file.clone(), self.file.clone());
+            let (at, len) = (source.offset, source.len);
+            let copy = move || copy_file(&from, at, &to, offset, len);
+            // A buffered write like any other: after the ones queued before.
+            let copied = match &self.uring {
+                Some(_) => {
+                    let _serial = self.buffered_uring.lock().await;
+                    super::pool::run(copy).await
+                }
+                None => self.buffered_lane.run(copy).await,
+            };
+            match copied {
+                Some(Ok(true)) => {
+                    self.length.fetch_max(offset + len, Ordering::AcqRel);
+                    Ok(true)
+                }
+                Some(Err(e)) if cannot_copy(&e) => {
+                    tracing::debug!("{}: no copy offload ({e})", self.path);
+                    self.copy_offload.store(false, Ordering::Relaxed);
+                    Ok(false)
+                }
+                // A short source, a failed read or write: copied through
+                // memory instead, where the error (if it comes again) is
+                // told apart as a read's or a write's.
+                _ => Ok(false),
+            }
+        })
     }
 
     fn sidecar_store(&self) -> Option<Box<dyn crate::SidecarStore>> {

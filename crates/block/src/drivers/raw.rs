@@ -8,7 +8,9 @@ use hbitmap::HBitmap;
 use crate::bitmaps::{Bitmaps, LoadedState};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
-use crate::node::{BoxFuture, BufResult, Driver, Edge, Extent, ImageInfo, Limits, ZeroFlags};
+use crate::node::{
+    BoxFuture, BufResult, Driver, Edge, Extent, HostRange, ImageInfo, Limits, ZeroFlags,
+};
 use crate::sidecar::Sidecar;
 
 /// A window `offset..offset + size` of the child node.
@@ -135,6 +137,19 @@ impl Driver for RawDriver {
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.file.node().flush().await })
+    }
+
+    fn host_range(&self, offset: u64, len: u64) -> Option<HostRange> {
+        self.file.node().host_range(self.offset + offset, len)
+    }
+
+    fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.file
+                .node()
+                .write_copy(self.offset + offset, source)
+                .await
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent>> {
