@@ -76,6 +76,15 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds (user + system) the calling thread has used.
+fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// `--blockdev` options of a raw node over a file, plus `extra` file options.
 fn raw_node(name: &str, path: &Path, extra: &str) -> [String; 2] {
     [
@@ -223,19 +232,33 @@ fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
     })
 }
 
-/// Rows of one local case, QEMU first.
-fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str) {
+/// Rows of one local case, QEMU first; with `floors`, also the copy loops
+/// that show what any buffered copier pays (time to the end of their
+/// `fdatasync` against time to READY, which includes the target's flush).
+fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str, floors: bool) {
     let qemu = best(|| mirror_local(Daemon::Qemu, dir, source, size, extra));
     let ours = best(|| mirror_local(Daemon::Ours, dir, source, size, extra));
-    for (who, o) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
+    let mut rows = vec![(Daemon::Qemu.name(), qemu), (Daemon::Ours.name(), ours)];
+    if floors {
+        for (name, how) in [
+            ("pread/pwrite loop, 1 MiB, one thread", Floor::ReadWrite),
+            (
+                "copy_file_range loop, 1 MiB, one thread",
+                Floor::CopyFileRange,
+            ),
+        ] {
+            rows.push((name, best(|| copy_floor(dir, source, size, how))));
+        }
+    }
+    let qemu = (rows[0].1.wall, rows[0].1.cpu.max(0.01));
+    for (who, o) in &rows {
         println!(
-            "| {case} | {} | {:.2} s | {:.2} s | {:.2} GiB | {:.2} | {:.2} |",
-            who.name(),
+            "| {case} | {who} | {:.2} s | {:.2} s | {:.2} GiB | {:.2} | {:.2} |",
             o.wall,
             o.cpu,
             o.allocated as f64 / GIB as f64,
-            o.wall / qemu.wall,
-            o.cpu / qemu.cpu.max(0.01),
+            o.wall / qemu.0,
+            o.cpu / qemu.1,
         );
     }
 }
@@ -339,9 +362,11 @@ fn guest_writes(sock: &Path, blocks: &[u64]) {
 /// The yardstick: `pread`/`pwrite` of `blocks` from `source` into a fresh
 /// sparse `target` of `size` bytes, then `fdatasync`; seconds (after a
 /// `sync`, so earlier writeback does not land here).
-fn copy_loop(source: &Path, target: &Path, size: u64, blocks: &[u64]) -> f64 {
+/// Also returns the loop's CPU seconds (the kernel's copying, mostly).
+fn copy_loop(source: &Path, target: &Path, size: u64, blocks: &[u64]) -> (f64, f64) {
     sparse_file(target, size);
     run("sync", &[]);
+    let cpu0 = thread_cpu_seconds();
     let start = Instant::now();
     let src = std::fs::File::open(source).expect("the source");
     let dst = std::fs::OpenOptions::new()
@@ -354,7 +379,63 @@ fn copy_loop(source: &Path, target: &Path, size: u64, blocks: &[u64]) -> f64 {
         dst.write_all_at(&buf, o).expect("a write");
     }
     dst.sync_data().expect("a sync");
-    start.elapsed().as_secs_f64()
+    (start.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu0)
+}
+
+/// How a whole-file copy moves its data.
+#[derive(Clone, Copy)]
+enum Floor {
+    /// `pread` and `pwrite` of 1 MiB.
+    ReadWrite,
+    /// `copy_file_range` of 1 MiB.
+    CopyFileRange,
+}
+
+/// The least a buffered copier pays: `source` copied whole into a fresh
+/// sparse file on one thread, then `fdatasync`, as `Outcome` (CPU of this
+/// thread).
+fn copy_floor(dir: &Path, source: &Path, size: u64, how: Floor) -> Outcome {
+    let target = dir.join("target.raw");
+    sparse_file(&target, size);
+    run("sync", &[]);
+    let src = std::fs::File::open(source).expect("the source");
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .expect("the target");
+    let cpu0 = thread_cpu_seconds();
+    let start = Instant::now();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut at = 0;
+    while at < size {
+        match how {
+            Floor::ReadWrite => {
+                src.read_exact_at(&mut buf, at).expect("a read");
+                dst.write_all_at(&buf, at).expect("a write");
+                at += MIB;
+            }
+            Floor::CopyFileRange => {
+                let (mut from, mut to) = (at, at);
+                let n = rustix::fs::copy_file_range(
+                    &src,
+                    Some(&mut from),
+                    &dst,
+                    Some(&mut to),
+                    MIB as usize,
+                )
+                .expect("a copy");
+                assert!(n > 0, "the source ended early");
+                at += n as u64;
+            }
+        }
+    }
+    dst.sync_data().expect("a sync");
+    Outcome {
+        wall: start.elapsed().as_secs_f64(),
+        cpu: thread_cpu_seconds() - cpu0,
+        peer_cpu: 0.0,
+        allocated: allocated(&target),
+    }
 }
 
 /// `sync=bitmap` with `fraction` of a 16 GiB disk dirty, against a loop
@@ -365,8 +446,8 @@ fn bitmap_case(dir: &Path, fraction: f64) {
     sparse_file(&source, size);
     let count = (size as f64 * fraction / GUEST_BLOCK as f64) as usize;
     let blocks = random_blocks(size, count, 0x5eed + count as u64);
-    let mut mirror_times = Vec::new();
-    let mut loop_times = Vec::new();
+    let mut mirror_times: Vec<(f64, f64)> = Vec::new();
+    let mut loop_times: Vec<(f64, f64)> = Vec::new();
     for _ in 0..RUNS {
         let target = dir.join("target.raw");
         sparse_file(&target, size);
@@ -382,13 +463,17 @@ fn bitmap_case(dir: &Path, fraction: f64) {
         guest_writes(&sock, &blocks);
         // The guest's writes on disk first, for the loop below alike.
         run("sync", &[]);
+        let cpu0 = cpu_seconds(daemon.pid());
         let start = Instant::now();
         qmp.execute_ok(
             "blockdev-mirror",
             mirror_args(json!({"sync": "bitmap", "bitmap": "b0"})),
         );
         wait_ready(&mut qmp, "bitmirror serve");
-        mirror_times.push(start.elapsed().as_secs_f64());
+        mirror_times.push((
+            start.elapsed().as_secs_f64(),
+            cpu_seconds(daemon.pid()) - cpu0,
+        ));
         cancel_and_quit(&mut qmp, &mut daemon);
         assert!(
             allocated(&target) <= count as u64 * GUEST_BLOCK + 16 * MIB,
@@ -397,12 +482,21 @@ fn bitmap_case(dir: &Path, fraction: f64) {
 
         loop_times.push(copy_loop(&source, &target, size, &blocks));
     }
-    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    // The fastest run of each, with its CPU.
+    let min = |v: &[(f64, f64)]| {
+        v.iter()
+            .copied()
+            .fold((f64::INFINITY, 0.0), |a, b| if b.0 < a.0 { b } else { a })
+    };
     let (m, l) = (min(&mirror_times), min(&loop_times));
     println!(
-        "| sync=bitmap, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {m:.2} s | {l:.2} s | {:.2} |",
+        "| sync=bitmap, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {:.2} s (CPU {:.2} s) | {:.2} s (CPU {:.2} s) | {:.2} |",
         fraction * 100.0,
-        m / l
+        m.0,
+        m.1,
+        l.0,
+        l.1,
+        m.0 / l.0
     );
 }
 
@@ -665,14 +759,16 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
         times.push(best);
     }
     // The same blocks by hand.
-    let mut loop_best = f64::INFINITY;
+    let (mut loop_best, mut loop_cpu) = (f64::INFINITY, 0.0);
     for _ in 0..RUNS {
-        let t = copy_loop(&source, &dir.join("loop.raw"), size, &blocks);
-        loop_best = loop_best.min(t);
+        let (t, cpu) = copy_loop(&source, &dir.join("loop.raw"), size, &blocks);
+        if t < loop_best {
+            (loop_best, loop_cpu) = (t, cpu);
+        }
     }
     let (q, o) = (times[0], times[1]);
     println!(
-        "| incremental backup, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {loop_best:.2} s | {:.2} |",
+        "| incremental backup, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {loop_best:.2} s (CPU {loop_cpu:.2} s) | {:.2} |",
         fraction * 100.0,
         q.0,
         q.0 / loop_best,
@@ -1035,7 +1131,7 @@ fn main() {
         full_source(&full, 4 * GIB);
     }
     if want("full") {
-        local_case("full 4 GiB raw→raw", dir, &full, 4 * GIB, "");
+        local_case("full 4 GiB raw→raw", dir, &full, 4 * GIB, "", true);
     }
     if want("direct") {
         local_case(
@@ -1044,6 +1140,7 @@ fn main() {
             &full,
             4 * GIB,
             ",file.cache.direct=on",
+            false,
         );
     }
     if want("sparse") {
@@ -1066,6 +1163,7 @@ fn main() {
             &sparse,
             16 * GIB,
             "",
+            false,
         );
     }
     if want("nbd") {

@@ -870,11 +870,11 @@ fn auto_write_blocking_switches_when_the_backlog_stalls() {
     let mut qmp = daemon.qmp();
     qmp.execute_ok(
         "blockdev-mirror",
-        // 256 KiB/s: slower than the guest below even on a loaded machine
+        // 64 KiB/s: slower than the guest below even on a loaded machine
         // (each of its rounds writes 2 MiB and flushes, which can take
         // seconds when the disk is busy).
         json!({"job-id": "m", "device": "src", "target": "dst", "sync": "none",
-               "speed": 1 << 18, "auto-write-blocking": true}),
+               "speed": 1 << 16, "auto-write-blocking": true}),
     );
     wait_event(&mut qmp, "BLOCK_JOB_READY");
     let synced =
