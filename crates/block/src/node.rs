@@ -77,12 +77,36 @@ pub struct ZeroFlags {
 /// Where a range of a node's bytes lies in a host file that can be read
 /// as plain buffered file data: the source side of a copy offload
 /// ([`Node::copy_range_to`]). Only the `file` driver makes one (`raw`
-/// passes its child's on, shifted); drivers of other crates cannot.
+/// passes its child's on, shifted); drivers of other crates cannot, but
+/// may take one as the source of a write (`nbd` sends it with
+/// `sendfile`).
 #[derive(Debug, Clone)]
 pub struct HostRange {
     pub(crate) file: Arc<std::fs::File>,
     pub(crate) offset: u64,
     pub(crate) len: u64,
+}
+
+impl HostRange {
+    /// The host file.
+    pub fn file(&self) -> &Arc<std::fs::File> {
+        &self.file
+    }
+
+    /// Where the range starts in the file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// How [`Node::write_at`] writes.

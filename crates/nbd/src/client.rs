@@ -11,7 +11,9 @@
 //!   `EIO` and a message saying why; nothing hangs.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -153,6 +155,9 @@ struct Pending {
 
 struct Shared {
     writer: tokio::sync::Mutex<WriteHalf<Box<dyn Stream>>>,
+    /// A duplicate of the socket under `writer` when nothing (TLS) stands
+    /// between: file payloads go straight to it with `sendfile`.
+    socket: Option<Arc<OwnedFd>>,
     pending: Mutex<Pending>,
     next_cookie: AtomicU64,
 }
@@ -213,10 +218,12 @@ impl Client {
     /// Connects, negotiates (fixed newstyle, structured replies, the meta
     /// contexts, block sizes) and starts reading replies.
     pub async fn connect(options: &ClientOptions) -> Result<Client> {
-        let stream: Box<dyn Stream> = match &options.server {
+        let (stream, socket): (Box<dyn Stream>, _) = match &options.server {
             SocketAddress::Unix { path } => {
                 let s = tokio::net::UnixStream::connect(path).await;
-                Box::new(s.map_err(|e| connect_error(&options.server, e))?)
+                let s = s.map_err(|e| connect_error(&options.server, e))?;
+                let fd = duplicate(&s);
+                (Box::new(s), fd)
             }
             SocketAddress::Inet { host, port } => {
                 let port: u16 = port
@@ -225,10 +232,12 @@ impl Client {
                 let s = tokio::net::TcpStream::connect((host.as_str(), port)).await;
                 let s = s.map_err(|e| connect_error(&options.server, e))?;
                 let _ = s.set_nodelay(true);
-                Box::new(s)
+                let fd = duplicate(&s);
+                (Box::new(s), fd)
             }
         };
-        Client::over(stream, options).await
+        let socket = socket.filter(|_| options.tls.is_none());
+        Client::negotiate(stream, socket, options).await
     }
 
     /// Negotiates over an already connected `stream` (`options.server`
@@ -237,7 +246,16 @@ impl Client {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let stream: Box<dyn Stream> = Box::new(stream);
+        Client::negotiate(Box::new(stream), None, options).await
+    }
+
+    /// [`over`](Self::over), knowing the plain socket under `stream` when
+    /// there is one.
+    async fn negotiate(
+        stream: Box<dyn Stream>,
+        socket: Option<Arc<OwnedFd>>,
+        options: &ClientOptions,
+    ) -> Result<Client> {
         let (r, mut w) = tokio::io::split(stream);
         let mut r = BufReader::new(r);
         greeting(&mut r, &mut w).await?;
@@ -248,6 +266,7 @@ impl Client {
         let hs = handshake(&mut r, &mut w, options).await?;
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(w),
+            socket,
             pending: Mutex::new(Pending::default()),
             next_cookie: AtomicU64::new(1),
         });
@@ -310,7 +329,7 @@ impl Client {
 
     /// Registers `waiter`, sends the request (and `payload`), and returns
     /// the cookie; on failure the waiter is finished with the error.
-    async fn submit(&self, mut req: Request, payload: Option<&[u8]>, waiter: Waiter) {
+    async fn submit(&self, mut req: Request, payload: Payload<'_>, waiter: Waiter) {
         let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         req.cookie = cookie;
         {
@@ -331,8 +350,21 @@ impl Client {
         let sent = async {
             let mut w = self.shared.writer.lock().await;
             w.write_all(&req.encode()).await?;
-            if let Some(p) = payload {
-                w.write_all(p).await?;
+            match payload {
+                Payload::None => {}
+                Payload::Bytes(p) => w.write_all(p).await?,
+                Payload::File(file, at) => {
+                    w.flush().await?;
+                    let socket = self.shared.socket.clone().ok_or_else(|| {
+                        io::Error::other("no plain socket to send a file payload on")
+                    })?;
+                    let (file, len) = (file.clone(), req.len);
+                    // The writer stays locked: nothing else goes out
+                    // between the header and its payload.
+                    tokio::task::spawn_blocking(move || send_file(socket, &file, at, len))
+                        .await
+                        .map_err(io::Error::other)??;
+                }
             }
             w.flush().await
         }
@@ -362,7 +394,7 @@ impl Client {
                 error: None,
                 tx,
             };
-            self.submit(req, None, waiter).await;
+            self.submit(req, Payload::None, waiter).await;
             // The waiter always answers: the reader finishes it, or `die`
             // fails it; a dropped sender means the runtime is going away.
             let Ok((r, b)) = rx.await else {
@@ -384,9 +416,41 @@ impl Client {
         for (i, piece) in data.chunks(self.block_sizes.maximum as usize).enumerate() {
             let at = offset + (i * self.block_sizes.maximum as usize) as u64;
             let req = request(Command::Write, flags, at, piece.len() as u32);
-            self.simple(req, Some(piece)).await?;
+            self.simple(req, Payload::Bytes(piece)).await?;
         }
         Ok(())
+    }
+
+    /// Writes `len` bytes of `file` from `file_offset` at `offset`, sent
+    /// from the file to the socket by the kernel (`sendfile`: the data
+    /// never passes through our memory). `Ok(false)`, with nothing sent,
+    /// where that cannot be done: a TLS connection, or a file shorter than
+    /// the range. A file that fails to read mid-way fails the connection
+    /// (its header promised the bytes).
+    pub async fn write_file(
+        &self,
+        offset: u64,
+        file: &Arc<File>,
+        file_offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        if self.shared.socket.is_none() {
+            return Ok(false);
+        }
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if file_offset.checked_add(len).is_none_or(|end| end > size) {
+            return Ok(false);
+        }
+        let max = u64::from(self.block_sizes.maximum);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(max);
+            let req = request(Command::Write, 0, offset + done, n as u32);
+            self.simple(req, Payload::File(file, file_offset + done))
+                .await?;
+            done += n;
+        }
+        Ok(true)
     }
 
     /// A request without data in either direction, for ranges of any
@@ -396,8 +460,11 @@ impl Client {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(STEP);
-            self.simple(request(command, flags, offset + done, n as u32), None)
-                .await?;
+            self.simple(
+                request(command, flags, offset + done, n as u32),
+                Payload::None,
+            )
+            .await?;
             done += n;
         }
         Ok(())
@@ -405,7 +472,8 @@ impl Client {
 
     /// Flushes the export.
     pub async fn flush(&self) -> Result<()> {
-        self.simple(request(Command::Flush, 0, 0, 0), None).await
+        self.simple(request(Command::Flush, 0, 0, 0), Payload::None)
+            .await
     }
 
     /// Block status of `offset..offset + len` (len < 4 GiB) for every
@@ -423,7 +491,7 @@ impl Client {
         };
         self.submit(
             request(Command::BlockStatus, flags, offset, len),
-            None,
+            Payload::None,
             waiter,
         )
         .await;
@@ -442,13 +510,57 @@ impl Client {
         self.shared.die("the client disconnected".into());
     }
 
-    async fn simple(&self, req: Request, payload: Option<&[u8]>) -> Result<()> {
+    async fn simple(&self, req: Request, payload: Payload<'_>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.submit(req, payload, Waiter::Done { error: None, tx })
             .await;
         rx.await
             .unwrap_or_else(|_| Err(lost("the reply reader stopped")))
     }
+}
+
+/// A descriptor of `socket`'s own, for `sendfile` from blocking threads
+/// (it stays valid whatever happens to the stream); `None` if the
+/// process is out of descriptors.
+fn duplicate(socket: &impl AsFd) -> Option<Arc<OwnedFd>> {
+    rustix::io::fcntl_dupfd_cloexec(socket, 0)
+        .ok()
+        .map(Arc::new)
+}
+
+/// What follows a request's header.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    None,
+    Bytes(&'a [u8]),
+    /// The header's length in bytes of the file, from this offset.
+    File(&'a Arc<File>, u64),
+}
+
+/// Sends `len` bytes of `file` from `at` to `socket` (non-blocking: waits
+/// for room with `poll`), on a blocking thread.
+fn send_file(socket: Arc<OwnedFd>, file: &File, mut at: u64, len: u64) -> io::Result<()> {
+    let socket = socket.as_fd();
+    let end = at + len;
+    while at < end {
+        let want = (end - at).min(1 << 30) as usize;
+        match rustix::fs::sendfile(socket, file, Some(&mut at), want) {
+            Ok(0) => return Err(io::Error::other("the file ended before the payload")),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                let mut fds = [rustix::event::PollFd::new(
+                    &socket,
+                    rustix::event::PollFlags::OUT,
+                )];
+                match rustix::event::poll(&mut fds, None) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Fails the connection when dropped armed (see [`Client::submit`]).

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use block::{
-    BlockdevOptions, BoxFuture, BufResult, Driver, DriverFactory, Extent, Graph, IoBuf, Limits,
-    ZeroFlags, options::DriverOptions,
+    BlockdevOptions, BoxFuture, BufResult, Driver, DriverFactory, Extent, Graph, HostRange, IoBuf,
+    Limits, ZeroFlags, options::DriverOptions,
 };
 
 use crate::client::{Client, ClientOptions};
@@ -176,6 +176,19 @@ impl Driver for NbdDriver {
                 r = self.flush_impl().await;
             }
             (r, buf)
+        })
+    }
+
+    fn copy_from<'a>(
+        &'a self,
+        offset: u64,
+        source: &'a HostRange,
+    ) -> BoxFuture<'a, block::Result<bool>> {
+        Box::pin(async move {
+            self.client
+                .write_file(offset, source.file(), source.offset(), source.len())
+                .await
+                .map_err(|e| e.into_block())
         })
     }
 

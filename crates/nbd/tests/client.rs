@@ -125,6 +125,49 @@ fn reads_and_writes_through_qemu_nbd() {
     tool("qemu-img", "qemu-utils", &["check", &img]);
 }
 
+/// A copy from a buffered file into an NBD node goes from the file to
+/// the socket inside the kernel (`sendfile`), split at the server's
+/// payload limit; qemu-img judges the result.
+#[test]
+fn file_data_is_sent_to_qemu_nbd_by_the_kernel() {
+    let f = Fixture::new();
+    let (src, img) = (f.path("src.raw"), f.path("img.raw"));
+    let data: Vec<u8> = (0..40 * MIB).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+    std::fs::write(&src, &data).unwrap();
+    testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
+    let sock = f.dir.path().join("q.sock");
+    let peer = Peer::start(
+        "qemu-nbd",
+        "qemu-utils",
+        &[
+            "-t",
+            "-k",
+            sock.to_str().unwrap(),
+            "-x",
+            "e",
+            "-f",
+            "raw",
+            &img,
+        ],
+        sock.clone(),
+    );
+    let node = nbd_node(&f, "remote", &peer.sock, "e");
+    let source = f.add_node(json!({"driver": "raw", "node-name": "src",
+        "file": {"driver": "file", "filename": src}}));
+    // 40 MiB: more than one 32 MiB payload.
+    let copied =
+        f.rt.block_on(source.copy_range_to(0, 40 * MIB, &node, false));
+    assert!(copied.unwrap(), "the copy went through the kernel");
+    f.rt.block_on(node.close()).unwrap();
+    drop(peer);
+    let got = std::fs::read(&img).unwrap();
+    assert!(
+        got[..40 * MIB as usize] == data[..],
+        "the target holds the source"
+    );
+    assert!(got[40 * MIB as usize..].iter().all(|&b| b == 0));
+}
+
 #[test]
 fn works_with_nbdkit_memory() {
     let f = Fixture::new();
