@@ -229,7 +229,7 @@ pub trait Driver: Send + Sync {
         None
     }
     /// Writes the bytes of `source` at `offset` without them passing
-    /// through memory of ours (`copy_file_range`). `Ok(false)` where the
+    /// through memory of ours (`copy_file_range`, `sendfile`). `Ok(false)` where the
     /// driver cannot: the caller then writes the range itself (a part of
     /// it may have been copied already).
     fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
@@ -918,11 +918,12 @@ impl Node {
     }
 
     /// Copies `offset..offset + len` of this node to the same range of
-    /// `target` inside the kernel (`copy_file_range`; no copy in or out of
-    /// our memory), when this node reads the range as a buffered host file
-    /// (`file`, perhaps behind `raw`) and the target writes it to one with
-    /// nothing on its write path that needs the data (no `detect-zeroes`,
-    /// no write hooks). It is a read of this node (registered as one
+    /// `target` inside the kernel (no copy in or out of our memory), when
+    /// this node reads the range as a buffered host file (`file`, perhaps
+    /// behind `raw`), the target's driver takes such a range (a buffered
+    /// `file` with `copy_file_range`, an `nbd` node with `sendfile`) and
+    /// nothing on the target's write path needs the data (no
+    /// `detect-zeroes`, no write hooks). It is a read of this node (registered as one
     /// unless `in_hook`, see [`read_in_hook`](Self::read_in_hook)) and a
     /// write of the target, with the target's write tracking: its bitmaps
     /// are marked and its gate and in-flight requests respected.

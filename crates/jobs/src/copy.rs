@@ -1,7 +1,7 @@
 //! What copying jobs share: moving an area from a source node to a target
 //! node (zeroes as write-zeroes, nothing where the target reads zeroes
-//! already; data inside the kernel where both are buffered host files),
-//! the error policies, and the speed limit.
+//! already; data inside the kernel from a buffered host file to another
+//! or to an NBD server), the error policies, and the speed limit.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
