@@ -31,6 +31,8 @@ use testkit::{Qmp, StorageDaemon, run};
 const RUNS: usize = 2;
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
+/// How long a job may take before the benchmark gives up on it.
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 /// The guest's writes: random 64 KiB blocks at 50 MB/s.
 const GUEST_BLOCK: u64 = 64 << 10;
 const GUEST_RATE: f64 = 50e6;
@@ -109,15 +111,18 @@ fn allocated(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits until the only job is ready, however long that takes (QMP reads
-/// time out in the test kit, so this polls).
+/// Waits for the only job's `BLOCK_JOB_READY` (up to [`JOB_TIMEOUT`]).
 fn wait_ready(qmp: &mut Qmp, who: &str) {
     loop {
-        let jobs = qmp.execute_ok("query-block-jobs", json!({}));
-        match jobs.get(0) {
-            Some(job) if job["ready"] == true => return,
-            Some(_) => std::thread::sleep(Duration::from_millis(20)),
-            None => panic!("{who}: the mirror ended early: {:?}", qmp.events),
+        // Events, not polling: a poll's interval would add up to itself to
+        // each daemon's time, which the loops it is compared with do not pay.
+        let event = qmp.next_event(JOB_TIMEOUT);
+        match event["event"].as_str() {
+            Some("BLOCK_JOB_READY") => return,
+            Some("BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED") => {
+                panic!("{who}: the mirror ended early: {event}")
+            }
+            _ => {}
         }
     }
 }
@@ -622,20 +627,22 @@ fn latency_case(dir: &Path, source: &Path) {
     }
 }
 
-/// Waits until job `m` has gone (auto-dismissed), polling; panics if it
-/// failed.
-fn wait_gone(qmp: &mut Qmp, who: &str) {
+/// Waits for job `m`'s `BLOCK_JOB_COMPLETED` (up to [`JOB_TIMEOUT`]);
+/// panics if it failed.
+fn wait_completed(qmp: &mut Qmp, who: &str) {
     loop {
-        let jobs = qmp.execute_ok("query-block-jobs", json!({}));
-        if jobs.as_array().is_none_or(|j| j.is_empty()) {
-            let failed = qmp
-                .events
-                .iter()
-                .any(|e| e["event"] == "BLOCK_JOB_COMPLETED" && e["data"].get("error").is_some());
-            assert!(!failed, "{who}: the job failed: {:?}", qmp.events);
-            return;
+        let event = qmp.next_event(JOB_TIMEOUT);
+        match event["event"].as_str() {
+            Some("BLOCK_JOB_COMPLETED") => {
+                assert!(
+                    event["data"].get("error").is_none(),
+                    "{who}: the job failed: {event}"
+                );
+                return;
+            }
+            Some("BLOCK_JOB_CANCELLED") => panic!("{who}: the job was cancelled: {event}"),
+            _ => {}
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -665,7 +672,7 @@ fn backup_full_once(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcom
     let cpu0 = cpu_seconds(daemon.pid());
     let start = Instant::now();
     qmp.execute_ok("blockdev-backup", mirror_args(json!({})));
-    wait_gone(&mut qmp, who.name());
+    wait_completed(&mut qmp, who.name());
     let wall = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(daemon.pid()) - cpu0;
     qmp.execute_ok("quit", json!({}));
@@ -747,7 +754,7 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
                 "blockdev-backup",
                 mirror_args(json!({"sync": "bitmap", "bitmap": "b0", "bitmap-mode": "on-success"})),
             );
-            wait_gone(&mut qmp, who.name());
+            wait_completed(&mut qmp, who.name());
             let t = start.elapsed().as_secs_f64();
             let cpu = cpu_seconds(daemon.pid()) - cpu0;
             if t < best.0 {
@@ -793,7 +800,7 @@ fn backup_latency_once(who: Daemon, dir: &Path, source: &Path) -> (Latencies, f6
     std::thread::sleep(Duration::from_millis(500));
     let start = Instant::now();
     qmp.execute_ok("blockdev-backup", mirror_args(json!({})));
-    wait_gone(&mut qmp, who.name());
+    wait_completed(&mut qmp, who.name());
     let took = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let lat = writer.join().expect("the guest thread");

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::{IoBuf, SocketAddress};
@@ -158,6 +158,9 @@ struct Shared {
     /// A duplicate of the socket under `writer` when nothing (TLS) stands
     /// between: file payloads go straight to it with `sendfile`.
     socket: Option<Arc<OwnedFd>>,
+    /// Set when the connection dies or the client goes away: a `sendfile`
+    /// waiting for room in the socket gives up.
+    closed: AtomicBool,
     pending: Mutex<Pending>,
     next_cookie: AtomicU64,
 }
@@ -169,6 +172,7 @@ impl Shared {
 
     /// Marks the connection dead and fails everything in flight.
     fn die(&self, why: String) {
+        self.closed.store(true, Ordering::Relaxed);
         let waiters: Vec<Waiter> = {
             let mut p = self.lock();
             p.dead.get_or_insert(why.clone());
@@ -210,6 +214,7 @@ impl std::fmt::Debug for Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
         self.reader.abort();
     }
 }
@@ -267,6 +272,7 @@ impl Client {
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(w),
             socket,
+            closed: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             next_cookie: AtomicU64::new(1),
         });
@@ -359,11 +365,14 @@ impl Client {
                         io::Error::other("no plain socket to send a file payload on")
                     })?;
                     let (file, len) = (file.clone(), req.len);
+                    let shared = self.shared.clone();
                     // The writer stays locked: nothing else goes out
                     // between the header and its payload.
-                    tokio::task::spawn_blocking(move || send_file(socket, &file, at, len))
-                        .await
-                        .map_err(io::Error::other)??;
+                    tokio::task::spawn_blocking(move || {
+                        send_file(&socket, &file, at, len, &shared.closed)
+                    })
+                    .await
+                    .map_err(io::Error::other)??;
                 }
             }
             w.flush().await
@@ -538,9 +547,19 @@ enum Payload<'a> {
 }
 
 /// Sends `len` bytes of `file` from `at` to `socket` (non-blocking: waits
-/// for room with `poll`), on a blocking thread.
-fn send_file(socket: Arc<OwnedFd>, file: &File, mut at: u64, len: u64) -> io::Result<()> {
+/// for room with `poll`), on a blocking thread; gives up once `closed`.
+fn send_file(
+    socket: &OwnedFd,
+    file: &File,
+    mut at: u64,
+    len: u64,
+    closed: &AtomicBool,
+) -> io::Result<()> {
     let socket = socket.as_fd();
+    let second = rustix::event::Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
     let end = at + len;
     while at < end {
         let want = (end - at).min(1 << 30) as usize;
@@ -552,7 +571,10 @@ fn send_file(socket: Arc<OwnedFd>, file: &File, mut at: u64, len: u64) -> io::Re
                     &socket,
                     rustix::event::PollFlags::OUT,
                 )];
-                match rustix::event::poll(&mut fds, None) {
+                match rustix::event::poll(&mut fds, Some(&second)) {
+                    Ok(0) if closed.load(Ordering::Relaxed) => {
+                        return Err(io::Error::other("the connection was closed"));
+                    }
                     Ok(_) | Err(rustix::io::Errno::INTR) => {}
                     Err(e) => return Err(e.into()),
                 }

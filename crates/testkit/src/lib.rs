@@ -198,6 +198,29 @@ impl Qmp {
         std::mem::take(&mut self.events)
     }
 
+    /// The next event, kept ones first (see [`events`](Self::events)),
+    /// waiting up to `timeout` for one to arrive (the test fails after
+    /// that, or on a message that is not an event).
+    pub fn next_event(&mut self, timeout: Duration) -> Value {
+        if !self.events.is_empty() {
+            return self.events.remove(0);
+        }
+        let socket = self.reader.get_ref();
+        socket
+            .set_read_timeout(Some(timeout))
+            .unwrap_or_else(|e| panic!("cannot set a QMP read timeout: {e}"));
+        let message = self.read_message();
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(PEER_TIMEOUT))
+            .unwrap_or_else(|e| panic!("cannot set a QMP read timeout: {e}"));
+        assert!(
+            message.get("event").is_some(),
+            "expected an event, got {message}"
+        );
+        message
+    }
+
     /// Sends a command and waits for its reply.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
         let request = json!({ "execute": command, "arguments": arguments });
