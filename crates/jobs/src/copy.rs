@@ -447,6 +447,18 @@ mod tests {
             .expect("zeroes, then data");
     }
 
+    /// A directory with a source (see [`source`]) and an empty sparse
+    /// target of the same size.
+    fn files() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        source(&src);
+        std::fs::File::create(&dst)
+            .and_then(|f| f.set_len(4 * MIB))
+            .expect("a sparse target");
+        (dir, src, dst)
+    }
+
     /// Whether `node` has data allocated anywhere in `offset..offset + len`.
     async fn allocated(node: &Node, offset: u64, len: u64) -> bool {
         let extents = node.block_status(offset, len).await.expect("status");
@@ -462,12 +474,7 @@ mod tests {
 
     #[test]
     fn data_is_copied_inside_the_kernel_and_zeroes_stay_holes() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
-        source(&src);
-        std::fs::File::create(&dst)
-            .and_then(|f| f.set_len(4 * MIB))
-            .expect("a sparse target");
+        let (_dir, src, dst) = files();
         runtime().block_on(async {
             let g = Graph::new();
             let raw = |name: &str, path: &std::path::Path| {
@@ -497,12 +504,7 @@ mod tests {
 
     #[test]
     fn a_target_that_refuses_the_kernel_copy_is_written_through_memory() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
-        source(&src);
-        std::fs::File::create(&dst)
-            .and_then(|f| f.set_len(4 * MIB))
-            .expect("a sparse target");
+        let (_dir, src, dst) = files();
         runtime().block_on(async {
             let g = Graph::new();
             let source = add(

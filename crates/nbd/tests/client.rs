@@ -18,6 +18,26 @@ fn nbd_node(f: &Fixture, name: &str, sock: &std::path::Path, export: &str) -> Ar
         "server": {"type": "unix", "path": sock.to_str().unwrap()}}))
 }
 
+/// `qemu-nbd` serving raw image `img` as export `e`, for many clients.
+fn qemu_nbd_raw(f: &Fixture, img: &str) -> Peer {
+    let sock = f.dir.path().join("q.sock");
+    Peer::start(
+        "qemu-nbd",
+        "qemu-utils",
+        &[
+            "-t",
+            "-k",
+            sock.to_str().unwrap(),
+            "-x",
+            "e",
+            "-f",
+            "raw",
+            img,
+        ],
+        sock.clone(),
+    )
+}
+
 fn read(f: &Fixture, node: &Node, offset: u64, len: usize) -> Vec<u8> {
     f.rt.block_on(node.read(offset, len))
         .unwrap()
@@ -135,22 +155,7 @@ fn file_data_is_sent_to_qemu_nbd_by_the_kernel() {
     let data: Vec<u8> = (0..40 * MIB).map(|i| (i / 4096 % 251) as u8 + 1).collect();
     std::fs::write(&src, &data).unwrap();
     testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
-    let sock = f.dir.path().join("q.sock");
-    let peer = Peer::start(
-        "qemu-nbd",
-        "qemu-utils",
-        &[
-            "-t",
-            "-k",
-            sock.to_str().unwrap(),
-            "-x",
-            "e",
-            "-f",
-            "raw",
-            &img,
-        ],
-        sock.clone(),
-    );
+    let peer = qemu_nbd_raw(&f, &img);
     let node = nbd_node(&f, "remote", &peer.sock, "e");
     let source = f.add_node(json!({"driver": "raw", "node-name": "src",
         "file": {"driver": "file", "filename": src}}));
@@ -275,22 +280,7 @@ fn requests_fail_with_eio_when_the_server_goes_away() {
     let f = Fixture::new();
     let img = f.path("gone.raw");
     std::fs::write(&img, vec![7u8; 4 * MIB as usize]).unwrap();
-    let sock = f.dir.path().join("q.sock");
-    let peer = Peer::start(
-        "qemu-nbd",
-        "qemu-utils",
-        &[
-            "-t",
-            "-k",
-            sock.to_str().unwrap(),
-            "-x",
-            "e",
-            "-f",
-            "raw",
-            &img,
-        ],
-        sock.clone(),
-    );
+    let peer = qemu_nbd_raw(&f, &img);
     let node = nbd_node(&f, "remote", &peer.sock, "e");
     assert_eq!(read(&f, &node, 0, 4096), vec![7u8; 4096]);
     drop(peer);
