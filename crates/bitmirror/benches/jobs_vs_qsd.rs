@@ -69,21 +69,22 @@ impl Daemon {
 
 /// CPU seconds (user + system) a process has used.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) the calling thread has used.
+fn thread_cpu_seconds() -> f64 {
+    stat_cpu_seconds("/proc/thread-self/stat")
+}
+
+/// User + system time from a `/proc` `stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which may contain spaces).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// CPU seconds (user + system) the calling thread has used.
-fn thread_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -237,8 +238,8 @@ fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
     })
 }
 
-/// Rows of one local case, QEMU first; with `floors`, also the copy loops
-/// that show what any buffered copier pays (time to the end of their
+/// Rows of one local case, QEMU first; with `floors`, also two plain
+/// one-thread copy loops as yardsticks (time to the end of their
 /// `fdatasync` against time to READY, which includes the target's flush).
 fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str, floors: bool) {
     let qemu = best(|| mirror_local(Daemon::Qemu, dir, source, size, extra));
@@ -396,8 +397,8 @@ enum Floor {
     CopyFileRange,
 }
 
-/// The least a buffered copier pays: `source` copied whole into a fresh
-/// sparse file on one thread, then `fdatasync`, as `Outcome` (CPU of this
+/// A plain copy as a yardstick: `source` copied whole into a fresh sparse
+/// file on one thread, then `fdatasync`, as `Outcome` (CPU of this
 /// thread).
 fn copy_floor(dir: &Path, source: &Path, size: u64, how: Floor) -> Outcome {
     let target = dir.join("target.raw");
