@@ -836,12 +836,10 @@ impl Node {
         let serialising = !self.aligned(offset, len);
         let _req = self.begin_write(offset, len, growing).await;
         let hooks = self.hooks();
-        let ticket = self.bitmaps.mark(offset, len);
-        if self.bitmaps.has_persistent() {
-            if let Some(logged) = self.driver.log_activity(offset, len) {
-                check!(logged.await, buf);
-            }
-        }
+        let ticket = match self.mark(offset, len).await {
+            Ok(ticket) => ticket,
+            Err(e) => return (Err(e), buf),
+        };
         for hook in &hooks {
             let req = WriteRequest {
                 offset,
@@ -985,12 +983,7 @@ impl Node {
             if !self.hooks().is_empty() {
                 return Ok(false);
             }
-            let ticket = self.bitmaps.mark(offset, len);
-            if self.bitmaps.has_persistent() {
-                if let Some(logged) = self.driver.log_activity(offset, len) {
-                    logged.await?;
-                }
-            }
+            let ticket = self.mark(offset, len).await?;
             let result = self.driver.copy_from(offset, source).await;
             self.bitmaps.mark_again(offset, len, ticket);
             result
@@ -1099,6 +1092,21 @@ impl Node {
             .await
     }
 
+    /// The first half of write tracking, before a write-type request on
+    /// `offset..offset + len` is issued: the recording bitmaps are marked,
+    /// and with persistent ones the driver's activity log records the
+    /// range durably. The request then ends with `mark_again` and the
+    /// ticket.
+    async fn mark(&self, offset: u64, len: u64) -> Result<crate::bitmaps::MarkTicket> {
+        let ticket = self.bitmaps.mark(offset, len);
+        if self.bitmaps.has_persistent() {
+            if let Some(logged) = self.driver.log_activity(offset, len) {
+                logged.await?;
+            }
+        }
+        Ok(ticket)
+    }
+
     /// Runs a write-type request between the two bitmap marks and the hooks.
     async fn tracked(
         &self,
@@ -1106,12 +1114,7 @@ impl Node {
         request: impl Future<Output = Result<()>>,
     ) -> Result<()> {
         let hooks = self.hooks();
-        let ticket = self.bitmaps.mark(req.offset, req.len);
-        if self.bitmaps.has_persistent() {
-            if let Some(logged) = self.driver.log_activity(req.offset, req.len) {
-                logged.await?;
-            }
-        }
+        let ticket = self.mark(req.offset, req.len).await?;
         for hook in &hooks {
             hook.before(self, req).await?;
         }
