@@ -60,12 +60,12 @@ pub(crate) struct FileDriver {
     /// writers only spin on it: a mirror's parallel 1 MiB writes spent
     /// about a third of the daemon's CPU there, an incremental backup's
     /// 64 KiB ones a fifth (for no gain in time). With the thread pool
-    /// they go through one [`Lane`](super::pool::Lane), back to back; with
-    /// io_uring a lock keeps one in flight. `O_DIRECT` and FUA writes run
-    /// in parallel. (The `RWF_NOWAIT` attempt on the calling thread needs
-    /// neither: it gives up at once when the inode is locked.)
+    /// they go through one [`Lane`](super::pool::Lane), back to back (and
+    /// so do kernel copies into the file, whatever the engine); io_uring
+    /// orders buffered writes to one file by itself. `O_DIRECT` and FUA
+    /// writes run in parallel. (The `RWF_NOWAIT` attempt on the calling
+    /// thread needs neither: it gives up at once when the inode is locked.)
     buffered_lane: Arc<super::pool::Lane>,
-    buffered_uring: tokio::sync::Mutex<()>,
     /// The path as given.
     path: String,
 }
@@ -139,7 +139,6 @@ impl FileDriver {
                 nowait_writes: AtomicBool::new(!direct),
                 copy_offload: AtomicBool::new(!direct),
                 buffered_lane: Arc::default(),
-                buffered_uring: tokio::sync::Mutex::new(()),
                 uring,
                 path: path.to_owned(),
             },
@@ -165,10 +164,9 @@ impl FileDriver {
             }
         }
         if let Some(uring) = &self.uring {
-            let _serial = match serial {
-                true => Some(self.buffered_uring.lock().await),
-                false => None,
-            };
+            // No lane: the ring's workers already run buffered writes to
+            // one file one at a time (io_uring hashes them by inode), and
+            // a lock held across each round trip left one write in flight.
             let kind = if fua {
                 OpKind::WriteDsync
             } else {
@@ -337,6 +335,11 @@ impl Driver for FileDriver {
             let mut buf = buf;
             let mut done = 0;
             if self.nowait_reads.load(Ordering::Relaxed) {
+                // A read the page cache serves never waits, so it would never
+                // give the thread back: spend the task's budget like any
+                // tokio resource, so that a task reading in a loop yields
+                // now and then instead of starving the others.
+                tokio::task::consume_budget().await;
                 let len = buf.len();
                 done = nowait(&self.nowait_reads, len, |at| {
                     let mut slice = [io::IoSliceMut::new(&mut buf.as_mut_slice()[at..])];
@@ -455,13 +458,7 @@ impl Driver for FileDriver {
             let (at, len) = (source.offset, source.len);
             let copy = move || copy_file(&from, at, &to, offset, len);
             // A buffered write like any other: after the ones queued before.
-            let copied = match &self.uring {
-                Some(_) => {
-                    let _serial = self.buffered_uring.lock().await;
-                    super::pool::run(copy).await
-                }
-                None => self.buffered_lane.run(copy).await,
-            };
+            let copied = self.buffered_lane.run(copy).await;
             match copied {
                 Some(Ok(true)) => {
                     self.length.fetch_max(offset + len, Ordering::AcqRel);
