@@ -7,9 +7,11 @@
 //! write can slip between its read and its write. Jobs wait here for the
 //! requests that overlap a range before they copy it.
 
+use std::pin::Pin;
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 /// How a request interacts with overlapping ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,9 @@ struct Entry {
 struct State {
     entries: Vec<Entry>,
     next_id: u64,
+    /// Requests and waits parked until something ends: only then does an
+    /// ending request wake anyone (the common case touches no `Notify`).
+    waiters: usize,
 }
 
 /// The requests in flight on one node.
@@ -61,8 +66,7 @@ impl Inflight {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
-            {
+            let _waiting = {
                 let mut state = self.lock();
                 let blocked = state.entries.iter().any(|e| {
                     e.start < end
@@ -80,9 +84,19 @@ impl Inflight {
                     });
                     return Guard { inflight: self, id };
                 }
-            }
+                self.park(&mut state, changed.as_mut())
+            };
             changed.await;
         }
+    }
+
+    /// Registers a wait for the next request to end, under the state lock
+    /// the caller found its range blocked with: a request that ends after
+    /// the lock is let go sees the count and wakes `changed`.
+    fn park(&self, state: &mut State, changed: Pin<&mut Notified<'_>>) -> Waiting<'_> {
+        changed.enable();
+        state.waiters += 1;
+        Waiting { inflight: self }
     }
 
     /// Waits until no registered request overlaps `offset..offset + len`.
@@ -91,17 +105,27 @@ impl Inflight {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
-            if !self
-                .lock()
-                .entries
-                .iter()
-                .any(|e| e.start < end && start < e.end)
-            {
-                return;
-            }
+            let _waiting = {
+                let mut state = self.lock();
+                if !state.entries.iter().any(|e| e.start < end && start < e.end) {
+                    return;
+                }
+                self.park(&mut state, changed.as_mut())
+            };
             changed.await;
         }
+    }
+}
+
+/// One parked wait, counted in [`State::waiters`] until dropped (woken or
+/// cancelled).
+struct Waiting<'a> {
+    inflight: &'a Inflight,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.inflight.lock().waiters -= 1;
     }
 }
 
@@ -111,7 +135,68 @@ impl Drop for Guard<'_> {
         if let Some(i) = state.entries.iter().position(|e| e.id == self.id) {
             state.entries.swap_remove(i);
         }
+        let wake = state.waiters > 0;
         drop(state);
-        self.inflight.changed.notify_waiters();
+        if wake {
+            self.inflight.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn a_serialising_request_waits_for_overlapping_ones_and_nothing_else() {
+        let inflight = Inflight::default();
+        let read = inflight
+            .begin(0, 4096, RequestKind::Read)
+            .now_or_never()
+            .expect("nothing is in flight");
+        // Elsewhere: no wait.
+        let other = inflight
+            .begin(8192, 4096, RequestKind::Serialising)
+            .now_or_never()
+            .expect("no overlap");
+        drop(other);
+        let mut rmw = Box::pin(inflight.begin(2048, 4096, RequestKind::Serialising));
+        assert!(rmw.as_mut().now_or_never().is_none(), "the read overlaps");
+        assert_eq!(inflight.lock().waiters, 1);
+        drop(read);
+        let rmw = rmw
+            .as_mut()
+            .now_or_never()
+            .expect("woken once the read ended");
+        assert_eq!(inflight.lock().waiters, 0);
+        // Now it is the serialising one that keeps overlapping reads out.
+        let mut late = Box::pin(inflight.begin(0, 4096, RequestKind::Read));
+        assert!(late.as_mut().now_or_never().is_none());
+        drop(rmw);
+        assert!(late.as_mut().now_or_never().is_some());
+    }
+
+    #[test]
+    fn waits_wake_all_together_and_a_cancelled_wait_is_not_counted() {
+        let inflight = Inflight::default();
+        let write = inflight
+            .begin(0, 1 << 20, RequestKind::Write)
+            .now_or_never()
+            .expect("nothing is in flight");
+        let mut idle = Box::pin(inflight.wait_idle(4096, 4096));
+        let mut rmw = Box::pin(inflight.begin(0, 512, RequestKind::Serialising));
+        let mut cancelled = Box::pin(inflight.wait_idle(0, 1));
+        assert!(idle.as_mut().now_or_never().is_none());
+        assert!(rmw.as_mut().now_or_never().is_none());
+        assert!(cancelled.as_mut().now_or_never().is_none());
+        assert_eq!(inflight.lock().waiters, 3);
+        drop(cancelled);
+        assert_eq!(inflight.lock().waiters, 2);
+        drop(write);
+        assert!(idle.as_mut().now_or_never().is_some());
+        assert!(rmw.as_mut().now_or_never().is_some());
+        assert_eq!(inflight.lock().waiters, 0);
     }
 }
