@@ -943,7 +943,7 @@ impl Node {
             false => Some(self.inflight.begin(offset, len, RequestKind::Read).await),
         };
         match self.host_range(offset, len) {
-            Some(source) => target.write_copy(offset, &source).await,
+            Some(source) => target.write_copy(offset, &source, false).await,
             None => Ok(false),
         }
     }
@@ -959,26 +959,29 @@ impl Node {
 
     /// The write side of [`copy_range_to`](Self::copy_range_to): `source`'s
     /// bytes written at `offset` through the driver's
-    /// [`copy_from`](Driver::copy_from).
+    /// [`copy_from`](Driver::copy_from); past the end too when `growing`,
+    /// as [`write_growing`](Self::write_growing) writes (a format driver
+    /// copying into new clusters of its image file).
     pub(crate) fn write_copy<'a>(
         &'a self,
         offset: u64,
         source: &'a HostRange,
+        growing: bool,
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             if let Some(node) = self.gate.replacement() {
-                return node.write_copy(offset, source).await;
+                return node.write_copy(offset, source, growing).await;
             }
             let _inside = match self.gate.enter().await {
                 Entry::Here(inside) => inside,
-                Entry::Forward(node) => return node.write_copy(offset, source).await,
+                Entry::Forward(node) => return node.write_copy(offset, source, growing).await,
             };
             let len = source.len;
-            self.check_write(offset, len)?;
+            self.check_write_growing(offset, len, growing)?;
             if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
                 return Ok(false);
             }
-            let _req = self.begin_write(offset, len, false).await;
+            let _req = self.begin_write(offset, len, growing).await;
             // Hooks see the data of a write: those writes go through memory.
             if !self.hooks().is_empty() {
                 return Ok(false);

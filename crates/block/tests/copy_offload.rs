@@ -193,3 +193,105 @@ fn a_copy_is_refused_where_the_data_must_pass_through_memory() {
         );
     });
 }
+
+/// Data clusters of a qcow2 image (`qemu-img map`), as (guest offset, length).
+fn qcow2_data(image: &str) -> Vec<(u64, u64)> {
+    let map = testkit::run("qemu-img", &["map", "--output=json", "-f", "qcow2", image]);
+    let extents: Value = serde_json::from_str(&map).expect("qemu-img map prints JSON");
+    extents
+        .as_array()
+        .expect("a list of extents")
+        .iter()
+        .filter(|e| e["data"] == json!(true))
+        .map(|e| {
+            let n = |k: &str| e[k].as_u64().expect("a number");
+            (n("start"), n("length"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_copy_into_qcow2_fills_new_clusters_then_overwrites_them_in_place() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (a, b) = (
+        file(&dir.path().join("a"), 0x5a),
+        file(&dir.path().join("b"), 0x33),
+    );
+    let image = dir.path().join("t.qcow2").display().to_string();
+    testkit::qemu_img_create_qcow2(&image, SIZE, "cluster_size=65536");
+    runtime().block_on(async {
+        let g = Graph::new();
+        let a = raw(&g, "a", &a, json!({}), json!({})).await;
+        let b = raw(&g, "b", &b, json!({}), json!({})).await;
+        let target = add(
+            &g,
+            json!({"driver": "qcow2", "node-name": "t",
+                   "file": {"driver": "file", "filename": image}}),
+        )
+        .await;
+        target
+            .add_bitmap("d", Some(65536), false, false)
+            .await
+            .expect("a bitmap");
+        // New clusters: 1 MiB of them.
+        assert!(
+            a.copy_range_to(MIB, MIB, &target, false)
+                .await
+                .expect("no error")
+        );
+        // In place: one cluster inside that MiB, from the other file.
+        assert!(
+            b.copy_range_to(MIB + 65536, 65536, &target, false)
+                .await
+                .expect("no error")
+        );
+        assert_eq!(
+            target.bitmaps().info()[0].count,
+            MIB,
+            "the bitmap marks the copies"
+        );
+        // Part of a cluster needs the rest of it from memory: refused,
+        // nothing written (the bitmap may mark it: the caller writes it).
+        assert!(
+            !b.copy_range_to(3 * MIB + 4096, 65536, &target, false)
+                .await
+                .expect("no error")
+        );
+        let data = target.read(0, SIZE as usize).await.expect("a read");
+        let at = |o: u64, n: u64| &data.as_slice()[o as usize..(o + n) as usize];
+        assert!(at(0, MIB).iter().all(|&x| x == 0));
+        assert!(at(MIB, 65536).iter().all(|&x| x == 0x5a));
+        assert!(at(MIB + 65536, 65536).iter().all(|&x| x == 0x33));
+        assert!(
+            at(MIB + 2 * 65536, MIB - 2 * 65536)
+                .iter()
+                .all(|&x| x == 0x5a)
+        );
+        assert!(at(2 * MIB, 2 * MIB).iter().all(|&x| x == 0));
+        g.close_all().await.expect("the image closes");
+    });
+    testkit::run("qemu-img", &["check", "-q", "-f", "qcow2", &image]);
+    assert_eq!(
+        qcow2_data(&image),
+        vec![(MIB, MIB)],
+        "only the copied MiB is allocated"
+    );
+    let mut expected = vec![0u8; SIZE as usize];
+    expected[MIB as usize..(2 * MIB) as usize].fill(0x5a);
+    expected[(MIB + 65536) as usize..(MIB + 2 * 65536) as usize].fill(0x33);
+    let want = dir.path().join("expected.raw");
+    std::fs::write(&want, expected).expect("the expected image");
+    testkit::run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &image,
+            &want.display().to_string(),
+        ],
+    );
+}

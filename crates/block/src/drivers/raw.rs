@@ -147,7 +147,7 @@ impl Driver for RawDriver {
         Box::pin(async move {
             self.file
                 .node()
-                .write_copy(self.offset + offset, source)
+                .write_copy(self.offset + offset, source, false)
                 .await
         })
     }

@@ -38,7 +38,8 @@ use crate::bitmaps::Bitmaps;
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{
-    BoxFuture, BufResult, Driver, Edge, Extent, FormatSpecific, ImageInfo, Limits, Node, ZeroFlags,
+    BoxFuture, BufResult, Driver, Edge, Extent, FormatSpecific, HostRange, ImageInfo, Limits, Node,
+    ZeroFlags,
 };
 
 pub(crate) use header::MAGIC;
@@ -817,6 +818,59 @@ impl Qcow2Driver {
         (Ok(()), buf)
     }
 
+    /// Writes `source` at guest `offset` with a kernel copy into the image
+    /// file, run by run as [`write_impl`](Self::write_impl) writes: in
+    /// place, or into new clusters that are linked in once their data is
+    /// there. Whole clusters only: a partial one needs its old bytes around
+    /// the new ones, which only memory can put together. `Ok(false)` when
+    /// the file will not take the copy (new clusters already taken go
+    /// back); the caller then writes the range itself.
+    async fn copy_from_impl(&self, offset: u64, source: &HostRange) -> Result<bool> {
+        let cs = self.cluster_size();
+        let end = offset + source.len;
+        if !self.writable || offset % cs != 0 || end % cs != 0 {
+            return Ok(false);
+        }
+        let mut pos = offset;
+        while pos < end {
+            let step = self.plan_write(pos, end).await?;
+            let part = |len: u64| HostRange {
+                file: source.file.clone(),
+                offset: source.offset + (pos - offset),
+                len,
+            };
+            let file = self.file.node();
+            pos += match step {
+                Step::InPlace { host, len, _gate } => {
+                    if !file.write_copy(host, &part(len), true).await? {
+                        return Ok(false);
+                    }
+                    len
+                }
+                Step::Allocate {
+                    first,
+                    count,
+                    host,
+                    _claim,
+                    ..
+                } => {
+                    // Aligned at both ends: the run is whole clusters.
+                    let len = (first + count) * cs - pos;
+                    let copied = file.write_copy(host, &part(len), true).await;
+                    if let Ok(true) = copied {
+                        self.finish_allocation(first, count, host, Ok(())).await?;
+                    } else {
+                        let undo = Err(Error::NotSupported("copy offload"));
+                        let _ = self.finish_allocation(first, count, host, undo).await;
+                        return copied;
+                    }
+                    len
+                }
+            };
+        }
+        Ok(true)
+    }
+
     /// Writes whole clusters compressed (see [`Driver::write_compressed`]).
     /// Deflating runs on a blocking thread; a cluster it does not shrink
     /// is written as plain data, as QEMU does.
@@ -1351,6 +1405,10 @@ impl Driver for Qcow2Driver {
                 other => (other, buf),
             }
         })
+    }
+
+    fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(self.copy_from_impl(offset, source))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
