@@ -111,6 +111,12 @@ async fn ours(node: &Arc<Node>, p: &Pattern, write: bool) -> Duration {
                     if i >= count {
                         break;
                     }
+                    // A requester spends budget per request, as an export's
+                    // socket does. Without it a worker whose reads the page
+                    // cache serves never yields: one of the 32 did every
+                    // read, into one cache-hot buffer, where `qemu-img
+                    // bench` turns over all 32 of its buffers.
+                    tokio::task::consume_budget().await;
                     // qemu-img bench 10.0's sequence: the offset advances by
                     // the step and wraps at the image size.
                     let len = node.length();

@@ -335,11 +335,6 @@ impl Driver for FileDriver {
             let mut buf = buf;
             let mut done = 0;
             if self.nowait_reads.load(Ordering::Relaxed) {
-                // A read the page cache serves never waits, so it would never
-                // give the thread back: spend the task's budget like any
-                // tokio resource, so that a task reading in a loop yields
-                // now and then instead of starving the others.
-                tokio::task::consume_budget().await;
                 let len = buf.len();
                 done = nowait(&self.nowait_reads, len, |at| {
                     let mut slice = [io::IoSliceMut::new(&mut buf.as_mut_slice()[at..])];

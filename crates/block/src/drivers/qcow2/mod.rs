@@ -131,8 +131,8 @@ pub(crate) struct Qcow2Driver {
     /// the lock to the next waiter on every release, so once a queue forms
     /// (behind an L2 table load) every lookup waits a full round of the
     /// other requests, and a 2-thread runtime did 1.3 threads of reads.
-    /// Here the request that runs takes the lock and goes on; the file
-    /// driver's inline reads spend the task's budget, so none runs forever.
+    /// Here the request that runs takes the lock and goes on; the I/O gate
+    /// (a tokio lock) spends the task's budget, so none runs forever.
     meta: futures_util::lock::Mutex<Meta>,
     /// Guest cluster ranges `[start, end)` whose mapping a request is
     /// changing.
