@@ -275,6 +275,49 @@ fn pulls_a_dirty_bitmap_from_qemu_nbd() {
     drop(peer);
 }
 
+/// A kernel copy into a server that stops reading waits for room on the
+/// socket; when the server then dies, the copy fails instead of hanging,
+/// and the node reports the lost connection.
+#[test]
+fn a_kernel_copy_into_a_stalled_server_fails_when_the_server_dies() {
+    let f = Fixture::new();
+    let (src, img) = (f.path("src.raw"), f.path("img.raw"));
+    std::fs::write(&src, vec![9u8; 40 * MIB as usize]).unwrap();
+    testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
+    let peer = qemu_nbd_raw(&f, &img);
+    let node = nbd_node(&f, "remote", &peer.sock, "e");
+    let source = f.add_node(json!({"driver": "raw", "node-name": "src",
+        "file": {"driver": "file", "filename": src}}));
+    peer.signal("STOP");
+    let stalled = Duration::from_secs(2);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(stalled);
+        peer.signal("KILL");
+        peer
+    });
+    let start = Instant::now();
+    let copied = f.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            source.copy_range_to(0, 40 * MIB, &node, false),
+        )
+        .await
+    });
+    let took = start.elapsed();
+    drop(killer.join().unwrap());
+    let e = copied
+        .expect("the copy gives up when the server dies")
+        .expect_err("a copy into a dead server fails");
+    assert_eq!(e.errno(), 5, "{e}");
+    assert!(
+        took >= stalled,
+        "the copy waited for the stalled server: {took:?}"
+    );
+    assert!(took < stalled + Duration::from_secs(10), "{took:?}");
+    let e = f.rt.block_on(node.read(0, 4096)).unwrap_err();
+    assert!(e.to_string().contains("NBD connection lost"), "{e}");
+}
+
 #[test]
 fn requests_fail_with_eio_when_the_server_goes_away() {
     let f = Fixture::new();

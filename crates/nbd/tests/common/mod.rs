@@ -124,6 +124,17 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// Sends `signal` (`STOP`, `CONT`, `KILL`, …) to the peer's process.
+    pub fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+}
+
 impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.child.kill();
