@@ -12,7 +12,8 @@
 //! action in it (a backup's start) closes and reopens the gate again; the
 //! gate opens when the last closer reopens it.
 //!
-//! Entering costs two atomic operations and a load: the pair
+//! Entering an open gate costs two atomic operations and a load (no
+//! waiter list is touched unless the gate is closed): the pair
 //! (`active` increment, `closers` load) against (`closers` increment,
 //! `active` load), all sequentially consistent, guarantees that a request
 //! either sees the gate closed or is seen by the closer.
@@ -64,16 +65,20 @@ impl Gate {
     /// Lets a write-type request in, holding it while the gate is closed.
     pub(crate) async fn enter(&self) -> Entry<'_> {
         loop {
-            let opened = self.opened.notified();
-            tokio::pin!(opened);
-            opened.as_mut().enable();
             self.active.fetch_add(1, Ordering::SeqCst);
             if self.closers.load(Ordering::SeqCst) == 0 {
                 return Entry::Here(Inside(self));
             }
             self.active.fetch_sub(1, Ordering::SeqCst);
             self.idle.notify_waiters();
-            opened.await;
+            // Closed: registered before the gate is looked at again, so an
+            // `open` from then on wakes us, and one before it is seen.
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if self.closers.load(Ordering::SeqCst) != 0 {
+                opened.await;
+            }
             if let Some(node) = self.replacement() {
                 return Entry::Forward(node);
             }
