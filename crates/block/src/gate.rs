@@ -42,7 +42,7 @@ pub(crate) struct Gate {
 }
 
 /// Where a write-type request goes.
-pub(crate) enum Entry<'a> {
+enum Entry<'a> {
     /// Into this node; the request holds the entry while it runs.
     Here(Inside<'a>),
     /// To the node that replaced this one while the request was held.
@@ -63,7 +63,7 @@ impl Drop for Inside<'_> {
 
 impl Gate {
     /// Lets a write-type request in, holding it while the gate is closed.
-    pub(crate) async fn enter(&self) -> Entry<'_> {
+    async fn enter(&self) -> Entry<'_> {
         loop {
             self.active.fetch_add(1, Ordering::SeqCst);
             if self.closers.load(Ordering::SeqCst) == 0 {
@@ -82,6 +82,19 @@ impl Gate {
             if let Some(node) = self.replacement() {
                 return Entry::Forward(node);
             }
+        }
+    }
+
+    /// Where a write-type request runs: inside this node, holding the entry
+    /// (see [`enter`](Self::enter)), or, as `Err`, at the node that replaced
+    /// this one, before or while the request was held.
+    pub(crate) async fn pass(&self) -> Result<Inside<'_>, Arc<Node>> {
+        if let Some(node) = self.replacement() {
+            return Err(node);
+        }
+        match self.enter().await {
+            Entry::Here(inside) => Ok(inside),
+            Entry::Forward(node) => Err(node),
         }
     }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use crate::bitmaps::Bitmaps;
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
-use crate::gate::{Entry, Gate};
+use crate::gate::Gate;
 use crate::inflight::{Inflight, RequestKind};
 use crate::options::{DetectZeroes, Discard};
 
@@ -795,12 +795,9 @@ impl Node {
         mode: Mode,
     ) -> BoxFuture<'_, BufResult<()>> {
         Box::pin(async move {
-            if let Some(node) = self.gate.replacement() {
-                return node.write_at(offset, buf, fua, mode).await;
-            }
-            let _inside = match self.gate.enter().await {
-                Entry::Here(inside) => inside,
-                Entry::Forward(node) => return node.write_at(offset, buf, fua, mode).await,
+            let _inside = match self.gate.pass().await {
+                Ok(inside) => inside,
+                Err(node) => return node.write_at(offset, buf, fua, mode).await,
             };
             self.write_inside(offset, buf, fua, mode).await
         })
@@ -969,12 +966,9 @@ impl Node {
         growing: bool,
     ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
-            if let Some(node) = self.gate.replacement() {
-                return node.write_copy(offset, source, growing).await;
-            }
-            let _inside = match self.gate.enter().await {
-                Entry::Here(inside) => inside,
-                Entry::Forward(node) => return node.write_copy(offset, source, growing).await,
+            let _inside = match self.gate.pass().await {
+                Ok(inside) => inside,
+                Err(node) => return node.write_copy(offset, source, growing).await,
             };
             let len = source.len;
             self.check_write_growing(offset, len, growing)?;
@@ -1001,12 +995,9 @@ impl Node {
         flags: ZeroFlags,
     ) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            if let Some(node) = self.gate.replacement() {
-                return node.write_zeroes(offset, len, flags).await;
-            }
-            let _inside = match self.gate.enter().await {
-                Entry::Here(inside) => inside,
-                Entry::Forward(node) => return node.write_zeroes(offset, len, flags).await,
+            let _inside = match self.gate.pass().await {
+                Ok(inside) => inside,
+                Err(node) => return node.write_zeroes(offset, len, flags).await,
             };
             self.write_zeroes_inside(offset, len, flags).await
         })
@@ -1059,12 +1050,9 @@ impl Node {
     /// this does nothing and marks no bitmap, as in QEMU.
     pub fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            if let Some(node) = self.gate.replacement() {
-                return node.discard(offset, len).await;
-            }
-            let _inside = match self.gate.enter().await {
-                Entry::Here(inside) => inside,
-                Entry::Forward(node) => return node.discard(offset, len).await,
+            let _inside = match self.gate.pass().await {
+                Ok(inside) => inside,
+                Err(node) => return node.discard(offset, len).await,
             };
             self.discard_inside(offset, len).await
         })
