@@ -169,10 +169,10 @@ impl Qcow2Driver {
     /// Writes the current area as it is in memory, durably, giving the image
     /// a log first if it has none; the caller holds `log_io`.
     async fn write_current_area(&self) -> Result<()> {
-        if self.meta.lock().await.activity.is_none() {
+        if self.lock_meta().await.activity.is_none() {
             self.enable_log().await?;
         }
-        let Some(areas) = self.meta.lock().await.activity else {
+        let Some(areas) = self.lock_meta().await.activity else {
             return Ok(());
         };
         let (current, bytes, seq) = {
@@ -221,7 +221,7 @@ impl Qcow2Driver {
     /// consistent at open are a checkpoint as good as any). The caller
     /// holds `log_io`.
     async fn enable_log(&self) -> Result<()> {
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         let file = self.file.node();
         let bytes = self.area_bytes();
         let clusters = bytes.div_ceil(self.cluster_size());
@@ -282,7 +282,7 @@ impl Qcow2Driver {
     pub(super) async fn checkpoint(&self, bitmaps: &Bitmaps) -> Result<()> {
         let io = self.log_io.lock().await;
         let names = bitmaps.persistent_names();
-        let changed = names != self.meta.lock().await.stored_names;
+        let changed = names != self.lock_meta().await.stored_names;
         let extents = self.header.size.div_ceil(1 << EXTENT_BITS);
         let due = CHECKPOINT_EXTENTS.min((extents / 4).max(1));
         let (hot, pending) = {
@@ -308,7 +308,7 @@ impl Qcow2Driver {
         self.lock_hot().fill(0);
         drop(io);
         let saved = bitmaps.to_store()?;
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         self.store_bitmaps(&mut m, saved, true).await?;
         let areas = m.activity;
         drop(m);
@@ -367,7 +367,7 @@ impl Qcow2Driver {
                 log.bits = bits;
                 log.current = 0;
             }
-            self.meta.lock().await.activity = Some(ext.areas);
+            self.lock_meta().await.activity = Some(ext.areas);
         }
         extents.sort_unstable();
         extents.dedup();

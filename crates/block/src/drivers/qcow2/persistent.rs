@@ -170,7 +170,7 @@ impl Qcow2Driver {
             // looking clean while writes went unrecorded in the image.
             refcount::write(&file, dir_offset, &dir).await?;
             file.flush().await?;
-            let mut m = self.meta.lock().await;
+            let mut m = self.lock_meta().await;
             m.bitmap_clusters = clusters;
             m.has_bitmaps = true;
             m.directory = dir_offset;
