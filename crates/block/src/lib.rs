@@ -31,6 +31,7 @@ mod graph;
 mod inflight;
 mod node;
 pub mod options;
+mod pagecache;
 pub mod sidecar;
 pub mod throttle;
 
@@ -40,8 +41,8 @@ pub use create::{Qcow2Create, create_qcow2, create_qcow2_on};
 pub use error::{Error, Result};
 pub use graph::{DriverFactory, Graph};
 pub use node::{
-    BoxFuture, BufResult, ChildRole, Driver, Edge, Extent, FormatSpecific, HostRange, ImageInfo,
-    Limits, Node, User, WriteHook, WriteKind, WriteRequest, ZeroFlags,
+    BoxFuture, BufResult, CachedRange, ChildRole, Driver, Edge, Extent, FormatSpecific, HostRange,
+    ImageInfo, Limits, Node, User, WriteHook, WriteKind, WriteRequest, ZeroFlags,
 };
 pub use options::{BlockdevOptions, SocketAddress};
 pub use sidecar::{Sidecar, SidecarStore};

@@ -7,6 +7,7 @@
 //! when it completes, and registered [`WriteHook`]s run around it.
 
 use std::future::Future;
+use std::os::fd::BorrowedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -60,6 +61,62 @@ pub struct Extent {
     /// Number of nodes down the chain where the status comes from (1: this
     /// node).
     pub depth: u32,
+}
+
+/// A range of a node whose bytes the page cache of a host file held when
+/// [`Node::cached_range`] looked: the kernel can send them to a socket
+/// itself (`sendfile`), with no copy through our memory and, as long as the
+/// pages stay cached, no wait for the disk.
+#[derive(Debug)]
+pub struct CachedRange<'a> {
+    node: &'a Node,
+    offset: u64,
+    host: HostRange,
+}
+
+impl CachedRange<'_> {
+    /// The range's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.host.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.host.len == 0
+    }
+
+    /// Sends bytes `done..` of the range to the stream socket `socket`, as
+    /// many as the socket takes without waiting (it must be non-blocking):
+    /// the number sent, `Ok(0)` if the file ended first (it shrank), or
+    /// `WouldBlock` when the socket is full.
+    ///
+    /// While the kernel reads, this is a read of the node in flight,
+    /// registered as [`Node::read_into`] registers one; not while the caller
+    /// waits for room in the socket, so a peer that stops reading holds up
+    /// no job. The socket may keep references to the cached pages rather
+    /// than copies until the peer receives them, so a write that completes
+    /// after this returns may still show in bytes the peer gets: for the
+    /// peer, whose read has not completed yet, that is a write overlapping
+    /// its read.
+    pub async fn send_to(&self, socket: BorrowedFd<'_>, done: u64) -> std::io::Result<usize> {
+        let rest = self.host.len.saturating_sub(done);
+        if rest == 0 {
+            return Ok(0);
+        }
+        let _req = self
+            .node
+            .inflight
+            .begin(self.offset + done, rest, RequestKind::Read)
+            .await;
+        let mut at = self.host.offset + done;
+        let want = rest.min(1 << 30) as usize;
+        loop {
+            match rustix::fs::sendfile(socket, &*self.host.file, Some(&mut at), want) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => return r.map_err(Into::into),
+            }
+        }
+    }
 }
 
 /// Flags of a write-zeroes request.
@@ -952,6 +1009,20 @@ impl Node {
             return None;
         }
         self.driver.host_range(offset, len)
+    }
+
+    /// `offset..offset + len` of this node as a range of a host file the
+    /// page cache holds all of right now (see [`CachedRange`]), or `None`:
+    /// the node is not a buffered host file (perhaps behind `raw`), the
+    /// range is out of bounds or unaligned, or some of it would come from
+    /// the disk.
+    pub fn cached_range(&self, offset: u64, len: u64) -> Option<CachedRange<'_>> {
+        let host = self.host_range(offset, len)?;
+        crate::pagecache::resident(&host.file, host.offset, host.len).then_some(CachedRange {
+            node: self,
+            offset,
+            host,
+        })
     }
 
     /// The write side of [`copy_range_to`](Self::copy_range_to): `source`'s

@@ -16,6 +16,7 @@ mod export;
 mod handshake;
 mod transmission;
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -246,7 +247,7 @@ impl Server {
 
     async fn accept_loop<S, F, Fut>(&self, mut accept: F)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::io::Result<S>>,
     {
@@ -266,9 +267,12 @@ impl Server {
                     continue;
                 }
             };
+            // A descriptor of the socket's own, for replies the kernel
+            // sends from the page cache (`sendfile`).
+            let socket = rustix::io::fcntl_dupfd_cloexec(&stream, 0).ok();
             let server = self.clone();
             tokio::spawn(async move {
-                server.serve(stream).await;
+                server.serve_socket(stream, socket).await;
                 drop(permit);
             });
         }
@@ -278,6 +282,16 @@ impl Server {
     /// close, or breaks the protocol. Never panics on what the client
     /// sends.
     pub async fn serve<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve_socket(stream, None).await;
+    }
+
+    /// [`serve`](Self::serve), with `socket` a descriptor of the same
+    /// socket as `stream` when it is a plain stream socket: replies out of
+    /// the page cache then go to it with `sendfile` (not inside TLS).
+    async fn serve_socket<S>(&self, stream: S, socket: Option<OwnedFd>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -305,8 +319,10 @@ impl Server {
             _ = stop.wait_for(|s| *s) => return,
         };
         match ready {
-            Ready::Plain(n, reader, writer) => transmission::run(n, reader, writer, stop).await,
-            Ready::Tls(n, reader, writer) => transmission::run(n, reader, writer, stop).await,
+            Ready::Plain(n, reader, writer) => {
+                transmission::run(n, reader, writer, socket, stop).await
+            }
+            Ready::Tls(n, reader, writer) => transmission::run(n, reader, writer, None, stop).await,
         }
     }
 

@@ -4,10 +4,15 @@
 
 use std::sync::Arc;
 
-use block::{IoBuf, Node, ZeroFlags};
+use std::os::fd::{AsFd, OwnedFd};
+
+use block::{CachedRange, IoBuf, Node, ZeroFlags};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Interest,
+};
 use tokio::sync::{Mutex, watch};
 
 use super::MAX_IN_FLIGHT;
@@ -38,6 +43,10 @@ const POOL_MAX_BYTES: usize = (4 << 20) + 4096;
 /// Replies up to this size go through the write buffer (tokio's default
 /// 8 KiB); larger ones are written with vectored writes.
 const SMALL_REPLY: usize = 8192;
+/// Reads at least this long that the page cache holds go from it to the
+/// socket inside the kernel (`sendfile`): below, a copy through our buffer
+/// costs less than the extra system calls.
+const SENDFILE_MIN: usize = 64 * 1024;
 
 struct Conn<W> {
     export: Arc<Export>,
@@ -48,6 +57,10 @@ struct Conn<W> {
     extended: bool,
     contexts: Vec<Context>,
     writer: Mutex<BufWriter<W>>,
+    /// The socket under `writer` (a descriptor of its own) when it is a
+    /// plain stream socket: large reads the page cache holds are sent to
+    /// it with `sendfile`. Used only while `writer` is locked and empty.
+    socket: Option<AsyncFd<OwnedFd>>,
     /// Payload buffers of finished requests, for the next ones.
     pool: std::sync::Mutex<Vec<IoBuf>>,
     /// Turns true when unsent replies are to be dropped: sends give up.
@@ -81,6 +94,7 @@ pub(super) async fn run<R, W>(
     n: Negotiated,
     reader: BufReader<R>,
     writer: BufWriter<W>,
+    socket: Option<OwnedFd>,
     mut stop: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -94,6 +108,12 @@ pub(super) async fn run<R, W>(
         extended: n.extended,
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
+        socket: socket.and_then(|fd| {
+            // SAFETY: an `OwnedFd` is an open descriptor that stays open,
+            // and is the one `as_raw_fd` returns, until it is dropped, which
+            // only the `AsyncFd` can do.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok()
+        }),
         pool: std::sync::Mutex::new(Vec::new()),
         aborted,
     });
@@ -413,6 +433,12 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     async fn read(&self, node: &Node, req: Request) {
         let (offset, len) = (req.offset, req.len as usize);
         if !self.structured {
+            if let Some(cached) = self.cached(node, offset, len) {
+                let _ = self
+                    .send_cached(&simple_reply(0, req.cookie), &cached)
+                    .await;
+                return;
+            }
             let _ = match self.read_pooled(node, offset, len).await {
                 Ok(data) => {
                     let r = self
@@ -440,6 +466,12 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         };
         let sparse = extents.filter(|x| x.iter().any(|e| e.zero));
         let Some(extents) = sparse else {
+            if let Some(cached) = self.cached(node, offset, len) {
+                let mut h = self.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + len);
+                h.extend_from_slice(&offset.to_be_bytes());
+                let _ = self.send_cached(&h, &cached).await;
+                return;
+            }
             let _ = match self.read_pooled(node, offset, len).await {
                 Ok(data) => {
                     let h = self.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + len);
@@ -628,6 +660,69 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         }
     }
 
+    /// `offset..offset + len` of `node` as a range the kernel can send
+    /// from the page cache, when this connection sends that way and the
+    /// read is large enough to gain from it.
+    fn cached<'n>(&self, node: &'n Node, offset: u64, len: usize) -> Option<CachedRange<'n>> {
+        if self.socket.is_none() || len < SENDFILE_MIN {
+            return None;
+        }
+        node.cached_range(offset, len as u64)
+    }
+
+    /// Sends a reply made of `head` and the bytes of `cached`, these with
+    /// `sendfile`. The reply cannot be taken back once its head is out: if
+    /// the bytes cannot follow, the connection is shut down (the client
+    /// sees it end, not a reply with wrong bytes).
+    async fn send_cached(&self, head: &[u8], cached: &CachedRange<'_>) -> std::io::Result<()> {
+        let mut aborted = self.aborted.clone();
+        tokio::select! {
+            r = self.send_cached_now(head, cached) => r,
+            _ = aborted.wait_for(|a| *a) => {
+                Err(std::io::Error::other("the connection is closing"))
+            }
+        }
+    }
+
+    async fn send_cached_now(&self, head: &[u8], cached: &CachedRange<'_>) -> std::io::Result<()> {
+        let Some(socket) = &self.socket else {
+            return Err(std::io::Error::other("no socket to send a file to"));
+        };
+        // The writer's buffer is empty (every reply flushes it), and stays
+        // so while the lock is held: the socket is ours.
+        let _writer = self.writer.lock().await;
+        let mut sent = 0;
+        while sent < head.len() {
+            sent += socket
+                .async_io(Interest::WRITABLE, |fd| {
+                    let more = rustix::net::SendFlags::MORE;
+                    rustix::net::send(fd, &head[sent..], more).map_err(Into::into)
+                })
+                .await?;
+        }
+        // Dropping this future (an abort) before the bytes are out leaves
+        // the reply torn: the guard shuts the socket down then.
+        let torn = Torn(Some(socket.get_ref()));
+        let mut done = 0;
+        while done < cached.len() {
+            let mut ready = socket.writable().await?;
+            match cached.send_to(socket.get_ref().as_fd(), done).await {
+                Ok(n) if n > 0 => done += n as u64,
+                Ok(_) => {
+                    tracing::warn!("NBD read: the file ended before the reply did");
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
+                Err(e) => {
+                    tracing::warn!("NBD read: sending from the page cache failed: {e}");
+                    return Err(e);
+                }
+            }
+        }
+        torn.disarm();
+        Ok(())
+    }
+
     async fn send_now(&self, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut w = self.writer.lock().await;
         let total: usize = parts.iter().map(|p| p.len()).sum();
@@ -638,6 +733,24 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             return w.flush().await;
         }
         write_all_vectored(w.get_mut(), parts).await
+    }
+}
+
+/// Shuts a socket down when dropped armed: a reply whose head went out
+/// without all of its bytes.
+struct Torn<'a>(Option<&'a OwnedFd>);
+
+impl Torn<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Torn<'_> {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0 {
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+        }
     }
 }
 
