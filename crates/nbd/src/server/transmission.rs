@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use block::{CachedRange, IoBuf, Node, ZeroFlags};
 use futures_util::StreamExt;
@@ -41,7 +42,9 @@ const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BYTES: usize = (4 << 20) + 4096;
 /// Replies up to this size go through the write buffer (tokio's default
-/// 8 KiB); larger ones are written with vectored writes.
+/// 8 KiB), which is flushed once no other request of the connection is
+/// about to reply (replies that complete together go out in one system
+/// call); larger ones are written with vectored writes.
 const SMALL_REPLY: usize = 8192;
 /// Reads at least this long that the page cache holds go from it to the
 /// socket inside the kernel (`sendfile`): below, a copy through our buffer
@@ -57,6 +60,8 @@ struct Conn<W> {
     extended: bool,
     contexts: Vec<Context>,
     writer: Mutex<BufWriter<W>>,
+    /// Replies wait in `writer`'s buffer for [`Conn::flush`].
+    unflushed: AtomicBool,
     /// The socket under `writer` (a descriptor of its own) when it is a
     /// plain stream socket: large reads the page cache holds are sent to
     /// it with `sendfile`. Used only while `writer` is locked and empty.
@@ -108,6 +113,7 @@ pub(super) async fn run<R, W>(
         extended: n.extended,
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
+        unflushed: AtomicBool::new(false),
         socket: socket.and_then(|fd| {
             // SAFETY: an `OwnedFd` is an open descriptor that stays open,
             // and is the one `as_raw_fd` returns, until it is dropped, which
@@ -146,6 +152,15 @@ pub(super) async fn run<R, W>(
                 _ = stop.wait_for(|s| *s) => { told = true; break }
                 Some(()) = inflight.next(), if !inflight.is_empty() => continue,
                 Some(done) = async { Some(reading.as_mut()?.await) }, if reading.is_some() => done,
+                // Last: only once no request is ready to reply and no new
+                // one has come.
+                r = conn.flush(), if conn.unflushed.load(Ordering::Relaxed) => match r {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::debug!("NBD connection ends: {e}");
+                        break;
+                    }
+                },
             };
             reading = None;
             reader = Some(r);
@@ -179,7 +194,11 @@ pub(super) async fn run<R, W>(
     if told {
         abort.send_replace(true);
     }
-    let drained = async { while inflight.next().await.is_some() {} };
+    let drained = async {
+        while inflight.next().await.is_some() {
+            let _ = conn.flush().await;
+        }
+    };
     let late = async {
         tokio::select! {
             _ = close.wait_for(|c| *c) => {}
@@ -647,9 +666,9 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         }
     }
 
-    /// Writes one reply (all of its parts) and pushes it out: small ones
-    /// through the write buffer, large ones with vectored writes (the
-    /// buffer is empty between replies: every reply flushes it).
+    /// Writes one reply (all of its parts): small ones into the write
+    /// buffer, for the connection to [`flush`](Self::flush), large ones
+    /// after the buffer with vectored writes.
     async fn send(&self, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut aborted = self.aborted.clone();
         tokio::select! {
@@ -688,9 +707,10 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         let Some(socket) = &self.socket else {
             return Err(std::io::Error::other("no socket to send a file to"));
         };
-        // The writer's buffer is empty (every reply flushes it), and stays
-        // so while the lock is held: the socket is ours.
-        let _writer = self.writer.lock().await;
+        // Once the replies before this one left the buffer, the socket is
+        // ours while the lock is held.
+        let mut writer = self.writer.lock().await;
+        writer.flush().await?;
         let mut sent = 0;
         while sent < head.len() {
             sent += socket
@@ -730,9 +750,20 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             for p in parts {
                 w.write_all(p).await?;
             }
-            return w.flush().await;
+            self.unflushed.store(true, Ordering::Relaxed);
+            return Ok(());
         }
+        w.flush().await?;
         write_all_vectored(w.get_mut(), parts).await
+    }
+
+    /// Pushes the replies waiting in the write buffer out.
+    async fn flush(&self) -> std::io::Result<()> {
+        let mut w = self.writer.lock().await;
+        w.flush().await?;
+        // Under the lock: no reply can have come in between.
+        self.unflushed.store(false, Ordering::Relaxed);
+        Ok(())
     }
 }
 
