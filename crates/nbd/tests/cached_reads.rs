@@ -171,3 +171,82 @@ fn cached_and_uncached_reads_give_the_files_bytes_over_unix_and_tcp() {
         }
     }
 }
+
+/// A read with holes sends them as `OFFSET_HOLE` chunks and its data
+/// extents as `OFFSET_DATA` chunks: the large cached ones from the page
+/// cache (a write after the reply went out shows in them), the small one
+/// through memory; our client and `qemu-img compare` over TCP read the
+/// file's bytes.
+#[test]
+fn sparse_reads_send_cached_data_extents_from_the_page_cache() {
+    let f = Fixture::new();
+    let path = f.path("sparse.raw");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(4 * MIB).unwrap();
+    let extents = [
+        (MIB, 256 * 1024),
+        (2 * MIB, 4096),
+        (3 * MIB - 64 * 1024, 64 * 1024),
+    ];
+    for (offset, len) in extents {
+        let data: Vec<u8> = (offset..offset + len).map(byte).collect();
+        file.write_all_at(&data, offset).unwrap();
+    }
+    let node = f.add_node(json!({"driver": "raw", "node-name": "sparse",
+        "file": {"driver": "file", "filename": path}}));
+    f.export(&node, "sparse", true, &[]);
+    let mut want = vec![0u8; 4 * MIB as usize];
+    for (offset, len) in extents {
+        for i in offset..offset + len {
+            want[i as usize] = byte(i);
+        }
+    }
+
+    let (mut c, _, _) = Raw::open(&f.sock, "sparse", &[]);
+    c.request(Command::Read, 0, 1, 0, 4 * MIB as u32);
+    let (_, error, data) = c.reply();
+    assert_eq!(error, 0);
+    assert!(data == want, "the whole read gives the file's bytes");
+    assert_eq!(c.holes, 4, "the zeroes around the three data extents");
+
+    // One hole and the cached 64 KiB extent.
+    let (offset, len) = (3 * MIB - 128 * 1024, 128 * 1024u64);
+    c.request(Command::Read, 0, 2, offset, len as u32);
+    wait_queued(&c, (20 + 12) + (20 + 8 + 64 * 1024));
+    file.write_all_at(&[0xee; 64 * 1024], 3 * MIB - 64 * 1024)
+        .unwrap();
+    let (_, error, data) = c.reply();
+    assert_eq!(error, 0);
+    assert!(data[..64 * 1024].iter().all(|&b| b == 0));
+    assert!(
+        data[64 * 1024..].iter().all(|&b| b == 0xee),
+        "the data extent went from the page cache"
+    );
+    assert_eq!(c.holes, 5);
+    let old: Vec<u8> = (3 * MIB - 64 * 1024..3 * MIB).map(byte).collect();
+    file.write_all_at(&old, 3 * MIB - 64 * 1024).unwrap();
+
+    let bound =
+        f.rt.block_on(f.server.listen(&nbd::ListenAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        }))
+        .unwrap();
+    let nbd::ListenAddr::Tcp { port, .. } = bound else {
+        panic!("a TCP address")
+    };
+    let uri = format!("nbd://127.0.0.1:{port}/sparse");
+    nbd::register(&f.graph);
+    let tcp = f.add_node(
+        json!({"driver": "nbd", "node-name": "t", "export": "sparse",
+        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
+    );
+    let got = f.rt.block_on(tcp.read(0, 4 * MIB as usize)).unwrap();
+    assert!(got.as_slice() == want.as_slice(), "{uri}: our client");
+    let out = common::tool(
+        "qemu-img",
+        "qemu-utils",
+        &["compare", "-f", "raw", "-F", "raw", &path, &uri],
+    );
+    assert!(out.contains("Images are identical"), "{uri}: {out}");
+}

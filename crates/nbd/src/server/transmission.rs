@@ -453,9 +453,9 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         let (offset, len) = (req.offset, req.len as usize);
         if !self.structured {
             if let Some(cached) = self.cached(node, offset, len) {
-                let _ = self
-                    .send_cached(&simple_reply(0, req.cookie), &cached)
-                    .await;
+                let head = simple_reply(0, req.cookie);
+                let segments = [Segment::Bytes(&head), Segment::File(&cached)];
+                let _ = self.send_segments(&segments).await;
                 return;
             }
             let _ = match self.read_pooled(node, offset, len).await {
@@ -488,7 +488,9 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             if let Some(cached) = self.cached(node, offset, len) {
                 let mut h = self.chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, &req, 8 + len);
                 h.extend_from_slice(&offset.to_be_bytes());
-                let _ = self.send_cached(&h, &cached).await;
+                let _ = self
+                    .send_segments(&[Segment::Bytes(&h), Segment::File(&cached)])
+                    .await;
                 return;
             }
             let _ = match self.read_pooled(node, offset, len).await {
@@ -504,7 +506,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             };
             return;
         };
-        let mut parts: Vec<(Vec<u8>, Option<IoBuf>)> = Vec::with_capacity(extents.len());
+        let mut parts: Vec<(Vec<u8>, Data<'_>)> = Vec::with_capacity(extents.len());
         for (i, e) in extents.iter().enumerate() {
             let flags = if i + 1 == extents.len() {
                 chunk::FLAG_DONE
@@ -515,15 +517,17 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 let mut h = self.chunk(flags, chunk::OFFSET_HOLE, &req, 12);
                 h.extend_from_slice(&e.offset.to_be_bytes());
                 h.extend_from_slice(&(e.len as u32).to_be_bytes());
-                parts.push((h, None));
+                parts.push((h, Data::None));
             } else {
+                let n = 8 + e.len as usize;
+                let mut h = self.chunk(flags, chunk::OFFSET_DATA, &req, n);
+                h.extend_from_slice(&e.offset.to_be_bytes());
+                if let Some(cached) = self.cached(node, e.offset, e.len as usize) {
+                    parts.push((h, Data::Cached(cached)));
+                    continue;
+                }
                 match self.read_pooled(node, e.offset, e.len as usize).await {
-                    Ok(data) => {
-                        let n = 8 + e.len as usize;
-                        let mut h = self.chunk(flags, chunk::OFFSET_DATA, &req, n);
-                        h.extend_from_slice(&e.offset.to_be_bytes());
-                        parts.push((h, Some(data)));
-                    }
+                    Ok(data) => parts.push((h, Data::Memory(data))),
                     Err(err) => {
                         let _ = self.reply_error(&req, &refusal(&err)).await;
                         return;
@@ -531,17 +535,29 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 }
             }
         }
-        let mut slices: Vec<&[u8]> = Vec::with_capacity(parts.len() * 2);
-        for (h, data) in &parts {
-            slices.push(h);
-            if let Some(d) = data {
-                slices.push(d.as_slice());
+        if parts.iter().any(|(_, d)| matches!(d, Data::Cached(_))) {
+            let mut segments = Vec::with_capacity(parts.len() * 2);
+            for (h, data) in &parts {
+                segments.push(Segment::Bytes(h));
+                match data {
+                    Data::None => {}
+                    Data::Memory(d) => segments.push(Segment::Bytes(d.as_slice())),
+                    Data::Cached(c) => segments.push(Segment::File(c)),
+                }
             }
+            let _ = self.send_segments(&segments).await;
+        } else {
+            let mut slices: Vec<&[u8]> = Vec::with_capacity(parts.len() * 2);
+            for (h, data) in &parts {
+                slices.push(h);
+                if let Data::Memory(d) = data {
+                    slices.push(d.as_slice());
+                }
+            }
+            let _ = self.send(&slices).await;
         }
-        let _ = self.send(&slices).await;
-        drop(slices);
         for (_, data) in parts {
-            if let Some(d) = data {
+            if let Data::Memory(d) = data {
                 self.recycle(d);
             }
         }
@@ -689,21 +705,21 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         node.cached_range(offset, len as u64)
     }
 
-    /// Sends a reply made of `head` and the bytes of `cached`, these with
-    /// `sendfile`. The reply cannot be taken back once its head is out: if
-    /// the bytes cannot follow, the connection is shut down (the client
-    /// sees it end, not a reply with wrong bytes).
-    async fn send_cached(&self, head: &[u8], cached: &CachedRange<'_>) -> std::io::Result<()> {
+    /// Sends a reply made of `segments`, the cached ranges' bytes with
+    /// `sendfile`. A reply cannot be taken back once it started: if it
+    /// cannot be finished, the connection is shut down (the client sees
+    /// it end, not a reply with wrong bytes).
+    async fn send_segments(&self, segments: &[Segment<'_, '_>]) -> std::io::Result<()> {
         let mut aborted = self.aborted.clone();
         tokio::select! {
-            r = self.send_cached_now(head, cached) => r,
+            r = self.send_segments_now(segments) => r,
             _ = aborted.wait_for(|a| *a) => {
                 Err(std::io::Error::other("the connection is closing"))
             }
         }
     }
 
-    async fn send_cached_now(&self, head: &[u8], cached: &CachedRange<'_>) -> std::io::Result<()> {
+    async fn send_segments_now(&self, segments: &[Segment<'_, '_>]) -> std::io::Result<()> {
         let Some(socket) = &self.socket else {
             return Err(std::io::Error::other("no socket to send a file to"));
         };
@@ -711,31 +727,41 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         // ours while the lock is held.
         let mut writer = self.writer.lock().await;
         writer.flush().await?;
-        let mut sent = 0;
-        while sent < head.len() {
-            sent += socket
-                .async_io(Interest::WRITABLE, |fd| {
-                    let more = rustix::net::SendFlags::MORE;
-                    rustix::net::send(fd, &head[sent..], more).map_err(Into::into)
-                })
-                .await?;
-        }
-        // Dropping this future (an abort) before the bytes are out leaves
+        // Dropping this future (an abort) before every byte is out leaves
         // the reply torn: the guard shuts the socket down then.
         let torn = Torn(Some(socket.get_ref()));
-        let mut done = 0;
-        while done < cached.len() {
-            let mut ready = socket.writable().await?;
-            match cached.send_to(socket.get_ref().as_fd(), done).await {
-                Ok(n) if n > 0 => done += n as u64,
-                Ok(_) => {
-                    tracing::warn!("NBD read: the file ended before the reply did");
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+        let mut bytes: Vec<&[u8]> = Vec::new();
+        for (i, segment) in segments.iter().enumerate() {
+            match segment {
+                // Runs of bytes go out together, with `MSG_MORE` (what
+                // follows is part of the same reply).
+                Segment::Bytes(b) => {
+                    bytes.push(b);
+                    if matches!(segments.get(i + 1), Some(Segment::Bytes(_))) {
+                        continue;
+                    }
+                    write_all_vectored(&mut More(socket), &bytes).await?;
+                    bytes.clear();
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
-                Err(e) => {
-                    tracing::warn!("NBD read: sending from the page cache failed: {e}");
-                    return Err(e);
+                Segment::File(cached) => {
+                    let mut done = 0;
+                    while done < cached.len() {
+                        let mut ready = socket.writable().await?;
+                        match cached.send_to(socket.get_ref().as_fd(), done).await {
+                            Ok(n) if n > 0 => done += n as u64,
+                            Ok(_) => {
+                                tracing::warn!("NBD read: the file ended before the reply did");
+                                return Err(std::io::ErrorKind::UnexpectedEof.into());
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                ready.clear_ready()
+                            }
+                            Err(e) => {
+                                tracing::warn!("NBD read: sending from the page cache failed: {e}");
+                                return Err(e);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -767,8 +793,75 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     }
 }
 
-/// Shuts a socket down when dropped armed: a reply whose head went out
-/// without all of its bytes.
+/// The bytes of a read reply's chunk.
+enum Data<'n> {
+    /// None (a hole).
+    None,
+    /// Read into a buffer.
+    Memory(IoBuf),
+    /// For the kernel to send from the page cache.
+    Cached(CachedRange<'n>),
+}
+
+/// A piece of a reply sent by [`Conn::send_segments`].
+enum Segment<'a, 'n> {
+    Bytes(&'a [u8]),
+    File(&'a CachedRange<'n>),
+}
+
+/// Writes to a socket with `MSG_MORE`: the kernel may hold a short write
+/// back for what follows (TCP), instead of sending it in a packet of its
+/// own.
+struct More<'a>(&'a AsyncFd<OwnedFd>);
+
+impl AsyncWrite for More<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            let mut ready = std::task::ready!(self.0.poll_write_ready(cx))?;
+            let sent = ready.try_io(|fd| {
+                let mut control = rustix::net::SendAncillaryBuffer::default();
+                let more = rustix::net::SendFlags::MORE;
+                Ok(rustix::net::sendmsg(fd, bufs, &mut control, more)?)
+            });
+            if let Ok(result) = sent {
+                return std::task::Poll::Ready(result);
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Shuts a socket down when dropped armed: a reply that started going out
+/// and did not finish.
 struct Torn<'a>(Option<&'a OwnedFd>);
 
 impl Torn<'_> {
