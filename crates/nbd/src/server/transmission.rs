@@ -517,7 +517,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 let mut h = self.chunk(flags, chunk::OFFSET_HOLE, &req, 12);
                 h.extend_from_slice(&e.offset.to_be_bytes());
                 h.extend_from_slice(&(e.len as u32).to_be_bytes());
-                parts.push((h, Data::None));
+                parts.push((h, Data::Hole));
             } else {
                 let n = 8 + e.len as usize;
                 let mut h = self.chunk(flags, chunk::OFFSET_DATA, &req, n);
@@ -540,7 +540,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             for (h, data) in &parts {
                 segments.push(Segment::Bytes(h));
                 match data {
-                    Data::None => {}
+                    Data::Hole => {}
                     Data::Memory(d) => segments.push(Segment::Bytes(d.as_slice())),
                     Data::Cached(c) => segments.push(Segment::File(c)),
                 }
@@ -795,8 +795,8 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
 
 /// The bytes of a read reply's chunk.
 enum Data<'n> {
-    /// None (a hole).
-    None,
+    /// None: the chunk is a hole.
+    Hole,
     /// Read into a buffer.
     Memory(IoBuf),
     /// For the kernel to send from the page cache.
