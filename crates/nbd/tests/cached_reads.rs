@@ -250,3 +250,39 @@ fn sparse_reads_send_cached_data_extents_from_the_page_cache() {
     );
     assert!(out.contains("Images are identical"), "{uri}: {out}");
 }
+
+/// A client that stops reading in the middle of replies sent from the
+/// page cache holds up no job: its reads count as in flight only while the
+/// kernel reads, so waiting for the requests on the range (what a job does
+/// before it copies) ends at once.
+#[test]
+fn a_client_that_stops_reading_holds_up_no_job() {
+    let f = Fixture::new();
+    let path = f.path("disk.raw");
+    let data: Vec<u8> = (0..4 * MIB).map(byte).collect();
+    std::fs::write(&path, &data).unwrap();
+    let node = f.add_node(json!({"driver": "raw", "node-name": "disk",
+        "file": {"driver": "file", "filename": path}}));
+    f.export(&node, "disk", true, &[]);
+    let (mut c, _, _) = Raw::open(&f.sock, "disk", &[]);
+    c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Far more reply bytes than the socket holds; the client reads none.
+    for i in 0..16u64 {
+        c.request(Command::Read, 0, i, 0, 4 * MIB as u32);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let quiet = f.rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            node.wait_for_overlapping(0, 4 * MIB),
+        )
+        .await
+    });
+    assert!(quiet.is_ok(), "a stalled reply kept the range busy");
+    // The stalled client still gets every byte once it reads.
+    for _ in 0..16 {
+        let (_, error, got) = c.reply();
+        assert_eq!(error, 0);
+        assert!(got == data);
+    }
+}
