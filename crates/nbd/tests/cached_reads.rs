@@ -32,6 +32,17 @@ fn disk(f: &Fixture, size: u64) -> String {
     path
 }
 
+/// `qemu-img compare` finds the raw file at `path` and the export at
+/// `uri` identical.
+fn assert_identical(path: &str, uri: &str) {
+    let out = common::tool(
+        "qemu-img",
+        "qemu-utils",
+        &["compare", "-f", "raw", "-F", "raw", path, uri],
+    );
+    assert!(out.contains("Images are identical"), "{uri}: {out}");
+}
+
 /// Writes the file back and drops its pages from the page cache.
 fn evict(path: &str) {
     let file = std::fs::File::open(path).unwrap();
@@ -118,15 +129,7 @@ fn cached_and_uncached_reads_give_the_files_bytes_over_unix_and_tcp() {
     let f = Fixture::new();
     let size = 8 * MIB;
     let path = disk(&f, size);
-    let bound =
-        f.rt.block_on(f.server.listen(&nbd::ListenAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port: 0,
-        }))
-        .unwrap();
-    let nbd::ListenAddr::Tcp { port, .. } = bound else {
-        panic!("a TCP address")
-    };
+    let port = f.listen_tcp();
     nbd::register(&f.graph);
     let unix = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
         "server": {"type": "unix", "path": f.sock.to_str().unwrap()}}));
@@ -162,12 +165,7 @@ fn cached_and_uncached_reads_give_the_files_bytes_over_unix_and_tcp() {
             if !cached {
                 evict(&path);
             }
-            let out = common::tool(
-                "qemu-img",
-                "qemu-utils",
-                &["compare", "-f", "raw", "-F", "raw", &path, &uri],
-            );
-            assert!(out.contains("Images are identical"), "{uri}: {out}");
+            assert_identical(&path, &uri);
         }
     }
 }
@@ -226,15 +224,7 @@ fn sparse_reads_send_cached_data_extents_from_the_page_cache() {
     let old: Vec<u8> = (3 * MIB - 64 * 1024..3 * MIB).map(byte).collect();
     file.write_all_at(&old, 3 * MIB - 64 * 1024).unwrap();
 
-    let bound =
-        f.rt.block_on(f.server.listen(&nbd::ListenAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port: 0,
-        }))
-        .unwrap();
-    let nbd::ListenAddr::Tcp { port, .. } = bound else {
-        panic!("a TCP address")
-    };
+    let port = f.listen_tcp();
     let uri = format!("nbd://127.0.0.1:{port}/sparse");
     nbd::register(&f.graph);
     let tcp = f.add_node(
@@ -243,12 +233,7 @@ fn sparse_reads_send_cached_data_extents_from_the_page_cache() {
     );
     let got = f.rt.block_on(tcp.read(0, 4 * MIB as usize)).unwrap();
     assert!(got.as_slice() == want.as_slice(), "{uri}: our client");
-    let out = common::tool(
-        "qemu-img",
-        "qemu-utils",
-        &["compare", "-f", "raw", "-F", "raw", &path, &uri],
-    );
-    assert!(out.contains("Images are identical"), "{uri}: {out}");
+    assert_identical(&path, &uri);
 }
 
 /// A client that stops reading in the middle of replies sent from the

@@ -267,16 +267,7 @@ fn tcp_listener_serves_qemu_io_and_our_client() {
     let f = Fixture::new();
     let (_, node) = raw_node(&f, "disk", 4 * MIB);
     f.export(&node, "disk", true, &[]);
-    let bound =
-        f.rt.block_on(f.server.listen(&nbd::ListenAddr::Tcp {
-            host: "127.0.0.1".into(),
-            port: 0,
-        }))
-        .unwrap();
-    let nbd::ListenAddr::Tcp { port, .. } = bound else {
-        panic!("a TCP address")
-    };
-    assert_ne!(port, 0);
+    let port = f.listen_tcp();
     let uri = format!("nbd://127.0.0.1:{port}/disk");
     let out = qemu_io(&[
         "-f",

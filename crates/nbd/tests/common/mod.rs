@@ -71,6 +71,23 @@ impl Fixture {
         self.server.add_export(node, options).unwrap();
     }
 
+    /// Starts listening on TCP too (127.0.0.1, a free port); returns the
+    /// port.
+    pub fn listen_tcp(&self) -> u16 {
+        let bound = self
+            .rt
+            .block_on(self.server.listen(&ListenAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            }))
+            .unwrap();
+        let ListenAddr::Tcp { port, .. } = bound else {
+            panic!("a TCP address")
+        };
+        assert_ne!(port, 0);
+        port
+    }
+
     /// The NBD URI of export `name`.
     pub fn uri(&self, name: &str) -> String {
         format!("nbd+unix:///{name}?socket={}", self.sock.display())
