@@ -8,6 +8,8 @@
 //!
 //! Every figure is the best of three runs (the machine is shared); the
 //! ratios compare runs made minutes apart at most, in one process.
+//! `BENCH_REPEAT=N` makes every run N times as long (the persistent-bitmap
+//! table's fixed cost of logging cold extents then weighs 1/N as much).
 
 #![allow(missing_docs)]
 
@@ -27,6 +29,18 @@ struct Pattern {
     size: u64,
     step: u64,
     count: u64,
+}
+
+impl Pattern {
+    /// Requests in one run: `count`, times `BENCH_REPEAT` when set.
+    fn requests(&self) -> u64 {
+        let repeat = std::env::var("BENCH_REPEAT")
+            .ok()
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(1)
+            .max(1);
+        self.count * repeat
+    }
 }
 
 const PATTERNS: [Pattern; 2] = [
@@ -67,7 +81,7 @@ fn qemu_fmt(
         "-f",
         format,
         "-c",
-        &p.count.to_string(),
+        &p.requests().to_string(),
         "-d",
         &DEPTH.to_string(),
     ])
@@ -99,7 +113,7 @@ fn qemu_fmt(
 async fn ours(node: &Arc<Node>, p: &Pattern, write: bool) -> Duration {
     let next = Arc::new(AtomicU64::new(0));
     let align = node.limits().memory_alignment;
-    let (size, step, count) = (p.size, p.step, p.count);
+    let (size, step, count) = (p.size, p.step, p.requests());
     let start = Instant::now();
     let workers: Vec<_> = (0..DEPTH)
         .map(|_| {
@@ -184,7 +198,7 @@ fn best_in_turns(
 }
 
 fn rate(p: &Pattern, d: Duration) -> String {
-    let per_sec = p.count as f64 / d.as_secs_f64();
+    let per_sec = p.requests() as f64 / d.as_secs_f64();
     if p.size >= 1 << 20 {
         format!("{:.0} MiB/s", per_sec * p.size as f64 / f64::from(1 << 20))
     } else {
