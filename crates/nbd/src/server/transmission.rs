@@ -686,9 +686,18 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     /// buffer, for the connection to [`flush`](Self::flush), large ones
     /// after the buffer with vectored writes.
     async fn send(&self, parts: &[&[u8]]) -> std::io::Result<()> {
+        self.unless_aborted(self.send_now(parts)).await
+    }
+
+    /// Runs a send, giving up when the connection is told to drop its
+    /// unsent replies.
+    async fn unless_aborted(
+        &self,
+        send: impl std::future::Future<Output = std::io::Result<()>>,
+    ) -> std::io::Result<()> {
         let mut aborted = self.aborted.clone();
         tokio::select! {
-            r = self.send_now(parts) => r,
+            r = send => r,
             _ = aborted.wait_for(|a| *a) => {
                 Err(std::io::Error::other("the connection is closing"))
             }
@@ -710,13 +719,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     /// cannot be finished, the connection is shut down (the client sees
     /// it end, not a reply with wrong bytes).
     async fn send_segments(&self, segments: &[Segment<'_, '_>]) -> std::io::Result<()> {
-        let mut aborted = self.aborted.clone();
-        tokio::select! {
-            r = self.send_segments_now(segments) => r,
-            _ = aborted.wait_for(|a| *a) => {
-                Err(std::io::Error::other("the connection is closing"))
-            }
-        }
+        self.unless_aborted(self.send_segments_now(segments)).await
     }
 
     async fn send_segments_now(&self, segments: &[Segment<'_, '_>]) -> std::io::Result<()> {
