@@ -164,6 +164,14 @@ impl HostRange {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Whether the page cache holds all of the range at the moment of the
+    /// call (`cachestat(2)`), so that the kernel reads it without waiting
+    /// for the disk: a `sendfile` of it may run on an async runtime's
+    /// thread. `false` where the kernel cannot tell.
+    pub fn cached(&self) -> bool {
+        crate::pagecache::resident(&self.file, self.offset, self.len)
+    }
 }
 
 /// How [`Node::write_at`] writes.

@@ -13,11 +13,12 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::{IoBuf, SocketAddress};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
 };
@@ -157,7 +158,7 @@ struct Shared {
     writer: tokio::sync::Mutex<WriteHalf<Box<dyn Stream>>>,
     /// A duplicate of the socket under `writer` when nothing (TLS) stands
     /// between: file payloads go straight to it with `sendfile`.
-    socket: Option<Arc<OwnedFd>>,
+    socket: Option<Arc<AsyncFd<OwnedFd>>>,
     /// Set when the connection dies or the client goes away: a `sendfile`
     /// waiting for room in the socket gives up.
     closed: AtomicBool,
@@ -227,7 +228,7 @@ impl Client {
             SocketAddress::Unix { path } => {
                 let s = tokio::net::UnixStream::connect(path).await;
                 let s = s.map_err(|e| connect_error(&options.server, e))?;
-                let fd = duplicate(&s);
+                let fd = crate::socket::duplicate(&s);
                 (Box::new(s), fd)
             }
             SocketAddress::Inet { host, port } => {
@@ -237,7 +238,7 @@ impl Client {
                 let s = tokio::net::TcpStream::connect((host.as_str(), port)).await;
                 let s = s.map_err(|e| connect_error(&options.server, e))?;
                 let _ = s.set_nodelay(true);
-                let fd = duplicate(&s);
+                let fd = crate::socket::duplicate(&s);
                 (Box::new(s), fd)
             }
         };
@@ -258,7 +259,7 @@ impl Client {
     /// there is one.
     async fn negotiate(
         stream: Box<dyn Stream>,
-        socket: Option<Arc<OwnedFd>>,
+        socket: Option<OwnedFd>,
         options: &ClientOptions,
     ) -> Result<Client> {
         let (r, mut w) = tokio::io::split(stream);
@@ -271,7 +272,7 @@ impl Client {
         let hs = handshake(&mut r, &mut w, options).await?;
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(w),
-            socket,
+            socket: socket.and_then(crate::socket::register).map(Arc::new),
             closed: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             next_cookie: AtomicU64::new(1),
@@ -355,27 +356,34 @@ impl Client {
         let guard = DieUnlessSent(Some(&self.shared));
         let sent = async {
             let mut w = self.shared.writer.lock().await;
-            w.write_all(&req.encode()).await?;
-            match payload {
-                Payload::None => {}
-                Payload::Bytes(p) => w.write_all(p).await?,
-                Payload::File(file, at) => {
-                    w.flush().await?;
-                    let socket = self.shared.socket.clone().ok_or_else(|| {
-                        io::Error::other("no plain socket to send a file payload on")
-                    })?;
-                    let (file, len) = (file.clone(), req.len);
-                    let shared = self.shared.clone();
-                    // The writer stays locked: nothing else goes out
-                    // between the header and its payload.
-                    tokio::task::spawn_blocking(move || {
-                        send_file(&socket, &file, at, len, &shared.closed)
-                    })
-                    .await
-                    .map_err(io::Error::other)??;
+            let header = req.encode();
+            let Payload::File(file, at, cached) = payload else {
+                w.write_all(&header).await?;
+                if let Payload::Bytes(p) = payload {
+                    w.write_all(p).await?;
                 }
+                return w.flush().await;
+            };
+            let socket = self
+                .shared
+                .socket
+                .clone()
+                .ok_or_else(|| io::Error::other("no plain socket to send a file payload on"))?;
+            // The writer stays locked: nothing else goes out between the
+            // header and its payload. The header waits in the kernel for
+            // the payload (`MSG_MORE`) rather than go in a packet alone.
+            w.flush().await?;
+            crate::socket::More(&socket).write_all(&header).await?;
+            let (closed, len) = (&self.shared.closed, req.len);
+            if cached {
+                return crate::socket::send_cached(&socket, file, at, len, closed).await;
             }
-            w.flush().await
+            let (file, shared) = (file.clone(), self.shared.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::socket::send_blocking(&socket, &file, at, len, &shared.closed)
+            })
+            .await
+            .map_err(io::Error::other)?
         }
         .await;
         guard.disarm();
@@ -432,16 +440,20 @@ impl Client {
 
     /// Writes `len` bytes of `file` from `file_offset` at `offset`, sent
     /// from the file to the socket by the kernel (`sendfile`: the data
-    /// never passes through our memory). `Ok(false)`, with nothing sent,
-    /// where that cannot be done: a TLS connection, or a file shorter than
-    /// the range. A file that fails to read mid-way fails the connection
-    /// (its header promised the bytes).
+    /// never passes through our memory). `cached`: the caller found the
+    /// page cache holding the range, so the kernel reads it without waiting
+    /// for the disk and it is sent from this thread; otherwise from a
+    /// blocking thread. `Ok(false)`, with nothing sent, where that cannot be
+    /// done: a TLS connection, or a file shorter than the range. A file
+    /// that fails to read mid-way fails the connection (its header
+    /// promised the bytes).
     pub async fn write_file(
         &self,
         offset: u64,
         file: &Arc<File>,
         file_offset: u64,
         len: u64,
+        cached: bool,
     ) -> Result<bool> {
         if self.shared.socket.is_none() {
             return Ok(false);
@@ -455,7 +467,7 @@ impl Client {
         while done < len {
             let n = (len - done).min(max);
             let req = request(Command::Write, 0, offset + done, n as u32);
-            self.simple(req, Payload::File(file, file_offset + done))
+            self.simple(req, Payload::File(file, file_offset + done, cached))
                 .await?;
             done += n;
         }
@@ -528,61 +540,14 @@ impl Client {
     }
 }
 
-/// A descriptor of `socket`'s own, for `sendfile` from blocking threads
-/// (it stays valid whatever happens to the stream); `None` if the
-/// process is out of descriptors.
-fn duplicate(socket: &impl AsFd) -> Option<Arc<OwnedFd>> {
-    rustix::io::fcntl_dupfd_cloexec(socket, 0)
-        .ok()
-        .map(Arc::new)
-}
-
 /// What follows a request's header.
 #[derive(Clone, Copy)]
 enum Payload<'a> {
     None,
     Bytes(&'a [u8]),
-    /// The header's length in bytes of the file, from this offset.
-    File(&'a Arc<File>, u64),
-}
-
-/// Sends `len` bytes of `file` from `at` to `socket` (non-blocking: waits
-/// for room with `poll`), on a blocking thread; gives up once `closed`.
-fn send_file(
-    socket: &OwnedFd,
-    file: &File,
-    mut at: u64,
-    len: u64,
-    closed: &AtomicBool,
-) -> io::Result<()> {
-    let socket = socket.as_fd();
-    let second = rustix::event::Timespec {
-        tv_sec: 1,
-        tv_nsec: 0,
-    };
-    let end = at + len;
-    while at < end {
-        let want = (end - at).min(1 << 30) as usize;
-        match rustix::fs::sendfile(socket, file, Some(&mut at), want) {
-            Ok(0) => return Err(io::Error::other("the file ended before the payload")),
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) => {
-                let mut fds = [rustix::event::PollFd::new(
-                    &socket,
-                    rustix::event::PollFlags::OUT,
-                )];
-                match rustix::event::poll(&mut fds, Some(&second)) {
-                    Ok(0) if closed.load(Ordering::Relaxed) => {
-                        return Err(io::Error::other("the connection was closed"));
-                    }
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
+    /// The header's length in bytes of the file, from this offset; `true`:
+    /// the page cache holds them (they are sent from the runtime's thread).
+    File(&'a Arc<File>, u64, bool),
 }
 
 /// Fails the connection when dropped armed (see [`Client::submit`]).

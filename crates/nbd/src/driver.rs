@@ -186,7 +186,13 @@ impl Driver for NbdDriver {
     ) -> BoxFuture<'a, block::Result<bool>> {
         Box::pin(async move {
             self.client
-                .write_file(offset, source.file(), source.offset(), source.len())
+                .write_file(
+                    offset,
+                    source.file(),
+                    source.offset(),
+                    source.len(),
+                    source.cached(),
+                )
                 .await
                 .map_err(|e| e.into_block())
         })

@@ -14,6 +14,7 @@ mod driver;
 mod error;
 pub mod proto;
 pub mod server;
+mod socket;
 pub mod tls;
 
 pub use client::{Client, ClientOptions};

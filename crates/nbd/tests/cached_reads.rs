@@ -8,8 +8,8 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use common::Fixture;
 use common::raw::Raw;
+use common::{Fixture, evict};
 use nbd::proto::Command;
 use serde_json::json;
 
@@ -41,13 +41,6 @@ fn assert_identical(path: &str, uri: &str) {
         &["compare", "-f", "raw", "-F", "raw", path, uri],
     );
     assert!(out.contains("Images are identical"), "{uri}: {out}");
-}
-
-/// Writes the file back and drops its pages from the page cache.
-fn evict(path: &str) {
-    let file = std::fs::File::open(path).unwrap();
-    file.sync_all().unwrap();
-    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
 }
 
 /// Waits until `n` bytes of reply wait in the client's socket: the server

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use block::{IoBuf, Node, ZeroFlags};
-use common::{Fixture, Peer, tool};
+use common::{Fixture, Peer, evict, tool};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -147,30 +147,38 @@ fn reads_and_writes_through_qemu_nbd() {
 
 /// A copy from a buffered file into an NBD node goes from the file to
 /// the socket inside the kernel (`sendfile`), split at the server's
-/// payload limit; qemu-img judges the result.
+/// payload limit: from the runtime's thread when the page cache holds the
+/// range, from a blocking thread when the disk must be read; qemu-img
+/// judges the result.
 #[test]
 fn file_data_is_sent_to_qemu_nbd_by_the_kernel() {
     let f = Fixture::new();
-    let (src, img) = (f.path("src.raw"), f.path("img.raw"));
+    let src = f.path("src.raw");
     let data: Vec<u8> = (0..40 * MIB).map(|i| (i / 4096 % 251) as u8 + 1).collect();
     std::fs::write(&src, &data).unwrap();
-    testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
-    let peer = qemu_nbd_raw(&f, &img);
-    let node = nbd_node(&f, "remote", &peer.sock, "e");
     let source = f.add_node(json!({"driver": "raw", "node-name": "src",
         "file": {"driver": "file", "filename": src}}));
-    // 40 MiB: more than one 32 MiB payload.
-    let copied =
-        f.rt.block_on(source.copy_range_to(0, 40 * MIB, &node, false));
-    assert!(copied.unwrap(), "the copy went through the kernel");
-    f.rt.block_on(node.close()).unwrap();
-    drop(peer);
-    let got = std::fs::read(&img).unwrap();
-    assert!(
-        got[..40 * MIB as usize] == data[..],
-        "the target holds the source"
-    );
-    assert!(got[40 * MIB as usize..].iter().all(|&b| b == 0));
+    for (round, cached) in [(0, true), (1, false)] {
+        let img = f.path(&format!("img{round}.raw"));
+        testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
+        let peer = qemu_nbd_raw(&f, &img);
+        let node = nbd_node(&f, &format!("remote{round}"), &peer.sock, "e");
+        if !cached {
+            evict(&src);
+        }
+        // 40 MiB: more than one 32 MiB payload.
+        let copied =
+            f.rt.block_on(source.copy_range_to(0, 40 * MIB, &node, false));
+        assert!(copied.unwrap(), "the copy went through the kernel");
+        f.rt.block_on(node.close()).unwrap();
+        drop(peer);
+        let got = std::fs::read(&img).unwrap();
+        assert!(
+            got[..40 * MIB as usize] == data[..],
+            "the target holds the source (cached: {cached})"
+        );
+        assert!(got[40 * MIB as usize..].iter().all(|&b| b == 0));
+    }
 }
 
 #[test]
@@ -277,45 +285,52 @@ fn pulls_a_dirty_bitmap_from_qemu_nbd() {
 
 /// A kernel copy into a server that stops reading waits for room on the
 /// socket; when the server then dies, the copy fails instead of hanging,
-/// and the node reports the lost connection.
+/// and the node reports the lost connection. Both ways: from the page
+/// cache on the runtime's thread, and from the disk on a blocking thread.
 #[test]
 fn a_kernel_copy_into_a_stalled_server_fails_when_the_server_dies() {
     let f = Fixture::new();
-    let (src, img) = (f.path("src.raw"), f.path("img.raw"));
+    let src = f.path("src.raw");
     std::fs::write(&src, vec![9u8; 40 * MIB as usize]).unwrap();
-    testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
-    let peer = qemu_nbd_raw(&f, &img);
-    let node = nbd_node(&f, "remote", &peer.sock, "e");
     let source = f.add_node(json!({"driver": "raw", "node-name": "src",
         "file": {"driver": "file", "filename": src}}));
-    peer.signal("STOP");
-    let stalled = Duration::from_secs(2);
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(stalled);
-        peer.signal("KILL");
-        peer
-    });
-    let start = Instant::now();
-    let copied = f.rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            source.copy_range_to(0, 40 * MIB, &node, false),
-        )
-        .await
-    });
-    let took = start.elapsed();
-    drop(killer.join().unwrap());
-    let e = copied
-        .expect("the copy gives up when the server dies")
-        .expect_err("a copy into a dead server fails");
-    assert_eq!(e.errno(), 5, "{e}");
-    assert!(
-        took >= stalled,
-        "the copy waited for the stalled server: {took:?}"
-    );
-    assert!(took < stalled + Duration::from_secs(10), "{took:?}");
-    let e = f.rt.block_on(node.read(0, 4096)).unwrap_err();
-    assert!(e.to_string().contains("NBD connection lost"), "{e}");
+    for (round, cached) in [(0, true), (1, false)] {
+        let img = f.path(&format!("img{round}.raw"));
+        testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
+        let peer = qemu_nbd_raw(&f, &img);
+        let node = nbd_node(&f, &format!("remote{round}"), &peer.sock, "e");
+        if !cached {
+            evict(&src);
+        }
+        peer.signal("STOP");
+        let stalled = Duration::from_secs(2);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(stalled);
+            peer.signal("KILL");
+            peer
+        });
+        let start = Instant::now();
+        let copied = f.rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                source.copy_range_to(0, 40 * MIB, &node, false),
+            )
+            .await
+        });
+        let took = start.elapsed();
+        drop(killer.join().unwrap());
+        let e = copied
+            .expect("the copy gives up when the server dies")
+            .expect_err("a copy into a dead server fails");
+        assert_eq!(e.errno(), 5, "cached: {cached}: {e}");
+        assert!(
+            took >= stalled,
+            "the copy waited for the stalled server (cached: {cached}): {took:?}"
+        );
+        assert!(took < stalled + Duration::from_secs(10), "{took:?}");
+        let e = f.rt.block_on(node.read(0, 4096)).unwrap_err();
+        assert!(e.to_string().contains("NBD connection lost"), "{e}");
+    }
 }
 
 #[test]

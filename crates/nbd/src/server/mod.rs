@@ -269,7 +269,7 @@ impl Server {
             };
             // A descriptor of the socket's own, for replies the kernel
             // sends from the page cache (`sendfile`).
-            let socket = rustix::io::fcntl_dupfd_cloexec(&stream, 0).ok();
+            let socket = crate::socket::duplicate(&stream);
             let server = self.clone();
             tokio::spawn(async move {
                 server.serve_socket(stream, socket).await;

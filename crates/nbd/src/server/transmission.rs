@@ -11,9 +11,7 @@ use block::{CachedRange, IoBuf, Node, ZeroFlags};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Interest,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Mutex, watch};
 
 use super::MAX_IN_FLIGHT;
@@ -114,12 +112,7 @@ pub(super) async fn run<R, W>(
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
         unflushed: AtomicBool::new(false),
-        socket: socket.and_then(|fd| {
-            // SAFETY: an `OwnedFd` is an open descriptor that stays open,
-            // and is the one `as_raw_fd` returns, until it is dropped, which
-            // only the `AsyncFd` can do.
-            unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok()
-        }),
+        socket: socket.and_then(crate::socket::register),
         pool: std::sync::Mutex::new(Vec::new()),
         aborted,
     });
@@ -743,7 +736,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                     if matches!(segments.get(i + 1), Some(Segment::Bytes(_))) {
                         continue;
                     }
-                    write_all_vectored(&mut More(socket), &bytes).await?;
+                    write_all_vectored(&mut crate::socket::More(socket), &bytes).await?;
                     bytes.clear();
                 }
                 Segment::File(cached) => {
@@ -810,57 +803,6 @@ enum Data<'n> {
 enum Segment<'a, 'n> {
     Bytes(&'a [u8]),
     File(&'a CachedRange<'n>),
-}
-
-/// Writes to a socket with `MSG_MORE`: the kernel may hold a short write
-/// back for what follows (TCP), instead of sending it in a packet of its
-/// own.
-struct More<'a>(&'a AsyncFd<OwnedFd>);
-
-impl AsyncWrite for More<'_> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        loop {
-            let mut ready = std::task::ready!(self.0.poll_write_ready(cx))?;
-            let sent = ready.try_io(|fd| {
-                let mut control = rustix::net::SendAncillaryBuffer::default();
-                let more = rustix::net::SendFlags::MORE;
-                Ok(rustix::net::sendmsg(fd, bufs, &mut control, more)?)
-            });
-            if let Ok(result) = sent {
-                return std::task::Poll::Ready(result);
-            }
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
 }
 
 /// Shuts a socket down when dropped armed: a reply that started going out

@@ -167,3 +167,10 @@ pub fn tool(program: &str, package: &str, args: &[&str]) -> String {
     testkit::require_tool(program, package);
     testkit::run(program, args)
 }
+
+/// Writes the file back and drops its pages from the page cache.
+pub fn evict(path: &str) {
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}

@@ -1,0 +1,161 @@
+//! The plain socket under a connection, for what a byte stream cannot do:
+//! short writes held back for what follows (`MSG_MORE`), and file bytes
+//! sent by the kernel (`sendfile`). Both sides use it on a duplicate of
+//! the connection's descriptor, registered with the runtime for
+//! writability; never under TLS, which must see every byte.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncWrite, Interest};
+
+/// A descriptor of `socket`'s own, which stays valid whatever happens to
+/// the stream over it; `None` if the process is out of descriptors (the
+/// caller then writes through its stream).
+pub(crate) fn duplicate(socket: &impl AsFd) -> Option<OwnedFd> {
+    rustix::io::fcntl_dupfd_cloexec(socket, 0).ok()
+}
+
+/// `fd` registered with the current runtime for writability; `None` if
+/// the runtime refuses it. Must be called on a runtime.
+pub(crate) fn register(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is an open descriptor that stays open, and is
+    // the one `as_raw_fd` returns, until it is dropped, which only the
+    // `AsyncFd` can do.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok()
+}
+
+/// Writes to a socket with `MSG_MORE`: the kernel may hold a short write
+/// back for what follows (TCP), instead of sending it in a packet of its
+/// own.
+pub(crate) struct More<'a>(pub(crate) &'a AsyncFd<OwnedFd>);
+
+impl AsyncWrite for More<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        loop {
+            let mut ready = std::task::ready!(self.0.poll_write_ready(cx))?;
+            let sent = ready.try_io(|fd| {
+                let mut control = rustix::net::SendAncillaryBuffer::default();
+                let more = rustix::net::SendFlags::MORE;
+                Ok(rustix::net::sendmsg(fd, bufs, &mut control, more)?)
+            });
+            if let Ok(result) = sent {
+                return std::task::Poll::Ready(result);
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Sends `len` bytes of `file` from `at` to `socket` with `sendfile`, on
+/// the calling runtime thread: for a range the page cache holds, which the
+/// kernel reads without waiting for the disk. Waits for room in the socket
+/// as long as it takes, giving up within a second once `closed` is set.
+/// An error after some bytes went out leaves the stream torn: the caller
+/// fails the connection.
+pub(crate) async fn send_cached(
+    socket: &AsyncFd<OwnedFd>,
+    file: &File,
+    mut at: u64,
+    len: u64,
+    closed: &AtomicBool,
+) -> io::Result<()> {
+    let end = at + len;
+    while at < end {
+        let Ok(ready) = tokio::time::timeout(Duration::from_secs(1), socket.writable()).await
+        else {
+            if closed.load(Ordering::Relaxed) {
+                return Err(io::Error::other("the connection was closed"));
+            }
+            continue;
+        };
+        let want = (end - at).min(1 << 30) as usize;
+        let sent = ready?.try_io(|fd| {
+            loop {
+                match rustix::fs::sendfile(fd.get_ref(), file, Some(&mut at), want) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    r => return r.map_err(io::Error::from),
+                }
+            }
+        });
+        match sent {
+            Ok(Ok(0)) => return Err(io::Error::other("the file ended before the payload")),
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// [`send_cached`] on a blocking thread, for a range some of which may
+/// come from the disk: waits for room in the socket with `poll`, giving
+/// up within a second once `closed` is set.
+pub(crate) fn send_blocking(
+    socket: &AsyncFd<OwnedFd>,
+    file: &File,
+    mut at: u64,
+    len: u64,
+    closed: &AtomicBool,
+) -> io::Result<()> {
+    let socket = socket.get_ref().as_fd();
+    let second = rustix::event::Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    let end = at + len;
+    while at < end {
+        let want = (end - at).min(1 << 30) as usize;
+        match rustix::fs::sendfile(socket, file, Some(&mut at), want) {
+            Ok(0) => return Err(io::Error::other("the file ended before the payload")),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                let mut fds = [rustix::event::PollFd::new(
+                    &socket,
+                    rustix::event::PollFlags::OUT,
+                )];
+                match rustix::event::poll(&mut fds, Some(&second)) {
+                    Ok(0) if closed.load(Ordering::Relaxed) => {
+                        return Err(io::Error::other("the connection was closed"));
+                    }
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
