@@ -42,7 +42,7 @@ pub use error::{Error, Result};
 pub use graph::{DriverFactory, Graph};
 pub use node::{
     BoxFuture, BufResult, CachedRange, ChildRole, Driver, Edge, Extent, FormatSpecific, HostRange,
-    ImageInfo, Limits, Node, User, WriteHook, WriteKind, WriteRequest, ZeroFlags,
+    ImageInfo, Limits, Node, Piped, User, WriteHook, WriteKind, WriteRequest, ZeroFlags,
 };
 pub use options::{BlockdevOptions, SocketAddress};
 pub use sidecar::{Sidecar, SidecarStore};

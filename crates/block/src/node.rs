@@ -7,7 +7,7 @@
 //! when it completes, and registered [`WriteHook`]s run around it.
 
 use std::future::Future;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -174,6 +174,44 @@ impl HostRange {
     }
 }
 
+/// Bytes waiting in pipes, in order: the payload of a write that came
+/// from a socket by `splice(2)` and goes on into a host file the same way
+/// ([`Node::write_piped`]), never through memory of ours.
+#[derive(Debug, Clone, Default)]
+pub struct Piped {
+    parts: Vec<(Arc<OwnedFd>, usize)>,
+    len: u64,
+}
+
+impl Piped {
+    /// No bytes yet.
+    pub fn new() -> Piped {
+        Piped::default()
+    }
+
+    /// Adds the next `len` bytes, which wait in the pipe whose read end is
+    /// `pipe` (and nothing else does).
+    pub fn push(&mut self, pipe: Arc<OwnedFd>, len: usize) {
+        self.parts.push((pipe, len));
+        self.len += len as u64;
+    }
+
+    /// The pipes' read ends and how many bytes each holds, in order.
+    pub fn parts(&self) -> &[(Arc<OwnedFd>, usize)] {
+        &self.parts
+    }
+
+    /// Bytes in all the pipes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// How [`Node::write_at`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -299,6 +337,14 @@ pub trait Driver: Send + Sync {
     /// it may have been copied already).
     fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
         let _ = (offset, source);
+        Box::pin(async { Ok(false) })
+    }
+    /// Writes the bytes waiting in `data`'s pipes at `offset` with
+    /// `splice`, draining the pipes. `Ok(false)`, with nothing taken from
+    /// them, where the driver cannot: the caller then writes the bytes
+    /// itself. An error may leave the pipes part drained.
+    fn splice_from<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
+        let _ = (offset, data);
         Box::pin(async { Ok(false) })
     }
 }
@@ -1061,6 +1107,53 @@ impl Node {
             }
             let ticket = self.mark(offset, len).await?;
             let result = self.driver.copy_from(offset, source).await;
+            self.bitmaps.mark_again(offset, len, ticket);
+            result
+        })
+    }
+
+    /// Whether a write of `offset..offset + len` may come as pipes
+    /// ([`write_piped`](Self::write_piped)) right now: a writable
+    /// buffered host file (perhaps behind `raw`), no zero detection, no
+    /// write hook, an aligned range inside the node. A caller that checked
+    /// may still get `Ok(false)` (a hook came in between).
+    pub fn accepts_piped(&self, offset: u64, len: u64) -> bool {
+        self.check_write(offset, len).is_ok()
+            && self.settings.detect_zeroes == DetectZeroes::Off
+            && self.hooks().is_empty()
+            && self.host_range(offset, len).is_some()
+    }
+
+    /// Writes the bytes waiting in `data`'s pipes at `offset`, moved into
+    /// the host file's page cache by the kernel (`splice`), with the
+    /// node's write tracking (bitmaps marked, in-flight requests and the
+    /// gate respected) as [`write`](Self::write) has. `Ok(false)`, with
+    /// nothing taken from the pipes, where that cannot be done (see
+    /// [`accepts_piped`](Self::accepts_piped)): the caller then reads them
+    /// and writes the bytes itself. After an error the pipes may be part
+    /// drained: the bytes are lost, and the range's contents undefined, as
+    /// after any failed write.
+    pub fn write_piped<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let _inside = match self.gate.pass().await {
+                Ok(inside) => inside,
+                Err(node) => return node.write_piped(offset, data).await,
+            };
+            let len = data.len();
+            self.check_write(offset, len)?;
+            if len == 0 {
+                return Ok(true);
+            }
+            if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
+                return Ok(false);
+            }
+            let _req = self.begin_write(offset, len, false).await;
+            // Hooks see the data of a write: those writes go through memory.
+            if !self.hooks().is_empty() {
+                return Ok(false);
+            }
+            let ticket = self.mark(offset, len).await?;
+            let result = self.driver.splice_from(offset, data).await;
             self.bitmaps.mark_again(offset, len, ticket);
             result
         })

@@ -1,7 +1,8 @@
-//! Copy offload (`Node::copy_range_to`): a copy between buffered host
-//! files inside the kernel lands the source's bytes at the target with the
-//! target's write tracking, and is refused, with nothing written, wherever
-//! a node on either side needs the data to pass through memory.
+//! Copy offload (`Node::copy_range_to`) and writes from pipes
+//! (`Node::write_piped`): bytes moved into a buffered host file inside the
+//! kernel land at the target with the target's write tracking, and are
+//! refused, with nothing written or taken, wherever a node needs the data
+//! to pass through memory.
 
 use std::sync::Arc;
 
@@ -294,4 +295,145 @@ fn a_copy_into_qcow2_fills_new_clusters_then_overwrites_them_in_place() {
             &want.display().to_string(),
         ],
     );
+}
+
+/// A pipe of 1 MiB holding `data`: its read end.
+fn pipe_with(data: &[u8]) -> Arc<std::os::fd::OwnedFd> {
+    let flags = rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK;
+    let (read, write) = rustix::pipe::pipe_with(flags).expect("a pipe");
+    rustix::pipe::fcntl_setpipe_size(&write, MIB as usize).expect("a 1 MiB pipe");
+    let mut at = 0;
+    while at < data.len() {
+        at += rustix::io::write(&write, &data[at..]).expect("the pipe takes the bytes");
+    }
+    Arc::new(read)
+}
+
+/// Bytes waiting in a pipe.
+fn waiting(pipe: &std::os::fd::OwnedFd) -> u64 {
+    rustix::io::ioctl_fionread(pipe).expect("FIONREAD on a pipe")
+}
+
+#[test]
+fn a_piped_write_lands_with_the_nodes_tracking() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let dst = file(&dir.path().join("dst"), 0);
+    runtime().block_on(async {
+        let g = Graph::new();
+        // A window of its file: the write is shifted with it.
+        let target = raw(
+            &g,
+            "dst",
+            &dst,
+            json!({}),
+            json!({"offset": MIB, "size": 2 * MIB}),
+        )
+        .await;
+        target
+            .add_bitmap("b", Some(65536), false, false)
+            .await
+            .expect("a bitmap");
+        let first: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
+        let second = vec![0x77u8; 64 * 1024];
+        let mut data = block::Piped::new();
+        data.push(pipe_with(&first), first.len());
+        data.push(pipe_with(&second), second.len());
+        assert_eq!(data.len(), 320 * 1024);
+        assert!(target.accepts_piped(MIB / 2, data.len()));
+        assert!(target.write_piped(MIB / 2, &data).await.expect("no error"));
+        for (pipe, _) in data.parts() {
+            assert_eq!(waiting(pipe), 0, "the pipes are drained");
+        }
+        let on_disk = std::fs::read(&dst).expect("the target file");
+        let at = (MIB + MIB / 2) as usize;
+        assert!(on_disk[..at].iter().all(|&b| b == 0), "before the write");
+        assert_eq!(&on_disk[at..at + first.len()], &first[..]);
+        let at = at + first.len();
+        assert_eq!(&on_disk[at..at + second.len()], &second[..]);
+        assert!(on_disk[at + second.len()..].iter().all(|&b| b == 0));
+        let dirty = target.bitmaps().info();
+        assert_eq!(dirty[0].count, 320 * 1024, "the bitmap marks the write");
+        // Past the end: an error, nothing taken from the pipe.
+        let mut past = block::Piped::new();
+        past.push(pipe_with(&[1u8; 8192]), 8192);
+        assert!(!target.accepts_piped(2 * MIB - 4096, 8192));
+        assert!(target.write_piped(2 * MIB - 4096, &past).await.is_err());
+        assert_eq!(waiting(&past.parts()[0].0), 8192);
+    });
+}
+
+#[test]
+fn a_piped_write_is_refused_where_the_data_must_pass_through_memory() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = |name: &str| file(&dir.path().join(name), 0);
+    runtime().block_on(async {
+        let g = Graph::new();
+        let target = raw(&g, "dst", &path("dst"), json!({}), json!({})).await;
+        let direct = raw(
+            &g,
+            "dst-direct",
+            &path("dst-direct"),
+            json!({"cache": {"direct": true}}),
+            json!({}),
+        )
+        .await;
+        let detecting = raw(
+            &g,
+            "dst-zeroes",
+            &path("dst-zeroes"),
+            json!({}),
+            json!({"detect-zeroes": "on"}),
+        )
+        .await;
+        let read_only = raw(
+            &g,
+            "dst-ro",
+            &path("dst-ro"),
+            json!({}),
+            json!({"read-only": true}),
+        )
+        .await;
+        let null = add(
+            &g,
+            json!({"driver": "null-co", "node-name": "null", "size": SIZE}),
+        )
+        .await;
+        let qcow2 = dir.path().join("dst.qcow2").display().to_string();
+        testkit::qemu_img_create_qcow2(&qcow2, SIZE, "");
+        let format = add(
+            &g,
+            json!({"driver": "qcow2", "node-name": "dst-qcow2",
+                   "file": {"driver": "file", "filename": qcow2}}),
+        )
+        .await;
+        let bytes = vec![0x42u8; MIB as usize];
+        let refused = |node: &Arc<Node>| {
+            let node = node.clone();
+            let mut data = block::Piped::new();
+            data.push(pipe_with(&bytes), bytes.len());
+            async move {
+                assert!(!node.accepts_piped(0, MIB), "{}", node.name());
+                let r = node.write_piped(0, &data).await;
+                assert_eq!(
+                    waiting(&data.parts()[0].0),
+                    MIB,
+                    "{} left the pipe",
+                    node.name()
+                );
+                r
+            }
+        };
+        for node in [&direct, &detecting, &null, &format] {
+            assert!(!refused(node).await.expect("no error"), "{}", node.name());
+        }
+        assert!(refused(&read_only).await.is_err());
+        let hook: Arc<dyn WriteHook> = Arc::new(Counting);
+        target.add_write_hook(hook.clone());
+        assert!(!refused(&target).await.expect("no error"));
+        target.remove_write_hook(&hook);
+        for node in [&target, &direct, &detecting, &read_only, &format] {
+            let data = node.read(0, MIB as usize).await.expect("a read");
+            assert!(data.is_zero(), "{} stays zero", node.name());
+        }
+    });
 }

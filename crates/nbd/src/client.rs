@@ -272,7 +272,9 @@ impl Client {
         let hs = handshake(&mut r, &mut w, options).await?;
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(w),
-            socket: socket.and_then(crate::socket::register).map(Arc::new),
+            socket: socket
+                .and_then(|fd| crate::socket::register(fd, crate::socket::Interest::WRITABLE))
+                .map(Arc::new),
             closed: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             next_cookie: AtomicU64::new(1),

@@ -10,8 +10,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::io::AsyncWrite;
+pub(crate) use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncWrite, Interest};
 
 /// A descriptor of `socket`'s own, which stays valid whatever happens to
 /// the stream over it; `None` if the process is out of descriptors (the
@@ -20,13 +21,13 @@ pub(crate) fn duplicate(socket: &impl AsFd) -> Option<OwnedFd> {
     rustix::io::fcntl_dupfd_cloexec(socket, 0).ok()
 }
 
-/// `fd` registered with the current runtime for writability; `None` if
+/// `fd` registered with the current runtime for `interest`; `None` if
 /// the runtime refuses it. Must be called on a runtime.
-pub(crate) fn register(fd: OwnedFd) -> Option<AsyncFd<OwnedFd>> {
+pub(crate) fn register(fd: OwnedFd, interest: Interest) -> Option<AsyncFd<OwnedFd>> {
     // SAFETY: an `OwnedFd` is an open descriptor that stays open, and is
     // the one `as_raw_fd` returns, until it is dropped, which only the
     // `AsyncFd` can do.
-    unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok()
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.ok()
 }
 
 /// Writes to a socket with `MSG_MORE`: the kernel may hold a short write

@@ -25,7 +25,8 @@ use super::uring::{OpKind, Uring};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{
-    BoxFuture, BufResult, Driver, Extent, FormatSpecific, HostRange, ImageInfo, Limits, ZeroFlags,
+    BoxFuture, BufResult, Driver, Extent, FormatSpecific, HostRange, ImageInfo, Limits, Piped,
+    ZeroFlags,
 };
 use crate::options::Aio;
 
@@ -55,6 +56,9 @@ pub(crate) struct FileDriver {
     /// Whether copies into this file may use `copy_file_range` (turned off
     /// for good where the kernel or the file system refuses it).
     copy_offload: AtomicBool,
+    /// Whether writes may come from pipes with `splice` (off for good once
+    /// the file refuses it).
+    splice_in: AtomicBool,
     /// Buffered writes run one after another. Linux takes the inode's
     /// lock exclusively for each buffered write (ext4, XFS), so concurrent
     /// writers only spin on it: a mirror's parallel 1 MiB writes spent
@@ -138,6 +142,7 @@ impl FileDriver {
                 nowait_reads: AtomicBool::new(!direct),
                 nowait_writes: AtomicBool::new(!direct),
                 copy_offload: AtomicBool::new(!direct),
+                splice_in: AtomicBool::new(!direct),
                 buffered_lane: Arc::default(),
                 uring,
                 path: path.to_owned(),
@@ -262,7 +267,38 @@ fn copy_file(from: &File, mut at: u64, to: &File, mut to_at: u64, len: u64) -> i
     Ok(true)
 }
 
-/// Whether `copy_file_range` failed for a reason that will not go away:
+/// Moves the bytes waiting in `parts` (pipe read ends and their byte
+/// counts) into `file` at `offset` with `splice`; on failure, how many
+/// bytes were moved before it.
+fn splice_file(
+    parts: &[(Arc<std::os::fd::OwnedFd>, usize)],
+    file: &File,
+    mut offset: u64,
+) -> std::result::Result<(), (u64, io::Error)> {
+    let mut moved = 0;
+    for (pipe, len) in parts {
+        let mut left = *len;
+        while left > 0 {
+            let flags = rustix::pipe::SpliceFlags::empty();
+            match rustix::pipe::splice(&**pipe, None, file, Some(&mut offset), left, flags) {
+                Ok(0) => {
+                    let e = io::Error::other("a pipe ended before the bytes it was said to hold");
+                    return Err((moved, e));
+                }
+                Ok(n) => {
+                    left -= n;
+                    moved += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err((moved, e.into())),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `copy_file_range` (or `splice`) failed for a reason that will
+/// not go away:
 /// files on different file systems, a kernel or file system without it,
 /// a file it does not take (a pipe, a device).
 fn cannot_copy(e: &io::Error) -> bool {
@@ -468,6 +504,31 @@ impl Driver for FileDriver {
                 // memory instead, where the error (if it comes again) is
                 // told apart as a read's or a write's.
                 _ => Ok(false),
+            }
+        })
+    }
+
+    fn splice_from<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            if self.direct || !self.splice_in.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let file = self.file.clone();
+            let parts = data.parts().to_vec();
+            let splice = move || splice_file(&parts, &file, offset);
+            // A buffered write like any other: after the ones queued before.
+            match self.buffered_lane.run(splice).await {
+                Some(Ok(())) => {
+                    self.length.fetch_max(offset + data.len(), Ordering::AcqRel);
+                    Ok(true)
+                }
+                Some(Err((0, e))) if cannot_copy(&e) => {
+                    tracing::debug!("{}: no splice into the file ({e})", self.path);
+                    self.splice_in.store(false, Ordering::Relaxed);
+                    Ok(false)
+                }
+                Some(Err((_, e))) => Err(Error::io("write", e)),
+                None => Err(Error::io("write", pool_failed())),
             }
         })
     }

@@ -9,7 +9,7 @@ use crate::bitmaps::{Bitmaps, LoadedState};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{
-    BoxFuture, BufResult, Driver, Edge, Extent, HostRange, ImageInfo, Limits, ZeroFlags,
+    BoxFuture, BufResult, Driver, Edge, Extent, HostRange, ImageInfo, Limits, Piped, ZeroFlags,
 };
 use crate::sidecar::Sidecar;
 
@@ -148,6 +148,15 @@ impl Driver for RawDriver {
             self.file
                 .node()
                 .write_copy(self.offset + offset, source, false)
+                .await
+        })
+    }
+
+    fn splice_from<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            self.file
+                .node()
+                .write_piped(self.offset + offset, data)
                 .await
         })
     }

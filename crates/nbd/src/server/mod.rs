@@ -14,6 +14,7 @@
 
 mod export;
 mod handshake;
+mod piped;
 mod transmission;
 
 use std::os::fd::{AsFd, OwnedFd};

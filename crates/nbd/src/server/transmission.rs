@@ -11,12 +11,15 @@ use block::{CachedRange, IoBuf, Node, ZeroFlags};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Interest,
+};
 use tokio::sync::{Mutex, watch};
 
 use super::MAX_IN_FLIGHT;
 use super::export::{Context, Export};
 use super::handshake::Negotiated;
+use super::piped::{self, Payload, Pool};
 use crate::proto::Command;
 use crate::proto::{
     EXTENDED_REQUEST_SIZE, MAX_PAYLOAD, REQUEST_SIZE, Request, cflag, chunk, errno,
@@ -62,8 +65,12 @@ struct Conn<W> {
     unflushed: AtomicBool,
     /// The socket under `writer` (a descriptor of its own) when it is a
     /// plain stream socket: large reads the page cache holds are sent to
-    /// it with `sendfile`. Used only while `writer` is locked and empty.
+    /// it with `sendfile` (only while `writer` is locked and empty), and
+    /// large write payloads are spliced from it into pipes (only by the
+    /// request reader, once its buffer is drained).
     socket: Option<AsyncFd<OwnedFd>>,
+    /// Empty pipes for write payloads.
+    pipes: Pool,
     /// Payload buffers of finished requests, for the next ones.
     pool: std::sync::Mutex<Vec<IoBuf>>,
     /// Turns true when unsent replies are to be dropped: sends give up.
@@ -73,7 +80,7 @@ struct Conn<W> {
 /// What a request future does.
 enum Work {
     /// Run the request.
-    Run(Request, Option<IoBuf>),
+    Run(Request, Option<Payload>),
     /// Answer it with an error.
     Refuse(Request, Refusal),
 }
@@ -81,7 +88,7 @@ enum Work {
 /// What the reader does with one request.
 enum Next {
     /// Run it.
-    Run(Request, Option<IoBuf>),
+    Run(Request, Option<Payload>),
     /// Answer it with an error at once.
     Refuse(Request, Refusal),
     /// Answer it with an error, then close (its payload was not read).
@@ -112,7 +119,9 @@ pub(super) async fn run<R, W>(
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
         unflushed: AtomicBool::new(false),
-        socket: socket.and_then(crate::socket::register),
+        socket: socket
+            .and_then(|fd| crate::socket::register(fd, Interest::READABLE | Interest::WRITABLE)),
+        pipes: Pool::default(),
         pool: std::sync::Mutex::new(Vec::new()),
         aborted,
     });
@@ -259,13 +268,35 @@ where
             let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
             return Ok(Next::RefuseAndClose(req, (errno::EINVAL, msg)));
         }
-        let align = conn
-            .export
-            .node()
-            .map_or(1, |n| n.limits().memory_alignment);
-        let mut buf = conn.buffer(req.len as usize, align);
-        reader.read_exact(buf.as_mut_slice()).await?;
-        Some(buf)
+        let node = conn.export.node();
+        let align = node.as_ref().map_or(1, |n| n.limits().memory_alignment);
+        let piped = match (&conn.socket, &node) {
+            // Only a write that will run: a refused one's payload is
+            // skipped through memory.
+            (Some(socket), Some(node))
+                if req.flags & cflag::FUA == 0 && conn.check(&req).is_ok() =>
+            {
+                piped::read(
+                    socket,
+                    reader,
+                    &conn.pipes,
+                    node,
+                    req.offset,
+                    req.len,
+                    align,
+                )
+                .await?
+            }
+            _ => None,
+        };
+        match piped {
+            Some(payload) => Some(payload),
+            None => {
+                let mut buf = conn.buffer(req.len as usize, align);
+                reader.read_exact(buf.as_mut_slice()).await?;
+                Some(Payload::Buf(buf))
+            }
+        }
     } else {
         None
     };
@@ -320,6 +351,41 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
                 Err(e)
             }
         }
+    }
+
+    /// Writes a payload waiting in pipes at `offset`: spliced into the
+    /// node's file, or, where the node turns that down after all (a hook
+    /// came in), read into memory and written. The pipes go back to the
+    /// pool once empty.
+    async fn write_piped(
+        &self,
+        node: &Node,
+        offset: u64,
+        pipes: Vec<piped::Pipe>,
+        data: block::Piped,
+    ) -> block::Result<()> {
+        match node.write_piped(offset, &data).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let mut buf = self.buffer(data.len() as usize, node.limits().memory_alignment);
+                let drained = piped::drain(&pipes, &piped::counts(&data), buf.as_mut_slice());
+                if let Err(e) = drained {
+                    self.recycle(buf);
+                    return Err(block::Error::Io {
+                        op: "write",
+                        source: e,
+                    });
+                }
+                let (r, buf) = node.write(offset, buf, false).await;
+                self.recycle(buf);
+                r?;
+            }
+            // The pipes may hold the rest of the payload: not reused.
+            Err(e) => return Err(e),
+        }
+        drop(data);
+        self.pipes.give_back(pipes);
+        Ok(())
     }
 
     /// QEMU's checks, in QEMU's order.
@@ -393,7 +459,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         }
     }
 
-    async fn handle(&self, req: Request, payload: Option<IoBuf>) {
+    async fn handle(&self, req: Request, payload: Option<Payload>) {
         let Some(node) = self.export.node() else {
             let _ = self
                 .reply_error(&req, &(errno::ESHUTDOWN, "export is gone".into()))
@@ -406,10 +472,13 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             Command::Read => return self.read(&node, req).await,
             Command::BlockStatus => return self.block_status(&node, req).await,
             Command::Write => match payload {
-                Some(buf) if !buf.is_empty() => {
+                Some(Payload::Buf(buf)) if !buf.is_empty() => {
                     let (r, buf) = node.write(offset, buf, fua).await;
                     self.recycle(buf);
                     r
+                }
+                Some(Payload::Piped(pipes, data)) => {
+                    self.write_piped(&node, offset, pipes, data).await
                 }
                 _ => Ok(()),
             },
