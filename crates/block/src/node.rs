@@ -210,6 +210,26 @@ impl Piped {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Takes the first `len` bytes (at most all) off as a `Piped` of
+    /// their own: a pipe may end up in both, its first bytes in the one
+    /// taken off, so the two must be drained in order.
+    pub(crate) fn split_to(&mut self, len: u64) -> Piped {
+        let mut taken = Piped::new();
+        while taken.len < len && !self.parts.is_empty() {
+            let want = (len - taken.len) as usize;
+            let (pipe, n) = &mut self.parts[0];
+            if *n <= want {
+                let (pipe, n) = self.parts.remove(0);
+                taken.push(pipe, n);
+            } else {
+                taken.push(pipe.clone(), want);
+                *n -= want;
+            }
+        }
+        self.len -= taken.len;
+        taken
+    }
 }
 
 /// How [`Node::write_at`] writes.
@@ -338,6 +358,13 @@ pub trait Driver: Send + Sync {
     fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
         let _ = (offset, source);
         Box::pin(async { Ok(false) })
+    }
+    /// Whether [`splice_from`](Driver::splice_from) would take a write of
+    /// `offset..offset + len` as things stand (a hint: it may still
+    /// refuse).
+    fn takes_piped(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
     }
     /// Writes the bytes waiting in `data`'s pipes at `offset` with
     /// `splice`, draining the pipes. `Ok(false)`, with nothing taken from
@@ -1114,14 +1141,16 @@ impl Node {
 
     /// Whether a write of `offset..offset + len` may come as pipes
     /// ([`write_piped`](Self::write_piped)) right now: a writable
-    /// buffered host file (perhaps behind `raw`), no zero detection, no
-    /// write hook, an aligned range inside the node. A caller that checked
-    /// may still get `Ok(false)` (a hook came in between).
+    /// buffered host file (perhaps behind `raw`), or whole clusters of a
+    /// qcow2 image in one; no zero detection, no write hook, an aligned
+    /// range inside the node. A caller that checked may still get
+    /// `Ok(false)` (a hook came in between).
     pub fn accepts_piped(&self, offset: u64, len: u64) -> bool {
         self.check_write(offset, len).is_ok()
             && self.settings.detect_zeroes == DetectZeroes::Off
             && self.hooks().is_empty()
-            && self.host_range(offset, len).is_some()
+            && self.aligned(offset, len)
+            && self.driver.takes_piped(offset, len)
     }
 
     /// Writes the bytes waiting in `data`'s pipes at `offset`, moved into
@@ -1134,20 +1163,32 @@ impl Node {
     /// drained: the bytes are lost, and the range's contents undefined, as
     /// after any failed write.
     pub fn write_piped<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
+        self.write_piped_at(offset, data, false)
+    }
+
+    /// [`write_piped`](Self::write_piped); past the end too when
+    /// `growing`, as [`write_growing`](Self::write_growing) writes (a
+    /// format driver splicing into new clusters of its image file).
+    pub(crate) fn write_piped_at<'a>(
+        &'a self,
+        offset: u64,
+        data: &'a Piped,
+        growing: bool,
+    ) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let _inside = match self.gate.pass().await {
                 Ok(inside) => inside,
-                Err(node) => return node.write_piped(offset, data).await,
+                Err(node) => return node.write_piped_at(offset, data, growing).await,
             };
             let len = data.len();
-            self.check_write(offset, len)?;
+            self.check_write_growing(offset, len, growing)?;
             if len == 0 {
                 return Ok(true);
             }
             if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
                 return Ok(false);
             }
-            let _req = self.begin_write(offset, len, false).await;
+            let _req = self.begin_write(offset, len, growing).await;
             // Hooks see the data of a write: those writes go through memory.
             if !self.hooks().is_empty() {
                 return Ok(false);

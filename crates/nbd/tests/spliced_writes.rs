@@ -29,16 +29,23 @@ const WRITES: [(u64, u64); 9] = [
     (SIZE - 65536, 65536),
 ];
 
-/// A writable raw export `disk` of a sparse file; the node and the path.
-fn disk(f: &Fixture) -> (Arc<Node>, String) {
-    let path = f.path("disk.raw");
-    std::fs::File::create(&path)
-        .and_then(|file| file.set_len(SIZE))
-        .unwrap();
-    let node = f.add_node(json!({"driver": "raw", "node-name": "disk",
+/// A writable export `disk` of an empty image of format `format` (raw or
+/// qcow2); the node and the image's path.
+fn disk(f: &Fixture, format: &str) -> (Arc<Node>, String) {
+    let path = f.path(&format!("disk.{format}"));
+    let size = SIZE.to_string();
+    testkit::run("qemu-img", &["create", "-q", "-f", format, &path, &size]);
+    let node = f.add_node(json!({"driver": format, "node-name": "disk",
         "file": {"driver": "file", "filename": path}}));
     f.export(&node, "disk", true, &[]);
     (node, path)
+}
+
+/// The guest-visible bytes of the image at `path`, as QEMU reads them.
+fn contents(f: &Fixture, path: &str) -> Vec<u8> {
+    let raw = f.path("contents.raw");
+    testkit::run("qemu-img", &["convert", "-O", "raw", path, &raw]);
+    std::fs::read(&raw).unwrap()
 }
 
 /// The bytes of write `n` of round `round`.
@@ -49,7 +56,7 @@ fn pattern(round: u64, n: u64, len: u64) -> Vec<u8> {
 }
 
 /// Issues [`WRITES`] at once through `client` (every one in flight
-/// together), applies them to `model`, and checks the file.
+/// together), applies them to `model`, and checks the image.
 fn write_all_at_once(f: &Fixture, client: &Arc<Node>, round: u64, model: &mut [u8], path: &str) {
     let writes = WRITES.iter().enumerate().map(|(n, &(offset, len))| {
         let client = client.clone();
@@ -69,17 +76,18 @@ fn write_all_at_once(f: &Fixture, client: &Arc<Node>, round: u64, model: &mut [u
         let (offset, data) = r.expect("the write succeeds");
         model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
     }
-    let on_disk = std::fs::read(path).unwrap();
+    // (A qcow2 image's metadata is on disk after a flush.)
+    f.rt.block_on(client.flush()).expect("a flush");
     assert!(
-        on_disk == model,
-        "round {round}: the file holds every write"
+        contents(f, path) == model,
+        "round {round}: the image holds every write"
     );
 }
 
 #[test]
 fn writes_of_every_size_land_in_the_file_over_unix_and_tcp() {
     let f = Fixture::new();
-    let (_node, path) = disk(&f);
+    let (_node, path) = disk(&f, "raw");
     let port = f.listen_tcp();
     nbd::register(&f.graph);
     let unix = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
@@ -151,7 +159,7 @@ impl WriteHook for Seeing {
 #[test]
 fn a_write_hook_on_the_export_sees_every_payload() {
     let f = Fixture::new();
-    let (node, path) = disk(&f);
+    let (node, path) = disk(&f, "raw");
     nbd::register(&f.graph);
     let client = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
         "server": {"type": "unix", "path": f.sock.to_str().unwrap()}}));
@@ -165,4 +173,23 @@ fn a_write_hook_on_the_export_sees_every_payload() {
     node.remove_write_hook(&hook);
     write_all_at_once(&f, &client, 2, &mut model, &path);
     assert_eq!(seeing.0.load(Ordering::Relaxed), written, "unhooked");
+}
+
+/// A qcow2 export takes payloads of whole clusters from pipes (into new
+/// clusters and over old ones), and partial clusters through memory; the
+/// image QEMU reads holds every write and passes `qemu-img check`.
+#[test]
+fn writes_into_a_qcow2_export_land_whole_and_partial_clusters() {
+    let f = Fixture::new();
+    let (_node, path) = disk(&f, "qcow2");
+    nbd::register(&f.graph);
+    let client = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
+        "server": {"type": "unix", "path": f.sock.to_str().unwrap()}}));
+    let mut model = vec![0u8; SIZE as usize];
+    for round in 0..3 {
+        write_all_at_once(&f, &client, round, &mut model, &path);
+    }
+    f.rt.block_on(f.graph.close_all()).unwrap();
+    testkit::run("qemu-img", &["check", "-q", "-f", "qcow2", &path]);
+    assert!(contents(&f, &path) == model, "after close");
 }

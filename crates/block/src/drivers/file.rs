@@ -508,6 +508,10 @@ impl Driver for FileDriver {
         })
     }
 
+    fn takes_piped(&self, _: u64, _: u64) -> bool {
+        !self.direct && self.splice_in.load(Ordering::Relaxed)
+    }
+
     fn splice_from<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             if self.direct || !self.splice_in.load(Ordering::Relaxed) {

@@ -152,6 +152,10 @@ impl Driver for RawDriver {
         })
     }
 
+    fn takes_piped(&self, offset: u64, len: u64) -> bool {
+        self.file.node().accepts_piped(self.offset + offset, len)
+    }
+
     fn splice_from<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             self.file

@@ -17,6 +17,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use block::{IoBuf, Node, Piped};
@@ -34,16 +35,30 @@ pub(super) const MAX: u64 = 4 << 20;
 /// more pipes per payload.
 const PIPE_SIZE: usize = 1 << 20;
 /// Most pipes one payload may take before the rest goes through memory
-/// (a client sending tiny packets fills a pipe's slots early).
-const MAX_PIPES: usize = 16;
+/// (a client sending tiny packets fills a pipe's slots early, and each
+/// slot may pin a page).
+const MAX_PIPES: usize = 8;
+/// Most pipes open in the process: two descriptors each, and the daemon
+/// needs descriptors for connections and images too. Past this, payloads
+/// go through memory.
+const MAX_OPEN: usize = 256;
+
+/// Pipes open in the process.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
 /// Empty pipes a connection keeps for its next payloads.
 const POOL_PIPES: usize = 16;
 
 /// A pipe: its read end, shared with the [`Piped`] handed to the node,
-/// and its write end.
+/// and its write end. Counted in [`OPEN`] while it exists.
 pub(super) struct Pipe {
     read: Arc<OwnedFd>,
     write: OwnedFd,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A connection's empty pipes.
@@ -51,14 +66,21 @@ pub(super) struct Pipe {
 pub(super) struct Pool(Mutex<Vec<Pipe>>);
 
 impl Pool {
-    /// An empty pipe, from the pool or new; `None` when the process is out
-    /// of descriptors.
+    /// An empty pipe, from the pool or new; `None` when [`MAX_OPEN`] are
+    /// open or the process is out of descriptors.
     fn take(&self) -> Option<Pipe> {
         if let Some(p) = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Some(p);
         }
+        if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_OPEN {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
         let flags = rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK;
-        let (read, write) = rustix::pipe::pipe_with(flags).ok()?;
+        let Ok((read, write)) = rustix::pipe::pipe_with(flags) else {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        };
         // Best effort: a smaller pipe works too.
         let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
         Some(Pipe {
@@ -371,11 +393,11 @@ mod tests {
             let payload = receive(&mut reader, &socket, &pool, &node, 512 * KIB).await;
             match &payload {
                 Payload::Piped(pipes, _) => assert!(pipes.len() > 1, "{} pipes", pipes.len()),
-                Payload::Buf(_) => panic!("512 KiB fit in 16 pipes"),
+                Payload::Buf(_) => panic!("512 KiB fit in 8 pipes"),
             }
             assert_eq!(bytes(&payload), sent);
             let client = sender.join().expect("the sender");
-            // 4 MiB in 128-byte packets need more than 16 pipes: the
+            // 4 MiB in 128-byte packets need more than 8 pipes: the
             // payload ends up in memory, whole and in order.
             let (sent, sender) = send(client, 4 << 20, 128, b"TAIL");
             let payload = receive(&mut reader, &socket, &pool, &node, 4 << 20).await;

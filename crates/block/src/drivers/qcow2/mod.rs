@@ -39,7 +39,7 @@ use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::node::{
     BoxFuture, BufResult, Driver, Edge, Extent, FormatSpecific, HostRange, ImageInfo, Limits, Node,
-    ZeroFlags,
+    Piped, ZeroFlags,
 };
 
 pub(crate) use header::MAGIC;
@@ -871,6 +871,61 @@ impl Qcow2Driver {
         Ok(true)
     }
 
+    /// Writes the bytes waiting in `data`'s pipes at guest `offset` with
+    /// `splice` into the image file, run by run as
+    /// [`copy_from_impl`](Self::copy_from_impl) copies (whole clusters
+    /// only). `Ok(false)`, with nothing taken from the pipes, when the file
+    /// refuses the first run; a refusal after that (a hook came in on the
+    /// file midway) is an error, since the bytes before it are gone from
+    /// the pipes.
+    async fn splice_from_impl(&self, offset: u64, data: &Piped) -> Result<bool> {
+        let cs = self.cluster_size();
+        let end = offset + data.len();
+        if !self.writable || offset % cs != 0 || end % cs != 0 {
+            return Ok(false);
+        }
+        let mut rest = data.clone();
+        let mut pos = offset;
+        while pos < end {
+            let first = pos == offset;
+            let refused = || match first {
+                true => Ok(false),
+                false => Err(Error::NotSupported("splice into the image file midway")),
+            };
+            let step = self.plan_write(pos, end).await?;
+            let file = self.file.node();
+            pos += match step {
+                Step::InPlace { host, len, _gate } => {
+                    if !file.write_piped_at(host, &rest.split_to(len), true).await? {
+                        return refused();
+                    }
+                    len
+                }
+                Step::Allocate {
+                    first: cluster,
+                    count,
+                    host,
+                    _claim,
+                    ..
+                } => {
+                    // Aligned at both ends: the run is whole clusters.
+                    let len = (cluster + count) * cs - pos;
+                    let spliced = file.write_piped_at(host, &rest.split_to(len), true).await;
+                    if let Ok(true) = spliced {
+                        self.finish_allocation(cluster, count, host, Ok(())).await?;
+                    } else {
+                        let undo = Err(Error::NotSupported("splice"));
+                        let _ = self.finish_allocation(cluster, count, host, undo).await;
+                        spliced?;
+                        return refused();
+                    }
+                    len
+                }
+            };
+        }
+        Ok(true)
+    }
+
     /// Writes whole clusters compressed (see [`Driver::write_compressed`]).
     /// Deflating runs on a blocking thread; a cluster it does not shrink
     /// is written as plain data, as QEMU does.
@@ -1409,6 +1464,18 @@ impl Driver for Qcow2Driver {
 
     fn copy_from<'a>(&'a self, offset: u64, source: &'a HostRange) -> BoxFuture<'a, Result<bool>> {
         Box::pin(self.copy_from_impl(offset, source))
+    }
+
+    fn takes_piped(&self, offset: u64, len: u64) -> bool {
+        let cs = self.cluster_size();
+        self.writable
+            && offset % cs == 0
+            && (offset + len) % cs == 0
+            && self.file.node().accepts_piped(0, cs)
+    }
+
+    fn splice_from<'a>(&'a self, offset: u64, data: &'a Piped) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(self.splice_from_impl(offset, data))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
