@@ -26,10 +26,10 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, BufReader};
 
 /// Payloads at least this long are spliced: below, the system calls cost
 /// more than the copy they save.
-pub(super) const MIN: u64 = 64 * 1024;
+const MIN: u64 = 64 * 1024;
 /// Payloads longer than this go through memory (they would take many
 /// pipes).
-pub(super) const MAX: u64 = 4 << 20;
+const MAX: u64 = 4 << 20;
 /// What each pipe is asked to hold (Linux's default limit for
 /// unprivileged processes); a pipe the kernel keeps smaller just means
 /// more pipes per payload.
@@ -145,6 +145,10 @@ pub(super) async fn read<R: AsyncRead + Unpin>(
         counts[0] = early;
     }
     let mut left = len - early;
+    // Times the socket said "nothing" while it held bytes and the pipe
+    // had room (bytes arriving in between, or a kernel that will not
+    // splice them): a few retries, then the rest goes through memory.
+    let mut odd = 0;
     while left > 0 {
         let mut ready = socket.readable().await?;
         let last = pipes.len() - 1;
@@ -167,10 +171,18 @@ pub(super) async fn read<R: AsyncRead + Unpin>(
                 // Either the socket has nothing yet, or the pipe is full
                 // (it has no free slot: not writable). Only we write to it.
                 if !full(&pipes[last].write)? {
-                    ready.clear_ready();
-                    continue;
+                    let queued = rustix::io::ioctl_fionread(socket.get_ref()).unwrap_or(0);
+                    if queued == 0 {
+                        ready.clear_ready();
+                        continue;
+                    }
+                    odd += 1;
+                    if odd <= 3 {
+                        continue;
+                    }
                 }
-                match (pipes.len() < MAX_PIPES).then(|| pool.take()).flatten() {
+                let next = (odd <= 3 && pipes.len() < MAX_PIPES).then(|| pool.take());
+                match next.flatten() {
                     Some(p) => {
                         pipes.push(p);
                         counts.push(0);
