@@ -195,20 +195,36 @@ fn a_copy_is_refused_where_the_data_must_pass_through_memory() {
     });
 }
 
-/// Data clusters of a qcow2 image (`qemu-img map`), as (guest offset, length).
+/// Data clusters of a qcow2 image (`qemu-img map`), as (guest offset,
+/// length), adjacent runs merged (`map` lists runs apart whose clusters
+/// are not contiguous in the file).
 fn qcow2_data(image: &str) -> Vec<(u64, u64)> {
     let map = testkit::run("qemu-img", &["map", "--output=json", "-f", "qcow2", image]);
     let extents: Value = serde_json::from_str(&map).expect("qemu-img map prints JSON");
-    extents
-        .as_array()
-        .expect("a list of extents")
-        .iter()
-        .filter(|e| e["data"] == json!(true))
-        .map(|e| {
-            let n = |k: &str| e[k].as_u64().expect("a number");
-            (n("start"), n("length"))
-        })
-        .collect()
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    for e in extents.as_array().expect("a list of extents") {
+        if e["data"] != json!(true) {
+            continue;
+        }
+        let n = |k: &str| e[k].as_u64().expect("a number");
+        match data.last_mut() {
+            Some(last) if last.0 + last.1 == n("start") => last.1 += n("length"),
+            _ => data.push((n("start"), n("length"))),
+        }
+    }
+    data
+}
+
+/// `qemu-img compare` finds the qcow2 `image` holding `expected` (written
+/// to a raw file in `dir` for it).
+fn assert_qcow2_holds(image: &str, expected: &[u8], dir: &std::path::Path) {
+    let want = dir.join("expected.raw");
+    std::fs::write(&want, expected).expect("the expected image");
+    let want = want.display().to_string();
+    testkit::run(
+        "qemu-img",
+        &["compare", "-q", "-f", "qcow2", "-F", "raw", image, &want],
+    );
 }
 
 #[test]
@@ -280,21 +296,7 @@ fn a_copy_into_qcow2_fills_new_clusters_then_overwrites_them_in_place() {
     let mut expected = vec![0u8; SIZE as usize];
     expected[MIB as usize..(2 * MIB) as usize].fill(0x5a);
     expected[(MIB + 65536) as usize..(MIB + 2 * 65536) as usize].fill(0x33);
-    let want = dir.path().join("expected.raw");
-    std::fs::write(&want, expected).expect("the expected image");
-    testkit::run(
-        "qemu-img",
-        &[
-            "compare",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &image,
-            &want.display().to_string(),
-        ],
-    );
+    assert_qcow2_holds(&image, &expected, dir.path());
 }
 
 /// A pipe of 1 MiB holding `data`: its read end.
@@ -503,32 +505,10 @@ fn a_piped_write_into_qcow2_fills_new_clusters_and_overwrites_old_ones_in_place(
         g.close_all().await.expect("the image closes");
     });
     testkit::run("qemu-img", &["check", "-q", "-f", "qcow2", &image]);
-    // (Runs not contiguous in the file are listed apart: merged here.)
-    let mut data: Vec<(u64, u64)> = Vec::new();
-    for (start, len) in qcow2_data(&image) {
-        match data.last_mut() {
-            Some(last) if last.0 + last.1 == start => last.1 += len,
-            _ => data.push((start, len)),
-        }
-    }
     assert_eq!(
-        data,
+        qcow2_data(&image),
         vec![(MIB, 6 * CLUSTER)],
         "only the written clusters are allocated"
     );
-    let want = dir.path().join("expected.raw");
-    std::fs::write(&want, expected).expect("the expected image");
-    testkit::run(
-        "qemu-img",
-        &[
-            "compare",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &image,
-            &want.display().to_string(),
-        ],
-    );
+    assert_qcow2_holds(&image, &expected, dir.path());
 }

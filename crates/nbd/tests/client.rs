@@ -145,6 +145,25 @@ fn reads_and_writes_through_qemu_nbd() {
     tool("qemu-img", "qemu-utils", &["check", &img]);
 }
 
+/// Round `round` of a kernel copy from `src`: a fresh 48 MiB image served
+/// by `qemu-nbd` and an nbd node on it; `src` evicted from the page cache
+/// unless `cached`.
+fn kernel_copy_target(
+    f: &Fixture,
+    round: u32,
+    src: &str,
+    cached: bool,
+) -> (String, Peer, Arc<Node>) {
+    let img = f.path(&format!("img{round}.raw"));
+    testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
+    let peer = qemu_nbd_raw(f, &img);
+    let node = nbd_node(f, &format!("remote{round}"), &peer.sock, "e");
+    if !cached {
+        evict(src);
+    }
+    (img, peer, node)
+}
+
 /// A copy from a buffered file into an NBD node goes from the file to
 /// the socket inside the kernel (`sendfile`), split at the server's
 /// payload limit: from the runtime's thread when the page cache holds the
@@ -159,13 +178,7 @@ fn file_data_is_sent_to_qemu_nbd_by_the_kernel() {
     let source = f.add_node(json!({"driver": "raw", "node-name": "src",
         "file": {"driver": "file", "filename": src}}));
     for (round, cached) in [(0, true), (1, false)] {
-        let img = f.path(&format!("img{round}.raw"));
-        testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
-        let peer = qemu_nbd_raw(&f, &img);
-        let node = nbd_node(&f, &format!("remote{round}"), &peer.sock, "e");
-        if !cached {
-            evict(&src);
-        }
+        let (img, peer, node) = kernel_copy_target(&f, round, &src, cached);
         // 40 MiB: more than one 32 MiB payload.
         let copied =
             f.rt.block_on(source.copy_range_to(0, 40 * MIB, &node, false));
@@ -295,13 +308,7 @@ fn a_kernel_copy_into_a_stalled_server_fails_when_the_server_dies() {
     let source = f.add_node(json!({"driver": "raw", "node-name": "src",
         "file": {"driver": "file", "filename": src}}));
     for (round, cached) in [(0, true), (1, false)] {
-        let img = f.path(&format!("img{round}.raw"));
-        testkit::run("qemu-img", &["create", "-f", "raw", &img, "48M"]);
-        let peer = qemu_nbd_raw(&f, &img);
-        let node = nbd_node(&f, &format!("remote{round}"), &peer.sock, "e");
-        if !cached {
-            evict(&src);
-        }
+        let (_, peer, node) = kernel_copy_target(&f, round, &src, cached);
         peer.signal("STOP");
         let stalled = Duration::from_secs(2);
         let killer = std::thread::spawn(move || {
