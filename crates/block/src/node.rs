@@ -1122,21 +1122,41 @@ impl Node {
                 Ok(inside) => inside,
                 Err(node) => return node.write_copy(offset, source, growing).await,
             };
-            let len = source.len;
-            self.check_write_growing(offset, len, growing)?;
-            if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
-                return Ok(false);
-            }
-            let _req = self.begin_write(offset, len, growing).await;
-            // Hooks see the data of a write: those writes go through memory.
-            if !self.hooks().is_empty() {
-                return Ok(false);
-            }
-            let ticket = self.mark(offset, len).await?;
-            let result = self.driver.copy_from(offset, source).await;
-            self.bitmaps.mark_again(offset, len, ticket);
-            result
+            self.write_moved(offset, source.len, growing, || {
+                self.driver.copy_from(offset, source)
+            })
+            .await
         })
+    }
+
+    /// Inside the gate, a write whose data the kernel moves
+    /// ([`write_copy`](Self::write_copy), [`write_piped_at`](Self::write_piped_at)):
+    /// the checks, the registration and the tracking around `moved`, which
+    /// has the driver move the data. `Ok(false)`, before `moved` runs,
+    /// where the data must pass through memory.
+    async fn write_moved<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        growing: bool,
+        moved: impl FnOnce() -> BoxFuture<'a, Result<bool>>,
+    ) -> Result<bool> {
+        self.check_write_growing(offset, len, growing)?;
+        if len == 0 {
+            return Ok(true);
+        }
+        if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
+            return Ok(false);
+        }
+        let _req = self.begin_write(offset, len, growing).await;
+        // Hooks see the data of a write: those writes go through memory.
+        if !self.hooks().is_empty() {
+            return Ok(false);
+        }
+        let ticket = self.mark(offset, len).await?;
+        let result = moved().await;
+        self.bitmaps.mark_again(offset, len, ticket);
+        result
     }
 
     /// Whether a write of `offset..offset + len` may come as pipes
@@ -1180,23 +1200,10 @@ impl Node {
                 Ok(inside) => inside,
                 Err(node) => return node.write_piped_at(offset, data, growing).await,
             };
-            let len = data.len();
-            self.check_write_growing(offset, len, growing)?;
-            if len == 0 {
-                return Ok(true);
-            }
-            if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
-                return Ok(false);
-            }
-            let _req = self.begin_write(offset, len, growing).await;
-            // Hooks see the data of a write: those writes go through memory.
-            if !self.hooks().is_empty() {
-                return Ok(false);
-            }
-            let ticket = self.mark(offset, len).await?;
-            let result = self.driver.splice_from(offset, data).await;
-            self.bitmaps.mark_again(offset, len, ticket);
-            result
+            self.write_moved(offset, data.len(), growing, || {
+                self.driver.splice_from(offset, data)
+            })
+            .await
         })
     }
 

@@ -141,21 +141,28 @@ impl Qmp {
     /// negotiating: the session is left in capabilities negotiation mode.
     /// Returns the greeting too.
     pub fn connect_raw(path: &Path) -> (Qmp, Value) {
-        let stream = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("cannot connect to QMP at {}: {e}", path.display()));
-        stream
-            .set_read_timeout(Some(PEER_TIMEOUT))
-            .unwrap_or_else(|e| panic!("cannot set a QMP read timeout: {e}"));
-        let writer = stream
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot clone the QMP socket: {e}"));
+        Qmp::try_connect_raw(path)
+            .unwrap_or_else(|e| panic!("cannot connect to QMP at {}: {e}", path.display()))
+    }
+
+    /// [`connect_raw`](Self::connect_raw), with an error where the
+    /// connection fails or ends before the greeting.
+    fn try_connect_raw(path: &Path) -> std::io::Result<(Qmp, Value)> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(PEER_TIMEOUT))?;
+        let writer = stream.try_clone()?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
             writer,
             events: Vec::new(),
         };
-        let greeting = qmp.read_message();
-        (qmp, greeting)
+        let mut line = String::new();
+        if qmp.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let greeting = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("QMP sent bad JSON ({e}): {line}"));
+        Ok((qmp, greeting))
     }
 
     /// Sends `text` as it is (no newline added).
@@ -311,7 +318,26 @@ impl StorageDaemon {
 
     /// A new QMP connection to the daemon, past capabilities negotiation.
     pub fn qmp(&self) -> Qmp {
-        Qmp::connect(&self.qmp_path)
+        // A monitor that serves one client at a time (QEMU's) may still be
+        // busy with the probe of `wait_for_socket`, or a connection just
+        // closed, and turn this one away: tried again for a while.
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        loop {
+            match Qmp::try_connect_raw(&self.qmp_path) {
+                Ok((mut qmp, greeting)) => {
+                    assert!(
+                        greeting.get("QMP").is_some(),
+                        "expected a QMP greeting, got {greeting}"
+                    );
+                    qmp.execute_ok("qmp_capabilities", json!({}));
+                    return qmp;
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot connect to QMP at {}: {e}", self.qmp_path.display()),
+            }
+        }
     }
 
     /// Where the QMP socket is.
