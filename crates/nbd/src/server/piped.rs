@@ -145,9 +145,10 @@ pub(super) async fn read<R: AsyncRead + Unpin>(
         counts[0] = early;
     }
     let mut left = len - early;
-    // Times the socket said "nothing" while it held bytes and the pipe
-    // had room (bytes arriving in between, or a kernel that will not
-    // splice them): a few retries, then the rest goes through memory.
+    // Times in a row the socket said "nothing" while it held bytes and
+    // the pipe had room: bytes arriving in between (the next try moves
+    // them), or a kernel that will not splice them (after a few tries the
+    // rest goes through memory).
     let mut odd = 0;
     while left > 0 {
         let mut ready = socket.readable().await?;
@@ -165,6 +166,7 @@ pub(super) async fn read<R: AsyncRead + Unpin>(
             Ok(n) => {
                 left -= n;
                 counts[last] += n;
+                odd = 0;
             }
             Err(rustix::io::Errno::INTR) => {}
             Err(rustix::io::Errno::AGAIN) => {
