@@ -30,6 +30,11 @@ const MIN: u64 = 64 * 1024;
 /// Payloads longer than this go through memory (they would take many
 /// pipes).
 const MAX: u64 = 4 << 20;
+/// Whether a payload of `len` bytes is one to splice (by its length).
+pub(super) fn worth(len: u64) -> bool {
+    (MIN..=MAX).contains(&len)
+}
+
 /// What each pipe is asked to hold (Linux's default limit for
 /// unprivileged processes); a pipe the kernel keeps smaller just means
 /// more pipes per payload.
@@ -123,7 +128,7 @@ pub(super) async fn read<R: AsyncRead + Unpin>(
     len: u64,
     align: usize,
 ) -> io::Result<Option<Payload>> {
-    if !(MIN..=MAX).contains(&len) || !node.accepts_piped(offset, len) {
+    if !worth(len) || !node.accepts_piped(offset, len) {
         return Ok(None);
     }
     let Some(first) = pool.take() else {

@@ -274,7 +274,9 @@ where
             // Only a write that will run: a refused one's payload is
             // skipped through memory.
             (Some(socket), Some(node))
-                if req.flags & cflag::FUA == 0 && conn.check(&req).is_ok() =>
+                if piped::worth(req.len)
+                    && req.flags & cflag::FUA == 0
+                    && conn.check(&req).is_ok() =>
             {
                 piped::read(
                     socket,
