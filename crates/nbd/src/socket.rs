@@ -103,17 +103,11 @@ pub(crate) async fn send_cached(
             }
             continue;
         };
-        let want = (end - at).min(1 << 30) as usize;
         let sent = ready?.try_io(|fd| {
-            loop {
-                match rustix::fs::sendfile(fd.get_ref(), file, Some(&mut at), want) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    r => return r.map_err(io::Error::from),
-                }
-            }
+            send_some(fd.get_ref().as_fd(), file, &mut at, end).map_err(io::Error::from)
         });
         match sent {
-            Ok(Ok(0)) => return Err(io::Error::other("the file ended before the payload")),
+            Ok(Ok(0)) => return Err(ended()),
             Ok(Ok(_)) | Err(_) => {}
             Ok(Err(e)) => return Err(e),
         }
@@ -138,10 +132,9 @@ pub(crate) fn send_blocking(
     };
     let end = at + len;
     while at < end {
-        let want = (end - at).min(1 << 30) as usize;
-        match rustix::fs::sendfile(socket, file, Some(&mut at), want) {
-            Ok(0) => return Err(io::Error::other("the file ended before the payload")),
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        match send_some(socket, file, &mut at, end) {
+            Ok(0) => return Err(ended()),
+            Ok(_) => {}
             Err(rustix::io::Errno::AGAIN) => {
                 let mut fds = [rustix::event::PollFd::new(
                     &socket,
@@ -159,4 +152,26 @@ pub(crate) fn send_blocking(
         }
     }
     Ok(())
+}
+
+/// One `sendfile` of what is left of `*at..end` (retried when
+/// interrupted), moving `*at` on: the bytes sent, 0 if the file ended.
+fn send_some(
+    socket: std::os::fd::BorrowedFd<'_>,
+    file: &File,
+    at: &mut u64,
+    end: u64,
+) -> rustix::io::Result<usize> {
+    let want = (end - *at).min(1 << 30) as usize;
+    loop {
+        match rustix::fs::sendfile(socket, file, Some(&mut *at), want) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// The error of a file shorter than the payload its header announced.
+fn ended() -> io::Error {
+    io::Error::other("the file ended before the payload")
 }

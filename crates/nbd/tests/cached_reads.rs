@@ -123,11 +123,8 @@ fn cached_and_uncached_reads_give_the_files_bytes_over_unix_and_tcp() {
     let size = 8 * MIB;
     let path = disk(&f, size);
     let port = f.listen_tcp();
-    nbd::register(&f.graph);
-    let unix = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
-        "server": {"type": "unix", "path": f.sock.to_str().unwrap()}}));
-    let tcp = f.add_node(json!({"driver": "nbd", "node-name": "t", "export": "disk",
-        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}));
+    let unix = f.unix_client("u", "disk");
+    let tcp = f.tcp_client("t", "disk", port);
     let reads = [
         (0, 4096),
         (512, 64 * 1024 - 512),
@@ -219,11 +216,7 @@ fn sparse_reads_send_cached_data_extents_from_the_page_cache() {
 
     let port = f.listen_tcp();
     let uri = format!("nbd://127.0.0.1:{port}/sparse");
-    nbd::register(&f.graph);
-    let tcp = f.add_node(
-        json!({"driver": "nbd", "node-name": "t", "export": "sparse",
-        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
-    );
+    let tcp = f.tcp_client("t", "sparse", port);
     let got = f.rt.block_on(tcp.read(0, 4 * MIB as usize)).unwrap();
     assert!(got.as_slice() == want.as_slice(), "{uri}: our client");
     assert_identical(&path, &uri);

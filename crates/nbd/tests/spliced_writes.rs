@@ -89,11 +89,8 @@ fn writes_of_every_size_land_in_the_file_over_unix_and_tcp() {
     let f = Fixture::new();
     let (_node, path) = disk(&f, "raw");
     let port = f.listen_tcp();
-    nbd::register(&f.graph);
-    let unix = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
-        "server": {"type": "unix", "path": f.sock.to_str().unwrap()}}));
-    let tcp = f.add_node(json!({"driver": "nbd", "node-name": "t", "export": "disk",
-        "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}));
+    let unix = f.unix_client("u", "disk");
+    let tcp = f.tcp_client("t", "disk", port);
     let mut model = vec![0u8; SIZE as usize];
     for round in 0..4 {
         let client = if round < 2 { &unix } else { &tcp };
@@ -160,9 +157,7 @@ impl WriteHook for Seeing {
 fn a_write_hook_on_the_export_sees_every_payload() {
     let f = Fixture::new();
     let (node, path) = disk(&f, "raw");
-    nbd::register(&f.graph);
-    let client = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
-        "server": {"type": "unix", "path": f.sock.to_str().unwrap()}}));
+    let client = f.unix_client("u", "disk");
     let mut model = vec![0u8; SIZE as usize];
     let seeing = Arc::new(Seeing::default());
     let hook: Arc<dyn WriteHook> = seeing.clone();
@@ -182,9 +177,7 @@ fn a_write_hook_on_the_export_sees_every_payload() {
 fn writes_into_a_qcow2_export_land_whole_and_partial_clusters() {
     let f = Fixture::new();
     let (_node, path) = disk(&f, "qcow2");
-    nbd::register(&f.graph);
-    let client = f.add_node(json!({"driver": "nbd", "node-name": "u", "export": "disk",
-        "server": {"type": "unix", "path": f.sock.to_str().unwrap()}}));
+    let client = f.unix_client("u", "disk");
     let mut model = vec![0u8; SIZE as usize];
     for round in 0..3 {
         write_all_at_once(&f, &client, round, &mut model, &path);

@@ -88,6 +88,26 @@ impl Fixture {
         port
     }
 
+    /// A `driver=nbd` node `node` on export `export` of this server,
+    /// over its unix socket.
+    pub fn unix_client(&self, node: &str, export: &str) -> Arc<Node> {
+        nbd::register(&self.graph);
+        self.add_node(
+            serde_json::json!({"driver": "nbd", "node-name": node, "export": export,
+            "server": {"type": "unix", "path": self.sock.to_str().unwrap()}}),
+        )
+    }
+
+    /// A `driver=nbd` node `node` on export `export` of this server, over
+    /// TCP to `port` (see [`listen_tcp`](Self::listen_tcp)).
+    pub fn tcp_client(&self, node: &str, export: &str, port: u16) -> Arc<Node> {
+        nbd::register(&self.graph);
+        self.add_node(
+            serde_json::json!({"driver": "nbd", "node-name": node, "export": export,
+            "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
+        )
+    }
+
     /// The NBD URI of export `name`.
     pub fn uri(&self, name: &str) -> String {
         format!("nbd+unix:///{name}?socket={}", self.sock.display())
