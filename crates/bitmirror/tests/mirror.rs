@@ -1123,3 +1123,63 @@ fn write_blocking_puts_guest_writes_ahead_of_the_background_copy() {
         );
     }
 }
+
+/// `(name, nice, CPU ticks)` of each thread of process `pid`.
+fn threads(pid: u32) -> Vec<(String, i64, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads");
+    let mut found = Vec::new();
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // After the `(comm)`: state is field 3, utime 14, stime 15, nice 19.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| {
+            f.get(i - 3)
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        found.push((name, num(19), (num(14) + num(15)) as u64));
+    }
+    found
+}
+
+/// A job's copying runs on the background I/O threads, niced 10 below the
+/// daemon's other threads (`block::class`), so a guest's requests go
+/// first; the copy is still whole.
+#[test]
+fn a_mirror_copies_on_niced_background_threads() {
+    let (dir, src, dst) = empty_pair(256 << 20);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 5 0 256M", path_str(&src)],
+    );
+    let mut daemon = serve(dir.path(), &setup(dir.path(), &src, &dst));
+    let mut qmp = daemon.qmp();
+    let before = threads(daemon.pid());
+    assert!(
+        !before.iter().any(|t| t.0.starts_with("bitmirror-bg")),
+        "background threads before any job: {before:?}"
+    );
+    qmp.execute_ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full"}),
+    );
+    wait_event(&mut qmp, "BLOCK_JOB_READY");
+    let all = threads(daemon.pid());
+    let main_nice = all.first().expect("the main thread").1;
+    let background: Vec<_> = all
+        .iter()
+        .filter(|t| t.0.starts_with("bitmirror-bg"))
+        .collect();
+    assert!(!background.is_empty(), "no background threads: {all:?}");
+    for t in &background {
+        assert_eq!(t.1, (main_nice + 10).min(19), "{t:?}");
+    }
+    let ticks: u64 = background.iter().map(|t| t.2).sum();
+    assert!(ticks > 0, "the background threads did no work: {all:?}");
+    complete_and_quit(&mut qmp, &mut daemon, "m");
+    assert_identical(&src, &dst);
+}

@@ -23,6 +23,7 @@
 
 pub mod bitmaps;
 mod buf;
+pub mod class;
 mod create;
 mod drivers;
 mod error;
@@ -37,6 +38,7 @@ pub mod throttle;
 
 pub use bitmaps::{BitmapId, BitmapInfo, Bitmaps, Check, ClearUndo, LoadedState, MarkTicket};
 pub use buf::IoBuf;
+pub use class::IoClass;
 pub use create::{Qcow2Create, create_qcow2, create_qcow2_on};
 pub use error::{Error, Result};
 pub use graph::{DriverFactory, Graph};

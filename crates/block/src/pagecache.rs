@@ -40,14 +40,27 @@ pub(crate) fn resident(file: &File, offset: u64, len: u64) -> bool {
     if len == 0 {
         return true;
     }
-    if UNSUPPORTED.load(Ordering::Relaxed) {
-        return false;
-    }
     let Some(last) = offset.checked_add(len - 1) else {
         return false;
     };
     let page = rustix::param::page_size() as u64;
     let pages = last / page - offset / page + 1;
+    stat(file, offset, len).is_some_and(|stat| stat.nr_cache >= pages)
+}
+
+/// The pages of `offset..offset + len` of `file` that are dirty and not
+/// yet being written back; `None` when the kernel cannot tell.
+#[cfg(test)]
+pub(crate) fn dirty(file: &File, offset: u64, len: u64) -> Option<u64> {
+    stat(file, offset, len).map(|stat| stat.nr_dirty)
+}
+
+/// `cachestat` of `offset..offset + len` (`len` > 0); `None` when the
+/// kernel cannot tell.
+fn stat(file: &File, offset: u64, len: u64) -> Option<Cachestat> {
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
     let mut range = CachestatRange { off: offset, len };
     let mut stat = Cachestat::default();
     // SAFETY: `cachestat(fd, range, stat, flags)` reads `range` and writes
@@ -67,9 +80,9 @@ pub(crate) fn resident(file: &File, offset: u64, len: u64) -> bool {
         if matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM)) {
             UNSUPPORTED.store(true, Ordering::Relaxed);
         }
-        return false;
+        return None;
     }
-    stat.nr_cache >= pages
+    Some(stat)
 }
 
 #[cfg(test)]

@@ -729,7 +729,11 @@ impl Job {
         self.transition(JobStatus::Running);
         let driver = self.driver.clone();
         let result = {
-            let work = driver.clone().run(self.clone());
+            // A job's own copying is background work: guests' requests
+            // go first (`block::class`). Work a guest waits for (a
+            // write-blocking copy, a copy-before-write) runs in the
+            // guest's task, in the foreground.
+            let work = block::class::background(driver.clone().run(self.clone()));
             tokio::pin!(work);
             loop {
                 let notified = self.wake.notified();

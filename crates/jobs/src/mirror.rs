@@ -149,7 +149,6 @@ impl std::fmt::Debug for Mirror {
     }
 }
 
-/// Whether two `(offset, len)` areas share a byte.
 /// The write-blocking hook: after a guest write to the source, its
 /// clusters are copied before the guest hears back.
 struct Active(Weak<Mirror>);
@@ -656,6 +655,12 @@ impl Mirror {
     /// pivots (or the job aborts), as QEMU keeps the source drained until
     /// then: with auto-finalize off, until `job-finalize`.
     async fn finish(&self, job: &Job) -> Result<(), String> {
+        // Guests wait for this: their writes are held.
+        block::class::with_class(block::IoClass::Foreground, self.finish_held(job)).await
+    }
+
+    /// [`Mirror::finish`] itself, in the foreground.
+    async fn finish_held(&self, job: &Job) -> Result<(), String> {
         self.holding.store(true, Ordering::SeqCst);
         self.source.hold_writes().await;
         let result = async {

@@ -14,6 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,8 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
+use super::pool::Lane;
 use super::uring::{OpKind, Uring};
 use crate::buf::IoBuf;
+use crate::class::IoClass;
 use crate::error::{Error, Result};
 use crate::node::{
     BoxFuture, BufResult, Driver, Extent, FormatSpecific, HostRange, ImageInfo, Limits, Piped,
@@ -69,7 +72,13 @@ pub(crate) struct FileDriver {
     /// orders buffered writes to one file by itself. `O_DIRECT` and FUA
     /// writes run in parallel. (The `RWF_NOWAIT` attempt on the calling
     /// thread needs neither: it gives up at once when the inode is locked.)
-    buffered_lane: Arc<super::pool::Lane>,
+    buffered_lane: Arc<Lane>,
+    /// The same for background requests ([`crate::class`]), on the pool's
+    /// background threads. Background and foreground writes to one file
+    /// are not ordered against each other (no more than two writes in
+    /// flight at once are); in practice one side has them all: a mirror's
+    /// target gets only the job's writes unless it is write-blocking.
+    background_lane: Arc<Lane>,
     /// The path as given.
     path: String,
 }
@@ -144,6 +153,7 @@ impl FileDriver {
                 copy_offload: AtomicBool::new(!direct),
                 splice_in: AtomicBool::new(!direct),
                 buffered_lane: Arc::default(),
+                background_lane: Arc::new(Lane::new(IoClass::Background)),
                 uring,
                 path: path.to_owned(),
             },
@@ -159,7 +169,10 @@ impl FileDriver {
         // lets go of the inode, so the writes of others may go on.)
         let serial = !self.direct && !fua;
         let mut done = 0;
-        if !fua && self.nowait_writes.load(Ordering::Relaxed) {
+        // A background write goes to its own threads whatever the page
+        // cache holds (and starts its write-back there).
+        let foreground = crate::class::current() == IoClass::Foreground;
+        if !fua && foreground && self.nowait_writes.load(Ordering::Relaxed) {
             done = nowait(&self.nowait_writes, buf.len(), |at| {
                 let slice = [io::IoSlice::new(&buf.as_slice()[at..])];
                 rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
@@ -189,8 +202,10 @@ impl FileDriver {
             return (result.map_err(|e| Error::io("write", e)), buf);
         }
         let file = self.file.clone();
+        let at = offset + done as u64;
+        let len = (buf.len() - done) as u64;
         let write = move || {
-            let (rest, at) = (&buf.as_slice()[done..], offset + done as u64);
+            let rest = &buf.as_slice()[done..];
             let result = if fua {
                 write_dsync(&file, rest, at)
             } else {
@@ -199,12 +214,35 @@ impl FileDriver {
             (result, buf)
         };
         let task = match serial {
-            true => self.buffered_lane.run(write).await,
+            true => self.on_lane(at, len, write).await,
             false => super::pool::run(write).await,
         };
         match task {
             Some((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
             None => (Err(Error::io("write", pool_failed())), IoBuf::zeroed(0, 1)),
+        }
+    }
+
+    /// Runs `f`, a buffered write of `offset..offset + len`, on the lane of
+    /// the calling task's class (see [`FileDriver::buffered_lane`]). A
+    /// background write starts its write-back before it returns.
+    async fn on_lane<T: Send + 'static>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        match crate::class::current() {
+            IoClass::Foreground => self.buffered_lane.run(f).await,
+            IoClass::Background => {
+                let file = self.file.clone();
+                let write = move || {
+                    let result = f();
+                    start_writeback(&file, offset, len);
+                    result
+                };
+                self.background_lane.run(write).await
+            }
         }
     }
 
@@ -489,7 +527,7 @@ impl Driver for FileDriver {
             let (at, len) = (source.offset, source.len);
             let copy = move || copy_file(&from, at, &to, offset, len);
             // A buffered write like any other: after the ones queued before.
-            let copied = self.buffered_lane.run(copy).await;
+            let copied = self.on_lane(offset, len, copy).await;
             match copied {
                 Some(Ok(true)) => {
                     self.length.fetch_max(offset + len, Ordering::AcqRel);
@@ -521,7 +559,7 @@ impl Driver for FileDriver {
             let parts = data.parts().to_vec();
             let splice = move || splice_file(&parts, &file, offset);
             // A buffered write like any other: after the ones queued before.
-            match self.buffered_lane.run(splice).await {
+            match self.on_lane(offset, data.len(), splice).await {
                 Some(Ok(())) => {
                     self.length.fetch_max(offset + data.len(), Ordering::AcqRel);
                     Ok(true)
@@ -647,6 +685,22 @@ fn nowait(
     done
 }
 
+/// Starts the write-back of the dirty pages of `offset..offset + len`
+/// from the calling thread, without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`; it may wait for room in the
+/// device's queue). Advice only: an error is ignored here, and a failed
+/// write-back shows at the next flush as it would have anyway.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: `sync_file_range` takes no pointers, and the descriptor
+    // stays open while `file` is borrowed.
+    let _ = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+}
+
 /// Whether a `RWF_DSYNC` write failed only because the kernel or the file
 /// system does not take the flag.
 fn dsync_unsupported(e: &io::Error) -> bool {
@@ -711,5 +765,46 @@ mod tests {
         assert!(start_uring("test", &file, 0).is_none());
         // Where io_uring works at all (this machine and CI), a real ring.
         assert!(start_uring("test", &file, 8).is_some());
+    }
+
+    #[tokio::test]
+    async fn background_writes_start_their_write_back_and_foreground_ones_do_not() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("target");
+        std::fs::write(&path, []).unwrap();
+        let path = path.to_str().unwrap();
+        let (f, _) = FileDriver::open(path, false, false, false, Aio::Threads).unwrap();
+        let data = |fill| IoBuf::from_vec(vec![fill; 4 * MIB as usize]);
+        let source = dir.path().join("source");
+        std::fs::write(&source, vec![3u8; 4 * MIB as usize]).unwrap();
+        let source = HostRange {
+            file: Arc::new(File::open(&source).unwrap()),
+            offset: 0,
+            len: 4 * MIB,
+        };
+        let dirty = |offset| crate::pagecache::dirty(&f.file, offset, 4 * MIB).unwrap();
+
+        // A job's writes, through memory and by kernel copy.
+        let (written, _) = crate::class::background(f.write(0, data(1), false)).await;
+        written.unwrap();
+        let copied = crate::class::background(f.copy_from(4 * MIB, &source)).await;
+        assert!(copied.unwrap(), "the kernel copied");
+        assert_eq!(dirty(0), 0, "a background write left dirty pages");
+        assert_eq!(dirty(4 * MIB), 0, "a background copy left dirty pages");
+
+        // A guest's: left to the kernel's write-back.
+        let (written, _) = f.write(8 * MIB, data(2), false).await;
+        written.unwrap();
+        assert!(f.copy_from(12 * MIB, &source).await.unwrap());
+        assert!(dirty(8 * MIB) > 0, "the foreground write was written back");
+        assert!(dirty(12 * MIB) > 0, "the foreground copy was written back");
+
+        let mut back = vec![0u8; 16 * MIB as usize];
+        f.file.read_exact_at(&mut back, 0).unwrap();
+        for (i, fill) in [1u8, 3, 2, 3].into_iter().enumerate() {
+            let piece = &back[i * 4 * MIB as usize..(i + 1) * 4 * MIB as usize];
+            assert!(piece.iter().all(|&b| b == fill), "piece {i}");
+        }
     }
 }
