@@ -77,6 +77,22 @@ fn thread_cpu_seconds() -> f64 {
     stat_cpu_seconds("/proc/thread-self/stat")
 }
 
+/// CPU seconds the whole machine has been busy (user, nice, system, irq
+/// and softirq time of every core, from `/proc/stat`): with the kernel's
+/// own threads, such as the flusher writing back a buffered target.
+fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or("");
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    // user nice system idle iowait irq softirq ...
+    (at(0) + at(1) + at(2) + at(5) + at(6)) / 100.0
+}
+
 /// User + system time from a `/proc` `stat` file, in seconds.
 fn stat_cpu_seconds(path: &str) -> f64 {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
@@ -147,6 +163,8 @@ struct Outcome {
     cpu: f64,
     /// The NBD server's CPU, when the target is on another daemon.
     peer_cpu: f64,
+    /// The whole machine's busy CPU over the same span.
+    machine: f64,
     allocated: u64,
 }
 
@@ -158,17 +176,19 @@ fn mirror_local(who: Daemon, dir: &Path, source: &Path, size: u64, extra: &str) 
     args.extend(raw_node("dst", &target, extra));
     let mut daemon = who.start(dir, &args);
     let mut qmp = daemon.qmp();
-    let cpu0 = cpu_seconds(daemon.pid());
+    let (cpu0, machine0) = (cpu_seconds(daemon.pid()), machine_cpu_seconds());
     let start = Instant::now();
     qmp.execute_ok("blockdev-mirror", mirror_args(json!({})));
     wait_ready(&mut qmp, who.name());
     let wall = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(daemon.pid()) - cpu0;
+    let machine = machine_cpu_seconds() - machine0;
     cancel_and_quit(&mut qmp, &mut daemon);
     Outcome {
         wall,
         cpu,
         peer_cpu: 0.0,
+        machine,
         allocated: allocated(&target),
     }
 }
@@ -205,12 +225,14 @@ fn mirror_nbd(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
                "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
     );
     let (cpu0, peer0) = (cpu_seconds(daemon.pid()), cpu_seconds(peer.pid()));
+    let machine0 = machine_cpu_seconds();
     let start = Instant::now();
     qmp.execute_ok("blockdev-mirror", mirror_args(json!({})));
     wait_ready(&mut qmp, who.name());
     let wall = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds(daemon.pid()) - cpu0;
     let peer_cpu = cpu_seconds(peer.pid()) - peer0;
+    let machine = machine_cpu_seconds() - machine0;
     cancel_and_quit(&mut qmp, &mut daemon);
     peer.qmp().execute_ok("quit", json!({}));
     let _ = peer.wait_exit();
@@ -218,6 +240,7 @@ fn mirror_nbd(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
         wall,
         cpu,
         peer_cpu,
+        machine,
         allocated: allocated(&target),
     }
 }
@@ -234,6 +257,7 @@ fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
         wall: f64::NAN,
         cpu: f64::NAN,
         peer_cpu: f64::NAN,
+        machine: f64::NAN,
         allocated: 0,
     })
 }
@@ -256,15 +280,17 @@ fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str, flo
             rows.push((name, best(|| copy_floor(dir, source, size, how))));
         }
     }
-    let qemu = (rows[0].1.wall, rows[0].1.cpu.max(0.01));
+    let qemu = (rows[0].1.wall, rows[0].1.cpu.max(0.01), rows[0].1.machine);
     for (who, o) in &rows {
         println!(
-            "| {case} | {who} | {:.2} s | {:.2} s | {:.2} GiB | {:.2} | {:.2} |",
+            "| {case} | {who} | {:.2} s | {:.2} s | {:.2} GiB | {:.2} | {:.2} | {:.2} s | {:.2} |",
             o.wall,
             o.cpu,
             o.allocated as f64 / GIB as f64,
             o.wall / qemu.0,
             o.cpu / qemu.1,
+            o.machine,
+            o.machine / qemu.2.max(0.01),
         );
     }
 }
@@ -301,6 +327,7 @@ fn send_floor(source: &Path, size: u64) -> Outcome {
         wall,
         cpu,
         peer_cpu: f64::NAN,
+        machine: f64::NAN,
         allocated: 0,
     }
 }
@@ -311,7 +338,7 @@ fn nbd_case(dir: &Path, source: &Path, size: u64) {
     let floor = best(|| send_floor(source, size));
     for (who, o) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
         println!(
-            "| full 4 GiB raw→NBD (TCP loopback)→raw | {} | {:.2} s | {:.2} s + {:.2} s | {:.2} GiB | {:.2} | {:.2} / {:.2} |",
+            "| full 4 GiB raw→NBD (TCP loopback)→raw | {} | {:.2} s | {:.2} s + {:.2} s | {:.2} GiB | {:.2} | {:.2} / {:.2} | {:.2} s | {:.2} |",
             who.name(),
             o.wall,
             o.cpu,
@@ -320,10 +347,12 @@ fn nbd_case(dir: &Path, source: &Path, size: u64) {
             o.wall / qemu.wall,
             o.cpu / qemu.cpu.max(0.01),
             o.peer_cpu / qemu.peer_cpu.max(0.01),
+            o.machine,
+            o.machine / qemu.machine.max(0.01),
         );
     }
     println!(
-        "| full 4 GiB raw→NBD (TCP loopback)→raw | sendfile loop to a draining socket, 512 KiB, one thread (the source's floor) | {:.2} s | {:.2} s + — | — | {:.2} | {:.2} / — |",
+        "| full 4 GiB raw→NBD (TCP loopback)→raw | sendfile loop to a draining socket, 512 KiB, one thread (the source's floor) | {:.2} s | {:.2} s + — | — | {:.2} | {:.2} / — | — | — |",
         floor.wall,
         floor.cpu,
         floor.wall / qemu.wall,
@@ -453,7 +482,7 @@ fn copy_floor(dir: &Path, source: &Path, size: u64, how: Floor) -> Outcome {
         .write(true)
         .open(&target)
         .expect("the target");
-    let cpu0 = thread_cpu_seconds();
+    let (cpu0, machine0) = (thread_cpu_seconds(), machine_cpu_seconds());
     let start = Instant::now();
     let mut buf = vec![0u8; MIB as usize];
     let mut at = 0;
@@ -484,6 +513,7 @@ fn copy_floor(dir: &Path, source: &Path, size: u64, how: Floor) -> Outcome {
         wall: start.elapsed().as_secs_f64(),
         cpu: thread_cpu_seconds() - cpu0,
         peer_cpu: 0.0,
+        machine: machine_cpu_seconds() - machine0,
         allocated: allocated(&target),
     }
 }
@@ -726,6 +756,7 @@ fn backup_full_once(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcom
         wall,
         cpu,
         peer_cpu: 0.0,
+        machine: f64::NAN,
         allocated: allocated(&image),
     }
 }
@@ -1166,7 +1197,7 @@ fn main() {
 
     if want("full") || want("direct") || want("sparse") || want("nbd") {
         table(
-            "| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU |",
+            "| case | daemon | time to READY | CPU | target allocated | time vs QEMU | CPU vs QEMU | machine CPU | machine CPU vs QEMU |",
         );
     }
     if [
