@@ -8,22 +8,23 @@
 //! `file` driver's thread-pool engine background requests:
 //!
 //! - run on threads of their own, which the kernel schedules behind the
-//!   others ([`BACKGROUND_NICE`] above the daemon's nice value): a guest's request that wakes up
-//!   while a job copies gets a core at once instead of after the copy's
-//!   time slice;
+//!   others ([`BACKGROUND_NICE`] above the daemon's nice value) and which
+//!   yield the core after each request of a lane: on a kernel without
+//!   preemption a thread inside a long copy is not interrupted, and back
+//!   to back copies kept a core for tens of milliseconds while a guest's
+//!   request waited for it;
 //! - start the write-back of their buffered writes right away, from that
 //!   same thread (`sync_file_range`), instead of leaving gigabytes of dirty
 //!   pages to the kernel's flusher threads, which run at normal priority
-//!   and, on a kernel without preemption, hold a core for milliseconds at a
-//!   time. The job's final flush still makes the data durable; starting
-//!   write-back early only changes who does the work, and when.
+//!   and hold a core for milliseconds at a time. The job's final flush
+//!   still makes the data durable; starting write-back early only changes
+//!   who does the work, and when.
 //!
 //! Measured on the 2-core machine (a guest writing 64 KiB blocks at
-//! 50 MB/s through an NBD export during a 4 GiB background mirror, p99 of
-//! its write latency): 3.9–4.2 ms with both the mirror's copies and the
-//! flusher at normal priority, 3.3–3.9 ms with only the write-back moved,
-//! 1.8–2.7 ms with only the copies niced, 1.1–1.5 ms with both (and READY
-//! sooner). `docs/benchmarks.md` has the runs.
+//! 50 MB/s through an NBD export during a 4 GiB background mirror into a
+//! buffered file, p99 of its write latency): 3.9–4.2 ms before, 1.25–1.89
+//! ms with all of the above, 1.95–2.84 ms without the write-back; READY
+//! came sooner too. `docs/benchmarks.md` has the runs.
 //!
 //! The io_uring engine ignores the class: the kernel's workers run its
 //! requests.
@@ -42,9 +43,9 @@ pub enum IoClass {
 
 /// What the thread pool's background threads add to the daemon's nice
 /// value (up to 19). Enough that a foreground thread that wakes up takes
-/// the core from one of them; not more, so that a job still moves on a machine whose cores are busy
-/// with guests (a nice-10 thread gets about a tenth of a core against one
-/// busy nice-0 thread).
+/// the core from one of them; not more, so that a job still moves on a
+/// machine whose cores are busy with guests (a nice-10 thread gets about
+/// a tenth of a core against one busy nice-0 thread).
 pub const BACKGROUND_NICE: i32 = 10;
 
 tokio::task_local! {

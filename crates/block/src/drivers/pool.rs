@@ -6,8 +6,8 @@
 //! without spawning a thread on a burst.
 //!
 //! Background requests ([`crate::class`]) have a queue and threads of
-//! their own, niced to [`BACKGROUND_NICE`], started on the first such
-//! request.
+//! their own, niced [`BACKGROUND_NICE`] above the daemon's, started on the
+//! first such request.
 //!
 //! A [`Lane`] runs its jobs one after another, back to back on one pool
 //! thread: for requests the kernel serialises anyway (buffered writes to
