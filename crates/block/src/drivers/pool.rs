@@ -41,14 +41,17 @@ struct Queue {
     ready: Condvar,
     /// Threads that started.
     threads: AtomicUsize,
+    /// Its threads yield the core after each job (background ones).
+    yields: bool,
 }
 
 impl Queue {
-    fn new() -> Queue {
+    fn new(yields: bool) -> Queue {
         Queue {
             jobs: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             threads: AtomicUsize::new(0),
+            yields,
         }
     }
 
@@ -73,6 +76,9 @@ impl Queue {
             };
             drop(jobs);
             let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+            if self.yields {
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -116,8 +122,8 @@ fn started(class: IoClass) -> Option<&'static Queue> {
     static BACKGROUND: OnceLock<Queue> = OnceLock::new();
     static STARTED: [OnceLock<()>; 2] = [OnceLock::new(), OnceLock::new()];
     let queue = match class {
-        IoClass::Foreground => FOREGROUND.get_or_init(Queue::new),
-        IoClass::Background => BACKGROUND.get_or_init(Queue::new),
+        IoClass::Foreground => FOREGROUND.get_or_init(|| Queue::new(false)),
+        IoClass::Background => BACKGROUND.get_or_init(|| Queue::new(true)),
     };
     STARTED[class as usize].get_or_init(|| match class {
         IoClass::Foreground => queue.start("bitmirror-io", THREADS, 0),
@@ -221,7 +227,8 @@ impl Lane {
                 // kernel does not preempt the lane's thread inside a long
                 // copy, and back to back jobs would keep it for tens of
                 // milliseconds (measured: a guest's p99 1.5–1.8 ms with
-                // this, 2.8–3.3 ms without).
+                // this, 2.8–3.3 ms without). The pool's background threads
+                // do the same between their own jobs.
                 std::thread::yield_now();
             }
         }
