@@ -290,11 +290,33 @@ impl FileDriver {
 }
 
 /// Copies `len` bytes at `at` of `from` to `to_at` of `to` with
-/// `copy_file_range`: `Ok(false)` if `from` ends first.
-fn copy_file(from: &File, mut at: u64, to: &File, mut to_at: u64, len: u64) -> io::Result<bool> {
+/// Most bytes one `copy_file_range` call is asked for.
+const MAX_COPY: u64 = 1 << 30;
+
+/// Bytes per `copy_file_range` call of a background copy, which yields the
+/// core between two: the kernel does not preempt a thread inside the call.
+/// (A guest's p99 during a background mirror, six runs each in pairs:
+/// 0.8–3.2 ms with 256 KiB calls, 1.4–3.7 ms with 1 MiB ones.)
+const BACKGROUND_COPY_PIECE: u64 = 256 << 10;
+
+/// `copy_file_range`, at most `piece` bytes per call (yielding the core
+/// between calls when that is less than [`MAX_COPY`]): `Ok(false)` if
+/// `from` ends first.
+fn copy_file(
+    from: &File,
+    mut at: u64,
+    to: &File,
+    mut to_at: u64,
+    len: u64,
+    piece: u64,
+) -> io::Result<bool> {
     let end = at + len;
+    let first = at;
     while at < end {
-        let want = (end - at).min(1 << 30) as usize;
+        if at != first && piece < MAX_COPY {
+            std::thread::yield_now();
+        }
+        let want = (end - at).min(piece) as usize;
         match rustix::fs::copy_file_range(from, Some(&mut at), to, Some(&mut to_at), want) {
             Ok(0) => return Ok(false),
             Ok(_) => {}
@@ -525,7 +547,11 @@ impl Driver for FileDriver {
             }
             let (from, to) = (source.file.clone(), self.file.clone());
             let (at, len) = (source.offset, source.len);
-            let copy = move || copy_file(&from, at, &to, offset, len);
+            let piece = match crate::class::current() {
+                IoClass::Foreground => MAX_COPY,
+                IoClass::Background => BACKGROUND_COPY_PIECE,
+            };
+            let copy = move || copy_file(&from, at, &to, offset, len, piece);
             // A buffered write like any other: after the ones queued before.
             let copied = self.on_lane(offset, len, copy).await;
             match copied {
