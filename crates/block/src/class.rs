@@ -9,7 +9,8 @@
 //!
 //! - run on threads of their own, which the kernel schedules behind the
 //!   others ([`BACKGROUND_NICE`] above the daemon's nice value) and which
-//!   yield the core after each request of a lane: on a kernel without
+//!   yield the core after each request (and between the 256 KiB calls of
+//!   a kernel copy): on a kernel without
 //!   preemption a thread inside a long copy is not interrupted, and back
 //!   to back copies kept a core for tens of milliseconds while a guest's
 //!   request waited for it;
