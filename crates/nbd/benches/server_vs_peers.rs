@@ -213,7 +213,10 @@ fn main() {
         serve(&spec);
         return;
     }
-    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let mut filters = std::env::args().skip(1).filter(|a| !a.starts_with('-'));
+    let filter: Option<String> = filters.next();
+    // A second word picks the workloads whose names contain it.
+    let rows_wanted: Option<String> = filters.next();
     for tool in ["qemu-nbd", "nbdkit", "nbdcopy", "qemu-img"] {
         testkit::require_tool(
             tool,
@@ -330,6 +333,9 @@ fn main() {
         ];
         let mut rows = Vec::new();
         for (name, amount, unit, job) in &jobs {
+            if rows_wanted.as_deref().is_some_and(|w| !name.contains(w)) {
+                continue;
+            }
             let mut results = Vec::new();
             for peer in PEERS {
                 let mut child = peer.start(Path::new(f), &sock, direct);
