@@ -43,6 +43,23 @@ async fn raw(g: &Graph, name: &str, path: &str, file: Value, raw: Value) -> Arc<
     add(g, v).await
 }
 
+/// Node `dst`: the 2 MiB of the file at `path` from 1 MiB on, through
+/// `raw`, with a recording bitmap `b` of 64 KiB granularity.
+async fn window_with_bitmap(g: &Graph, path: &str) -> Arc<Node> {
+    let node = raw(
+        g,
+        "dst",
+        path,
+        json!({}),
+        json!({"offset": MIB, "size": 2 * MIB}),
+    )
+    .await;
+    node.add_bitmap("b", Some(65536), false, false)
+        .await
+        .expect("a bitmap");
+    node
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -59,18 +76,7 @@ fn a_copy_between_buffered_files_lands_with_the_targets_tracking() {
         let g = Graph::new();
         let source = raw(&g, "src", &src, json!({}), json!({})).await;
         // The target is a window of its file: the copy is shifted with it.
-        let target = raw(
-            &g,
-            "dst",
-            &dst,
-            json!({}),
-            json!({"offset": MIB, "size": 2 * MIB}),
-        )
-        .await;
-        target
-            .add_bitmap("b", Some(65536), false, false)
-            .await
-            .expect("a bitmap");
+        let target = window_with_bitmap(&g, &dst).await;
         assert!(
             source
                 .copy_range_to(MIB, MIB, &target, false)
@@ -323,18 +329,7 @@ fn a_piped_write_lands_with_the_nodes_tracking() {
     runtime().block_on(async {
         let g = Graph::new();
         // A window of its file: the write is shifted with it.
-        let target = raw(
-            &g,
-            "dst",
-            &dst,
-            json!({}),
-            json!({"offset": MIB, "size": 2 * MIB}),
-        )
-        .await;
-        target
-            .add_bitmap("b", Some(65536), false, false)
-            .await
-            .expect("a bitmap");
+        let target = window_with_bitmap(&g, &dst).await;
         let first: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8 + 1).collect();
         let second = vec![0x77u8; 64 * 1024];
         let mut data = block::Piped::new();

@@ -171,7 +171,8 @@ impl FileDriver {
         let mut done = 0;
         // A background write goes to its own threads whatever the page
         // cache holds (and starts its write-back there).
-        let foreground = crate::class::current() == IoClass::Foreground;
+        let class = crate::class::current();
+        let foreground = class == IoClass::Foreground;
         if !fua && foreground && self.nowait_writes.load(Ordering::Relaxed) {
             done = nowait(&self.nowait_writes, buf.len(), |at| {
                 let slice = [io::IoSlice::new(&buf.as_slice()[at..])];
@@ -220,7 +221,7 @@ impl FileDriver {
             (result, buf)
         };
         let task = match serial {
-            true => self.on_lane(at, len, write).await,
+            true => self.on_lane(class, at, len, write).await,
             false => super::pool::run(write).await,
         };
         match task {
@@ -230,15 +231,16 @@ impl FileDriver {
     }
 
     /// Runs `f`, a buffered write of `offset..offset + len`, on the lane of
-    /// the calling task's class (see [`FileDriver::buffered_lane`]). A
+    /// `class` (the calling task's; see [`FileDriver::buffered_lane`]). A
     /// background write starts its write-back before it returns.
     async fn on_lane<T: Send + 'static>(
         &self,
+        class: IoClass,
         offset: u64,
         len: u64,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
-        match crate::class::current() {
+        match class {
             IoClass::Foreground => self.buffered_lane.run(f).await,
             IoClass::Background => {
                 let file = self.file.clone();
@@ -554,13 +556,14 @@ impl Driver for FileDriver {
             }
             let (from, to) = (source.file.clone(), self.file.clone());
             let (at, len) = (source.offset, source.len);
-            let piece = match crate::class::current() {
+            let class = crate::class::current();
+            let piece = match class {
                 IoClass::Foreground => MAX_COPY,
                 IoClass::Background => BACKGROUND_COPY_PIECE,
             };
             let copy = move || copy_file(&from, at, &to, offset, len, piece);
             // A buffered write like any other: after the ones queued before.
-            let copied = self.on_lane(offset, len, copy).await;
+            let copied = self.on_lane(class, offset, len, copy).await;
             match copied {
                 Some(Ok(true)) => {
                     self.length.fetch_max(offset + len, Ordering::AcqRel);
@@ -592,7 +595,8 @@ impl Driver for FileDriver {
             let parts = data.parts().to_vec();
             let splice = move || splice_file(&parts, &file, offset);
             // A buffered write like any other: after the ones queued before.
-            match self.on_lane(offset, data.len(), splice).await {
+            let class = crate::class::current();
+            match self.on_lane(class, offset, data.len(), splice).await {
                 Some(Ok(())) => {
                     self.length.fetch_max(offset + data.len(), Ordering::AcqRel);
                     Ok(true)
