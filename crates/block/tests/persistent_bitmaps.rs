@@ -509,3 +509,67 @@ async fn storing_bitmaps_keeps_the_backing_file_and_other_extensions() {
         ],
     );
 }
+
+/// Offsets of the writes a node receives.
+struct WriteLog(std::sync::Mutex<Vec<u64>>);
+
+impl block::WriteHook for WriteLog {
+    fn before<'a>(
+        &'a self,
+        _: &'a block::Node,
+        req: block::WriteRequest<'a>,
+    ) -> futures_util::future::BoxFuture<'a, block::Result<()>> {
+        self.0.lock().unwrap().push(req.offset);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn after<'a>(
+        &'a self,
+        _: &'a block::Node,
+        _: block::WriteRequest<'a>,
+    ) -> futures_util::future::BoxFuture<'a, block::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The image header's autoclear feature bits, as on disk.
+fn autoclear(image: &str) -> u64 {
+    let header = std::fs::read(image).unwrap();
+    u64::from_be_bytes(header[88..96].try_into().unwrap())
+}
+
+/// `block-dirty-bitmap-add` of a persistent bitmap gives a writable image
+/// its activity log at once (our autoclear bit, 63, in the header): the
+/// first write afterwards is logged with one write of a log area, and
+/// does not rewrite the header (with the flushes a new log takes) while a
+/// guest waits for it.
+#[tokio::test]
+async fn a_persistent_bitmap_added_gives_the_image_its_log_before_any_write() {
+    require_tool("qemu-img", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("log.qcow2");
+    let image = image.to_str().unwrap();
+    qemu_img_create_qcow2(image, 64 << 20, "");
+    qemu_io_writes(image, "qcow2", &[(0, 64 << 20, Some(7))]);
+    let g = Graph::new();
+    let node = open_qcow2(&g, "q", image, json!({"read-only": false}))
+        .await
+        .unwrap();
+    assert_eq!(autoclear(image) >> 63, 0, "a log before any bitmap");
+    node.add_bitmap("b", None, true, false).await.unwrap();
+    assert_eq!(autoclear(image) >> 63, 1, "no log after the bitmap's add");
+    let file = node.children()[0].1.node();
+    let writes = std::sync::Arc::new(WriteLog(Default::default()));
+    file.add_write_hook(writes.clone());
+    write(&node, &[(5 << 20, 4096)]).await;
+    let seen = writes.0.lock().unwrap().clone();
+    assert!(!seen.contains(&0), "the header was rewritten: {seen:?}");
+    // The data (in place: the image is allocated) and the log area.
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let info = node.bitmaps().info();
+    assert_eq!((info[0].name.as_str(), info[0].count), ("b", 65536));
+    drop((node, file));
+    g.close_all().await.unwrap();
+    assert_check_clean(image);
+    assert_eq!(autoclear(image) >> 63, 0, "the log outlived a clean close");
+}

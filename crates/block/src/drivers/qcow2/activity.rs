@@ -8,9 +8,10 @@
 //! checkpoint loads with every extent either area names marked dirty: a
 //! superset of the writes since, never a subset.
 //!
-//! On disk: two areas of one bit per extent (allocated at the first write
-//! after open, freed by a clean close, which stores the bitmaps clean and
-//! needs no log), and an extension of ours (type [`EXT_ACTIVITY`]) naming
+//! On disk: two areas of one bit per extent (allocated by the first
+//! checkpoint with a persistent bitmap, or else the first write, after
+//! open; freed by a clean close, which stores the bitmaps clean and needs
+//! no log), and an extension of ours (type [`EXT_ACTIVITY`]) naming
 //! them, the bitmap directory of the last
 //! checkpoint and which of its bitmaps were consistent then. It counts only
 //! while our autoclear bit is set: QEMU clears it when it opens the image
@@ -312,17 +313,26 @@ impl Qcow2Driver {
         self.store_bitmaps(&mut m, saved, true).await?;
         let areas = m.activity;
         drop(m);
-        // The stored bitmaps cover everything the old generation named.
-        if let Some(areas) = areas {
-            let _io = self.log_io.lock().await;
-            let zeroes = {
-                let mut log = self.lock_log();
-                log.bits[old].fill(0);
-                log.bits[old].clone()
-            };
-            let file = self.file.node();
-            let buf = IoBuf::copy_from(&zeroes, file.limits().memory_alignment);
-            file.write_growing(areas.offsets[old], buf, true).await.0?;
+        let _io = self.log_io.lock().await;
+        match areas {
+            // The stored bitmaps cover everything the old generation named.
+            Some(areas) => {
+                let zeroes = {
+                    let mut log = self.lock_log();
+                    log.bits[old].fill(0);
+                    log.bits[old].clone()
+                };
+                let file = self.file.node();
+                let buf = IoBuf::copy_from(&zeroes, file.limits().memory_alignment);
+                file.write_growing(areas.offsets[old], buf, true).await.0?;
+            }
+            // No log yet: the image gets one now, so that the first write
+            // pays for one durable write of a log area, not for the
+            // flushes and the header a new log takes.
+            None if !names.is_empty() && self.lock_meta().await.activity.is_none() => {
+                self.enable_log().await?;
+            }
+            None => {}
         }
         Ok(())
     }
