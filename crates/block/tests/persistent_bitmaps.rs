@@ -538,13 +538,14 @@ fn autoclear(image: &str) -> u64 {
     u64::from_be_bytes(header[88..96].try_into().unwrap())
 }
 
-/// `block-dirty-bitmap-add` of a persistent bitmap gives a writable image
-/// its activity log at once (our autoclear bit, 63, in the header): the
-/// first write afterwards is logged with one write of a log area, and
-/// does not rewrite the header (with the flushes a new log takes) while a
-/// guest waits for it.
+/// A writable image with a persistent bitmap has its activity log (our
+/// autoclear bit, 63, in the header) before any write: made when the
+/// bitmap is added (`block-dirty-bitmap-add`) or when the image is opened
+/// with one. The first write is then logged with one write of a log area;
+/// it does not rewrite the header (with the flushes a new log takes)
+/// while a guest waits for it. A clean close drops the log.
 #[tokio::test]
-async fn a_persistent_bitmap_added_gives_the_image_its_log_before_any_write() {
+async fn the_log_is_made_by_a_bitmap_add_or_an_open_not_by_a_write() {
     require_tool("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("log.qcow2");
@@ -552,24 +553,34 @@ async fn a_persistent_bitmap_added_gives_the_image_its_log_before_any_write() {
     qemu_img_create_qcow2(image, 64 << 20, "");
     qemu_io_writes(image, "qcow2", &[(0, 64 << 20, Some(7))]);
     let g = Graph::new();
-    let node = open_qcow2(&g, "q", image, json!({"read-only": false}))
-        .await
-        .unwrap();
-    assert_eq!(autoclear(image) >> 63, 0, "a log before any bitmap");
-    node.add_bitmap("b", None, true, false).await.unwrap();
-    assert_eq!(autoclear(image) >> 63, 1, "no log after the bitmap's add");
-    let file = node.children()[0].1.node();
-    let writes = std::sync::Arc::new(WriteLog(Default::default()));
-    file.add_write_hook(writes.clone());
-    write(&node, &[(5 << 20, 4096)]).await;
-    let seen = writes.0.lock().unwrap().clone();
-    assert!(!seen.contains(&0), "the header was rewritten: {seen:?}");
-    // The data (in place: the image is allocated) and the log area.
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    let info = node.bitmaps().info();
-    assert_eq!((info[0].name.as_str(), info[0].count), ("b", 65536));
-    drop((node, file));
-    g.close_all().await.unwrap();
-    assert_check_clean(image);
-    assert_eq!(autoclear(image) >> 63, 0, "the log outlived a clean close");
+    for (round, at) in [(0, 5 << 20), (1, 9 << 20)] {
+        let node = open_qcow2(&g, "q", image, json!({"read-only": false}))
+            .await
+            .unwrap();
+        if round == 0 {
+            assert_eq!(autoclear(image) >> 63, 0, "a log before any bitmap");
+            node.add_bitmap("b", None, true, false).await.unwrap();
+        }
+        assert_eq!(autoclear(image) >> 63, 1, "round {round}: no log");
+        let file = node.children()[0].1.node();
+        let writes = std::sync::Arc::new(WriteLog(Default::default()));
+        file.add_write_hook(writes.clone());
+        write(&node, &[(at, 4096)]).await;
+        let seen = writes.0.lock().unwrap().clone();
+        assert!(
+            !seen.contains(&0),
+            "round {round}: header rewritten: {seen:?}"
+        );
+        // The data (in place: the image is allocated) and the log area.
+        assert_eq!(seen.len(), 2, "round {round}: {seen:?}");
+        let info = node.bitmaps().info();
+        assert_eq!(
+            (info[0].name.as_str(), info[0].count),
+            ("b", 65536 * (round + 1))
+        );
+        drop((node, file));
+        g.remove("q").await.unwrap();
+        assert_check_clean(image);
+        assert_eq!(autoclear(image) >> 63, 0, "the log outlived a clean close");
+    }
 }

@@ -8,9 +8,9 @@
 //! checkpoint loads with every extent either area names marked dirty: a
 //! superset of the writes since, never a subset.
 //!
-//! On disk: two areas of one bit per extent (allocated by the first
-//! checkpoint with a persistent bitmap, or else the first write, after
-//! open; freed by a clean close, which stores the bitmaps clean and needs
+//! On disk: two areas of one bit per extent (allocated when persistent
+//! bitmaps are loaded writable or one is added, or else by the first
+//! write; freed by a clean close, which stores the bitmaps clean and needs
 //! no log), and an extension of ours (type [`EXT_ACTIVITY`]) naming
 //! them, the bitmap directory of the last
 //! checkpoint and which of its bitmaps were consistent then. It counts only
@@ -313,26 +313,31 @@ impl Qcow2Driver {
         self.store_bitmaps(&mut m, saved, true).await?;
         let areas = m.activity;
         drop(m);
+        // The stored bitmaps cover everything the old generation named.
+        if let Some(areas) = areas {
+            let _io = self.log_io.lock().await;
+            let zeroes = {
+                let mut log = self.lock_log();
+                log.bits[old].fill(0);
+                log.bits[old].clone()
+            };
+            let file = self.file.node();
+            let buf = IoBuf::copy_from(&zeroes, file.limits().memory_alignment);
+            file.write_growing(areas.offsets[old], buf, true).await.0?;
+        } else if !names.is_empty() {
+            self.ensure_log().await?;
+        }
+        Ok(())
+    }
+
+    /// Gives the image a log now if it has none: called when a persistent
+    /// bitmap is added or loaded writable, so that the first write pays
+    /// for one durable write of a log area, not for the flushes and the
+    /// header a new log takes while a guest waits for it.
+    pub(super) async fn ensure_log(&self) -> Result<()> {
         let _io = self.log_io.lock().await;
-        match areas {
-            // The stored bitmaps cover everything the old generation named.
-            Some(areas) => {
-                let zeroes = {
-                    let mut log = self.lock_log();
-                    log.bits[old].fill(0);
-                    log.bits[old].clone()
-                };
-                let file = self.file.node();
-                let buf = IoBuf::copy_from(&zeroes, file.limits().memory_alignment);
-                file.write_growing(areas.offsets[old], buf, true).await.0?;
-            }
-            // No log yet: the image gets one now, so that the first write
-            // pays for one durable write of a log area, not for the
-            // flushes and the header a new log takes.
-            None if !names.is_empty() && self.lock_meta().await.activity.is_none() => {
-                self.enable_log().await?;
-            }
-            None => {}
+        if self.lock_meta().await.activity.is_none() {
+            self.enable_log().await?;
         }
         Ok(())
     }

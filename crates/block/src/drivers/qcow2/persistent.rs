@@ -178,6 +178,9 @@ impl Qcow2Driver {
             m.stored_names = names;
             m.stored_consistent = consistent_now;
         }
+        if self.can_store_bitmaps() && !out.is_empty() {
+            self.ensure_log().await?;
+        }
         Ok(out)
     }
 
