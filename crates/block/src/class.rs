@@ -14,8 +14,9 @@
 //!   preemption a thread inside a long copy is not interrupted, and back
 //!   to back copies kept a core for tens of milliseconds while a guest's
 //!   request waited for it;
-//! - start the write-back of their buffered writes right away, from that
-//!   same thread (`sync_file_range`), instead of leaving gigabytes of dirty
+//! - start the write-back of their buffered writes early, from that same
+//!   thread (`sync_file_range`, once a contiguous run reaches 32 MiB or a
+//!   write lands elsewhere), instead of leaving gigabytes of dirty
 //!   pages to the kernel's flusher threads, which run at normal priority
 //!   and hold a core for milliseconds at a time. The job's final flush
 //!   still makes the data durable; starting write-back early only changes

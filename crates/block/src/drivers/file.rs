@@ -79,6 +79,8 @@ pub(crate) struct FileDriver {
     /// flight at once are); in practice one side has them all: a mirror's
     /// target gets only the job's writes unless it is write-blocking.
     background_lane: Arc<Lane>,
+    /// The background writes whose write-back is not started yet.
+    write_behind: Arc<std::sync::Mutex<WriteBehind>>,
     /// The path as given.
     path: String,
 }
@@ -154,6 +156,7 @@ impl FileDriver {
                 splice_in: AtomicBool::new(!direct),
                 buffered_lane: Arc::default(),
                 background_lane: Arc::new(Lane::new(IoClass::Background)),
+                write_behind: Arc::default(),
                 uring,
                 path: path.to_owned(),
             },
@@ -170,7 +173,7 @@ impl FileDriver {
         let serial = !self.direct && !fua;
         let mut done = 0;
         // A background write goes to its own threads whatever the page
-        // cache holds (and starts its write-back there).
+        // cache holds (and starts write-back there).
         let class = crate::class::current();
         let foreground = class == IoClass::Foreground;
         if !fua && foreground && self.nowait_writes.load(Ordering::Relaxed) {
@@ -232,7 +235,9 @@ impl FileDriver {
 
     /// Runs `f`, a buffered write of `offset..offset + len`, on the lane of
     /// `class` (the calling task's; see [`FileDriver::buffered_lane`]). A
-    /// background write starts its write-back before it returns.
+    /// background write then starts the write-back of the run of
+    /// contiguous background writes it ends, once that run is due (see
+    /// [`WriteBehind`]).
     async fn on_lane<T: Send + 'static>(
         &self,
         class: IoClass,
@@ -244,9 +249,16 @@ impl FileDriver {
             IoClass::Foreground => self.buffered_lane.run(f).await,
             IoClass::Background => {
                 let file = self.file.clone();
+                let behind = self.write_behind.clone();
                 let write = move || {
                     let result = f();
-                    start_writeback(&file, offset, len);
+                    let due = behind
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .wrote(offset, len);
+                    for (offset, len) in due.into_iter().flatten() {
+                        start_writeback(&file, offset, len);
+                    }
                     result
                 };
                 self.background_lane.run(write).await
@@ -297,7 +309,6 @@ impl FileDriver {
     }
 }
 
-/// Copies `len` bytes at `at` of `from` to `to_at` of `to` with
 /// Most bytes one `copy_file_range` call is asked for.
 const MAX_COPY: u64 = 1 << 30;
 
@@ -307,6 +318,44 @@ const MAX_COPY: u64 = 1 << 30;
 /// (A guest's p99 during a background mirror, six runs each in pairs:
 /// 0.8–3.2 ms with 256 KiB calls, 1.4–3.7 ms with 1 MiB ones.)
 const BACKGROUND_COPY_PIECE: u64 = 256 << 10;
+
+/// Background writes are written back in runs of up to this many
+/// contiguous bytes. (A guest's p99 during a background mirror, in pairs:
+/// 1.28–2.59 ms against 1.80–2.94 ms when each write started its own
+/// write-back; fewer, larger write-backs leave ext4 fewer extent
+/// conversions to run beside the guest.)
+const WRITE_BEHIND_BATCH: u64 = 32 << 20;
+
+/// The run of contiguous background writes to a file whose write-back is
+/// not started yet. The job's flush makes whatever is left durable.
+#[derive(Debug, Default)]
+struct WriteBehind {
+    start: u64,
+    end: u64,
+}
+
+impl WriteBehind {
+    /// Takes a background write of `offset..offset + len`, which extends
+    /// the run or starts a new one; returns the runs (offset, length) whose
+    /// write-back is due now: the old run when the write lands elsewhere,
+    /// and the run once it reaches [`WRITE_BEHIND_BATCH`].
+    fn wrote(&mut self, offset: u64, len: u64) -> [Option<(u64, u64)>; 2] {
+        let mut due = [None, None];
+        if self.end > self.start && self.end == offset {
+            self.end = offset + len;
+        } else {
+            if self.end > self.start {
+                due[0] = Some((self.start, self.end - self.start));
+            }
+            (self.start, self.end) = (offset, offset + len);
+        }
+        if self.end - self.start >= WRITE_BEHIND_BATCH {
+            due[1] = Some((self.start, self.end - self.start));
+            (self.start, self.end) = (0, 0);
+        }
+        due
+    }
+}
 
 /// `copy_file_range`, at most `piece` bytes per call (yielding the core
 /// between calls when that is less than [`MAX_COPY`]): `Ok(false)` if
@@ -834,28 +883,70 @@ mod tests {
             offset: 0,
             len: 4 * MIB,
         };
-        let dirty = |offset| crate::pagecache::dirty(&f.file, offset, 4 * MIB).unwrap();
+        let dirty = |offset, len| crate::pagecache::dirty(&f.file, offset, len).unwrap();
+        let background_write = |offset, fill| {
+            let write = crate::class::background(f.write(offset, data(fill), false));
+            async move { write.await.0.unwrap() }
+        };
 
-        // A job's writes, through memory and by kernel copy.
-        let (written, _) = crate::class::background(f.write(0, data(1), false)).await;
-        written.unwrap();
-        let copied = crate::class::background(f.copy_from(4 * MIB, &source)).await;
+        // A job's writes, through memory and by kernel copy, in one run:
+        // written back once the run reaches the batch.
+        for i in 0..7 {
+            background_write(i * 4 * MIB, 1).await;
+        }
+        let copied = crate::class::background(f.copy_from(28 * MIB, &source)).await;
         assert!(copied.unwrap(), "the kernel copied");
-        assert_eq!(dirty(0), 0, "a background write left dirty pages");
-        assert_eq!(dirty(4 * MIB), 0, "a background copy left dirty pages");
+        assert_eq!(WRITE_BEHIND_BATCH, 32 * MIB);
+        assert_eq!(dirty(0, 32 * MIB), 0, "a full run left dirty pages");
+        // A short run: written back once a write lands elsewhere.
+        background_write(40 * MIB, 1).await;
+        assert!(dirty(40 * MIB, 4 * MIB) > 0, "a short run was written back");
+        background_write(48 * MIB, 1).await;
+        assert_eq!(dirty(40 * MIB, 4 * MIB), 0, "an ended run left dirty pages");
 
         // A guest's: left to the kernel's write-back.
-        let (written, _) = f.write(8 * MIB, data(2), false).await;
+        let (written, _) = f.write(64 * MIB, data(2), false).await;
         written.unwrap();
-        assert!(f.copy_from(12 * MIB, &source).await.unwrap());
-        assert!(dirty(8 * MIB) > 0, "the foreground write was written back");
-        assert!(dirty(12 * MIB) > 0, "the foreground copy was written back");
+        assert!(f.copy_from(68 * MIB, &source).await.unwrap());
+        assert!(
+            dirty(64 * MIB, 4 * MIB) > 0,
+            "the foreground write was written back"
+        );
+        assert!(
+            dirty(68 * MIB, 4 * MIB) > 0,
+            "the foreground copy was written back"
+        );
 
-        let mut back = vec![0u8; 16 * MIB as usize];
+        let mut back = vec![0u8; 72 * MIB as usize];
         f.file.read_exact_at(&mut back, 0).unwrap();
-        for (i, fill) in [1u8, 3, 2, 3].into_iter().enumerate() {
-            let piece = &back[i * 4 * MIB as usize..(i + 1) * 4 * MIB as usize];
+        let want = |at: u64| match at / (4 * MIB) {
+            0..=6 | 10 | 12 => 1u8,
+            7 | 17 => 3,
+            16 => 2,
+            _ => 0,
+        };
+        for (i, piece) in back.chunks(4 * MIB as usize).enumerate() {
+            let fill = want(i as u64 * 4 * MIB);
             assert!(piece.iter().all(|&b| b == fill), "piece {i}");
         }
+    }
+
+    #[test]
+    fn write_behind_starts_runs_when_full_or_ended() {
+        let mut w = WriteBehind::default();
+        let batch = WRITE_BEHIND_BATCH;
+        // Contiguous writes grow one run, due once it reaches the batch.
+        assert_eq!(w.wrote(0, batch / 2), [None, None]);
+        assert_eq!(w.wrote(batch / 2, batch / 2), [None, Some((0, batch))]);
+        // A write elsewhere ends the run before it.
+        assert_eq!(w.wrote(5 * batch, 4096), [None, None]);
+        assert_eq!(w.wrote(5 * batch + 4096, 4096), [None, None]);
+        assert_eq!(w.wrote(0, 4096), [Some((5 * batch, 8192)), None]);
+        // A single write of a batch or more is due at once.
+        assert_eq!(
+            w.wrote(4096, 2 * batch),
+            [None, Some((0, 2 * batch + 4096))]
+        );
+        assert_eq!(w.wrote(0, 512), [None, None]);
     }
 }
