@@ -124,47 +124,10 @@ fn raw_node(name: &str, path: &Path, extra: &str) -> [String; 2] {
 fn sparse_file(path: &Path, size: u64) {
     if std::fs::remove_file(path).is_ok() {
         run("sync", &[]);
-        settle_discards(path);
+        testkit::settle_discards(path);
     }
     let f = std::fs::File::create(path).expect("a target file");
     f.set_len(size).expect("a sparse target");
-}
-
-/// Waits (up to 30 s) until the device holding `path`'s directory has
-/// sent no discard for 300 ms and has nothing in flight.
-fn settle_discards(path: &Path) {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let Ok(meta) = std::fs::metadata(dir) else {
-        return;
-    };
-    let dev = meta.dev();
-    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    let stat = format!("/sys/dev/block/{major}:{minor}/stat");
-    // Discard sectors (field 14) and requests in flight (field 9).
-    let read = || -> Option<(u64, u64)> {
-        let text = std::fs::read_to_string(&stat).ok()?;
-        let f: Vec<u64> = text
-            .split_whitespace()
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        Some((*f.get(13)?, *f.get(8)?))
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = read();
-    let mut quiet_since = Instant::now();
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = read();
-        if now.is_none() {
-            return;
-        }
-        if now != last || now.is_some_and(|(_, inflight)| inflight > 0) {
-            quiet_since = Instant::now();
-        } else if quiet_since.elapsed() >= Duration::from_millis(300) {
-            return;
-        }
-        last = now;
-    }
 }
 
 fn allocated(path: &Path) -> u64 {

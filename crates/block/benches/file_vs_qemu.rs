@@ -13,6 +13,7 @@
 
 #![allow(missing_docs)]
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -362,6 +363,7 @@ fn qcow2_writes(rt: &tokio::runtime::Runtime, raw: &str) {
     assert!(made.success(), "qemu-img convert failed");
     let fresh = |image: &str| {
         let _ = std::fs::remove_file(image);
+        testkit::settle_discards(Path::new(image));
         let made = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", image, &IMAGE.to_string()])
             .status()
@@ -375,6 +377,8 @@ fn qcow2_writes(rt: &tokio::runtime::Runtime, raw: &str) {
         std::fs::File::open(image)
             .and_then(|f| f.sync_all())
             .expect("the copy is synced");
+        // And the blocks the overwritten copy freed are discarded.
+        testkit::settle_discards(Path::new(image));
     };
     println!();
     println!("| qcow2 write pattern | image | cache | qemu-img bench | bitmirror | ratio |");
@@ -429,6 +433,7 @@ fn qcow2_bitmap_cost(rt: &tokio::runtime::Runtime, raw: &str) {
                 std::fs::File::open(&image)
                     .and_then(|f| f.sync_all())
                     .expect("the copy is synced");
+                testkit::settle_discards(Path::new(&image));
                 let g = Graph::new();
                 let v = json!({"driver": "qcow2", "node-name": "q",
                                "file": {"driver": "file", "filename": image,

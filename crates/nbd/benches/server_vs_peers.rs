@@ -232,6 +232,8 @@ fn main() {
     let file = dir.path().join("disk.raw");
     let source = dir.path().join("source.raw");
     let sock = dir.path().join("nbd.sock");
+    // The files an earlier run deleted may still be being discarded.
+    testkit::settle_discards(&file);
     eprintln!("writing {} GiB of data…", SIZE >> 30);
     let mut chunk = vec![0u8; 1 << 20];
     let mut x = 1u64;

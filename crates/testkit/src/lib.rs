@@ -629,3 +629,47 @@ pub mod ceph {
         )
     }
 }
+
+/// Waits (up to 30 s) until the block device holding `path`'s directory has
+/// sent no discard for 300 ms and has nothing in flight. A file system
+/// mounted with `discard` trims a deleted file's blocks in the background;
+/// a benchmark that deletes gigabytes and then measures would time those
+/// discards too. Returns at once where the device's counters cannot be
+/// read.
+pub fn settle_discards(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let dev = meta.dev();
+    // Linux's encoding of a device number (glibc's `major`/`minor`).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let stat = format!("/sys/dev/block/{major}:{minor}/stat");
+    // Discard sectors (field 14) and requests in flight (field 9).
+    let read = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(&stat).ok()?;
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        Some((*f.get(13)?, *f.get(8)?))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = read();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = read();
+        if now.is_none() {
+            return;
+        }
+        if now != last || now.is_some_and(|(_, inflight)| inflight > 0) {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_millis(300) {
+            return;
+        }
+        last = now;
+    }
+}
