@@ -25,7 +25,7 @@ const WRITES: [(u64, u64); 9] = [
     (2 * MIB, MIB),
     (4 * MIB - 512, 4 * MIB),
     (8 * MIB + 4096, 4 * MIB + 4096),
-    (13 * MIB, 3 * MIB),
+    (12 * MIB + 512 * 1024, 3 * MIB),
     (SIZE - 65536, 65536),
 ];
 
@@ -58,6 +58,16 @@ fn pattern(round: u64, n: u64, len: u64) -> Vec<u8> {
 /// Issues [`WRITES`] at once through `client` (every one in flight
 /// together), applies them to `model`, and checks the image.
 fn write_all_at_once(f: &Fixture, client: &Arc<Node>, round: u64, model: &mut [u8], path: &str) {
+    // Writes in flight together may land in any order, so the model holds
+    // only if none overlaps another.
+    for (i, &(a, alen)) in WRITES.iter().enumerate() {
+        for &(b, blen) in &WRITES[i + 1..] {
+            assert!(
+                a + alen <= b || b + blen <= a,
+                "WRITES overlap at {a} and {b}"
+            );
+        }
+    }
     let writes = WRITES.iter().enumerate().map(|(n, &(offset, len))| {
         let client = client.clone();
         let data = pattern(round, n as u64, len);
@@ -70,8 +80,6 @@ fn write_all_at_once(f: &Fixture, client: &Arc<Node>, round: u64, model: &mut [u
         }
     });
     let done = f.rt.block_on(futures_util::future::join_all(writes));
-    // Overlapping writes in flight together may land in any order: the
-    // test's writes do not overlap.
     for r in done {
         let (offset, data) = r.expect("the write succeeds");
         model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
