@@ -335,7 +335,7 @@ impl Server {
     {
         let (reader, writer) = tokio::io::split(stream);
         let mut reader = BufReader::new(reader);
-        let mut writer = BufWriter::new(writer);
+        let mut writer = BufWriter::with_capacity(transmission::REPLY_BUFFER, writer);
         let no_zeroes = handshake::greet(&mut reader, &mut writer).await?;
         let tls = self.shared.options.tls.clone();
         let state = if tls.is_some() {
@@ -365,7 +365,7 @@ impl Server {
         tls.authorize(stream.get_ref().1.peer_certificates())?;
         let (reader, writer) = tokio::io::split(stream);
         let mut reader = BufReader::new(reader);
-        let mut writer = BufWriter::new(writer);
+        let mut writer = BufWriter::with_capacity(transmission::REPLY_BUFFER, writer);
         match handshake::negotiate(self, &mut reader, &mut writer, no_zeroes, Tls::Done).await? {
             Outcome::Export(n) => Ok(Some(Ready::Tls(n, reader, writer))),
             Outcome::Left | Outcome::StartTls => Ok(None),

@@ -42,11 +42,16 @@ const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Buffers kept per connection for reuse, and the largest one kept.
 const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BYTES: usize = (4 << 20) + 4096;
-/// Replies up to this size go through the write buffer (tokio's default
-/// 8 KiB), which is flushed once no other request of the connection is
-/// about to reply (replies that complete together go out in one system
-/// call); larger ones are written with vectored writes.
+/// Replies up to this size go through the write buffer
+/// ([`REPLY_BUFFER`]), which is flushed once no other request of the
+/// connection is about to reply (replies that complete together go out in
+/// one system call); larger ones are written with vectored writes.
 const SMALL_REPLY: usize = 8192;
+/// The capacity of a connection's write buffer: the replies of a batch of
+/// 4 KiB reads, which complete together when the page cache serves them.
+/// (With tokio's default of 8 KiB, each 4 KiB reply pushed the one before
+/// it out: a system call, and a wake-up of the client, per reply.)
+pub(super) const REPLY_BUFFER: usize = 64 << 10;
 /// Reads at least this long that the page cache holds go from it to the
 /// socket inside the kernel (`sendfile`): below, a copy through our buffer
 /// costs less than the extra system calls.
