@@ -518,7 +518,7 @@ impl block::WriteHook for WriteLog {
         &'a self,
         _: &'a block::Node,
         req: block::WriteRequest<'a>,
-    ) -> futures_util::future::BoxFuture<'a, block::Result<()>> {
+    ) -> block::BoxFuture<'a, block::Result<()>> {
         self.0.lock().unwrap().push(req.offset);
         Box::pin(async { Ok(()) })
     }
@@ -527,15 +527,18 @@ impl block::WriteHook for WriteLog {
         &'a self,
         _: &'a block::Node,
         _: block::WriteRequest<'a>,
-    ) -> futures_util::future::BoxFuture<'a, block::Result<()>> {
+    ) -> block::BoxFuture<'a, block::Result<()>> {
         Box::pin(async { Ok(()) })
     }
 }
 
 /// The image header's autoclear feature bits, as on disk.
 fn autoclear(image: &str) -> u64 {
-    let header = std::fs::read(image).unwrap();
-    u64::from_be_bytes(header[88..96].try_into().unwrap())
+    use std::os::unix::fs::FileExt;
+    let mut bits = [0u8; 8];
+    let file = std::fs::File::open(image).unwrap();
+    file.read_exact_at(&mut bits, 88).unwrap();
+    u64::from_be_bytes(bits)
 }
 
 /// A writable image with a persistent bitmap has its activity log (our
