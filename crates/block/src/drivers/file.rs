@@ -71,7 +71,9 @@ pub(crate) struct FileDriver {
     /// so do kernel copies into the file, whatever the engine); io_uring
     /// orders buffered writes to one file by itself. `O_DIRECT` and FUA
     /// writes run in parallel. (The `RWF_NOWAIT` attempt on the calling
-    /// thread needs neither: it gives up at once when the inode is locked.)
+    /// thread needs neither: it gives up at once when the inode is locked.
+    /// A small write run on the calling thread, [`INLINE_MAX`], holds the
+    /// lane meanwhile.)
     buffered_lane: Arc<Lane>,
     /// The same for background requests ([`crate::class`]), on the pool's
     /// background threads. Background and foreground writes to one file
@@ -79,6 +81,9 @@ pub(crate) struct FileDriver {
     /// flight at once are); in practice one side has them all: a mirror's
     /// target gets only the job's writes unless it is write-blocking.
     background_lane: Arc<Lane>,
+    /// Inline writes ([`INLINE_MAX`]) are off until this time
+    /// ([`clock`]), after one was slow.
+    inline_after: AtomicU64,
     /// The background writes whose write-back is not started yet.
     write_behind: Arc<std::sync::Mutex<WriteBehind>>,
     /// The path as given.
@@ -157,6 +162,7 @@ impl FileDriver {
                 buffered_lane: Arc::default(),
                 background_lane: Arc::new(Lane::new(IoClass::Background)),
                 write_behind: Arc::default(),
+                inline_after: AtomicU64::new(0),
                 uring,
                 path: path.to_owned(),
             },
@@ -205,9 +211,20 @@ impl FileDriver {
             }
             return (result.map_err(|e| Error::io("write", e)), buf);
         }
-        let file = self.file.clone();
         let at = offset + done as u64;
         let len = (buf.len() - done) as u64;
+        if serial && foreground && self.inline_allowed(at, len) {
+            let write = || {
+                let started = std::time::Instant::now();
+                let result = self.file.write_all_at(&buf.as_slice()[done..], at);
+                (result, started.elapsed())
+            };
+            if let Ok((result, took)) = self.buffered_lane.run_here(write) {
+                self.inline_took(took);
+                return (result.map_err(|e| Error::io("write", e)), buf);
+            }
+        }
+        let file = self.file.clone();
         // A background buffered write goes in pieces, yielding the core
         // between them, as a background kernel copy does.
         let piece = match serial && !foreground {
@@ -231,6 +248,26 @@ impl FileDriver {
             Some((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
             None => (Err(Error::io("write", pool_failed())), IoBuf::zeroed(0, 1)),
         }
+    }
+
+    /// Notes an inline write that took `took`: a slow one turns inline
+    /// writes off for [`INLINE_BACKOFF`].
+    fn inline_took(&self, took: std::time::Duration) {
+        if took > INLINE_SLOW {
+            self.inline_after
+                .store(clock() + INLINE_BACKOFF, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a buffered foreground write of `offset..offset + len` may
+    /// run on the calling thread (see [`INLINE_MAX`]): small, whole pages
+    /// (no page to read first), and no inline write was slow lately.
+    fn inline_allowed(&self, offset: u64, len: u64) -> bool {
+        let page = rustix::param::page_size() as u64;
+        len <= INLINE_MAX
+            && offset % page == 0
+            && len % page == 0
+            && clock() >= self.inline_after.load(Ordering::Relaxed)
     }
 
     /// Runs `f`, a buffered write of `offset..offset + len`, on the lane of
@@ -318,6 +355,29 @@ const MAX_COPY: u64 = 1 << 30;
 /// (A guest's p99 during a background mirror, six runs each in pairs:
 /// 0.8–3.2 ms with 256 KiB calls, 1.4–3.7 ms with 1 MiB ones.)
 const BACKGROUND_COPY_PIECE: u64 = 256 << 10;
+
+/// A buffered foreground write of at most this many bytes, in whole
+/// pages, runs on the calling thread when the file's lane is idle, holding
+/// the lane meanwhile, instead of crossing to a pool thread and back. Such
+/// a write only copies into the page cache, in microseconds, and the two
+/// thread switches of the hop cost more than the copy (random 4 KiB writes
+/// over NBD: see `docs/benchmarks.md`). The kernel cannot tell beforehand
+/// whether a buffered write will wait (ext4 refuses `RWF_NOWAIT` for them),
+/// so each inline write is timed: one slower than [`INLINE_SLOW`] (dirty
+/// page throttling, a journal commit) sends the file's writes back to the
+/// pool for [`INLINE_BACKOFF`].
+const INLINE_MAX: u64 = 64 << 10;
+/// See [`INLINE_MAX`].
+const INLINE_SLOW: std::time::Duration = std::time::Duration::from_micros(500);
+/// See [`INLINE_MAX`], in nanoseconds of [`clock`].
+const INLINE_BACKOFF: u64 = 1_000_000_000;
+
+/// Nanoseconds of a monotonic clock, counted from its first use.
+fn clock() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// Background writes are written back in runs of up to this many
 /// contiguous bytes. (A guest's p99 during a background mirror, in pairs:
@@ -929,6 +989,63 @@ mod tests {
             let fill = want(i as u64 * 4 * MIB);
             assert!(piece.iter().all(|&b| b == fill), "piece {i}");
         }
+    }
+
+    #[tokio::test]
+    async fn small_whole_page_writes_run_on_the_calling_thread_until_one_is_slow() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let (f, _) =
+            FileDriver::open(path.to_str().unwrap(), false, false, false, Aio::Threads).unwrap();
+        let page = rustix::param::page_size();
+        let data = |fill| IoBuf::from_vec(vec![fill; page]);
+        // Done at the first poll: no trip to a pool thread and back.
+        let (written, _) = f
+            .write(page as u64, data(7), false)
+            .now_or_never()
+            .expect("a small write waited for the pool");
+        written.unwrap();
+        let mut back = vec![0u8; 3 * page];
+        f.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..page].iter().all(|&b| b == 0));
+        assert!(back[page..2 * page].iter().all(|&b| b == 7));
+        assert!(back[2 * page..].iter().all(|&b| b == 0));
+        // Only small writes of whole pages.
+        let page = page as u64;
+        assert!(f.inline_allowed(0, INLINE_MAX));
+        assert!(!f.inline_allowed(0, INLINE_MAX + page));
+        assert!(!f.inline_allowed(512, page));
+        assert!(!f.inline_allowed(0, page + 512));
+
+        // With the lane busy, a write waits for it, on the pool.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let lane = f.buffered_lane.clone();
+        let busy = tokio::spawn(async move { lane.run(move || rx.recv().is_ok()).await });
+        while f.buffered_lane.run_here(|| ()).is_ok() {
+            tokio::task::yield_now().await;
+        }
+        let mut write = f.write(0, data(9), false);
+        assert!((&mut write).now_or_never().is_none(), "wrote past the lane");
+        tx.send(()).unwrap();
+        write.await.0.unwrap();
+        assert_eq!(busy.await.unwrap(), Some(true));
+        f.file.read_exact_at(&mut back[..1], 0).unwrap();
+        assert_eq!(back[0], 9);
+
+        // A quick write keeps the path; a slow one turns it off for a while.
+        f.inline_took(std::time::Duration::from_micros(100));
+        assert!(f.inline_allowed(0, page));
+        f.inline_took(INLINE_SLOW * 2);
+        assert!(
+            !f.inline_allowed(0, page),
+            "a slow write left inline writes on"
+        );
+        let after = f.inline_after.load(Ordering::Relaxed);
+        assert!(after > clock() + INLINE_BACKOFF / 2);
+        f.inline_after.store(0, Ordering::Relaxed);
+        assert!(f.inline_allowed(0, page));
     }
 
     #[test]

@@ -203,6 +203,48 @@ impl Lane {
         rx.await.ok()
     }
 
+    /// Runs `f` now, on the calling thread, if the lane is idle (no job
+    /// queued or running), and holds the lane while it runs: jobs queued
+    /// meanwhile run after it, on the pool. Gives `f` back, not run, when
+    /// the lane is busy.
+    pub(crate) fn run_here<T, F: FnOnce() -> T>(
+        self: &std::sync::Arc<Self>,
+        f: F,
+    ) -> std::result::Result<T, F> {
+        {
+            let mut state = self.lock();
+            if state.draining {
+                return Err(f);
+            }
+            state.draining = true;
+        }
+        /// Lets go of the lane, even if `f` panics: jobs queued meanwhile
+        /// go to the pool.
+        struct Held<'a>(&'a std::sync::Arc<Lane>);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                let lane = self.0;
+                let queued = {
+                    let mut state = lane.lock();
+                    state.draining = !state.jobs.is_empty();
+                    state.draining
+                };
+                if queued {
+                    // A job could only be queued with the pool started.
+                    match started(lane.class) {
+                        Some(queue) => {
+                            let lane = lane.clone();
+                            queue.push(Box::new(move || lane.drain()));
+                        }
+                        None => lane.drain(),
+                    }
+                }
+            }
+        }
+        let _held = Held(self);
+        Ok(f())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -261,6 +303,56 @@ mod tests {
         // A panicking job loses its own result only; the lane goes on.
         assert_eq!(lane.run(|| panic!("a job that panics")).await, None::<()>);
         assert_eq!(lane.run(|| 7).await, Some(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_here_takes_an_idle_lane_only_and_holds_it_while_it_runs() {
+        let lane = Arc::new(Lane::default());
+        let me = std::thread::current().id();
+        assert_eq!(lane.run_here(|| std::thread::current().id()).ok(), Some(me));
+
+        // A job queued meanwhile runs after it, on the pool.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (lane2, log2) = (lane.clone(), log.clone());
+        let queued = lane.run_here(|| {
+            let job = tokio::spawn(async move {
+                lane2
+                    .run(move || log2.lock().unwrap().push("job"))
+                    .await
+                    .is_some()
+            });
+            while lane.lock().jobs.is_empty() {
+                std::thread::yield_now();
+            }
+            // Not run while the lane is held.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            log.lock().unwrap().push("here");
+            job
+        });
+        let Ok(job) = queued else {
+            panic!("an idle lane refused")
+        };
+        assert!(job.await.unwrap());
+        assert_eq!(*log.lock().unwrap(), ["here", "job"]);
+
+        // A busy lane gives the function back, not run.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let lane2 = lane.clone();
+        let busy = tokio::spawn(async move { lane2.run(move || rx.recv().is_ok()).await });
+        while !lane.lock().draining {
+            tokio::task::yield_now().await;
+        }
+        let refused = lane.run_here(|| 1);
+        assert!(refused.is_err());
+        tx.send(()).unwrap();
+        assert_eq!(busy.await.unwrap(), Some(true));
+
+        // A panic lets go of the lane.
+        let panicked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let _ = lane.run_here(|| panic!("a function that panics"));
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(lane.run_here(|| 2).ok(), Some(2));
     }
 
     /// The name and nice value of the thread running this.
