@@ -213,14 +213,9 @@ impl FileDriver {
         }
         let at = offset + done as u64;
         let len = (buf.len() - done) as u64;
-        if serial && foreground && self.inline_allowed(at, len) {
-            let write = || {
-                let started = std::time::Instant::now();
-                let result = self.file.write_all_at(&buf.as_slice()[done..], at);
-                (result, started.elapsed())
-            };
-            if let Ok((result, took)) = self.buffered_lane.run_here(write) {
-                self.inline_took(took);
+        if serial {
+            let write = || self.file.write_all_at(&buf.as_slice()[done..], at);
+            if let Some(result) = self.write_here(class, at, len, write) {
                 return (result.map_err(|e| Error::io("write", e)), buf);
             }
         }
@@ -248,6 +243,26 @@ impl FileDriver {
             Some((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
             None => (Err(Error::io("write", pool_failed())), IoBuf::zeroed(0, 1)),
         }
+    }
+
+    /// Runs `f`, a buffered write of `offset..offset + len` made by a
+    /// request of `class`, on the calling thread while holding the file's
+    /// lane, if it may ([`INLINE_MAX`]); `None` (`f` not run) if not.
+    fn write_here<T>(
+        &self,
+        class: IoClass,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce() -> T,
+    ) -> Option<T> {
+        if class != IoClass::Foreground || !self.inline_allowed(offset, len) {
+            return None;
+        }
+        let _held = self.buffered_lane.hold()?;
+        let started = std::time::Instant::now();
+        let result = f();
+        self.inline_took(started.elapsed());
+        Some(result)
     }
 
     /// Notes an inline write that took `took`: a slow one turns inline
@@ -357,7 +372,8 @@ const MAX_COPY: u64 = 1 << 30;
 const BACKGROUND_COPY_PIECE: u64 = 256 << 10;
 
 /// A buffered foreground write of at most this many bytes, in whole
-/// pages, runs on the calling thread when the file's lane is idle, holding
+/// pages (from memory, or spliced from pipes: an NBD export's 64 KiB
+/// writes), runs on the calling thread when the file's lane is idle, holding
 /// the lane meanwhile, instead of crossing to a pool thread and back. Such
 /// a write only copies into the page cache, in microseconds, and the two
 /// thread switches of the hop cost more than the copy (random 4 KiB writes
@@ -700,12 +716,21 @@ impl Driver for FileDriver {
             if self.direct || !self.splice_in.load(Ordering::Relaxed) {
                 return Ok(false);
             }
-            let file = self.file.clone();
-            let parts = data.parts().to_vec();
-            let splice = move || splice_file(&parts, &file, offset);
             // A buffered write like any other: after the ones queued before.
             let class = crate::class::current();
-            match self.on_lane(class, offset, data.len(), splice).await {
+            let here = self.write_here(class, offset, data.len(), || {
+                splice_file(data.parts(), &self.file, offset)
+            });
+            let spliced = match here {
+                Some(spliced) => Some(spliced),
+                None => {
+                    let file = self.file.clone();
+                    let parts = data.parts().to_vec();
+                    let splice = move || splice_file(&parts, &file, offset);
+                    self.on_lane(class, offset, data.len(), splice).await
+                }
+            };
+            match spliced {
                 Some(Ok(())) => {
                     self.length.fetch_max(offset + data.len(), Ordering::AcqRel);
                     Ok(true)
@@ -1023,7 +1048,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let lane = f.buffered_lane.clone();
         let busy = tokio::spawn(async move { lane.run(move || rx.recv().is_ok()).await });
-        while f.buffered_lane.run_here(|| ()).is_ok() {
+        while f.buffered_lane.hold().is_some() {
             tokio::task::yield_now().await;
         }
         let mut write = f.write(0, data(9), false);

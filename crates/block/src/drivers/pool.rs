@@ -203,46 +203,17 @@ impl Lane {
         rx.await.ok()
     }
 
-    /// Runs `f` now, on the calling thread, if the lane is idle (no job
-    /// queued or running), and holds the lane while it runs: jobs queued
-    /// meanwhile run after it, on the pool. Gives `f` back, not run, when
-    /// the lane is busy.
-    pub(crate) fn run_here<T, F: FnOnce() -> T>(
-        self: &std::sync::Arc<Self>,
-        f: F,
-    ) -> std::result::Result<T, F> {
-        {
-            let mut state = self.lock();
-            if state.draining {
-                return Err(f);
-            }
-            state.draining = true;
+    /// Takes the lane for the calling thread, if it is idle (no job queued
+    /// or running), until the returned guard is dropped: jobs queued
+    /// meanwhile wait, and then run on the pool. `None` when the lane is
+    /// busy.
+    pub(crate) fn hold(self: &std::sync::Arc<Self>) -> Option<Held> {
+        let mut state = self.lock();
+        if state.draining {
+            return None;
         }
-        /// Lets go of the lane, even if `f` panics: jobs queued meanwhile
-        /// go to the pool.
-        struct Held<'a>(&'a std::sync::Arc<Lane>);
-        impl Drop for Held<'_> {
-            fn drop(&mut self) {
-                let lane = self.0;
-                let queued = {
-                    let mut state = lane.lock();
-                    state.draining = !state.jobs.is_empty();
-                    state.draining
-                };
-                if queued {
-                    // A job could only be queued with the pool started.
-                    match started(lane.class) {
-                        Some(queue) => {
-                            let lane = lane.clone();
-                            queue.push(Box::new(move || lane.drain()));
-                        }
-                        None => lane.drain(),
-                    }
-                }
-            }
-        }
-        let _held = Held(self);
-        Ok(f())
+        state.draining = true;
+        Some(Held(self.clone()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
@@ -277,6 +248,31 @@ impl Lane {
     }
 }
 
+/// A [`Lane`] held by the calling thread ([`Lane::hold`]); dropping it
+/// lets go, handing the jobs queued meanwhile to the pool.
+pub(crate) struct Held(std::sync::Arc<Lane>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let lane = &self.0;
+        let queued = {
+            let mut state = lane.lock();
+            state.draining = !state.jobs.is_empty();
+            state.draining
+        };
+        if queued {
+            // A job could only be queued with the pool started.
+            match started(lane.class) {
+                Some(queue) => {
+                    let lane = lane.clone();
+                    queue.push(Box::new(move || lane.drain()));
+                }
+                None => lane.drain(),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,53 +302,44 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn run_here_takes_an_idle_lane_only_and_holds_it_while_it_runs() {
+    async fn an_idle_lane_can_be_held_and_its_jobs_wait_meanwhile() {
         let lane = Arc::new(Lane::default());
-        let me = std::thread::current().id();
-        assert_eq!(lane.run_here(|| std::thread::current().id()).ok(), Some(me));
-
-        // A job queued meanwhile runs after it, on the pool.
+        // A job queued while the lane is held runs after it lets go.
         let log = Arc::new(Mutex::new(Vec::new()));
+        let held = lane.hold().expect("an idle lane refused");
+        assert!(lane.hold().is_none(), "a lane held twice");
         let (lane2, log2) = (lane.clone(), log.clone());
-        let queued = lane.run_here(|| {
-            let job = tokio::spawn(async move {
-                lane2
-                    .run(move || log2.lock().unwrap().push("job"))
-                    .await
-                    .is_some()
-            });
-            while lane.lock().jobs.is_empty() {
-                std::thread::yield_now();
-            }
-            // Not run while the lane is held.
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            log.lock().unwrap().push("here");
-            job
+        let job = tokio::spawn(async move {
+            lane2
+                .run(move || log2.lock().unwrap().push("job"))
+                .await
+                .is_some()
         });
-        let Ok(job) = queued else {
-            panic!("an idle lane refused")
-        };
+        while lane.lock().jobs.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        log.lock().unwrap().push("held");
+        drop(held);
         assert!(job.await.unwrap());
-        assert_eq!(*log.lock().unwrap(), ["here", "job"]);
+        assert_eq!(*log.lock().unwrap(), ["held", "job"]);
 
-        // A busy lane gives the function back, not run.
+        // A lane running a job cannot be held.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let lane2 = lane.clone();
         let busy = tokio::spawn(async move { lane2.run(move || rx.recv().is_ok()).await });
         while !lane.lock().draining {
             tokio::task::yield_now().await;
         }
-        let refused = lane.run_here(|| 1);
-        assert!(refused.is_err());
+        assert!(lane.hold().is_none());
         tx.send(()).unwrap();
         assert_eq!(busy.await.unwrap(), Some(true));
-
-        // A panic lets go of the lane.
-        let panicked = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let _ = lane.run_here(|| panic!("a function that panics"));
-        }));
-        assert!(panicked.is_err());
-        assert_eq!(lane.run_here(|| 2).ok(), Some(2));
+        // Idle again once the job's thread lets go; a hold let go of can be
+        // taken again.
+        while lane.hold().is_none() {
+            tokio::task::yield_now().await;
+        }
+        assert!(lane.hold().is_some());
     }
 
     /// The name and nice value of the thread running this.
