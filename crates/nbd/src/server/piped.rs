@@ -288,6 +288,13 @@ mod tests {
 
     const KIB: usize = 1024;
 
+    /// Held by every test here: one of them takes all the process's pipes.
+    static PIPES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn pipes_to_myself() -> std::sync::MutexGuard<'static, ()> {
+        PIPES.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A connection's two ends: the server's side as the request reader
     /// sees it (a buffered reader and the registered descriptor), and the
     /// client's, a blocking stream.
@@ -384,6 +391,7 @@ mod tests {
 
     #[test]
     fn a_payload_goes_into_pipes_after_the_bytes_the_reader_holds() {
+        let _pipes = pipes_to_myself();
         let dir = tempfile::tempdir().expect("a temporary directory");
         runtime().block_on(async {
             let node = node(dir.path()).await;
@@ -401,6 +409,7 @@ mod tests {
 
     #[test]
     fn a_full_pipe_is_followed_by_another_and_too_many_fall_back_to_memory() {
+        let _pipes = pipes_to_myself();
         let dir = tempfile::tempdir().expect("a temporary directory");
         runtime().block_on(async {
             let node = node(dir.path()).await;
@@ -428,6 +437,7 @@ mod tests {
 
     #[test]
     fn a_payload_the_node_does_not_take_is_left_to_the_reader() {
+        let _pipes = pipes_to_myself();
         let dir = tempfile::tempdir().expect("a temporary directory");
         runtime().block_on(async {
             let node = node(dir.path()).await;
@@ -442,6 +452,44 @@ mod tests {
                     .expect("left to the reader, not waited for");
                 assert!(r.expect("no error").is_none(), "{offset} {len}");
             }
+        });
+    }
+
+    #[test]
+    fn past_the_process_budget_of_pipes_payloads_are_left_to_the_reader() {
+        let _pipes = pipes_to_myself();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        runtime().block_on(async {
+            let node = node(dir.path()).await;
+            let (mut reader, socket, client) = connection();
+            // Every pipe the budget allows, and not one more.
+            let hoard = Pool::default();
+            let mut held = Vec::new();
+            while let Some(p) = hoard.take() {
+                held.push(p);
+                assert!(held.len() <= MAX_OPEN, "past the budget");
+            }
+            assert_eq!(
+                OPEN.load(Ordering::Relaxed),
+                MAX_OPEN,
+                "out of descriptors first"
+            );
+            assert_eq!(held.len(), MAX_OPEN);
+            // A payload worth splicing is left to the reader, unread.
+            let pool = Pool::default();
+            let r = read(&socket, &mut reader, &pool, &node, 0, MIN, 1);
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), r)
+                .await
+                .expect("left to the reader, not waited for");
+            assert!(r.expect("no error").is_none(), "a pipe past the budget");
+            // Pipes let go of count no more; the next payload is spliced.
+            drop(held);
+            assert_eq!(OPEN.load(Ordering::Relaxed), 0);
+            let (sent, sender) = send(client, 256 * KIB, 1 << 20, b"TAIL");
+            let payload = receive(&mut reader, &socket, &pool, &node, 256 * KIB).await;
+            assert!(matches!(payload, Payload::Piped(..)), "spliced");
+            assert_eq!(bytes(&payload), sent);
+            drop(sender.join());
         });
     }
 }
