@@ -81,6 +81,10 @@ pub(crate) struct FileDriver {
     /// flight at once are); in practice one side has them all: a mirror's
     /// target gets only the job's writes unless it is write-blocking.
     background_lane: Arc<Lane>,
+    /// Whether small writes may run on the calling thread at all
+    /// ([`INLINE_MAX`]): buffered, into a local file system or a block
+    /// device ([`writes_stay_local`]).
+    inline_writes: bool,
     /// Inline writes ([`INLINE_MAX`]) are off until this time
     /// ([`clock`]), after one was slow.
     inline_after: AtomicU64,
@@ -138,6 +142,7 @@ impl FileDriver {
             path: path.to_owned(),
             source: e.into(),
         })?;
+        let inline_writes = !direct && writes_stay_local(&file);
         let file = Arc::new(file);
         let uring = match aio {
             Aio::Threads => None,
@@ -162,6 +167,7 @@ impl FileDriver {
                 buffered_lane: Arc::default(),
                 background_lane: Arc::new(Lane::new(IoClass::Background)),
                 write_behind: Arc::default(),
+                inline_writes,
                 inline_after: AtomicU64::new(0),
                 uring,
                 path: path.to_owned(),
@@ -279,7 +285,8 @@ impl FileDriver {
     /// (no page to read first), and no inline write was slow lately.
     fn inline_allowed(&self, offset: u64, len: u64) -> bool {
         let page = rustix::param::page_size() as u64;
-        len <= INLINE_MAX
+        self.inline_writes
+            && len <= INLINE_MAX
             && offset % page == 0
             && len % page == 0
             && clock() >= self.inline_after.load(Ordering::Relaxed)
@@ -387,6 +394,33 @@ const INLINE_MAX: u64 = 64 << 10;
 const INLINE_SLOW: std::time::Duration = std::time::Duration::from_micros(500);
 /// See [`INLINE_MAX`], in nanoseconds of [`clock`].
 const INLINE_BACKOFF: u64 = 1_000_000_000;
+
+/// Whether a buffered write to `file` is done by this host alone: a block
+/// device, or a file on a local disk file system (ext4, XFS, Btrfs, F2FS),
+/// tmpfs or overlayfs. A network or FUSE file system may keep a write
+/// waiting on its server for as long as that takes, which must not hold a
+/// runtime thread: its writes always go to the pool.
+fn writes_stay_local(file: &File) -> bool {
+    const EXT4: u32 = 0xef53;
+    const XFS: u32 = 0x5846_5342;
+    const BTRFS: u32 = 0x9123_683e;
+    const F2FS: u32 = 0xf2f5_2010;
+    const TMPFS: u32 = 0x0102_1994;
+    const OVERLAYFS: u32 = 0x794c_7630;
+    if rustix::fs::fstat(file)
+        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_block_device())
+    {
+        return true;
+    }
+    // The magic numbers are 32 bits wide; `f_type`'s width depends on the
+    // architecture.
+    rustix::fs::fstatfs(file).is_ok_and(|fs| {
+        matches!(
+            fs.f_type as u32,
+            EXT4 | XFS | BTRFS | F2FS | TMPFS | OVERLAYFS
+        )
+    })
+}
 
 /// Nanoseconds of a monotonic clock, counted from its first use.
 fn clock() -> u64 {
@@ -1037,7 +1071,8 @@ mod tests {
         assert!(back[..page].iter().all(|&b| b == 0));
         assert!(back[page..2 * page].iter().all(|&b| b == 7));
         assert!(back[2 * page..].iter().all(|&b| b == 0));
-        // Only small writes of whole pages.
+        // Only small writes of whole pages, to local files.
+        assert!(writes_stay_local(&f.file), "a temporary file is local");
         let page = page as u64;
         assert!(f.inline_allowed(0, INLINE_MAX));
         assert!(!f.inline_allowed(0, INLINE_MAX + page));
@@ -1071,6 +1106,10 @@ mod tests {
         assert!(after > clock() + INLINE_BACKOFF / 2);
         f.inline_after.store(0, Ordering::Relaxed);
         assert!(f.inline_allowed(0, page));
+        // Not where the kernel's page cache is not the last word: `/proc`
+        // stands in for a network file system here.
+        let proc = File::open("/proc/self/stat").unwrap();
+        assert!(!writes_stay_local(&proc));
     }
 
     #[test]
