@@ -13,7 +13,10 @@
 //! `migrate` (`bitmirror migrate`, incremental against full), and `tls`
 //! (NBD over TLS against plain, ours and `qemu-nbd`'s; all by default). Files live in `$BENCH_DIR` (default `/var/tmp`); it needs
 //! 40 GiB of (mostly sparse) room. Every figure is the best of `RUNS` runs
-//! (the machine is shared).
+//! (the machine is shared); with `BENCH_ROUNDS=N` (N > 1) the `full` and
+//! `latency` cases instead take N rounds, QEMU and ours in turns, and show
+//! the medians of each daemon's figures and of the per-round ratios, with
+//! their ranges.
 
 #![allow(missing_docs)]
 
@@ -253,6 +256,38 @@ fn mirror_nbd(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
     }
 }
 
+/// `BENCH_ROUNDS`: how many rounds the `full` and `latency` cases take
+/// (1 when unset or not a number above 0).
+fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// The median of `v` (NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The median of `v`, and its range when it has more than one value.
+fn spread(v: Vec<f64>, digits: usize) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let many = v.len() > 1;
+    let m = median(v);
+    match many {
+        true => format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})"),
+        false => format!("{m:.digits$}"),
+    }
+}
+
 fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
     let mut best: Option<Outcome> = None;
     for _ in 0..RUNS {
@@ -274,6 +309,9 @@ fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
 /// one-thread copy loops as yardsticks (time to the end of their
 /// `fdatasync` against time to READY, which includes the target's flush).
 fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str, floors: bool) {
+    if rounds() > 1 {
+        return local_case_in_rounds(case, dir, source, size, extra);
+    }
     let qemu = best(|| mirror_local(Daemon::Qemu, dir, source, size, extra));
     let ours = best(|| mirror_local(Daemon::Ours, dir, source, size, extra));
     let mut rows = vec![(Daemon::Qemu.name(), qemu), (Daemon::Ours.name(), ours)];
@@ -299,6 +337,42 @@ fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str, flo
             o.cpu / qemu.1,
             o.machine,
             o.machine / qemu.2.max(0.01),
+        );
+    }
+}
+
+/// [`local_case`] in [`rounds`]: QEMU and ours in turns; each daemon's
+/// medians, and the medians (and ranges) of the per-round ratios.
+fn local_case_in_rounds(case: &str, dir: &Path, source: &Path, size: u64, extra: &str) {
+    let mut runs: [Vec<Outcome>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..rounds() {
+        runs[0].push(mirror_local(Daemon::Qemu, dir, source, size, extra));
+        runs[1].push(mirror_local(Daemon::Ours, dir, source, size, extra));
+    }
+    let field = |r: &[Outcome], f: fn(&Outcome) -> f64| r.iter().map(f).collect::<Vec<_>>();
+    let ratio = |f: fn(&Outcome) -> f64| {
+        let (q, o) = (&runs[0], &runs[1]);
+        q.iter()
+            .zip(o)
+            .map(|(q, o)| f(o) / f(q).max(0.01))
+            .collect::<Vec<_>>()
+    };
+    for (who, r) in [(Daemon::Qemu, &runs[0]), (Daemon::Ours, &runs[1])] {
+        let ours = who == Daemon::Ours;
+        let vs = |f: fn(&Outcome) -> f64| match ours {
+            true => spread(ratio(f), 2),
+            false => "1.00".into(),
+        };
+        println!(
+            "| {case} | {} | {} s | {} s | {:.2} GiB | {} | {} | {} s | {} |",
+            who.name(),
+            spread(field(r, |o| o.wall), 2),
+            spread(field(r, |o| o.cpu), 2),
+            median(field(r, |o| o.allocated as f64)) / GIB as f64,
+            vs(|o| o.wall),
+            vs(|o| o.cpu),
+            spread(field(r, |o| o.machine), 2),
+            vs(|o| o.machine),
         );
     }
 }
@@ -684,11 +758,22 @@ fn latency_case(dir: &Path, source: &Path) {
         (Some("background"), DIRECT),
         (Some("write-blocking"), DIRECT),
     ] {
-        let qemu = latency_once(Daemon::Qemu, dir, source, mode, extra);
-        let ours = latency_once(Daemon::Ours, dir, source, mode, extra);
-        for (who, (lat, ready)) in [(Daemon::Qemu, &qemu), (Daemon::Ours, &ours)] {
+        let mut runs: [Vec<(Latencies, f64)>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..rounds() {
+            runs[0].push(latency_once(Daemon::Qemu, dir, source, mode, extra));
+            runs[1].push(latency_once(Daemon::Ours, dir, source, mode, extra));
+        }
+        let p99 = |r: &[(Latencies, f64)]| r.iter().map(|(l, _)| l.pct(0.99)).collect::<Vec<_>>();
+        let ratios: Vec<f64> = p99(&runs[1])
+            .iter()
+            .zip(p99(&runs[0]))
+            .map(|(o, q)| o / q)
+            .collect();
+        for (who, r) in [(Daemon::Qemu, &runs[0]), (Daemon::Ours, &runs[1])] {
+            let ms = |v: Vec<f64>| v.into_iter().map(|x| x / 1e3).collect::<Vec<_>>();
+            let ready = r.iter().map(|(_, ready)| *ready).collect::<Vec<_>>();
             println!(
-                "| {}{} | {} | {} | {:.2} ms | {:.2} ms | {:.2} | {} |",
+                "| {}{} | {} | {:.0} | {} ms | {} ms | {} | {} |",
                 mode.unwrap_or("no mirror"),
                 if extra.is_empty() {
                     ""
@@ -696,12 +781,15 @@ fn latency_case(dir: &Path, source: &Path) {
                     ", O_DIRECT target"
                 },
                 who.name(),
-                lat.0.len(),
-                lat.pct(0.5) / 1e3,
-                lat.pct(0.99) / 1e3,
-                lat.pct(0.99) / qemu.0.pct(0.99),
+                median(r.iter().map(|(l, _)| l.0.len() as f64).collect()),
+                spread(ms(r.iter().map(|(l, _)| l.pct(0.5)).collect()), 2),
+                spread(ms(p99(r)), 2),
+                match who {
+                    Daemon::Ours => spread(ratios.clone(), 2),
+                    Daemon::Qemu => "1.00".into(),
+                },
                 if mode.is_some() {
-                    format!("{ready:.2} s")
+                    format!("{} s", spread(ready, 2))
                 } else {
                     "—".into()
                 },
