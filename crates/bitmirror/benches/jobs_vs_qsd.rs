@@ -16,7 +16,7 @@
 //! (the machine is shared); with `BENCH_ROUNDS=N` (N > 1) the `full` and
 //! `latency` cases instead take N rounds, QEMU and ours in turns, and show
 //! the medians of each daemon's figures and of the per-round ratios, with
-//! their ranges.
+//! their ranges; so does `backup-incremental`, with the loop in its turn.
 
 #![allow(missing_docs)]
 
@@ -905,47 +905,74 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
     sparse_file(&source, size);
     let count = (size as f64 * fraction / GUEST_BLOCK as f64) as usize;
     let blocks = random_blocks(size, count, 0x5eed + count as u64);
-    let mut times = Vec::new();
-    for who in [Daemon::Qemu, Daemon::Ours] {
-        let mut best = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..RUNS {
-            let (_, target) = qcow2_target(dir, size, "");
-            let (sock, args) = exported_source(dir, &source, target);
-            let mut daemon = who.start(dir, &args);
-            let mut qmp = daemon.qmp();
-            qmp.execute_ok(
-                "block-dirty-bitmap-add",
-                json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
-            );
-            guest_writes(&sock, &blocks);
-            // The guest's writes on disk first, for the loop below alike.
-            run("sync", &[]);
-            let cpu0 = cpu_seconds(daemon.pid());
-            let start = Instant::now();
-            qmp.execute_ok(
-                "blockdev-backup",
-                mirror_args(json!({"sync": "bitmap", "bitmap": "b0", "bitmap-mode": "on-success"})),
-            );
-            wait_completed(&mut qmp, who.name());
-            let t = start.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(daemon.pid()) - cpu0;
-            if t < best.0 {
-                best = (t, cpu);
-            }
-            qmp.execute_ok("quit", json!({}));
-            let _ = daemon.wait_exit();
-        }
-        times.push(best);
-    }
+    let once = |who: Daemon| {
+        let (_, target) = qcow2_target(dir, size, "");
+        let (sock, args) = exported_source(dir, &source, target);
+        let mut daemon = who.start(dir, &args);
+        let mut qmp = daemon.qmp();
+        qmp.execute_ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
+        );
+        guest_writes(&sock, &blocks);
+        // The guest's writes on disk first, for the loop below alike.
+        run("sync", &[]);
+        let cpu0 = cpu_seconds(daemon.pid());
+        let start = Instant::now();
+        qmp.execute_ok(
+            "blockdev-backup",
+            mirror_args(json!({"sync": "bitmap", "bitmap": "b0", "bitmap-mode": "on-success"})),
+        );
+        wait_completed(&mut qmp, who.name());
+        let t = start.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(daemon.pid()) - cpu0;
+        qmp.execute_ok("quit", json!({}));
+        let _ = daemon.wait_exit();
+        (t, cpu)
+    };
     // The same blocks by hand.
-    let (mut loop_best, mut loop_cpu) = (f64::INFINITY, 0.0);
-    for _ in 0..RUNS {
-        let (t, cpu) = copy_loop(&source, &dir.join("loop.raw"), size, &blocks);
-        if t < loop_best {
-            (loop_best, loop_cpu) = (t, cpu);
+    let by_hand = || copy_loop(&source, &dir.join("loop.raw"), size, &blocks);
+    if rounds() > 1 {
+        // In turns, QEMU, ours and the loop; medians, and the ranges of
+        // the per-round ratios.
+        let mut runs: [Vec<(f64, f64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..rounds() {
+            runs[0].push(once(Daemon::Qemu));
+            runs[1].push(once(Daemon::Ours));
+            runs[2].push(by_hand());
         }
+        let times = |r: &[(f64, f64)]| r.iter().map(|x| x.0).collect::<Vec<_>>();
+        let cpus = |r: &[(f64, f64)]| r.iter().map(|x| x.1).collect::<Vec<_>>();
+        let per_round = |a: Vec<f64>, b: Vec<f64>| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| a / b.max(0.01))
+                .collect::<Vec<_>>()
+        };
+        println!(
+            "| incremental backup, {:.0}% of 16 GiB dirty ({count} × 64 KiB), {} rounds | {} s ({}× loop, CPU {} s) | {} s ({}× loop, CPU {} s) | {} s (CPU {} s) | {} |",
+            fraction * 100.0,
+            rounds(),
+            spread(times(&runs[0]), 2),
+            spread(per_round(times(&runs[0]), times(&runs[2])), 2),
+            spread(cpus(&runs[0]), 2),
+            spread(times(&runs[1]), 2),
+            spread(per_round(times(&runs[1]), times(&runs[2])), 2),
+            spread(cpus(&runs[1]), 2),
+            spread(times(&runs[2]), 2),
+            spread(cpus(&runs[2]), 2),
+            spread(per_round(cpus(&runs[1]), cpus(&runs[0])), 2),
+        );
+        return;
     }
-    let (q, o) = (times[0], times[1]);
+    let best_of = |f: &dyn Fn() -> (f64, f64)| {
+        (0..RUNS)
+            .map(|_| f())
+            .fold((f64::INFINITY, 0.0), |b, x| if x.0 < b.0 { x } else { b })
+    };
+    let q = best_of(&|| once(Daemon::Qemu));
+    let o = best_of(&|| once(Daemon::Ours));
+    let (loop_best, loop_cpu) = best_of(&by_hand);
     println!(
         "| incremental backup, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {:.2} s ({:.2}× loop, CPU {:.2} s) | {loop_best:.2} s (CPU {loop_cpu:.2} s) | {:.2} |",
         fraction * 100.0,
