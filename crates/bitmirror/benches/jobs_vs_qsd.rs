@@ -310,7 +310,7 @@ fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
 /// `fdatasync` against time to READY, which includes the target's flush).
 fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str, floors: bool) {
     if rounds() > 1 {
-        return local_case_in_rounds(case, dir, source, size, extra);
+        return local_case_in_rounds(case, dir, source, size, extra, floors);
     }
     let qemu = best(|| mirror_local(Daemon::Qemu, dir, source, size, extra));
     let ours = best(|| mirror_local(Daemon::Ours, dir, source, size, extra));
@@ -341,31 +341,47 @@ fn local_case(case: &str, dir: &Path, source: &Path, size: u64, extra: &str, flo
     }
 }
 
-/// [`local_case`] in [`rounds`]: QEMU and ours in turns; each daemon's
-/// medians, and the medians (and ranges) of the per-round ratios.
-fn local_case_in_rounds(case: &str, dir: &Path, source: &Path, size: u64, extra: &str) {
-    let mut runs: [Vec<Outcome>; 2] = [Vec::new(), Vec::new()];
+/// [`local_case`] in [`rounds`]: QEMU and ours (and with `floors`, a
+/// `copy_file_range` loop) in turns; each one's medians, and the medians
+/// (and ranges) of the per-round ratios to QEMU's.
+fn local_case_in_rounds(
+    case: &str,
+    dir: &Path,
+    source: &Path,
+    size: u64,
+    extra: &str,
+    floors: bool,
+) {
+    let mut runs: [Vec<Outcome>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..rounds() {
         runs[0].push(mirror_local(Daemon::Qemu, dir, source, size, extra));
         runs[1].push(mirror_local(Daemon::Ours, dir, source, size, extra));
+        if floors {
+            runs[2].push(copy_floor(dir, source, size, Floor::CopyFileRange));
+        }
     }
     let field = |r: &[Outcome], f: fn(&Outcome) -> f64| r.iter().map(f).collect::<Vec<_>>();
-    let ratio = |f: fn(&Outcome) -> f64| {
-        let (q, o) = (&runs[0], &runs[1]);
-        q.iter()
+    let ratio = |o: &[Outcome], f: fn(&Outcome) -> f64| {
+        runs[0]
+            .iter()
             .zip(o)
             .map(|(q, o)| f(o) / f(q).max(0.01))
             .collect::<Vec<_>>()
     };
-    for (who, r) in [(Daemon::Qemu, &runs[0]), (Daemon::Ours, &runs[1])] {
-        let ours = who == Daemon::Ours;
-        let vs = |f: fn(&Outcome) -> f64| match ours {
-            true => spread(ratio(f), 2),
-            false => "1.00".into(),
+    let mut rows = vec![
+        (Daemon::Qemu.name(), &runs[0]),
+        (Daemon::Ours.name(), &runs[1]),
+    ];
+    if floors {
+        rows.push(("copy_file_range loop, 1 MiB, one thread", &runs[2]));
+    }
+    for (i, (who, r)) in rows.into_iter().enumerate() {
+        let vs = |f: fn(&Outcome) -> f64| match i {
+            0 => "1.00".into(),
+            _ => spread(ratio(r, f), 2),
         };
         println!(
-            "| {case} | {} | {} s | {} s | {:.2} GiB | {} | {} | {} s | {} |",
-            who.name(),
+            "| {case} | {who} | {} s | {} s | {:.2} GiB | {} | {} | {} s | {} |",
             spread(field(r, |o| o.wall), 2),
             spread(field(r, |o| o.cpu), 2),
             median(field(r, |o| o.allocated as f64)) / GIB as f64,
