@@ -16,7 +16,8 @@
 //! (the machine is shared); with `BENCH_ROUNDS=N` (N > 1) the `full` and
 //! `latency` cases instead take N rounds, QEMU and ours in turns, and show
 //! the medians of each daemon's figures and of the per-round ratios, with
-//! their ranges; so does `backup-incremental`, with the loop in its turn.
+//! their ranges; so do `backup-incremental` and `bitmap`, with the loop
+//! in its turn.
 
 #![allow(missing_docs)]
 
@@ -626,7 +627,8 @@ fn bitmap_case(dir: &Path, fraction: f64) {
     let blocks = random_blocks(size, count, 0x5eed + count as u64);
     let mut mirror_times: Vec<(f64, f64)> = Vec::new();
     let mut loop_times: Vec<(f64, f64)> = Vec::new();
-    for _ in 0..RUNS {
+    let runs = if rounds() > 1 { rounds() } else { RUNS };
+    for _ in 0..runs {
         let target = dir.join("target.raw");
         sparse_file(&target, size);
         let (sock, args) = exported_source(dir, &source, raw_node("dst", &target, ""));
@@ -659,6 +661,26 @@ fn bitmap_case(dir: &Path, fraction: f64) {
         );
 
         loop_times.push(copy_loop(&source, &target, size, &blocks));
+    }
+    if rounds() > 1 {
+        // Medians, and the range of the per-round ratios.
+        let time = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+        let cpu = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
+        let ratios = mirror_times
+            .iter()
+            .zip(&loop_times)
+            .map(|(m, l)| m.0 / l.0)
+            .collect();
+        println!(
+            "| sync=bitmap, {:.0}% of 16 GiB dirty ({count} × 64 KiB), {runs} rounds | {} s (CPU {} s) | {} s (CPU {} s) | {} |",
+            fraction * 100.0,
+            spread(time(&mirror_times), 2),
+            spread(cpu(&mirror_times), 2),
+            spread(time(&loop_times), 2),
+            spread(cpu(&loop_times), 2),
+            spread(ratios, 2),
+        );
+        return;
     }
     // The fastest run of each, with its CPU.
     let min = |v: &[(f64, f64)]| {
