@@ -88,6 +88,10 @@ pub(crate) struct FileDriver {
     /// Inline writes ([`INLINE_MAX`]) are off until this time
     /// ([`clock`]), after one was slow.
     inline_after: AtomicU64,
+    /// How long the next slow inline write turns them off for: from
+    /// [`INLINE_BACKOFF`], doubled by each slow one in a row up to
+    /// [`INLINE_BACKOFF_MAX`].
+    inline_backoff: AtomicU64,
     /// The background writes whose write-back is not started yet.
     write_behind: Arc<std::sync::Mutex<WriteBehind>>,
     /// The path as given.
@@ -169,6 +173,7 @@ impl FileDriver {
                 write_behind: Arc::default(),
                 inline_writes,
                 inline_after: AtomicU64::new(0),
+                inline_backoff: AtomicU64::new(INLINE_BACKOFF),
                 uring,
                 path: path.to_owned(),
             },
@@ -272,11 +277,19 @@ impl FileDriver {
     }
 
     /// Notes an inline write that took `took`: a slow one turns inline
-    /// writes off for [`INLINE_BACKOFF`].
+    /// writes off for a while, twice as long as the last time if the last
+    /// inline write was slow too (a file under sustained dirty-page
+    /// throttling holds a runtime thread once per period, not once a
+    /// second); a quick one resets the period.
     fn inline_took(&self, took: std::time::Duration) {
         if took > INLINE_SLOW {
+            let backoff = self.inline_backoff.load(Ordering::Relaxed);
             self.inline_after
-                .store(clock() + INLINE_BACKOFF, Ordering::Relaxed);
+                .store(clock() + backoff, Ordering::Relaxed);
+            self.inline_backoff
+                .store((backoff * 2).min(INLINE_BACKOFF_MAX), Ordering::Relaxed);
+        } else {
+            self.inline_backoff.store(INLINE_BACKOFF, Ordering::Relaxed);
         }
     }
 
@@ -388,12 +401,14 @@ const BACKGROUND_COPY_PIECE: u64 = 256 << 10;
 /// whether a buffered write will wait (ext4 refuses `RWF_NOWAIT` for them),
 /// so each inline write is timed: one slower than [`INLINE_SLOW`] (dirty
 /// page throttling, a journal commit) sends the file's writes back to the
-/// pool for [`INLINE_BACKOFF`].
+/// pool for [`INLINE_BACKOFF`], doubled for each slow one in a row.
 const INLINE_MAX: u64 = 64 << 10;
 /// See [`INLINE_MAX`].
 const INLINE_SLOW: std::time::Duration = std::time::Duration::from_micros(500);
 /// See [`INLINE_MAX`], in nanoseconds of [`clock`].
 const INLINE_BACKOFF: u64 = 1_000_000_000;
+/// The longest [`INLINE_BACKOFF`] gets, doubled (a minute).
+const INLINE_BACKOFF_MAX: u64 = 64 * INLINE_BACKOFF;
 
 /// Whether a buffered write to `file` is done by this host alone: a block
 /// device, or a file on a local disk file system (ext4, XFS, Btrfs, F2FS),
@@ -1104,6 +1119,24 @@ mod tests {
         );
         let after = f.inline_after.load(Ordering::Relaxed);
         assert!(after > clock() + INLINE_BACKOFF / 2);
+        assert!(after <= clock() + INLINE_BACKOFF);
+        // Slow ones in a row: twice as long each time, up to a minute.
+        let mut want = INLINE_BACKOFF;
+        for _ in 0..10 {
+            want = (want * 2).min(INLINE_BACKOFF_MAX);
+            f.inline_took(INLINE_SLOW * 2);
+            let off = f.inline_after.load(Ordering::Relaxed) - clock();
+            assert!(
+                off > want - INLINE_BACKOFF / 2 && off <= want,
+                "{off} {want}"
+            );
+        }
+        assert_eq!(want, INLINE_BACKOFF_MAX);
+        // A quick one starts over.
+        f.inline_took(std::time::Duration::from_micros(100));
+        f.inline_took(INLINE_SLOW * 2);
+        let off = f.inline_after.load(Ordering::Relaxed) - clock();
+        assert!(off <= INLINE_BACKOFF, "{off}");
         f.inline_after.store(0, Ordering::Relaxed);
         assert!(f.inline_allowed(0, page));
         // Not where the kernel's page cache is not the last word: `/proc`
