@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use block::{CachedRange, IoBuf, Node, ZeroFlags};
 use futures_util::StreamExt;
@@ -44,14 +44,21 @@ const POOL_BUFFERS: usize = 16;
 const POOL_MAX_BYTES: usize = (4 << 20) + 4096;
 /// Replies up to this size go through the write buffer
 /// ([`REPLY_BUFFER`]), which is flushed once no other request of the
-/// connection is about to reply (replies that complete together go out in
-/// one system call); larger ones are written with vectored writes.
+/// connection is about to reply or [`FLUSH_AFTER`] replies wait (replies
+/// that complete together go out in few system calls); larger ones are
+/// written with vectored writes.
 const SMALL_REPLY: usize = 8192;
 /// The capacity of a connection's write buffer: the replies of a batch of
 /// 4 KiB reads, which complete together when the page cache serves them.
 /// (With tokio's default of 8 KiB, each 4 KiB reply pushed the one before
 /// it out: a system call, and a wake-up of the client, per reply.)
 pub(super) const REPLY_BUFFER: usize = 64 << 10;
+/// Small replies go out once this many wait, without waiting for the rest
+/// of a batch: the client can send its next requests while the server
+/// still works on the batch's others. (Random 4 KiB reads at 16 in flight,
+/// in turns with flushing only at the end of a batch: 1.55–1.63× nbdkit's
+/// rate against 1.06–1.09×, and less CPU per read; writes within the noise.)
+const FLUSH_AFTER: usize = 4;
 /// Reads at least this long that the page cache holds go from it to the
 /// socket inside the kernel (`sendfile`): below, a copy through our buffer
 /// costs less than the extra system calls.
@@ -68,6 +75,8 @@ struct Conn<W> {
     writer: Mutex<BufWriter<W>>,
     /// Replies wait in `writer`'s buffer for [`Conn::flush`].
     unflushed: AtomicBool,
+    /// How many ([`FLUSH_AFTER`]).
+    waiting: AtomicUsize,
     /// The socket under `writer` (a descriptor of its own) when it is a
     /// plain stream socket: large reads the page cache holds are sent to
     /// it with `sendfile` (only while `writer` is locked and empty), and
@@ -124,6 +133,7 @@ pub(super) async fn run<R, W>(
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
         unflushed: AtomicBool::new(false),
+        waiting: AtomicUsize::new(0),
         socket: socket
             .and_then(|fd| crate::socket::register(fd, Interest::READABLE | Interest::WRITABLE)),
         pipes: Pool::default(),
@@ -848,6 +858,13 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             for p in parts {
                 w.write_all(p).await?;
             }
+            // Under the writer's lock, as in `flush`.
+            if self.waiting.fetch_add(1, Ordering::Relaxed) + 1 >= FLUSH_AFTER {
+                w.flush().await?;
+                self.waiting.store(0, Ordering::Relaxed);
+                self.unflushed.store(false, Ordering::Relaxed);
+                return Ok(());
+            }
             self.unflushed.store(true, Ordering::Relaxed);
             return Ok(());
         }
@@ -860,6 +877,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         let mut w = self.writer.lock().await;
         w.flush().await?;
         // Under the lock: no reply can have come in between.
+        self.waiting.store(0, Ordering::Relaxed);
         self.unflushed.store(false, Ordering::Relaxed);
         Ok(())
     }
