@@ -504,6 +504,29 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a runtime")
 }
 
+/// `who` serving `source` (exported, see [`exported_source`]) and
+/// `target`, after a guest wrote `blocks` through the export while bitmap
+/// `b0` (64 KiB granularity) recorded them; the writes are on disk (for
+/// the plain loops the cases compare with, alike).
+fn dirty(
+    who: Daemon,
+    dir: &Path,
+    source: &Path,
+    target: [String; 2],
+    blocks: &[u64],
+) -> (StorageDaemon, Qmp) {
+    let (sock, args) = exported_source(dir, source, target);
+    let daemon = who.start(dir, &args);
+    let mut qmp = daemon.qmp();
+    qmp.execute_ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
+    );
+    guest_writes(&sock, blocks);
+    run("sync", &[]);
+    (daemon, qmp)
+}
+
 /// Daemon arguments: raw node `src` over `source`, exported writable as
 /// `disk` on `dir/src.sock`, plus `target`'s. Returns the socket too.
 fn exported_source(dir: &Path, source: &Path, target: [String; 2]) -> (PathBuf, Vec<String>) {
@@ -631,18 +654,8 @@ fn bitmap_case(dir: &Path, fraction: f64) {
     for _ in 0..runs {
         let target = dir.join("target.raw");
         sparse_file(&target, size);
-        let (sock, args) = exported_source(dir, &source, raw_node("dst", &target, ""));
-        let mut daemon = Daemon::Ours.start(dir, &args);
-        let mut qmp = daemon.qmp();
-        qmp.execute_ok(
-            "block-dirty-bitmap-add",
-            json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
-        );
-        // The guest writes the blocks through the export: the bitmap
-        // records them.
-        guest_writes(&sock, &blocks);
-        // The guest's writes on disk first, for the loop below alike.
-        run("sync", &[]);
+        let target_node = raw_node("dst", &target, "");
+        let (mut daemon, mut qmp) = dirty(Daemon::Ours, dir, &source, target_node, &blocks);
         let cpu0 = cpu_seconds(daemon.pid());
         let start = Instant::now();
         qmp.execute_ok(
@@ -945,16 +958,7 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
     let blocks = random_blocks(size, count, 0x5eed + count as u64);
     let once = |who: Daemon| {
         let (_, target) = qcow2_target(dir, size, "");
-        let (sock, args) = exported_source(dir, &source, target);
-        let mut daemon = who.start(dir, &args);
-        let mut qmp = daemon.qmp();
-        qmp.execute_ok(
-            "block-dirty-bitmap-add",
-            json!({"node": "src", "name": "b0", "granularity": GUEST_BLOCK}),
-        );
-        guest_writes(&sock, &blocks);
-        // The guest's writes on disk first, for the loop below alike.
-        run("sync", &[]);
+        let (mut daemon, mut qmp) = dirty(who, dir, &source, target, &blocks);
         let cpu0 = cpu_seconds(daemon.pid());
         let start = Instant::now();
         qmp.execute_ok(
