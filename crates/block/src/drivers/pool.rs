@@ -166,7 +166,7 @@ pub(crate) async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
 /// over together, so that a job copying cluster after cluster wakes the
 /// runtime once per batch instead of once per copy (each wake-up costs
 /// the runtime's thread a sleep and a switch; an incremental backup's
-/// 64 KiB copies spent a sixth of the daemon's CPU there). Nothing waits
+/// 64 KiB copies spent about a fifth of the daemon's CPU there). Nothing waits
 /// for more jobs: once the lane is empty, whatever it holds goes.
 #[derive(Default)]
 pub(crate) struct Lane {

@@ -809,6 +809,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         // ours while the lock is held.
         let mut writer = self.writer.lock().await;
         writer.flush().await?;
+        self.waiting.store(0, Ordering::Relaxed);
         // Dropping this future (an abort) before every byte is out leaves
         // the reply torn: the guard shuts the socket down then.
         let torn = Torn(Some(socket.get_ref()));
@@ -869,6 +870,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             return Ok(());
         }
         w.flush().await?;
+        self.waiting.store(0, Ordering::Relaxed);
         write_all_vectored(w.get_mut(), parts).await
     }
 
