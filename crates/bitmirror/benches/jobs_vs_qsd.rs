@@ -289,6 +289,23 @@ fn spread(v: Vec<f64>, digits: usize) -> String {
     }
 }
 
+/// The times of `(time, CPU)` runs.
+fn times(runs: &[(f64, f64)]) -> Vec<f64> {
+    runs.iter().map(|r| r.0).collect()
+}
+
+/// The CPU seconds of `(time, CPU)` runs.
+fn cpus(runs: &[(f64, f64)]) -> Vec<f64> {
+    runs.iter().map(|r| r.1).collect()
+}
+
+/// The fastest of `(time, CPU)` runs.
+fn fastest(runs: &[(f64, f64)]) -> (f64, f64) {
+    runs.iter()
+        .copied()
+        .fold((f64::INFINITY, 0.0), |a, b| if b.0 < a.0 { b } else { a })
+}
+
 fn best(mut once: impl FnMut() -> Outcome) -> Outcome {
     let mut best: Option<Outcome> = None;
     for _ in 0..RUNS {
@@ -677,8 +694,6 @@ fn bitmap_case(dir: &Path, fraction: f64) {
     }
     if rounds() > 1 {
         // Medians, and the range of the per-round ratios.
-        let time = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
-        let cpu = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
         let ratios = mirror_times
             .iter()
             .zip(&loop_times)
@@ -687,21 +702,16 @@ fn bitmap_case(dir: &Path, fraction: f64) {
         println!(
             "| sync=bitmap, {:.0}% of 16 GiB dirty ({count} × 64 KiB), {runs} rounds | {} s (CPU {} s) | {} s (CPU {} s) | {} |",
             fraction * 100.0,
-            spread(time(&mirror_times), 2),
-            spread(cpu(&mirror_times), 2),
-            spread(time(&loop_times), 2),
-            spread(cpu(&loop_times), 2),
+            spread(times(&mirror_times), 2),
+            spread(cpus(&mirror_times), 2),
+            spread(times(&loop_times), 2),
+            spread(cpus(&loop_times), 2),
             spread(ratios, 2),
         );
         return;
     }
     // The fastest run of each, with its CPU.
-    let min = |v: &[(f64, f64)]| {
-        v.iter()
-            .copied()
-            .fold((f64::INFINITY, 0.0), |a, b| if b.0 < a.0 { b } else { a })
-    };
-    let (m, l) = (min(&mirror_times), min(&loop_times));
+    let (m, l) = (fastest(&mirror_times), fastest(&loop_times));
     println!(
         "| sync=bitmap, {:.0}% of 16 GiB dirty ({count} × 64 KiB) | {:.2} s (CPU {:.2} s) | {:.2} s (CPU {:.2} s) | {:.2} |",
         fraction * 100.0,
@@ -983,8 +993,6 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
             runs[1].push(once(Daemon::Ours));
             runs[2].push(by_hand());
         }
-        let times = |r: &[(f64, f64)]| r.iter().map(|x| x.0).collect::<Vec<_>>();
-        let cpus = |r: &[(f64, f64)]| r.iter().map(|x| x.1).collect::<Vec<_>>();
         let per_round = |a: Vec<f64>, b: Vec<f64>| {
             a.iter()
                 .zip(b)
@@ -1007,11 +1015,7 @@ fn backup_incremental_case(dir: &Path, fraction: f64) {
         );
         return;
     }
-    let best_of = |f: &dyn Fn() -> (f64, f64)| {
-        (0..RUNS)
-            .map(|_| f())
-            .fold((f64::INFINITY, 0.0), |b, x| if x.0 < b.0 { x } else { b })
-    };
+    let best_of = |f: &dyn Fn() -> (f64, f64)| fastest(&(0..RUNS).map(|_| f()).collect::<Vec<_>>());
     let q = best_of(&|| once(Daemon::Qemu));
     let o = best_of(&|| once(Daemon::Ours));
     let (loop_best, loop_cpu) = best_of(&by_hand);
