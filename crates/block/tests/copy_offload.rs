@@ -142,14 +142,6 @@ fn a_copy_is_refused_where_the_data_must_pass_through_memory() {
         )
         .await;
         let target = raw(&g, "dst", &dst, json!({}), json!({})).await;
-        let direct = raw(
-            &g,
-            "dst-direct",
-            &path("dst-direct", 0),
-            json!({"cache": {"direct": true}}),
-            json!({}),
-        )
-        .await;
         let detecting = raw(
             &g,
             "dst-zeroes",
@@ -177,7 +169,6 @@ fn a_copy_is_refused_where_the_data_must_pass_through_memory() {
             async move { from.copy_range_to(0, MIB, &to, false).await }
         };
         assert!(!refused(&direct_source, &target).await.expect("no error"));
-        assert!(!refused(&source, &direct).await.expect("no error"));
         assert!(!refused(&source, &detecting).await.expect("no error"));
         assert!(!refused(&source, &null).await.expect("no error"));
         assert!(!refused(&null, &target).await.expect("no error"));
@@ -187,7 +178,7 @@ fn a_copy_is_refused_where_the_data_must_pass_through_memory() {
         assert!(!refused(&source, &target).await.expect("no error"));
         target.remove_write_hook(&hook);
         // Nothing was written by the refused copies.
-        for node in [&target, &direct, &detecting, &read_only] {
+        for node in [&target, &detecting, &read_only] {
             let data = node.read(0, MIB as usize).await.expect("a read");
             assert!(data.is_zero(), "{} stays zero", node.name());
         }
@@ -198,6 +189,131 @@ fn a_copy_is_refused_where_the_data_must_pass_through_memory() {
             data.as_slice(),
             IoBuf::copy_from(&[0x33; MIB as usize], 1).as_slice()
         );
+    });
+}
+
+/// Whether the page cache holds any of `offset..offset + len` of `file`
+/// (`mincore` over a mapping of it).
+fn any_cached(file: &str, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(file).expect("the file opens");
+    let page = rustix::param::page_size();
+    let mut resident = vec![0u8; (len as usize).div_ceil(page)];
+    // SAFETY: a shared read-only mapping of an open file, never
+    // dereferenced: `mincore` only reads the page tables, and the mapping
+    // is gone before the function returns.
+    let rc = unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            offset as libc::off_t,
+        );
+        assert_ne!(map, libc::MAP_FAILED, "a mapping");
+        let rc = libc::mincore(map, len as usize, resident.as_mut_ptr());
+        libc::munmap(map, len as usize);
+        rc
+    };
+    assert_eq!(rc, 0, "mincore");
+    resident.iter().any(|&r| r & 1 == 1)
+}
+
+#[test]
+fn a_large_background_copy_goes_by_direct_io_past_the_targets_page_cache() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let src = file(&dir.path().join("src"), 0x6b);
+    let dst = file(&dir.path().join("dst"), 0);
+    runtime().block_on(async {
+        let g = Graph::new();
+        let source = raw(&g, "src", &src, json!({}), json!({})).await;
+        let target = window_with_bitmap(&g, &dst).await;
+        // A guest's copy, and a job's small one: through the page cache.
+        assert!(
+            source
+                .copy_range_to(0, 64 << 10, &target, false)
+                .await
+                .expect("no error")
+        );
+        let small =
+            block::class::background(source.copy_range_to(128 << 10, 64 << 10, &target, false));
+        assert!(small.await.expect("no error"));
+        assert!(
+            any_cached(&dst, MIB, 64 << 10),
+            "a foreground copy fills the cache"
+        );
+        assert!(any_cached(&dst, MIB + (128 << 10), 64 << 10));
+        // A job's copy of 1 MiB: by direct I/O, tracked like any write.
+        let large = block::class::background(source.copy_range_to(MIB, MIB, &target, false));
+        assert!(large.await.expect("no error"));
+        assert!(
+            !any_cached(&dst, 2 * MIB, MIB),
+            "the target's cache stays empty"
+        );
+        let data = target.read(0, (2 * MIB) as usize).await.expect("a read");
+        let bytes = data.as_slice();
+        let at = |r: std::ops::Range<u64>| &bytes[r.start as usize..r.end as usize];
+        assert!(at(0..64 << 10).iter().all(|&b| b == 0x6b));
+        assert!(at(64 << 10..128 << 10).iter().all(|&b| b == 0));
+        assert!(at(128 << 10..192 << 10).iter().all(|&b| b == 0x6b));
+        assert!(at(192 << 10..MIB).iter().all(|&b| b == 0));
+        assert!(at(MIB..2 * MIB).iter().all(|&b| b == 0x6b));
+        let dirty = target.bitmaps().info();
+        assert_eq!(
+            dirty[0].count,
+            MIB + (128 << 10),
+            "the bitmap marks every copy"
+        );
+        // Not whole pages at the source: through the page cache.
+        let odd = raw(&g, "odd", &src, json!({}), json!({"offset": 512})).await;
+        let unaligned = block::class::background(odd.copy_range_to(0, MIB, &target, false));
+        assert!(unaligned.await.expect("no error"));
+        assert!(any_cached(&dst, MIB, MIB));
+    });
+}
+
+#[test]
+fn a_copy_into_an_o_direct_file_moves_the_source_pages_by_reference() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let src = file(&dir.path().join("src"), 0x27);
+    let dst = file(&dir.path().join("dst"), 0);
+    runtime().block_on(async {
+        let g = Graph::new();
+        let source = raw(&g, "src", &src, json!({}), json!({})).await;
+        let direct = raw(
+            &g,
+            "dst",
+            &dst,
+            json!({"cache": {"direct": true}}),
+            json!({}),
+        )
+        .await;
+        direct
+            .add_bitmap("b", Some(65536), false, false)
+            .await
+            .expect("a bitmap");
+        // Any size in whole pages, foreground too.
+        assert!(
+            source
+                .copy_range_to(4096, 8192, &direct, false)
+                .await
+                .expect("no error")
+        );
+        assert!(
+            source
+                .copy_range_to(MIB, 3 * MIB, &direct, false)
+                .await
+                .expect("no error")
+        );
+        let data = direct.read(0, SIZE as usize).await.expect("a read");
+        let bytes = data.as_slice();
+        assert!(bytes[..4096].iter().all(|&b| b == 0));
+        assert!(bytes[4096..12288].iter().all(|&b| b == 0x27));
+        assert!(bytes[12288..MIB as usize].iter().all(|&b| b == 0));
+        assert!(bytes[MIB as usize..].iter().all(|&b| b == 0x27));
+        assert!(!any_cached(&dst, 0, SIZE), "nothing went through the cache");
+        assert_eq!(direct.bitmaps().info()[0].count, (64 << 10) + 3 * MIB);
     });
 }
 
@@ -420,7 +536,7 @@ fn a_piped_write_is_refused_where_the_data_must_pass_through_memory() {
         target.add_write_hook(hook.clone());
         assert!(!refused(&target).await.expect("no error"));
         target.remove_write_hook(&hook);
-        for node in [&target, &direct, &detecting, &read_only] {
+        for node in [&target, &detecting, &read_only] {
             let data = node.read(0, MIB as usize).await.expect("a read");
             assert!(data.is_zero(), "{} stays zero", node.name());
         }

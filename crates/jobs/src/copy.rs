@@ -569,12 +569,11 @@ mod tests {
                        "file": {"driver": "file", "filename": src.display().to_string()}}),
             )
             .await;
-            // `O_DIRECT` bypasses the page cache a kernel copy would fill.
+            // Zero detection needs the data in memory.
             let target = add(
                 &g,
-                json!({"driver": "raw", "node-name": "dst",
-                       "file": {"driver": "file", "filename": dst.display().to_string(),
-                                "cache": {"direct": true}}}),
+                json!({"driver": "raw", "node-name": "dst", "detect-zeroes": "on",
+                       "file": {"driver": "file", "filename": dst.display().to_string()}}),
             )
             .await;
             let copier = Copier::new(source.clone(), target.clone(), 2);

@@ -1,6 +1,7 @@
 //! The storage drivers: `file` (protocol), `raw` and `qcow2` (formats),
 //! `null-co`, and the `throttle` filter.
 
+mod direct_copy;
 mod file;
 mod null;
 mod pool;
