@@ -17,7 +17,8 @@
 //! `latency` cases instead take N rounds, QEMU and ours in turns, and show
 //! the medians of each daemon's figures and of the per-round ratios, with
 //! their ranges; so do `backup-incremental` and `bitmap`, with the loop
-//! in its turn.
+//! in its turn, `nbd`, with the source's floor in its turn, and `sparse`
+//! and `direct`.
 
 #![allow(missing_docs)]
 
@@ -257,8 +258,8 @@ fn mirror_nbd(who: Daemon, dir: &Path, source: &Path, size: u64) -> Outcome {
     }
 }
 
-/// `BENCH_ROUNDS`: how many rounds the `full` and `latency` cases take
-/// (1 when unset or not a number above 0).
+/// `BENCH_ROUNDS`: how many rounds the cases that take rounds take (see
+/// the top of the file; 1 when unset or not a number above 0).
 fn rounds() -> usize {
     std::env::var("BENCH_ROUNDS")
         .ok()
@@ -449,6 +450,9 @@ fn send_floor(source: &Path, size: u64) -> Outcome {
 }
 
 fn nbd_case(dir: &Path, source: &Path, size: u64) {
+    if rounds() > 1 {
+        return nbd_case_in_rounds(dir, source, size);
+    }
     let qemu = best(|| mirror_nbd(Daemon::Qemu, dir, source, size));
     let ours = best(|| mirror_nbd(Daemon::Ours, dir, source, size));
     let floor = best(|| send_floor(source, size));
@@ -473,6 +477,47 @@ fn nbd_case(dir: &Path, source: &Path, size: u64) {
         floor.cpu,
         floor.wall / qemu.wall,
         floor.cpu / qemu.cpu.max(0.01),
+    );
+}
+
+/// [`nbd_case`] in [`rounds`]: QEMU, ours and the source's floor in
+/// turns; each one's medians, and the medians (and ranges) of the
+/// per-round ratios to QEMU's.
+fn nbd_case_in_rounds(dir: &Path, source: &Path, size: u64) {
+    let mut runs: [Vec<Outcome>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..rounds() {
+        runs[0].push(mirror_nbd(Daemon::Qemu, dir, source, size));
+        runs[1].push(mirror_nbd(Daemon::Ours, dir, source, size));
+        runs[2].push(send_floor(source, size));
+    }
+    let field = |r: &[Outcome], f: fn(&Outcome) -> f64| r.iter().map(f).collect::<Vec<_>>();
+    let ratio = |r: &[Outcome], f: fn(&Outcome) -> f64| {
+        let ratios = runs[0].iter().zip(r).map(|(q, o)| f(o) / f(q).max(0.01));
+        spread(ratios.collect(), 2)
+    };
+    let case = "full 4 GiB raw→NBD (TCP loopback)→raw";
+    for (who, r) in [(Daemon::Qemu, &runs[0]), (Daemon::Ours, &runs[1])] {
+        println!(
+            "| {case} | {} | {} s | {} s + {} s | {:.2} GiB | {} | {} / {} | {} s | {} |",
+            who.name(),
+            spread(field(r, |o| o.wall), 2),
+            spread(field(r, |o| o.cpu), 2),
+            spread(field(r, |o| o.peer_cpu), 2),
+            median(field(r, |o| o.allocated as f64)) / GIB as f64,
+            ratio(r, |o| o.wall),
+            ratio(r, |o| o.cpu),
+            ratio(r, |o| o.peer_cpu),
+            spread(field(r, |o| o.machine), 2),
+            ratio(r, |o| o.machine),
+        );
+    }
+    let floor = &runs[2];
+    println!(
+        "| {case} | sendfile loop to a draining socket, 512 KiB, one thread (the source's floor) | {} s | {} s + — | — | {} | {} / — | — | — |",
+        spread(field(floor, |o| o.wall), 2),
+        spread(field(floor, |o| o.cpu), 2),
+        ratio(floor, |o| o.wall),
+        ratio(floor, |o| o.cpu),
     );
 }
 
