@@ -71,6 +71,9 @@ pub(crate) struct FileDriver {
     /// Whether copies may still go by direct I/O (off for good once the
     /// file refuses it).
     direct_copies: AtomicBool,
+    /// Small background copies waiting to be written together by direct
+    /// I/O ([`super::direct_copy::Gather`]).
+    gather: Arc<super::direct_copy::Gather>,
     /// Buffered writes run one after another. Linux takes the inode's
     /// lock exclusively for each buffered write (ext4, XFS), so concurrent
     /// writers only spin on it: a mirror's parallel 1 MiB writes spent
@@ -179,6 +182,7 @@ impl FileDriver {
                 splice_in: AtomicBool::new(!direct),
                 direct_target: OnceLock::new(),
                 direct_copies: AtomicBool::new(!read_only),
+                gather: Arc::default(),
                 buffered_lane: Arc::default(),
                 background_lane: Arc::new(Lane::new(IoClass::Background)),
                 write_behind: Arc::default(),
@@ -361,10 +365,7 @@ impl FileDriver {
         source: &HostRange,
     ) -> Option<Result<bool>> {
         let (at, len) = (source.offset, source.len);
-        let wanted = match self.direct {
-            true => true,
-            false => class == IoClass::Background && len >= DIRECT_COPY_MIN,
-        };
+        let wanted = self.direct || class == IoClass::Background;
         if !wanted
             || !self.direct_copies.load(Ordering::Relaxed)
             || !super::direct_copy::aligned(at, offset, len)
@@ -372,6 +373,9 @@ impl FileDriver {
             return None;
         }
         let target = self.direct_target()?;
+        if !self.direct && len < DIRECT_COPY_MIN {
+            return self.copy_gathered(offset, source, target).await;
+        }
         let pipe = super::direct_copy::take()?;
         let from = source.file.clone();
         let (file, behind) = (self.file.clone(), self.write_behind.clone());
@@ -408,6 +412,59 @@ impl FileDriver {
             // A short source, a failed read or write: copied through
             // memory instead, where the error (if it comes again) is told
             // apart as a read's or a write's.
+            _ => Some(Ok(false)),
+        }
+    }
+
+    /// A small background copy of `source` to `offset` of this buffered
+    /// file, on the background lane with the others waiting there
+    /// ([`super::direct_copy::Gather`]): by direct I/O into `target` when
+    /// it joins a run contiguous in the file, else by `copy_file_range`
+    /// like any small background copy. `None` where the file refused
+    /// direct writes: the other ways are taken.
+    async fn copy_gathered(
+        &self,
+        offset: u64,
+        source: &HostRange,
+        target: Arc<File>,
+    ) -> Option<Result<bool>> {
+        if self.gather.refused() || !self.copy_offload.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (at, len) = (source.offset, source.len);
+        let id = self.gather.add(source.file.clone(), at, len, offset);
+        let gather = self.gather.clone();
+        let (file, behind) = (self.file.clone(), self.write_behind.clone());
+        let copy = move || {
+            let one = |p: &super::direct_copy::Piece| {
+                let copied = copy_file(&p.from, p.at, &file, p.to_at, p.len, BACKGROUND_COPY_PIECE);
+                let due = behind
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .wrote(p.to_at, p.len);
+                for (offset, len) in due.into_iter().flatten() {
+                    start_writeback(&file, offset, len);
+                }
+                copied
+            };
+            let after_direct = || {
+                let ended = behind.lock().unwrap_or_else(|e| e.into_inner()).end();
+                if let Some((offset, len)) = ended {
+                    start_writeback(&file, offset, len);
+                }
+            };
+            gather.run(id, &target, one, after_direct)
+        };
+        match self.background_lane.run(copy).await {
+            Some(Ok(true)) => {
+                self.length.fetch_max(offset + len, Ordering::AcqRel);
+                Some(Ok(true))
+            }
+            Some(Err(e)) if cannot_copy(&e) => {
+                tracing::debug!("{}: no copy offload ({e})", self.path);
+                self.copy_offload.store(false, Ordering::Relaxed);
+                Some(Ok(false))
+            }
             _ => Some(Ok(false)),
         }
     }
