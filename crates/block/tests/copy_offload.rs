@@ -192,6 +192,50 @@ fn a_copy_is_refused_where_the_data_must_pass_through_memory() {
     });
 }
 
+#[test]
+fn many_small_background_copies_into_new_qcow2_clusters_land_whole() {
+    // A job's pattern: scattered 64 KiB clusters of the source copied at
+    // once into new clusters of an image, which the file driver may write
+    // together by direct I/O where they are contiguous in the image file.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("src");
+    let pattern: Vec<u8> = (0..SIZE).map(|i| (i / 65536 * 7 + i % 251) as u8).collect();
+    std::fs::write(&path, &pattern).expect("the source");
+    let src = path.display().to_string();
+    let image = dir.path().join("t.qcow2").display().to_string();
+    testkit::qemu_img_create_qcow2(&image, SIZE, "cluster_size=65536");
+    let clusters: Vec<u64> = (0..SIZE / 65536).filter(|c| c % 3 != 1).collect();
+    runtime().block_on(async {
+        let g = Graph::new();
+        let source = raw(&g, "src", &src, json!({}), json!({})).await;
+        let target = add(
+            &g,
+            json!({"driver": "qcow2", "node-name": "t",
+                   "file": {"driver": "file", "filename": image}}),
+        )
+        .await;
+        for batch in clusters.chunks(16) {
+            let copies = batch.iter().rev().map(|&c| {
+                let (source, target) = (source.clone(), target.clone());
+                block::class::background(async move {
+                    source.copy_range_to(c * 65536, 65536, &target, false).await
+                })
+            });
+            for copied in futures_util::future::join_all(copies).await {
+                assert!(copied.expect("no error"), "copied inside the kernel");
+            }
+        }
+        g.close_all().await.expect("the image closes");
+    });
+    testkit::run("qemu-img", &["check", "-q", "-f", "qcow2", &image]);
+    let mut expected = vec![0u8; SIZE as usize];
+    for &c in &clusters {
+        let r = (c * 65536) as usize..((c + 1) * 65536) as usize;
+        expected[r.clone()].copy_from_slice(&pattern[r]);
+    }
+    assert_qcow2_holds(&image, &expected, dir.path());
+}
+
 /// Whether the page cache holds any of `offset..offset + len` of `file`
 /// (`mincore` over a mapping of it).
 fn any_cached(file: &str, offset: u64, len: u64) -> bool {
