@@ -18,9 +18,10 @@
 //! a source page while a guest's write changes it tears nothing but the
 //! copy, which the job makes again: that write dirtied the range after the
 //! copy began), and for copies into a file the user opened `O_DIRECT`.
-//! Small and scattered copies stay buffered: each direct write waits for
-//! the device, where a buffered one only fills the page cache (64 KiB
-//! copies took 1.5 times as long by direct I/O).
+//! Small copies go by direct I/O only together ([`Gather`]), where several
+//! are contiguous in the target: each direct write waits for the device,
+//! where a buffered one only fills the page cache (64 KiB copies one by
+//! one took 1.5 times as long by direct I/O).
 
 use std::collections::HashMap;
 use std::fs::File;
