@@ -167,18 +167,24 @@ pub(crate) fn copy(
         if filled == 0 || filled % page != 0 {
             return Ok(false);
         }
-        let mut left = filled;
-        while left > 0 {
-            let flags = SpliceFlags::empty();
-            match rustix::pipe::splice(pipe.read.as_fd(), None, to, Some(&mut to_at), left, flags) {
-                Ok(0) => return Err(io::Error::other("the target took no bytes from the pipe")),
-                Ok(n) => left -= n,
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        drain(pipe, filled, to, &mut to_at)?;
     }
     Ok(true)
+}
+
+/// Writes the `len` bytes waiting in `pipe` into `to` at `to_at` (advanced
+/// past them).
+fn drain(pipe: &Pipe, mut len: usize, to: &File, to_at: &mut u64) -> io::Result<()> {
+    while len > 0 {
+        let flags = SpliceFlags::empty();
+        match rustix::pipe::splice(pipe.read.as_fd(), None, to, Some(&mut *to_at), len, flags) {
+            Ok(0) => return Err(io::Error::other("the target took no bytes from the pipe")),
+            Ok(n) => len -= n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Least bytes of small copies, contiguous in the target, that are written
@@ -362,16 +368,7 @@ fn gathered(run: &[Piece], to: &File, pipe: &Pipe) -> io::Result<bool> {
         }
     }
     let mut to_at = run[0].to_at;
-    let mut left = filled;
-    while left > 0 {
-        let flags = SpliceFlags::empty();
-        match rustix::pipe::splice(pipe.read.as_fd(), None, to, Some(&mut to_at), left, flags) {
-            Ok(0) => return Err(io::Error::other("the target took no bytes from the pipe")),
-            Ok(n) => left -= n,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    drain(pipe, filled, to, &mut to_at)?;
     Ok(true)
 }
 
