@@ -28,7 +28,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::io::Errno;
@@ -56,37 +56,67 @@ pub(crate) struct Pipe {
     capacity: usize,
 }
 
-/// Pipes kept empty for the next copies.
-static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// Empty pipes kept for the next copies, and when a new one may be tried
+/// again after one could not be had.
+#[derive(Debug)]
+struct Pipes {
+    kept: Mutex<Vec<Pipe>>,
+    /// Until this time ([`super::file::clock`]) no new pipe is tried: the
+    /// last one could not be had (the system's `fs.pipe-max-size`, the
+    /// user's pipe quota, no descriptors left). Copies take the other
+    /// ways meanwhile.
+    retry_at: AtomicU64,
+}
 
-/// Set once a pipe of [`MIN_PIPE`] could not be had (the system's
-/// `fs.pipe-max-size`, or the user's pipe quota): copies then take the
-/// other ways, and the next attempt comes only once a pipe was given back.
-static NO_PIPES: AtomicBool = AtomicBool::new(false);
+/// How long after a pipe could not be had the next is tried, in
+/// nanoseconds.
+const PIPE_RETRY: u64 = 1_000_000_000;
+
+/// The process's pipes for direct copies.
+static PIPES: Pipes = Pipes::new();
+
+impl Pipes {
+    const fn new() -> Pipes {
+        Pipes {
+            kept: Mutex::new(Vec::new()),
+            retry_at: AtomicU64::new(0),
+        }
+    }
+
+    /// A kept pipe, or one from `make` unless one could not be had less
+    /// than [`PIPE_RETRY`] ago (`now`, in nanoseconds of
+    /// [`super::file::clock`]).
+    fn take(&self, now: u64, make: impl FnOnce() -> Option<Pipe>) -> Option<Pipe> {
+        if let Some(pipe) = self.kept.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Some(pipe);
+        }
+        if now < self.retry_at.load(Ordering::Relaxed) {
+            return None;
+        }
+        let pipe = make();
+        if pipe.is_none() {
+            self.retry_at.store(now + PIPE_RETRY, Ordering::Relaxed);
+        }
+        pipe
+    }
+
+    fn give_back(&self, pipe: Pipe) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < KEEP {
+            kept.push(pipe);
+        }
+    }
+}
 
 /// An empty pipe holding at least [`MIN_PIPE`] bytes, kept or new; `None`
-/// where none can be had.
+/// where none can be had (tried again a second later).
 pub(crate) fn take() -> Option<Pipe> {
-    if let Some(pipe) = PIPES.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-        return Some(pipe);
-    }
-    if NO_PIPES.load(Ordering::Relaxed) {
-        return None;
-    }
-    let pipe = new_pipe();
-    if pipe.is_none() {
-        NO_PIPES.store(true, Ordering::Relaxed);
-    }
-    pipe
+    PIPES.take(super::file::clock(), new_pipe)
 }
 
 /// Keeps `pipe`, which [`copy`] left empty, for a later copy.
 pub(crate) fn give_back(pipe: Pipe) {
-    let mut kept = PIPES.lock().unwrap_or_else(|e| e.into_inner());
-    if kept.len() < KEEP {
-        kept.push(pipe);
-    }
-    NO_PIPES.store(false, Ordering::Relaxed);
+    PIPES.give_back(pipe);
 }
 
 fn new_pipe() -> Option<Pipe> {
@@ -500,6 +530,25 @@ mod tests {
             gather.state.lock().unwrap().done.is_empty(),
             "every outcome was picked up"
         );
+    }
+
+    #[test]
+    fn a_pipe_that_could_not_be_had_is_tried_again_a_second_later() {
+        let pipes = Pipes::new();
+        let second = PIPE_RETRY;
+        assert!(pipes.take(5, || None).is_none());
+        let tried = std::cell::Cell::new(false);
+        let make = || {
+            tried.set(true);
+            new_pipe()
+        };
+        assert!(pipes.take(5 + second - 1, make).is_none());
+        assert!(!tried.get(), "tried again within the second");
+        let pipe = pipes.take(5 + second, make).expect("a pipe a second later");
+        assert!(tried.get());
+        pipes.give_back(pipe);
+        // A kept pipe comes back without a new one being made.
+        assert!(pipes.take(0, || None).is_some());
     }
 
     #[test]

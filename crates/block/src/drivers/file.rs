@@ -588,7 +588,7 @@ fn writes_stay_local(file: &File) -> bool {
 }
 
 /// Nanoseconds of a monotonic clock, counted from its first use.
-fn clock() -> u64 {
+pub(super) fn clock() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let start = START.get_or_init(std::time::Instant::now);
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
