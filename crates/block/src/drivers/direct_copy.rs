@@ -425,24 +425,30 @@ mod tests {
         File::open(dir.join("src")).unwrap()
     }
 
-    #[test]
-    fn a_copy_lands_whole_and_leaves_the_pipe_empty_for_the_next() {
-        let dir = tempfile::tempdir().unwrap();
-        let page = rustix::param::page_size();
-        let src = source(dir.path(), 600);
+    /// An empty file in `dir`, and the same file opened for direct writes.
+    fn target(dir: &std::path::Path) -> (File, File) {
         let dst = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(dir.path().join("dst"))
+            .open(dir.join("dst"))
             .unwrap();
         let Some(direct) = reopen(&dst) else {
             panic!(
                 "{} is not on ext4 or XFS: direct copies need one",
-                dir.path().display()
+                dir.display()
             );
         };
+        (dst, direct)
+    }
+
+    #[test]
+    fn a_copy_lands_whole_and_leaves_the_pipe_empty_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = rustix::param::page_size();
+        let src = source(dir.path(), 600);
+        let (dst, direct) = target(dir.path());
         let pipe = take().expect("a pipe of 256 KiB or more");
         // More than the pipe holds, so it takes several direct writes,
         // shifted by a page at the target.
@@ -463,14 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let page = rustix::param::page_size() as u64;
         let src = Arc::new(source(dir.path(), 600));
-        let dst = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("dst"))
-            .unwrap();
-        let direct = reopen(&dst).expect("a file on ext4 or XFS");
+        let (dst, direct) = target(dir.path());
         let gather = Gather::default();
         // Sixteen pages each, from scattered places of the source, into
         // one run of the target (in no order); one more elsewhere; and a
