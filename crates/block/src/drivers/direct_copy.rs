@@ -238,7 +238,8 @@ pub(crate) const GATHER_MIN: u64 = 256 << 10;
 #[derive(Debug, Default)]
 pub(crate) struct Gather {
     state: Mutex<GatherState>,
-    /// Set once the file refused a direct write for good.
+    /// Set once the file refused a direct write for good: its copies, large
+    /// and small, take the other ways from then on.
     refused: AtomicBool,
 }
 
@@ -281,10 +282,15 @@ impl Gather {
         id
     }
 
-    /// Whether the file refused a direct write for good: no more copies
-    /// should be added.
+    /// Whether the file refused a direct write for good: no copy into it
+    /// should go by direct I/O any more.
     pub(crate) fn refused(&self) -> bool {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the file refused a direct write for good.
+    pub(crate) fn refuse(&self) {
+        self.refused.store(true, Ordering::Relaxed);
     }
 
     /// The outcome of copy `id` (as [`copy`] reports it), copying first,
@@ -340,7 +346,7 @@ impl Gather {
                 }
                 failed => {
                     if failed.as_ref().is_err_and(refused) {
-                        self.refused.store(true, Ordering::Relaxed);
+                        self.refuse();
                     }
                     if failed.is_err() || run.len() > 1 && bytes >= GATHER_MIN {
                         // The pipe may hold bytes of the run: not reused.

@@ -68,11 +68,9 @@ pub(crate) struct FileDriver {
     /// `None` where it cannot be (read-only, not a regular file on ext4 or
     /// XFS, refused).
     direct_target: OnceLock<Option<Arc<File>>>,
-    /// Whether copies may still go by direct I/O (off for good once the
-    /// file refuses it).
-    direct_copies: AtomicBool,
     /// Small background copies waiting to be written together by direct
-    /// I/O ([`super::direct_copy::Gather`]).
+    /// I/O ([`super::direct_copy::Gather`]), and whether the file refused
+    /// direct copies for good.
     gather: Arc<super::direct_copy::Gather>,
     /// Buffered writes run one after another. Linux takes the inode's
     /// lock exclusively for each buffered write (ext4, XFS), so concurrent
@@ -181,7 +179,6 @@ impl FileDriver {
                 copy_offload: AtomicBool::new(!direct),
                 splice_in: AtomicBool::new(!direct),
                 direct_target: OnceLock::new(),
-                direct_copies: AtomicBool::new(!read_only),
                 gather: Arc::default(),
                 buffered_lane: Arc::default(),
                 background_lane: Arc::new(Lane::new(IoClass::Background)),
@@ -366,10 +363,7 @@ impl FileDriver {
     ) -> Option<Result<bool>> {
         let (at, len) = (source.offset, source.len);
         let wanted = self.direct || class == IoClass::Background;
-        if !wanted
-            || !self.direct_copies.load(Ordering::Relaxed)
-            || !super::direct_copy::aligned(at, offset, len)
-        {
+        if !wanted || self.gather.refused() || !super::direct_copy::aligned(at, offset, len) {
             return None;
         }
         let target = self.direct_target()?;
@@ -406,7 +400,7 @@ impl FileDriver {
             }
             Some(Err(e)) if super::direct_copy::refused(&e) => {
                 tracing::debug!("{}: no direct copies ({e})", self.path);
-                self.direct_copies.store(false, Ordering::Relaxed);
+                self.gather.refuse();
                 None
             }
             // A short source, a failed read or write: copied through
