@@ -336,13 +336,7 @@ impl FileDriver {
                 let behind = self.write_behind.clone();
                 let write = move || {
                     let result = f();
-                    let due = behind
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .wrote(offset, len);
-                    for (offset, len) in due.into_iter().flatten() {
-                        start_writeback(&file, offset, len);
-                    }
+                    behind_wrote(&file, &behind, offset, len);
                     result
                 };
                 self.background_lane.run(write).await
@@ -380,10 +374,7 @@ impl FileDriver {
             }
             // It leaves nothing to write back: the run of background
             // writes before it is as good as ended.
-            let ended = behind.lock().unwrap_or_else(|e| e.into_inner()).end();
-            if let Some((offset, len)) = ended {
-                start_writeback(&file, offset, len);
-            }
+            behind_ended(&file, &behind);
             copied
         };
         // Into a buffered file, after the background writes queued before
@@ -414,15 +405,15 @@ impl FileDriver {
     /// file, on the background lane with the others waiting there
     /// ([`super::direct_copy::Gather`]): by direct I/O into `target` when
     /// it joins a run contiguous in the file, else by `copy_file_range`
-    /// like any small background copy. `None` where the file refused
-    /// direct writes: the other ways are taken.
+    /// like any small background copy. `None` where the file refuses
+    /// `copy_file_range`: the copy goes through memory.
     async fn copy_gathered(
         &self,
         offset: u64,
         source: &HostRange,
         target: Arc<File>,
     ) -> Option<Result<bool>> {
-        if self.gather.refused() || !self.copy_offload.load(Ordering::Relaxed) {
+        if !self.copy_offload.load(Ordering::Relaxed) {
             return None;
         }
         let (at, len) = (source.offset, source.len);
@@ -432,22 +423,10 @@ impl FileDriver {
         let copy = move || {
             let one = |p: &super::direct_copy::Piece| {
                 let copied = copy_file(&p.from, p.at, &file, p.to_at, p.len, BACKGROUND_COPY_PIECE);
-                let due = behind
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .wrote(p.to_at, p.len);
-                for (offset, len) in due.into_iter().flatten() {
-                    start_writeback(&file, offset, len);
-                }
+                behind_wrote(&file, &behind, p.to_at, p.len);
                 copied
             };
-            let after_direct = || {
-                let ended = behind.lock().unwrap_or_else(|e| e.into_inner()).end();
-                if let Some((offset, len)) = ended {
-                    start_writeback(&file, offset, len);
-                }
-            };
-            gather.run(id, &target, one, after_direct)
+            gather.run(id, &target, one, || behind_ended(&file, &behind))
         };
         match self.background_lane.run(copy).await {
             Some(Ok(true)) => {
@@ -631,6 +610,27 @@ impl WriteBehind {
         let run = (self.end > self.start).then(|| (self.start, self.end - self.start));
         (self.start, self.end) = (0, 0);
         run
+    }
+}
+
+/// Notes a background write of `offset..offset + len` to `file` in
+/// `behind` and starts the write-back of what is due ([`WriteBehind`]).
+fn behind_wrote(file: &File, behind: &std::sync::Mutex<WriteBehind>, offset: u64, len: u64) {
+    let due = behind
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .wrote(offset, len);
+    for (offset, len) in due.into_iter().flatten() {
+        start_writeback(file, offset, len);
+    }
+}
+
+/// Ends the run of background writes to `file` in `behind` and starts its
+/// write-back (a write that leaves nothing to write back came after it).
+fn behind_ended(file: &File, behind: &std::sync::Mutex<WriteBehind>) {
+    let ended = behind.lock().unwrap_or_else(|e| e.into_inner()).end();
+    if let Some((offset, len)) = ended {
+        start_writeback(file, offset, len);
     }
 }
 
