@@ -334,7 +334,7 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (reader, writer) = tokio::io::split(stream);
-        let mut reader = BufReader::new(reader);
+        let mut reader = BufReader::with_capacity(transmission::REQUEST_BUFFER, reader);
         let mut writer = BufWriter::with_capacity(transmission::REPLY_BUFFER, writer);
         let no_zeroes = handshake::greet(&mut reader, &mut writer).await?;
         let tls = self.shared.options.tls.clone();
@@ -364,7 +364,7 @@ impl Server {
             .map_err(|e| Error::Tls(format!("handshake with a client failed: {e}")))?;
         tls.authorize(stream.get_ref().1.peer_certificates())?;
         let (reader, writer) = tokio::io::split(stream);
-        let mut reader = BufReader::new(reader);
+        let mut reader = BufReader::with_capacity(transmission::REQUEST_BUFFER, reader);
         let mut writer = BufWriter::with_capacity(transmission::REPLY_BUFFER, writer);
         match handshake::negotiate(self, &mut reader, &mut writer, no_zeroes, Tls::Done).await? {
             Outcome::Export(n) => Ok(Some(Ready::Tls(n, reader, writer))),

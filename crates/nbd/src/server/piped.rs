@@ -58,6 +58,9 @@ const POOL_PIPES: usize = 16;
 pub(super) struct Pipe {
     read: Arc<OwnedFd>,
     write: OwnedFd,
+    /// Bytes the pipe holds when full, as the kernel sized it (a process
+    /// over the pipe-user-pages-soft limit gets two pages).
+    capacity: usize,
 }
 
 impl Drop for Pipe {
@@ -87,10 +90,13 @@ impl Pool {
             return None;
         };
         // Best effort: a smaller pipe works too.
-        let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
+        let capacity = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
+            .unwrap_or(0);
         Some(Pipe {
             read: Arc::new(read),
             write,
+            capacity,
         })
     }
 
@@ -135,12 +141,17 @@ pub(super) async fn read<R: AsyncRead + Unpin>(
         return Ok(None);
     };
     let len = len as usize;
-    let mut pipes = vec![first];
-    let mut counts = vec![0usize];
-    // What the reader holds already goes first: at most its buffer (8 KiB),
-    // which an empty pipe always takes whole.
+    // What the reader holds already goes first, in one write into the
+    // empty pipe: where the pipe cannot take it whole, the payload goes
+    // through memory.
     let buffered = reader.buffer();
     let early = buffered.len().min(len);
+    if early > first.capacity {
+        pool.give_back(vec![first]);
+        return Ok(None);
+    }
+    let mut pipes = vec![first];
+    let mut counts = vec![0usize];
     if early > 0 {
         let n = rustix::io::write(&pipes[0].write, &buffered[..early])?;
         if n != early {
@@ -309,7 +320,8 @@ mod tests {
         let fd = crate::socket::duplicate(&server).expect("a descriptor");
         let socket =
             crate::socket::register(fd, tokio::io::Interest::READABLE).expect("registered");
-        (BufReader::new(server), socket, client)
+        let reader = BufReader::with_capacity(super::super::transmission::REQUEST_BUFFER, server);
+        (reader, socket, client)
     }
 
     async fn node(dir: &std::path::Path) -> Arc<Node> {
@@ -431,6 +443,41 @@ mod tests {
             let payload = receive(&mut reader, &socket, &pool, &node, 4 << 20).await;
             assert!(matches!(payload, Payload::Buf(_)), "too many pipes");
             assert_eq!(bytes(&payload), sent);
+            drop(sender.join());
+        });
+    }
+
+    #[test]
+    fn what_the_reader_holds_past_an_empty_pipes_capacity_leaves_the_payload_to_it() {
+        let _pipes = pipes_to_myself();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        runtime().block_on(async {
+            let node = node(dir.path()).await;
+            let (mut reader, socket, client) = connection();
+            // A pipe of one page, as a process past its pipe budget may get.
+            let pool = Pool::default();
+            let mut small = pool.take().expect("a pipe");
+            small.capacity =
+                rustix::pipe::fcntl_setpipe_size(&small.write, 4096).expect("a pipe of one page");
+            assert_eq!(small.capacity, 4096);
+            pool.give_back(vec![small]);
+            // One write: the reader's buffer fills with header and payload.
+            let (sent, sender) = send(client, 256 * KIB, 1 << 20, b"TAIL");
+            let mut header = [0u8; 6];
+            reader.read_exact(&mut header).await.expect("a header");
+            assert!(
+                reader.buffer().len() > 4096,
+                "the reader holds more than the pipe"
+            );
+            let r = read(&socket, &mut reader, &pool, &node, 0, 256 * KIB as u64, 1).await;
+            assert!(r.expect("no error").is_none(), "left to the reader");
+            assert_eq!(pool.0.lock().expect("the pool").len(), 1, "the pipe kept");
+            let mut payload = vec![0u8; 256 * KIB];
+            reader.read_exact(&mut payload).await.expect("the payload");
+            assert!(payload == sent, "the payload whole, in order");
+            let mut tail = [0u8; 4];
+            reader.read_exact(&mut tail).await.expect("the next bytes");
+            assert_eq!(&tail, b"TAIL");
             drop(sender.join());
         });
     }
