@@ -1,6 +1,7 @@
 //! Our NBD server side by side with `qemu-nbd` and `nbdkit file` serving the
 //! same 4 GiB raw file, driven by the same clients (`nbdcopy`,
-//! `qemu-img convert`, and our client for random 4 KiB requests at QD 16).
+//! `qemu-img convert`, and for random 4 KiB requests at QD 16 our client
+//! and fio's `nbd` engine, which is libnbd's).
 //! Each server runs as its own process; its CPU time (user + system, from
 //! `/proc/PID/stat`) is measured around every run. Prints markdown tables
 //! for `docs/benchmarks.md`.
@@ -199,6 +200,44 @@ fn random_4k(rt: &tokio::runtime::Runtime, sock: &Path, write: bool) -> Duration
     })
 }
 
+/// Random 4 KiB requests at QD 16 from fio's `nbd` engine (libnbd), one
+/// connection; returns the time fio's own rate gives for `RANDOM_OPS`.
+fn fio_4k(uri: &str, write: bool) -> Duration {
+    let out = Command::new("fio")
+        .args([
+            "--name=random",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            if write {
+                "--rw=randwrite"
+            } else {
+                "--rw=randread"
+            },
+            "--bs=4k",
+            &format!("--iodepth={DEPTH}"),
+            &format!("--number_ios={RANDOM_OPS}"),
+            &format!("--size={SIZE}"),
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run fio: {e}"));
+    assert!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // fio says "connected to NBD server" on stdout before its JSON.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = &text[text.find('{').expect("fio's JSON")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio's JSON");
+    let iops = v["jobs"][0][if write { "write" } else { "read" }]["iops"]
+        .as_f64()
+        .filter(|i| *i > 0.0)
+        .unwrap_or_else(|| panic!("no rate in fio's output: {v}"));
+    Duration::from_secs_f64(RANDOM_OPS as f64 / iops)
+}
+
 struct Row {
     name: &'static str,
     /// Bytes (or operations) per run.
@@ -217,7 +256,7 @@ fn main() {
     let filter: Option<String> = filters.next();
     // A second word picks the workloads whose names contain it.
     let rows_wanted: Option<String> = filters.next();
-    for tool in ["qemu-nbd", "nbdkit", "nbdcopy", "qemu-img"] {
+    for tool in ["qemu-nbd", "nbdkit", "nbdcopy", "qemu-img", "fio"] {
         testkit::require_tool(
             tool,
             if tool == "nbdcopy" {
@@ -331,6 +370,18 @@ fn main() {
                 RANDOM_OPS as f64,
                 "IOPS",
                 Box::new(|| random_4k(&rt, &sock, true)),
+            ),
+            (
+                "random 4 KiB read, QD 16, fio (libnbd)",
+                RANDOM_OPS as f64,
+                "IOPS",
+                Box::new(|| fio_4k(&uri, false)),
+            ),
+            (
+                "random 4 KiB write, QD 16, fio (libnbd)",
+                RANDOM_OPS as f64,
+                "IOPS",
+                Box::new(|| fio_4k(&uri, true)),
             ),
         ];
         let mut rows = Vec::new();
