@@ -282,19 +282,26 @@ impl FileDriver {
             return None;
         }
         let _held = self.buffered_lane.hold()?;
+        let slept = voluntary_switches();
         let started = std::time::Instant::now();
         let result = f();
-        self.inline_took(started.elapsed());
+        let took = started.elapsed();
+        // A slow write that never slept was only preempted: the kernel
+        // did not hold it, and the runtime thread would have lost the
+        // processor all the same.
+        let waited = took > INLINE_SLOW && voluntary_switches() != slept;
+        self.inline_took(waited);
         Some(result)
     }
 
-    /// Notes an inline write that took `took`: a slow one turns inline
-    /// writes off for a while, twice as long as the last time if the last
-    /// inline write was slow too (a file under sustained dirty-page
-    /// throttling holds a runtime thread once per period, not once a
-    /// second); a quick one resets the period.
-    fn inline_took(&self, took: std::time::Duration) {
-        if took > INLINE_SLOW {
+    /// Notes an inline write that `waited` (slow, and the kernel put the
+    /// thread to sleep) or not: one that waited turns inline writes off
+    /// for a while, twice as long as the last time if the last inline
+    /// write waited too (a file under sustained dirty-page throttling
+    /// holds a runtime thread once per period, not once a second); one
+    /// that did not resets the period.
+    fn inline_took(&self, waited: bool) {
+        if waited {
             let backoff = self.inline_backoff.load(Ordering::Relaxed);
             self.inline_after
                 .store(clock() + backoff, Ordering::Relaxed);
@@ -522,16 +529,23 @@ const DIRECT_COPY_MIN: u64 = 512 << 10;
 /// thread switches of the hop cost more than the copy (random 4 KiB writes
 /// over NBD: see `docs/benchmarks.md`). The kernel cannot tell beforehand
 /// whether a buffered write will wait (ext4 refuses `RWF_NOWAIT` for them),
-/// so each inline write is timed: one slower than [`INLINE_SLOW`] (dirty
-/// page throttling, a journal commit) sends the file's writes back to the
-/// pool for [`INLINE_BACKOFF`], doubled for each slow one in a row.
+/// so each inline write is timed: one slower than [`INLINE_SLOW`] during
+/// which the thread slept in the kernel (dirty page throttling, a journal
+/// commit; not a preemption, which a busy machine deals out to any thread)
+/// sends the file's writes back to the pool for [`INLINE_BACKOFF`], doubled
+/// for each such one in a row. (Counted over random 4 KiB writes from fio:
+/// one to three slow writes per run of 200 000, two in three of them
+/// preempted, not asleep, and each had turned inline writes off for a
+/// second.)
 const INLINE_MAX: u64 = 64 << 10;
 /// See [`INLINE_MAX`].
 const INLINE_SLOW: std::time::Duration = std::time::Duration::from_micros(500);
-/// See [`INLINE_MAX`], in nanoseconds of [`clock`].
-const INLINE_BACKOFF: u64 = 1_000_000_000;
-/// The longest [`INLINE_BACKOFF`] gets, doubled (a minute).
-const INLINE_BACKOFF_MAX: u64 = 64 * INLINE_BACKOFF;
+/// See [`INLINE_MAX`], in nanoseconds of [`clock`]: a tenth of a second
+/// (the waits seen were a journal's, under a millisecond; a file under
+/// sustained throttling doubles it quickly).
+const INLINE_BACKOFF: u64 = 100_000_000;
+/// The longest [`INLINE_BACKOFF`] gets, doubled (about a minute).
+const INLINE_BACKOFF_MAX: u64 = 64_000_000_000;
 
 /// Whether a buffered write to `file` is done by this host alone: a block
 /// device, or a file on a local disk file system (ext4, XFS, Btrfs, F2FS),
@@ -1090,6 +1104,19 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     };
 }
 
+/// How many times the calling thread has slept in the kernel (voluntary
+/// context switches, `getrusage(RUSAGE_THREAD)`); `None` if the kernel
+/// does not say. Two equal counts around a call mean it never waited.
+fn voluntary_switches() -> Option<i64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a valid, writable `rusage`, which the kernel
+    // fills on success; it is read only then.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
+    // SAFETY: zeroed is a valid `rusage` (plain integers), and the call
+    // succeeded, so the kernel wrote it.
+    (r == 0).then(|| unsafe { usage.assume_init() }.ru_nvcsw)
+}
+
 /// Whether a `RWF_DSYNC` write failed only because the kernel or the file
 /// system does not take the flag.
 fn dsync_unsupported(e: &io::Error) -> bool {
@@ -1295,13 +1322,14 @@ mod tests {
         f.file.read_exact_at(&mut back[..1], 0).unwrap();
         assert_eq!(back[0], 9);
 
-        // A quick write keeps the path; a slow one turns it off for a while.
-        f.inline_took(std::time::Duration::from_micros(100));
+        // A write that did not wait keeps the path; one that waited turns
+        // it off for a while.
+        f.inline_took(false);
         assert!(f.inline_allowed(0, page));
-        f.inline_took(INLINE_SLOW * 2);
+        f.inline_took(true);
         assert!(
             !f.inline_allowed(0, page),
-            "a slow write left inline writes on"
+            "a write that waited left inline writes on"
         );
         let after = f.inline_after.load(Ordering::Relaxed);
         assert!(after > clock() + INLINE_BACKOFF / 2);
@@ -1310,7 +1338,7 @@ mod tests {
         let mut want = INLINE_BACKOFF;
         for _ in 0..10 {
             want = (want * 2).min(INLINE_BACKOFF_MAX);
-            f.inline_took(INLINE_SLOW * 2);
+            f.inline_took(true);
             let off = f.inline_after.load(Ordering::Relaxed) - clock();
             assert!(
                 off > want - INLINE_BACKOFF / 2 && off <= want,
@@ -1318,9 +1346,9 @@ mod tests {
             );
         }
         assert_eq!(want, INLINE_BACKOFF_MAX);
-        // A quick one starts over.
-        f.inline_took(std::time::Duration::from_micros(100));
-        f.inline_took(INLINE_SLOW * 2);
+        // One that did not wait starts over.
+        f.inline_took(false);
+        f.inline_took(true);
         let off = f.inline_after.load(Ordering::Relaxed) - clock();
         assert!(off <= INLINE_BACKOFF, "{off}");
         f.inline_after.store(0, Ordering::Relaxed);
@@ -1329,6 +1357,21 @@ mod tests {
         // stands in for a network file system here.
         let proc = File::open("/proc/self/stat").unwrap();
         assert!(!writes_stay_local(&proc));
+    }
+
+    #[test]
+    fn a_thread_that_sleeps_counts_a_voluntary_switch_and_one_that_spins_does_not() {
+        // What tells an inline write that waited from one preempted.
+        let before = voluntary_switches().expect("the kernel counts switches");
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        let spun = voluntary_switches().expect("the kernel counts switches");
+        assert_eq!(spun, before, "a busy thread slept");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let slept = voluntary_switches().expect("the kernel counts switches");
+        assert!(slept > spun, "a sleep was not counted");
     }
 
     #[test]
