@@ -112,7 +112,10 @@ fn serve(spec: &str) {
     rt.block_on(async {
         let graph = Graph::new();
         let o = BlockdevOptions::from_json(&json!({"driver": "raw", "node-name": "disk",
-            "file": {"driver": "file", "filename": file, "cache": {"direct": direct}}}))
+            "file": {"driver": "file", "filename": file, "cache": {"direct": direct},
+                // With O_DIRECT, each side's asynchronous engine (qemu-nbd
+                // runs `--aio=native`); buffered, the default threads.
+                "aio": if direct { "io_uring" } else { "threads" }}}))
         .unwrap();
         let node = graph.add(&o).await.unwrap();
         let server = Server::new(ServerOptions::default());

@@ -1173,8 +1173,8 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_refused_ring_falls_back_to_threads() {
+    #[tokio::test]
+    async fn a_refused_ring_falls_back_to_threads() {
         let file = Arc::new(tempfile::tempfile().unwrap());
         // The kernel refuses a ring of 0 entries (EINVAL), as it refuses any
         // ring under seccomp (EPERM): either way, no engine and no panic.

@@ -1,29 +1,34 @@
 //! The io_uring engine of the `file` driver (`aio=io_uring`).
 //!
-//! One thread per file owns the ring. Requests reach it over a channel, and
-//! an eventfd that the ring itself reads wakes it when new ones arrive, so
-//! the thread only ever sleeps in `io_uring_enter`. Each request's buffer
-//! stays in the thread's in-flight table from submission to completion.
-//! Short reads and writes are resubmitted for the rest; a read past the end
-//! of the file zero-fills.
+//! The ring is driven from the async runtime, with no thread of its own: a
+//! request is pushed and submitted by the task that makes it (one
+//! `io_uring_enter`), and completions are reaped by a task of the runtime
+//! that waits on an eventfd registered with the ring, which the kernel
+//! signals for every completion. So a request and its completion cost no
+//! switch between threads beyond the runtime's own wake-up when it was
+//! idle (before, a thread owned the ring: every request crossed to it and
+//! every completion back, two wake-ups of another thread per request).
+//!
+//! Each request's buffer stays in the in-flight table from submission to
+//! completion, and the table is not dropped while the kernel may still use
+//! a buffer. Short reads and writes are resubmitted for the rest; a read
+//! past the end of the file zero-fills.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{IoUring, opcode, types};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::buf::IoBuf;
 
-/// Ring size; also the most requests in flight at once.
+/// Ring size; also the most requests in flight at once (more wait their
+/// turn in a queue).
 pub(crate) const ENTRIES: u32 = 128;
-/// `user_data` of the eventfd read.
-const WAKE: u64 = u64::MAX;
 
 /// What a request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,11 +58,32 @@ struct Pending {
     done: usize,
 }
 
-/// Handle of a file's io_uring thread.
+/// The ring and what it holds, under one lock.
+struct Ring {
+    ring: IoUring,
+    /// Requests the kernel has, by `user_data`.
+    inflight: HashMap<u64, Pending>,
+    /// Requests waiting for room (at most `entries` in flight, so the
+    /// completion queue, twice as large, never overflows).
+    queued: VecDeque<Op>,
+    next_id: u64,
+    entries: usize,
+    /// Set when the [`Uring`] is dropped: new requests are refused.
+    closed: bool,
+}
+
+struct Shared {
+    file: Arc<File>,
+    ring: Mutex<Ring>,
+    /// The ring's eventfd (another descriptor of it), written to wake the
+    /// reaper when a submission failed.
+    poke: OwnedFd,
+}
+
+/// A file's ring.
 pub(crate) struct Uring {
-    tx: Option<mpsc::Sender<Op>>,
-    wake: Arc<OwnedFd>,
-    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    reaper: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -67,24 +93,42 @@ impl std::fmt::Debug for Uring {
 }
 
 impl Uring {
-    /// Sets up a ring for `file`. Fails where the kernel refuses io_uring
-    /// (EPERM under seccomp, ENOSYS on old kernels); the caller falls back.
+    /// Sets up a ring for `file`, reaped by a task of the current runtime
+    /// (so its requests complete while that runtime runs; a node is used on
+    /// the runtime that opened it). Fails where the kernel refuses io_uring
+    /// (EPERM under seccomp, ENOSYS on old kernels) or outside a runtime;
+    /// the caller falls back.
     pub(crate) fn new(file: Arc<File>, entries: u32) -> io::Result<Uring> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| io::Error::other("no async runtime to reap completions"))?;
         let ring = IoUring::new(entries)?;
-        let wake = Arc::new(rustix::event::eventfd(
+        let event = rustix::event::eventfd(
             0,
-            rustix::event::EventfdFlags::CLOEXEC,
-        )?);
-        let (tx, rx) = mpsc::channel();
-        let thread_wake = wake.clone();
-        let thread = std::thread::Builder::new()
-            .name("bitmirror-uring".into())
-            .spawn(move || run(ring, entries as usize, &file, &thread_wake, &rx))?;
-        Ok(Uring {
-            tx: Some(tx),
-            wake,
-            thread: Some(thread),
-        })
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        let poke = rustix::io::dup(&event)?;
+        let event = {
+            let _entered = runtime.enter();
+            // SAFETY: an `OwnedFd` is an open descriptor that stays open,
+            // and is the one `as_raw_fd` returns, until it is dropped, which
+            // only the `AsyncFd` can do.
+            unsafe { AsyncFd::register_with_interest(event, tokio::io::Interest::READABLE) }?
+        };
+        let shared = Arc::new(Shared {
+            file,
+            ring: Mutex::new(Ring {
+                ring,
+                inflight: HashMap::new(),
+                queued: VecDeque::new(),
+                next_id: 0,
+                entries: entries as usize,
+                closed: false,
+            }),
+            poke,
+        });
+        let reaper = runtime.spawn(reap(shared.clone(), event));
+        Ok(Uring { shared, reaper })
     }
 
     /// Runs one request on the ring, handing the buffer back.
@@ -101,14 +145,25 @@ impl Uring {
             buf,
             reply,
         };
-        let Some(tx) = &self.tx else {
-            return (Err(closed()), op.buf);
-        };
-        if let Err(mpsc::SendError(op)) = tx.send(op) {
-            return (Err(closed()), op.buf);
-        }
-        if let Err(e) = rustix::io::write(&*self.wake, &1u64.to_ne_bytes()) {
-            return (Err(e.into()), IoBuf::zeroed(0, 1));
+        {
+            let mut r = self.shared.lock();
+            if r.closed {
+                return (Err(closed()), op.buf);
+            }
+            if r.inflight.len() >= r.entries {
+                r.queued.push_back(op);
+            } else {
+                if let Err((e, op)) = r.start(&self.shared.file, op) {
+                    return (Err(e), op.buf);
+                }
+                if let Err(e) = r.ring.submit() {
+                    // The entry stays on the ring (the kernel may take it
+                    // yet, so its buffer stays in flight): the reaper
+                    // submits it again.
+                    tracing::debug!("io_uring: submit failed, left to the reaper: {e}");
+                    let _ = rustix::io::write(&self.shared.poke, &1u64.to_ne_bytes());
+                }
+            }
         }
         answer
             .await
@@ -118,27 +173,181 @@ impl Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        // Closing the channel and waking the thread makes it finish what is
-        // in flight and exit.
-        self.tx = None;
-        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        self.shared.lock().closed = true;
+        self.reaper.abort();
+        // What is still in flight completes when the last handle on the
+        // ring goes (the reaper's, once the runtime drops it): see `Ring`'s
+        // `Drop`.
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Ring {
+    /// Pushes a new request; on failure hands it back with the error.
+    fn start(&mut self, file: &File, op: Op) -> Result<(), (io::Error, Op)> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut p = Pending { op, done: 0 };
+        let e = entry(file, id, &mut p);
+        match push(&mut self.ring, &e) {
+            Ok(()) => {
+                self.inflight.insert(id, p);
+                Ok(())
+            }
+            Err(err) => Err((err, p.op)),
+        }
+    }
+
+    /// Takes every completion the ring holds: finished requests go into
+    /// `done` with their outcome, short ones are pushed again for the
+    /// rest, and queued requests take the room freed (all to be
+    /// submitted).
+    fn reap(&mut self, file: &File, done: &mut Vec<(Reply, io::Result<()>, IoBuf)>) {
+        let completed: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (id, res) in completed {
+            let Some(mut p) = self.inflight.remove(&id) else {
+                continue;
+            };
+            let len = p.op.buf.len();
+            let outcome = if res < 0 {
+                Some(Err(io::Error::from_raw_os_error(-res)))
+            } else if p.op.kind == OpKind::Flush {
+                Some(Ok(()))
+            } else if res == 0 && p.op.kind == OpKind::Read {
+                // End of file: the rest reads as zeroes.
+                p.op.buf.as_mut_slice()[p.done..].fill(0);
+                Some(Ok(()))
+            } else if res == 0 {
+                Some(Err(io::Error::new(io::ErrorKind::WriteZero, "short write")))
+            } else {
+                p.done += res as usize;
+                (p.done >= len).then_some(Ok(()))
+            };
+            match outcome {
+                Some(result) => done.push((p.op.reply, result, p.op.buf)),
+                None => {
+                    // Short transfer: the rest under the same id.
+                    let e = entry(file, id, &mut p);
+                    match push(&mut self.ring, &e) {
+                        Ok(()) => {
+                            self.inflight.insert(id, p);
+                        }
+                        Err(err) => done.push((p.op.reply, Err(err), p.op.buf)),
+                    }
+                }
+            }
+        }
+        while self.inflight.len() < self.entries {
+            let Some(op) = self.queued.pop_front() else {
+                break;
+            };
+            if let Err((err, op)) = self.start(file, op) {
+                done.push((op.reply, Err(err), op.buf));
+            }
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The kernel may still read or write the buffers of requests in
+        // flight: wait for their completions before the table goes.
+        while !self.inflight.is_empty() {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INTR.raw_os_error()) => {}
+                Err(e) => {
+                    // Nothing more can be learnt from this ring; leak the
+                    // buffers rather than free memory the kernel may use.
+                    tracing::error!("io_uring: waiting for requests in flight failed: {e}");
+                    std::mem::forget(std::mem::take(&mut self.inflight));
+                    return;
+                }
+            }
+            let ids: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for id in ids {
+                if let Some(p) = self.inflight.remove(&id) {
+                    let _ = p.op.reply.send((Err(closed()), p.op.buf));
+                }
+            }
+        }
+        for op in self.queued.drain(..) {
+            let _ = op.reply.send((Err(closed()), op.buf));
+        }
+    }
+}
+
+/// The reaper: waits for the ring's eventfd, then takes the completions.
+async fn reap(shared: Arc<Shared>, event: AsyncFd<OwnedFd>) {
+    let mut done = Vec::new();
+    loop {
+        let mut ready = match event.readable().await {
+            Ok(ready) => ready,
+            Err(e) => {
+                tracing::error!("io_uring: cannot wait for completions: {e}");
+                return;
+            }
+        };
+        // Reset the counter before looking at the ring: a completion posted
+        // after this read signals the eventfd again, which the runtime sees
+        // as a new readiness (`clear_ready` does not clear one that came
+        // after `ready` was handed out).
+        let mut counter = [0u8; 8];
+        match rustix::io::read(event.get_ref(), &mut counter) {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => ready.clear_ready(),
+            Err(e) => {
+                tracing::error!("io_uring: cannot read the completion eventfd: {e}");
+                return;
+            }
+        }
+        // Reap, submit what that pushed, hand the outcomes over; where the
+        // kernel refuses the submission for now (EAGAIN, EBUSY), try again
+        // shortly: the entries stay on the ring, and nothing else would
+        // wake this task for them.
+        loop {
+            let refused = {
+                let mut r = shared.lock();
+                r.reap(&shared.file, &mut done);
+                if r.ring.submission().is_empty() {
+                    None
+                } else {
+                    r.ring.submit().err()
+                }
+            };
+            for (reply, result, buf) in done.drain(..) {
+                let _ = reply.send((result, buf));
+            }
+            match refused {
+                None => break,
+                Some(e) => {
+                    tracing::debug!("io_uring: submit failed, trying again: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
         }
     }
 }
 
 fn closed() -> io::Error {
-    io::Error::other("the io_uring thread has stopped")
+    io::Error::other("the file's io_uring is closed")
 }
 
 /// Pushes one entry, flushing the queue to the kernel first if it is full.
 fn push(ring: &mut IoUring, entry: &io_uring::squeue::Entry) -> io::Result<()> {
-    // SAFETY: every entry built here points at memory that outlives the
-    // request: a buffer owned by the `Pending` in the in-flight table (its
-    // heap storage does not move when the table does) or the thread's boxed
-    // eventfd counter, both dropped only after the request's completion has
-    // been reaped; and at file descriptors kept open by the same thread.
+    // SAFETY: every entry built here points at a buffer owned by the
+    // `Pending` in the in-flight table (its heap storage does not move when
+    // the table does), which is dropped only after the request's completion
+    // has been reaped (`Ring`'s `Drop` waits for it), and at the file, which
+    // the ring's `Shared` keeps open as long.
     if unsafe { ring.submission().push(entry) }.is_ok() {
         return Ok(());
     }
@@ -172,111 +381,108 @@ fn entry(file: &File, id: u64, p: &mut Pending) -> io_uring::squeue::Entry {
     .user_data(id)
 }
 
-fn arm_wake(ring: &mut IoUring, wake: &OwnedFd, counter: &mut [u8; 8]) -> io::Result<()> {
-    let e = opcode::Read::new(types::Fd(wake.as_fd().as_raw_fd()), counter.as_mut_ptr(), 8)
-        .build()
-        .user_data(WAKE);
-    push(ring, &e)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use std::os::unix::fs::FileExt;
 
-/// The ring thread.
-fn run(mut ring: IoUring, entries: usize, file: &File, wake: &OwnedFd, rx: &mpsc::Receiver<Op>) {
-    let mut counter = Box::new([0u8; 8]);
-    let mut inflight: HashMap<u64, Pending> = HashMap::new();
-    let mut next_id = 0u64;
-    let mut open = true;
-    if let Err(e) = arm_wake(&mut ring, wake, &mut counter) {
-        tracing::error!("io_uring: cannot arm the wake-up read: {e}");
-        return;
+    fn filled(len: usize, seed: u8) -> IoBuf {
+        let mut b = IoBuf::zeroed(len, 1);
+        for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
+            *x = seed.wrapping_add((i / 512) as u8);
+        }
+        b
     }
-    let mut wake_armed = true;
-    loop {
-        // Take new requests while there is room on the ring.
-        while open && inflight.len() < entries - 1 {
-            match rx.try_recv() {
-                Ok(op) => {
-                    next_id += 1;
-                    let mut p = Pending { op, done: 0 };
-                    let e = entry(file, next_id, &mut p);
-                    match push(&mut ring, &e) {
-                        Ok(()) => {
-                            inflight.insert(next_id, p);
-                        }
-                        Err(err) => {
-                            let _ = p.op.reply.send((Err(err), p.op.buf));
-                        }
-                    }
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => open = false,
-            }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_requests_than_the_ring_holds_wait_their_turn_and_all_land() {
+        let file = Arc::new(tempfile::tempfile().expect("a file"));
+        let ring = Arc::new(Uring::new(file.clone(), 4).expect("a ring"));
+        // 64 writes of 64 KiB at once on a ring of 4.
+        let writes = (0..64u64).map(|i| {
+            let ring = ring.clone();
+            tokio::spawn(async move {
+                let (r, _) = ring
+                    .submit(OpKind::Write, i * 65536, filled(65536, i as u8))
+                    .await;
+                r
+            })
+        });
+        for w in futures_util::future::join_all(writes).await {
+            w.expect("the task").expect("the write");
         }
-        if !open && inflight.is_empty() && !wake_armed {
-            return;
+        let (r, _) = ring.submit(OpKind::Flush, 0, IoBuf::zeroed(0, 1)).await;
+        r.expect("the flush");
+        for i in 0..64u64 {
+            let mut back = vec![0u8; 65536];
+            file.read_exact_at(&mut back, i * 65536)
+                .expect("the file reads");
+            assert!(back == filled(65536, i as u8).as_slice(), "write {i}");
         }
-        if !open && wake_armed && inflight.is_empty() {
-            // Complete our own eventfd read so its buffer can be freed.
-            let _ = rustix::io::write(wake, &1u64.to_ne_bytes());
+        // And read back through the ring, as many at once.
+        let reads = (0..64u64).map(|i| {
+            let ring = ring.clone();
+            tokio::spawn(async move {
+                let (r, buf) = ring
+                    .submit(OpKind::Read, i * 65536, IoBuf::zeroed(65536, 1))
+                    .await;
+                r.map(|()| (i, buf))
+            })
+        });
+        for r in futures_util::future::join_all(reads).await {
+            let (i, buf) = r.expect("the task").expect("the read");
+            assert!(
+                buf.as_slice() == filled(65536, i as u8).as_slice(),
+                "read {i}"
+            );
         }
-        if let Err(e) = ring.submit_and_wait(1) {
-            if e.raw_os_error() == Some(rustix::io::Errno::INTR.raw_os_error()) {
-                continue;
+    }
+
+    #[tokio::test]
+    async fn a_read_past_the_end_of_the_file_reads_zeroes_there() {
+        let file = Arc::new(tempfile::tempfile().expect("a file"));
+        file.write_all_at(&[7u8; 1000], 0).expect("the file writes");
+        let ring = Uring::new(file, 8).expect("a ring");
+        let (r, buf) = ring.submit(OpKind::Read, 0, filled(4096, 1)).await;
+        r.expect("the read");
+        assert!(buf.as_slice()[..1000].iter().all(|&b| b == 7));
+        assert!(buf.as_slice()[1000..].iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn a_ring_dropped_with_a_request_in_flight_waits_for_it() {
+        let file = Arc::new(tempfile::tempfile().expect("a file"));
+        file.set_len(1 << 20).expect("a sized file");
+        let ring = Uring::new(file, 8).expect("a ring");
+        // Submitted, then abandoned by its caller: the buffer is the ring's
+        // until the kernel is done with it.
+        let shared = Arc::downgrade(&ring.shared);
+        let mut read = Box::pin(ring.submit(OpKind::Read, 0, IoBuf::zeroed(1 << 20, 1)));
+        // One poll submits it (it may complete at once: then it is gone
+        // from the table).
+        let answered = (&mut read).now_or_never().is_some();
+        let inflight = ring.shared.lock().inflight.len();
+        assert_eq!(inflight, usize::from(!answered), "the read on the ring");
+        drop(read);
+        drop(ring);
+        // The reaper goes with the runtime's next turns; the table, waiting
+        // for the read's completion, with the last handle.
+        for _ in 0..100 {
+            if shared.upgrade().is_none() {
+                return;
             }
-            tracing::error!("io_uring: submit failed: {e}");
-            for (_, p) in inflight.drain() {
-                let _ =
-                    p.op.reply
-                        .send((Err(io::Error::other(e.to_string())), p.op.buf));
-            }
-            return;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let done: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (id, res) in done {
-            if id == WAKE {
-                wake_armed = false;
-                if open {
-                    wake_armed = arm_wake(&mut ring, wake, &mut counter).is_ok();
-                }
-                continue;
-            }
-            let Some(mut p) = inflight.remove(&id) else {
-                continue;
-            };
-            let len = p.op.buf.len();
-            let outcome = if res < 0 {
-                Some(Err(io::Error::from_raw_os_error(-res)))
-            } else if p.op.kind == OpKind::Flush {
-                Some(Ok(()))
-            } else if res == 0 && p.op.kind == OpKind::Read {
-                // End of file: the rest reads as zeroes.
-                p.op.buf.as_mut_slice()[p.done..].fill(0);
-                Some(Ok(()))
-            } else if res == 0 {
-                Some(Err(io::Error::new(io::ErrorKind::WriteZero, "short write")))
-            } else {
-                p.done += res as usize;
-                (p.done >= len).then_some(Ok(()))
-            };
-            match outcome {
-                Some(result) => {
-                    let _ = p.op.reply.send((result, p.op.buf));
-                }
-                None => {
-                    // Short transfer: submit the rest under the same id.
-                    let e = entry(file, id, &mut p);
-                    match push(&mut ring, &e) {
-                        Ok(()) => {
-                            inflight.insert(id, p);
-                        }
-                        Err(err) => {
-                            let _ = p.op.reply.send((Err(err), p.op.buf));
-                        }
-                    }
-                }
-            }
-        }
+        panic!("the ring outlived its handle");
+    }
+
+    #[test]
+    fn outside_a_runtime_there_is_no_ring() {
+        let file = Arc::new(tempfile::tempfile().expect("a file"));
+        assert!(
+            Uring::new(file, 8).is_err(),
+            "no runtime to reap completions"
+        );
     }
 }
