@@ -275,6 +275,7 @@ where
         req.flags &= !cflag::PAYLOAD_LEN;
     }
     let has_payload = req.command == Command::Write;
+    let checked = conn.check(&req);
     if announced && !has_payload {
         let msg = "PAYLOAD_LEN on a command that takes no payload".to_owned();
         if req.len > u64::from(MAX_PAYLOAD) {
@@ -295,9 +296,7 @@ where
             // Only a write that will run: a refused one's payload is
             // skipped through memory.
             (Some(socket), Some(node))
-                if piped::worth(req.len)
-                    && req.flags & cflag::FUA == 0
-                    && conn.check(&req).is_ok() =>
+                if piped::worth(req.len) && req.flags & cflag::FUA == 0 && checked.is_ok() =>
             {
                 piped::read(
                     socket,
@@ -323,7 +322,7 @@ where
     } else {
         None
     };
-    Ok(match conn.check(&req) {
+    Ok(match checked {
         Ok(()) => Next::Run(req, payload),
         Err(refusal) => Next::Refuse(req, refusal),
     })
