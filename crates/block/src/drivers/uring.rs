@@ -107,14 +107,12 @@ impl Uring {
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
-        let poke = rustix::io::dup(&event)?;
-        let event = {
-            let _entered = runtime.enter();
-            // SAFETY: an `OwnedFd` is an open descriptor that stays open,
-            // and is the one `as_raw_fd` returns, until it is dropped, which
-            // only the `AsyncFd` can do.
-            unsafe { AsyncFd::register_with_interest(event, tokio::io::Interest::READABLE) }?
-        };
+        let poke = rustix::io::fcntl_dupfd_cloexec(&event, 0)?;
+        // SAFETY: an `OwnedFd` is an open descriptor that stays open, and is
+        // the one `as_raw_fd` returns, until it is dropped, which only the
+        // `AsyncFd` can do.
+        let event =
+            unsafe { AsyncFd::register_with_interest(event, tokio::io::Interest::READABLE) }?;
         let shared = Arc::new(Shared {
             file,
             ring: Mutex::new(Ring {

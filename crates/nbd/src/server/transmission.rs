@@ -55,9 +55,10 @@ const SMALL_REPLY: usize = 8192;
 pub(super) const REPLY_BUFFER: usize = 64 << 10;
 /// The capacity of a connection's read buffer: one `recv` takes a batch
 /// of small requests with their payloads (fifteen 4 KiB writes with their
-/// headers), where tokio's default of 8 KiB took fewer than two. (Random 4 KiB writes at
-/// 16 in flight from `fio`, in turns with 8 KiB: 65–100 k IOPS against
-/// 60–74 k, with half the `recv` calls and less CPU per write.)
+/// headers), where tokio's default of 8 KiB took fewer than two. (Random
+/// 4 KiB writes at 16 in flight from `fio`, in turns with 8 KiB: 65–100 k
+/// IOPS against 60–74 k, with half the `recv` calls and less CPU per
+/// write.)
 pub(super) const REQUEST_BUFFER: usize = 64 << 10;
 /// Small replies go out once this many wait, without waiting for the rest
 /// of a batch: the client can send its next requests while the server
