@@ -315,13 +315,12 @@ impl Gather {
             std::mem::take(&mut state.pending)
         };
         pieces.sort_by_key(|p| p.to_at);
-        let pipe = match self.refused() {
+        let mut pipe = match self.refused() {
             true => None,
             false => take(),
         };
         let room = pipe.as_ref().map_or(0, |p| p.capacity as u64);
         let mut outcomes = Vec::with_capacity(pieces.len());
-        let mut pipe = pipe;
         let mut start = 0;
         while start < pieces.len() {
             // The run from `start`: contiguous in the file, within a pipe.

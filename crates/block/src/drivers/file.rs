@@ -515,10 +515,10 @@ const BACKGROUND_COPY_PIECE: u64 = 256 << 10;
 /// A background copy into a buffered file of at least this many bytes goes
 /// by direct I/O ([`super::direct_copy`]); smaller ones fill the page
 /// cache, unless several together make a run in the file
-/// ([`super::direct_copy::Gather`]). (A sequential 4 GiB copy in pieces of 1 MiB: 3.0 s and 0.3 s of
-/// CPU by direct I/O against 3.3–6.3 s and 1.5–5.1 s by `copy_file_range`;
-/// in pieces of 256 KiB 3.7 s and 0.8 s; 64 KiB pieces took 1.5 times as
-/// long by direct I/O.)
+/// ([`super::direct_copy::Gather`]). (A sequential 4 GiB copy in pieces of
+/// 1 MiB: 3.0 s and 0.3 s of CPU by direct I/O against 3.3–6.3 s and
+/// 1.5–5.1 s by `copy_file_range`; in pieces of 256 KiB 3.7 s and 0.8 s;
+/// 64 KiB pieces took 1.5 times as long by direct I/O.)
 const DIRECT_COPY_MIN: u64 = 512 << 10;
 
 /// A buffered foreground write of at most this many bytes, in whole
