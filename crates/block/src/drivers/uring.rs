@@ -359,16 +359,20 @@ fn push(ring: &mut IoUring, entry: &io_uring::squeue::Entry) -> io::Result<()> {
 fn entry(file: &File, id: u64, p: &mut Pending) -> io_uring::squeue::Entry {
     let fd = types::Fd(file.as_raw_fd());
     let offset = p.op.offset + p.done as u64;
-    let rest = &mut p.op.buf.as_mut_slice()[p.done..];
-    let len = rest.len().min(u32::MAX as usize) as u32;
+    let len = |rest: &[u8]| rest.len().min(u32::MAX as usize) as u32;
+    // A write only reads its buffer, which clones may share.
+    let rest = &p.op.buf.as_slice()[p.done..];
     match p.op.kind {
-        OpKind::Read => opcode::Read::new(fd, rest.as_mut_ptr(), len)
+        OpKind::Read => {
+            let rest = &mut p.op.buf.as_mut_slice()[p.done..];
+            opcode::Read::new(fd, rest.as_mut_ptr(), len(rest))
+                .offset(offset)
+                .build()
+        }
+        OpKind::Write => opcode::Write::new(fd, rest.as_ptr(), len(rest))
             .offset(offset)
             .build(),
-        OpKind::Write => opcode::Write::new(fd, rest.as_ptr(), len)
-            .offset(offset)
-            .build(),
-        OpKind::WriteDsync => opcode::Write::new(fd, rest.as_ptr(), len)
+        OpKind::WriteDsync => opcode::Write::new(fd, rest.as_ptr(), len(rest))
             .offset(offset)
             .rw_flags(rustix::io::ReadWriteFlags::DSYNC.bits() as i32)
             .build(),
