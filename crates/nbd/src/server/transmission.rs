@@ -92,6 +92,11 @@ struct Conn<W> {
     socket: Option<AsyncFd<OwnedFd>>,
     /// Empty pipes for write payloads.
     pipes: Pool,
+    /// The last request's payload was spliced: the next header is read
+    /// from the socket alone, so that a payload behind it stays there for
+    /// the splice instead of being read into the request buffer (and then
+    /// copied into the pipe).
+    spliced_last: AtomicBool,
     /// Payload buffers of finished requests, for the next ones.
     pool: std::sync::Mutex<Vec<IoBuf>>,
     /// Turns true when unsent replies are to be dropped: sends give up.
@@ -140,6 +145,7 @@ pub(super) async fn run<R, W>(
         contexts: n.contexts.clone(),
         writer: Mutex::new(writer),
         unflushed: AtomicBool::new(false),
+        spliced_last: AtomicBool::new(false),
         waiting: AtomicUsize::new(0),
         socket: socket
             .and_then(|fd| crate::socket::register(fd, Interest::READABLE | Interest::WRITABLE)),
@@ -245,6 +251,21 @@ pub(super) async fn run<R, W>(
     drop(n);
 }
 
+/// Reads a request header into `head`: through `reader`'s buffer, or with
+/// `alone` (the buffer being empty) from the stream under it, no byte past
+/// the header.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    head: &mut [u8],
+    alone: bool,
+) -> std::io::Result<()> {
+    match alone && reader.buffer().is_empty() {
+        true => reader.get_mut().read_exact(head).await?,
+        false => reader.read_exact(head).await?,
+    };
+    Ok(())
+}
+
 async fn read_next<R, W>(conn: &Conn<W>, reader: &mut BufReader<R>) -> std::io::Result<Next>
 where
     R: AsyncRead + Unpin,
@@ -253,15 +274,19 @@ where
     let bad = |e: crate::proto::ProtoError| {
         std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
     };
+    // After a spliced payload, with nothing buffered, the header alone
+    // (a client that writes in large pieces sends a payload behind it).
+    let header_only = conn.spliced_last.load(Ordering::Relaxed);
     let mut req = if conn.extended {
         let mut head = [0u8; EXTENDED_REQUEST_SIZE];
-        reader.read_exact(&mut head).await?;
+        read_header(reader, &mut head, header_only).await?;
         Request::parse_extended(&head).map_err(bad)?
     } else {
         let mut head = [0u8; REQUEST_SIZE];
-        reader.read_exact(&mut head).await?;
+        read_header(reader, &mut head, header_only).await?;
         Request::parse(&head).map_err(bad)?
     };
+    conn.spliced_last.store(false, Ordering::Relaxed);
     if req.command == Command::Disc {
         return Ok(Next::Disconnect);
     }
@@ -313,7 +338,10 @@ where
             _ => None,
         };
         match piped {
-            Some(payload) => Some(payload),
+            Some(payload) => {
+                conn.spliced_last.store(true, Ordering::Relaxed);
+                Some(payload)
+            }
             None => {
                 let mut buf = conn.buffer(req.len as usize, align);
                 reader.read_exact(buf.as_mut_slice()).await?;
@@ -1002,4 +1030,40 @@ fn refusal(e: &block::Error) -> Refusal {
         _ => errno::EINVAL,
     };
     (wire, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_header_read_alone_leaves_the_payload_behind_it_in_the_stream() {
+        let mut stream = vec![7u8; REQUEST_SIZE];
+        stream.extend_from_slice(&[9u8; 100_000]);
+        for alone in [true, false] {
+            let mut reader = BufReader::with_capacity(REQUEST_BUFFER, &stream[..]);
+            let mut head = [0u8; REQUEST_SIZE];
+            read_header(&mut reader, &mut head, alone).await.unwrap();
+            assert_eq!(head, [7u8; REQUEST_SIZE]);
+            let left = reader.get_ref().len();
+            match alone {
+                true => {
+                    assert!(reader.buffer().is_empty());
+                    assert_eq!(left, 100_000, "the payload stays in the stream");
+                }
+                false => assert_eq!(reader.buffer().len() + left, 100_000),
+            }
+            // Either way the next bytes read are the payload's.
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, vec![9u8; 100_000]);
+        }
+        // With bytes buffered already, they come first, alone or not.
+        let mut reader = BufReader::with_capacity(REQUEST_BUFFER, &stream[..]);
+        let mut first = [0u8; 4];
+        reader.read_exact(&mut first).await.unwrap();
+        let mut head = [0u8; REQUEST_SIZE - 4];
+        read_header(&mut reader, &mut head, true).await.unwrap();
+        assert_eq!(head, [7u8; REQUEST_SIZE - 4]);
+    }
 }
