@@ -140,6 +140,14 @@ fn serve(spec: &str) {
     });
 }
 
+/// Drops the page cache's clean pages of `file` (after a `sync`, all of
+/// them).
+fn drop_cached(file: &Path) {
+    let f = std::fs::File::open(file).expect("the served file opens");
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+        .expect("the kernel takes the advice");
+}
+
 /// Runs `program args` to completion; fails loudly.
 fn run(program: &str, args: &[&str]) {
     let out = Command::new(program)
@@ -402,6 +410,12 @@ fn main() {
                     // server's writes too) are written back first, not
                     // beside whichever server comes next.
                     run("sync", &[]);
+                    if direct {
+                        // And nothing of the served file cached: the
+                        // first `O_DIRECT` server of a row would otherwise
+                        // pay for dropping what the runs before it left.
+                        drop_cached(Path::new(f));
+                    }
                     let c0 = cpu_seconds(child.id());
                     let t = job();
                     let cpu = cpu_seconds(child.id()) - c0;
