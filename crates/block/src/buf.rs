@@ -66,18 +66,20 @@ impl Storage {
 /// The largest alignment that buffers are asked for (a page).
 const MAX_ALIGN: usize = 4096;
 
-/// The least alignment of a buffer's start: a cache line. The kernel's
-/// copies between user memory and the page cache or a socket run about a
-/// third slower from or into memory that is not aligned to 64 bytes (a
-/// 1 MiB `pwrite` into cached pages: 8.3 GB/s from the heap's 16-byte
-/// alignment, 11.8 GB/s from a cache line; docs/benchmarks.md).
-pub(crate) const MIN_ALIGN: usize = 64;
-
 impl IoBuf {
+    /// The least alignment of a buffer's start: a cache line. The kernel's
+    /// copies between user memory and the page cache or a socket run about
+    /// a third slower from or into memory that is not aligned to 64 bytes
+    /// (a 1 MiB `pwrite` into cached pages: 8.3 GB/s from the heap's
+    /// 16-byte alignment, 11.8 GB/s from a cache line; docs/benchmarks.md).
+    /// [`zeroed`](Self::zeroed) asked for `len` bytes aligned to `align`
+    /// holds `len + align.max(Self::MIN_ALIGN) - 1`.
+    pub const MIN_ALIGN: usize = 64;
+
     /// A zero-filled buffer of `len` bytes starting at a multiple of `align`
     /// (a power of two; 1 for no constraint) and of a cache line.
     pub fn zeroed(len: usize, align: usize) -> IoBuf {
-        let align = align.max(MIN_ALIGN).next_power_of_two();
+        let align = align.max(Self::MIN_ALIGN).next_power_of_two();
         let storage = vec![0u8; len + align - 1];
         let start = storage.as_ptr().align_offset(align).min(align - 1);
         IoBuf {
@@ -103,7 +105,7 @@ impl IoBuf {
     /// else a new zero-filled buffer. Servers keep buffers this way instead
     /// of allocating and clearing one per request.
     pub fn reuse(self, len: usize, align: usize) -> IoBuf {
-        let align = align.max(MIN_ALIGN).next_power_of_two();
+        let align = align.max(Self::MIN_ALIGN).next_power_of_two();
         let storage = match self.storage {
             Storage::Shared(v) => match Arc::try_unwrap(v) {
                 Ok(v) => v,
@@ -233,11 +235,11 @@ mod tests {
         assert_eq!(IoBuf::copy_from(b"abc", 64).into_vec(), b"abc");
         // Never less than a cache line, whatever is asked.
         for len in [1, 100, 4096, 1 << 20] {
-            assert!(IoBuf::zeroed(len, 1).is_aligned(MIN_ALIGN));
+            assert!(IoBuf::zeroed(len, 1).is_aligned(IoBuf::MIN_ALIGN));
             assert!(
                 IoBuf::zeroed(len, 1)
                     .reuse(len / 2, 1)
-                    .is_aligned(MIN_ALIGN)
+                    .is_aligned(IoBuf::MIN_ALIGN)
             );
         }
         assert!(IoBuf::zeroed(0, 4096).is_empty());

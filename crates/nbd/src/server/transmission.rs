@@ -362,9 +362,9 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     /// one there is large enough.
     fn buffer(&self, len: usize, align: usize) -> IoBuf {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        // `IoBuf::zeroed(len, align)` holds len + align - 1 bytes: enough
-        // for any placement of an aligned start.
-        let need = len + align.max(1) - 1;
+        // What `IoBuf::zeroed(len, align)` holds: enough for any placement
+        // of an aligned start.
+        let need = len + align.max(IoBuf::MIN_ALIGN) - 1;
         let fit = pool.iter().position(|b| b.capacity() >= need);
         match fit {
             Some(i) => pool.swap_remove(i).reuse(len, align),
