@@ -13,9 +13,9 @@ use std::sync::Arc;
 ///
 /// A buffer made [`shared`](Self::shared) is cloned by reference: many
 /// requests can write the same bytes from the same memory at once. Each
-/// clone still behaves as a buffer of its own: [`as_mut_slice`]
-/// (Self::as_mut_slice) on a clone that shares its memory copies it first,
-/// so no request ever sees another's bytes change.
+/// clone still behaves as a buffer of its own:
+/// [`as_mut_slice`](Self::as_mut_slice) on a clone that shares its memory
+/// copies it first, so no request ever sees another's bytes change.
 #[derive(Clone)]
 pub struct IoBuf {
     storage: Storage,
