@@ -1293,6 +1293,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_io_uring_small_writes_run_inline_and_large_ones_on_the_ring() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 4 << 20]).unwrap();
+        let (f, _) =
+            FileDriver::open(path.to_str().unwrap(), false, false, false, Aio::IoUring).unwrap();
+        assert!(f.uring.is_some(), "this kernel gives no io_uring");
+        let page = rustix::param::page_size();
+        let (written, _) = f
+            .write(0, IoBuf::from_vec(vec![5; page]), false)
+            .now_or_never()
+            .expect("a small write went to the ring");
+        written.unwrap();
+        let mut large = f.write(1 << 20, IoBuf::from_vec(vec![6; 1 << 20]), false);
+        assert!(
+            (&mut large).now_or_never().is_none(),
+            "a 1 MiB write ran inline"
+        );
+        large.await.0.unwrap();
+        let mut back = vec![0u8; 1 << 20];
+        f.file.read_exact_at(&mut back[..page], 0).unwrap();
+        assert!(back[..page].iter().all(|&b| b == 5));
+        f.file.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert!(back.iter().all(|&b| b == 6));
+    }
+
+    #[tokio::test]
     async fn small_whole_page_writes_run_on_the_calling_thread_until_one_is_slow() {
         use futures_util::FutureExt;
         let dir = tempfile::tempdir().unwrap();
