@@ -9,8 +9,8 @@
 //! Every figure is the best of three runs (five for qcow2 writes), ours and
 //! QEMU's taken in turns (the machine is shared); the ratios compare runs
 //! made minutes apart at most, in one process. `BENCH_ROW="WORDS"` runs
-//! only the rows of the file and qcow2-write tables whose cells hold every
-//! word, `BENCH_AIO=ENGINE` only that engine's rows of the file table.
+//! only the rows of the file and qcow2 tables whose cells hold every word,
+//! `BENCH_AIO=ENGINE` only that engine's rows.
 //! `BENCH_REPEAT=N` makes every run N times as long (the persistent-bitmap
 //! table's fixed cost of logging cold extents then weighs 1/N as much).
 
@@ -208,10 +208,6 @@ fn wanted_row(cells: &[&str]) -> bool {
         .all(|w| label.split_whitespace().any(|l| l == w))
 }
 
-fn best(mut f: impl FnMut() -> Duration) -> Duration {
-    (0..RUNS).map(|_| f()).min().unwrap_or_default()
-}
-
 /// The best of `runs` runs of each, taken in turns, so that drift on the
 /// shared machine hits both alike.
 fn best_in_turns(
@@ -298,13 +294,20 @@ fn qcow2_reads(rt: &tokio::runtime::Runtime, raw: &str) {
     for p in &PATTERNS {
         for direct in [false, true] {
             for aio in ["threads", "io_uring"] {
+                let cells = [p.name, cache_name(direct), aio];
+                if !wanted_row(&cells) {
+                    continue;
+                }
                 let v = json!({"driver": "qcow2", "node-name": "q", "read-only": true,
                                "file": {"driver": "file", "filename": image, "aio": aio,
                                         "cache": {"direct": direct}}});
                 let node = open(rt, &v);
-                let theirs = best(|| qemu_fmt(&image, "qcow2", p, false, direct, aio));
-                let mine = best(|| rt.block_on(ours(&node, p, false)));
-                row(&[p.name, cache_name(direct), aio], p, theirs, mine);
+                let (theirs, mine) = best_in_turns(
+                    RUNS,
+                    || qemu_fmt(&image, "qcow2", p, false, direct, aio),
+                    || rt.block_on(ours(&node, p, false)),
+                );
+                row(&cells, p, theirs, mine);
             }
         }
     }
