@@ -16,11 +16,26 @@ use std::sync::Arc;
 /// clone still behaves as a buffer of its own:
 /// [`as_mut_slice`](Self::as_mut_slice) on a clone that shares its memory
 /// copies it first, so no request ever sees another's bytes change.
-#[derive(Clone)]
 pub struct IoBuf {
     storage: Storage,
     start: usize,
     len: usize,
+}
+
+impl Clone for IoBuf {
+    /// A buffer of its own with the same bytes, as aligned as this one's
+    /// (up to a page); a [`shared`](Self::shared) one's clone shares its
+    /// memory instead.
+    fn clone(&self) -> IoBuf {
+        match &self.storage {
+            Storage::Shared(v) => IoBuf {
+                storage: Storage::Shared(v.clone()),
+                start: self.start,
+                len: self.len,
+            },
+            Storage::Owned(_) => IoBuf::copy_from(self.as_slice(), self.alignment()),
+        }
+    }
 }
 
 /// The memory behind an [`IoBuf`].
@@ -176,13 +191,17 @@ impl IoBuf {
     /// of its own first.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         if self.storage.is_shared() {
-            // The copy keeps the alignment the bytes had, up to a page.
-            let addr = self.as_slice().as_ptr() as usize;
-            let align = (1usize << addr.trailing_zeros().min(63)).min(MAX_ALIGN);
-            *self = IoBuf::copy_from(self.as_slice(), align);
+            *self = IoBuf::copy_from(self.as_slice(), self.alignment());
         }
         let range = self.start..self.start + self.len;
         &mut self.storage.bytes_mut()[range]
+    }
+
+    /// The alignment of the first byte's address, up to a page: what a
+    /// copy of this buffer keeps.
+    fn alignment(&self) -> usize {
+        let addr = self.as_slice().as_ptr() as usize;
+        (1usize << addr.trailing_zeros().min(63)).min(MAX_ALIGN)
     }
 
     /// Whether every byte is zero.
@@ -233,6 +252,13 @@ mod tests {
             assert!(!b.is_zero());
         }
         assert_eq!(IoBuf::copy_from(b"abc", 64).into_vec(), b"abc");
+        // A clone is a copy of its own, as aligned.
+        let mut b = IoBuf::zeroed(8192, 4096);
+        b.as_mut_slice()[5] = 5;
+        let mut c = b.clone();
+        assert!(c.is_aligned(4096));
+        c.as_mut_slice()[5] = 6;
+        assert_eq!((b.as_slice()[5], c.as_slice()[5]), (5, 6));
         // Never less than a cache line, whatever is asked.
         for len in [1, 100, 4096, 1 << 20] {
             assert!(IoBuf::zeroed(len, 1).is_aligned(IoBuf::MIN_ALIGN));
