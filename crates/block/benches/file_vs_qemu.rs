@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench -p block --bench file_vs_qemu` (add `-- file`,
 //! `-- tracking`, `-- qcow2`, `-- qcow2-write` or `-- qcow2-bitmap` for one
-//! of the tables)
+//! of the tables). Needs `qemu-img` (qemu-utils) and, for the file table's
+//! reference row, `fio`.
 //!
 //! Every figure is the best of three runs (five for qcow2 writes), ours and
 //! QEMU's taken in turns (the machine is shared); the ratios compare runs
@@ -338,6 +339,62 @@ fn file_vs_qemu(rt: &tokio::runtime::Runtime, path: &str) {
             }
         }
     }
+    fio_reference(rt, path);
+}
+
+/// Sequential `O_DIRECT` reads against fio, whose requests each read into
+/// a buffer of their own as ours do. `qemu-img bench` reads every request
+/// into one buffer (its callback passes the first of its I/O vectors to
+/// each), which a virtual disk serves faster; fio is the like-for-like
+/// reference for those rows.
+fn fio_reference(rt: &tokio::runtime::Runtime, path: &str) {
+    let p = &PATTERNS[0];
+    let cells = [p.name, "read", cache_name(true), "io_uring"];
+    if !wanted_row(&cells) {
+        return;
+    }
+    let v = json!({"driver": "file", "node-name": "f", "filename": path,
+                   "aio": "io_uring", "cache": {"direct": true}});
+    let node = open(rt, &v);
+    let (theirs, mine) = best_in_turns(
+        RUNS,
+        || fio_read(path, p),
+        || rt.block_on(ours(&node, p, false)),
+    );
+    println!();
+    println!("| pattern | op | cache | aio | fio (a buffer per request) | bitmirror | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    row(&cells, p, theirs, mine);
+}
+
+/// fio's sequential reads of the pattern's requests, `O_DIRECT` on
+/// io_uring, all in flight at once; the time they took.
+fn fio_read(path: &str, p: &Pattern) -> Duration {
+    let out = Command::new("fio")
+        .args([
+            "--name=reference",
+            &format!("--filename={path}"),
+            "--rw=read",
+            "--direct=1",
+            "--ioengine=io_uring",
+            &format!("--bs={}", p.size),
+            &format!("--iodepth={DEPTH}"),
+            &format!("--size={IMAGE}"),
+            &format!("--io_size={}", p.requests() * p.size),
+            "--output-format=json",
+        ])
+        .output()
+        .expect("fio runs (install fio)");
+    assert!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio's JSON");
+    let ms = v["jobs"][0]["read"]["runtime"]
+        .as_f64()
+        .expect("fio reports a runtime");
+    Duration::from_secs_f64(ms / 1000.0)
 }
 
 fn tracking(rt: &tokio::runtime::Runtime, path: &str) {
