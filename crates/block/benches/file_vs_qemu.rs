@@ -95,16 +95,8 @@ fn qemu_fmt(
     if write {
         cmd.arg("-w");
     }
-    let out = cmd
-        .arg(path)
-        .output()
-        .expect("qemu-img runs (install qemu-utils)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = stdout_of(cmd.arg(path), "qemu-img (qemu-utils)");
+    let text = String::from_utf8_lossy(&out);
     let secs: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("Run completed in "))
@@ -112,6 +104,20 @@ fn qemu_fmt(
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {text}"));
     Duration::from_secs_f64(secs)
+}
+
+/// What `cmd` prints on its standard output; fails loudly if `tool` (the
+/// program, and where it comes from) is missing or the command fails.
+fn stdout_of(cmd: &mut Command, tool: &str) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e} (install it)"));
+    assert!(
+        out.status.success(),
+        "{tool} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// The same requests through a node, `DEPTH` at a time.
@@ -370,8 +376,8 @@ fn fio_reference(rt: &tokio::runtime::Runtime, path: &str) {
 /// fio's sequential reads of the pattern's requests, `O_DIRECT` on
 /// io_uring, all in flight at once; the time they took.
 fn fio_read(path: &str, p: &Pattern) -> Duration {
-    let out = Command::new("fio")
-        .args([
+    let out = stdout_of(
+        Command::new("fio").args([
             "--name=reference",
             &format!("--filename={path}"),
             "--rw=read",
@@ -382,15 +388,10 @@ fn fio_read(path: &str, p: &Pattern) -> Duration {
             &format!("--size={IMAGE}"),
             &format!("--io_size={}", p.requests() * p.size),
             "--output-format=json",
-        ])
-        .output()
-        .expect("fio runs (install fio)");
-    assert!(
-        out.status.success(),
-        "fio failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "fio",
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio's JSON");
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("fio's JSON");
     let ms = v["jobs"][0]["read"]["runtime"]
         .as_f64()
         .expect("fio reports a runtime");

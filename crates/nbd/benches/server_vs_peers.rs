@@ -148,8 +148,9 @@ fn drop_cached(file: &Path) {
         .expect("the kernel takes the advice");
 }
 
-/// Runs `program args` to completion; fails loudly.
-fn run(program: &str, args: &[&str]) {
+/// Runs `program args` to completion and returns its standard output;
+/// fails loudly.
+fn run(program: &str, args: &[&str]) -> Vec<u8> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -159,6 +160,7 @@ fn run(program: &str, args: &[&str]) {
         "{program} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 /// Random 4 KiB requests at QD 16 with our client; returns the time taken.
@@ -214,8 +216,9 @@ fn random_4k(rt: &tokio::runtime::Runtime, sock: &Path, write: bool) -> Duration
 /// Random 4 KiB requests at QD 16 from fio's `nbd` engine (libnbd), one
 /// connection; returns the time fio's own rate gives for `RANDOM_OPS`.
 fn fio_4k(uri: &str, write: bool) -> Duration {
-    let out = Command::new("fio")
-        .args([
+    let out = run(
+        "fio",
+        &[
             "--name=random",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
@@ -230,16 +233,10 @@ fn fio_4k(uri: &str, write: bool) -> Duration {
             &format!("--size={SIZE}"),
             "--randrepeat=0",
             "--output-format=json",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run fio: {e}"));
-    assert!(
-        out.status.success(),
-        "fio failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     // fio says "connected to NBD server" on stdout before its JSON.
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out);
     let json = &text[text.find('{').expect("fio's JSON")..];
     let v: serde_json::Value = serde_json::from_str(json).expect("fio's JSON");
     let iops = v["jobs"][0][if write { "write" } else { "read" }]["iops"]

@@ -1292,14 +1292,20 @@ mod tests {
         }
     }
 
+    /// A buffered driver on a new file of `len` zeroes (in a directory
+    /// that lives as long as the first value).
+    fn zeroed_disk(len: usize, aio: Aio) -> (tempfile::TempDir, FileDriver) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let (f, _) = FileDriver::open(path.to_str().unwrap(), false, false, false, aio).unwrap();
+        (dir, f)
+    }
+
     #[tokio::test]
     async fn with_io_uring_small_writes_run_inline_and_large_ones_on_the_ring() {
         use futures_util::FutureExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk");
-        std::fs::write(&path, vec![0u8; 4 << 20]).unwrap();
-        let (f, _) =
-            FileDriver::open(path.to_str().unwrap(), false, false, false, Aio::IoUring).unwrap();
+        let (_dir, f) = zeroed_disk(4 << 20, Aio::IoUring);
         assert!(f.uring.is_some(), "this kernel gives no io_uring");
         let page = rustix::param::page_size();
         let (written, _) = f
@@ -1323,11 +1329,7 @@ mod tests {
     #[tokio::test]
     async fn small_whole_page_writes_run_on_the_calling_thread_until_one_is_slow() {
         use futures_util::FutureExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk");
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        let (f, _) =
-            FileDriver::open(path.to_str().unwrap(), false, false, false, Aio::Threads).unwrap();
+        let (_dir, f) = zeroed_disk(1 << 20, Aio::Threads);
         let page = rustix::param::page_size();
         let data = |fill| IoBuf::from_vec(vec![fill; page]);
         // Done at the first poll: no trip to a pool thread and back.

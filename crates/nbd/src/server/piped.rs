@@ -367,6 +367,25 @@ mod tests {
             .expect("a runtime")
     }
 
+    /// Runs `test` with every pipe of the process to itself, on a node
+    /// over a new sparse file and a new [`connection`].
+    fn with_connection(
+        test: impl AsyncFnOnce(
+            Arc<Node>,
+            BufReader<tokio::net::UnixStream>,
+            AsyncFd<OwnedFd>,
+            std::os::unix::net::UnixStream,
+        ),
+    ) {
+        let _pipes = pipes_to_myself();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        runtime().block_on(async {
+            let node = node(dir.path()).await;
+            let (reader, socket, client) = connection();
+            test(node, reader, socket, client).await;
+        });
+    }
+
     /// Reads the header, then the payload with [`read`]; then what follows
     /// the payload must come next from the reader.
     async fn receive(
@@ -403,11 +422,7 @@ mod tests {
 
     #[test]
     fn a_payload_goes_into_pipes_after_the_bytes_the_reader_holds() {
-        let _pipes = pipes_to_myself();
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        runtime().block_on(async {
-            let node = node(dir.path()).await;
-            let (mut reader, socket, client) = connection();
+        with_connection(async |node, mut reader, socket, client| {
             let pool = Pool::default();
             // One write: the reader's buffer takes the header and the
             // first bytes of the payload.
@@ -421,11 +436,7 @@ mod tests {
 
     #[test]
     fn a_full_pipe_is_followed_by_another_and_too_many_fall_back_to_memory() {
-        let _pipes = pipes_to_myself();
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        runtime().block_on(async {
-            let node = node(dir.path()).await;
-            let (mut reader, socket, client) = connection();
+        with_connection(async |node, mut reader, socket, client| {
             let pool = Pool::default();
             // 512-byte packets: each takes a slot of a pipe, which has 256
             // at most (1 MiB), so 512 KiB take several pipes.
@@ -449,11 +460,7 @@ mod tests {
 
     #[test]
     fn what_the_reader_holds_past_an_empty_pipes_capacity_leaves_the_payload_to_it() {
-        let _pipes = pipes_to_myself();
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        runtime().block_on(async {
-            let node = node(dir.path()).await;
-            let (mut reader, socket, client) = connection();
+        with_connection(async |node, mut reader, socket, client| {
             // A pipe of one page, as a process past its pipe budget may get.
             let pool = Pool::default();
             let mut small = pool.take().expect("a pipe");
@@ -484,11 +491,7 @@ mod tests {
 
     #[test]
     fn a_payload_the_node_does_not_take_is_left_to_the_reader() {
-        let _pipes = pipes_to_myself();
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        runtime().block_on(async {
-            let node = node(dir.path()).await;
-            let (mut reader, socket, _client) = connection();
+        with_connection(async |node, mut reader, socket, _client| {
             let pool = Pool::default();
             for (offset, len) in [(0, MIN - 512), (0, MAX + 512), (8 << 20, MIN)] {
                 // Nothing comes from the client: a read that took the
@@ -504,11 +507,7 @@ mod tests {
 
     #[test]
     fn past_the_process_budget_of_pipes_payloads_are_left_to_the_reader() {
-        let _pipes = pipes_to_myself();
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        runtime().block_on(async {
-            let node = node(dir.path()).await;
-            let (mut reader, socket, client) = connection();
+        with_connection(async |node, mut reader, socket, client| {
             // Every pipe the budget allows, and not one more.
             let hoard = Pool::default();
             let mut held = Vec::new();
