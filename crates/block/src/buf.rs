@@ -2,14 +2,18 @@
 
 use std::sync::Arc;
 
+use crate::arena;
+
 /// An owned byte buffer whose start is aligned to a power of two, as
 /// `O_DIRECT` needs. Requests take and give buffers by value, so a driver can
 /// hand them to a thread or to the kernel (io_uring) without copying.
 ///
-/// Alignment is reached without `unsafe`: the buffer over-allocates by the
-/// alignment and starts at the first aligned byte. Every buffer made here
-/// (all but [`from_vec`](Self::from_vec)'s) starts on a cache line (64
-/// bytes) at least, whatever it is asked for.
+/// A buffer of [`HUGE_PAGE_MIN`](Self::HUGE_PAGE_MIN) bytes or more lives in
+/// memory backed by transparent huge pages, aligned to its size; a smaller
+/// one over-allocates on the heap by the alignment and starts at the first
+/// aligned byte. Every buffer made here (all but
+/// [`from_vec`](Self::from_vec)'s) starts on a cache line (64 bytes) at
+/// least, whatever it is asked for.
 ///
 /// A buffer made [`shared`](Self::shared) is cloned by reference: many
 /// requests can write the same bytes from the same memory at once. Each
@@ -38,20 +42,64 @@ impl Clone for IoBuf {
     }
 }
 
+/// Memory a buffer holds.
+enum Mem {
+    /// From the heap: small buffers, and [`IoBuf::from_vec`]'s.
+    Heap(Vec<u8>),
+    /// From the huge-page arena: buffers of [`arena::MIN_BLOCK`] and more.
+    Arena(arena::Block),
+}
+
+impl Clone for Mem {
+    fn clone(&self) -> Mem {
+        match self {
+            Mem::Heap(v) => Mem::Heap(v.clone()),
+            Mem::Arena(b) => match b.try_clone() {
+                Some(b) => Mem::Arena(b),
+                None => Mem::Heap(b.as_slice().to_vec()),
+            },
+        }
+    }
+}
+
+impl Mem {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Mem::Heap(v) => v,
+            Mem::Arena(b) => b.as_slice(),
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Mem::Heap(v) => v,
+            Mem::Arena(b) => b.as_mut_slice(),
+        }
+    }
+
+    /// Where `len` bytes aligned to `align` (a power of two) start in this
+    /// memory, if they fit.
+    fn place(&self, len: usize, align: usize) -> Option<usize> {
+        let start = self.bytes().as_ptr().align_offset(align);
+        let end = start.checked_add(len)?;
+        (end <= self.bytes().len()).then_some(start)
+    }
+}
+
 /// The memory behind an [`IoBuf`].
 #[derive(Clone)]
 enum Storage {
     /// Memory of this buffer alone; a clone copies it.
-    Owned(Vec<u8>),
+    Owned(Mem),
     /// Memory clones share; copied on the first write through one of them.
-    Shared(Arc<Vec<u8>>),
+    Shared(Arc<Mem>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Storage::Owned(v) => v,
-            Storage::Shared(v) => v,
+            Storage::Owned(m) => m.bytes(),
+            Storage::Shared(m) => m.bytes(),
         }
     }
 
@@ -62,18 +110,18 @@ impl Storage {
 
     /// The memory, writable (copied first if a clone shares it; callers
     /// that care where the copy lands make their own first).
-    fn bytes_mut(&mut self) -> &mut Vec<u8> {
+    fn bytes_mut(&mut self) -> &mut [u8] {
         match self {
-            Storage::Owned(v) => v,
-            Storage::Shared(v) => Arc::make_mut(v),
+            Storage::Owned(m) => m.bytes_mut(),
+            Storage::Shared(m) => Arc::make_mut(m).bytes_mut(),
         }
     }
 
-    /// The memory as a `Vec`, copied only if clones share it.
-    fn into_vec(self) -> Vec<u8> {
+    /// The memory, if no other clone shares it.
+    fn into_unshared(self) -> Option<Mem> {
         match self {
-            Storage::Owned(v) => v,
-            Storage::Shared(v) => Arc::try_unwrap(v).unwrap_or_else(|v| v.as_ref().clone()),
+            Storage::Owned(m) => Some(m),
+            Storage::Shared(m) => Arc::try_unwrap(m).ok(),
         }
     }
 }
@@ -87,18 +135,35 @@ impl IoBuf {
     /// a third slower from or into memory that is not aligned to 64 bytes
     /// (a 1 MiB `pwrite` into cached pages: 8.3 GB/s from the heap's
     /// 16-byte alignment, 11.8 GB/s from a cache line; docs/benchmarks.md).
-    /// [`zeroed`](Self::zeroed) asked for `len` bytes aligned to `align`
-    /// holds `len + align.max(Self::MIN_ALIGN) - 1`.
     pub const MIN_ALIGN: usize = 64;
+
+    /// The least length of a buffer made in memory backed by transparent
+    /// huge pages (64 KiB): `O_DIRECT` requests from and into such memory
+    /// run up to twice as fast, since the kernel pins one huge page instead
+    /// of a page per 4 KiB and the device gets one segment instead of many
+    /// (docs/benchmarks.md). Such a buffer holds its length rounded up to a
+    /// power of two (to a multiple of 2 MiB above 2 MiB); a smaller one
+    /// comes from the heap and holds `len + align.max(Self::MIN_ALIGN) - 1`.
+    pub const HUGE_PAGE_MIN: usize = arena::MIN_BLOCK;
 
     /// A zero-filled buffer of `len` bytes starting at a multiple of `align`
     /// (a power of two; 1 for no constraint) and of a cache line.
     pub fn zeroed(len: usize, align: usize) -> IoBuf {
         let align = align.max(Self::MIN_ALIGN).next_power_of_two();
+        if len >= Self::HUGE_PAGE_MIN && align <= len.min(arena::CHUNK) {
+            if let Some(mut block) = arena::GLOBAL.block(len) {
+                block.as_mut_slice()[..len].fill(0);
+                return IoBuf {
+                    storage: Storage::Owned(Mem::Arena(block)),
+                    start: 0,
+                    len,
+                };
+            }
+        }
         let storage = vec![0u8; len + align - 1];
         let start = storage.as_ptr().align_offset(align).min(align - 1);
         IoBuf {
-            storage: Storage::Owned(storage),
+            storage: Storage::Owned(Mem::Heap(storage)),
             start,
             len,
         }
@@ -109,38 +174,41 @@ impl IoBuf {
     /// a copy to several places do.
     pub fn shared(self) -> IoBuf {
         let storage = match self.storage {
-            Storage::Owned(v) => Storage::Shared(Arc::new(v)),
+            Storage::Owned(m) => Storage::Shared(Arc::new(m)),
             shared @ Storage::Shared(_) => shared,
         };
         IoBuf { storage, ..self }
     }
 
+    /// Whether [`reuse`](Self::reuse)`(len, align)` would keep this
+    /// buffer's memory: it is large enough and no clone shares it.
+    pub fn can_hold(&self, len: usize, align: usize) -> bool {
+        let align = align.max(Self::MIN_ALIGN).next_power_of_two();
+        let mem = match &self.storage {
+            Storage::Owned(m) => m,
+            Storage::Shared(m) if Arc::strong_count(m) == 1 => m,
+            Storage::Shared(_) => return false,
+        };
+        mem.place(len, align).is_some()
+    }
+
     /// This buffer's memory, reused for `len` bytes aligned to `align`
-    /// when it is large enough (the bytes are then whatever they were),
-    /// else a new zero-filled buffer. Servers keep buffers this way instead
-    /// of allocating and clearing one per request.
+    /// when it [can hold](Self::can_hold) them (the bytes are then whatever
+    /// they were), else a new zero-filled buffer. Servers keep buffers this
+    /// way instead of allocating and clearing one per request.
     pub fn reuse(self, len: usize, align: usize) -> IoBuf {
         let align = align.max(Self::MIN_ALIGN).next_power_of_two();
-        let storage = match self.storage {
-            Storage::Shared(v) => match Arc::try_unwrap(v) {
-                Ok(v) => v,
-                // Other clones still read this memory.
-                Err(_) => return IoBuf::zeroed(len, align),
-            },
-            Storage::Owned(v) => v,
+        let Some(mem) = self.storage.into_unshared() else {
+            // Other clones still read this memory.
+            return IoBuf::zeroed(len, align);
         };
-        let start = storage.as_ptr().align_offset(align);
-        if start
-            .checked_add(len)
-            .is_some_and(|end| end <= storage.len())
-        {
-            IoBuf {
-                storage: Storage::Owned(storage),
+        match mem.place(len, align) {
+            Some(start) => IoBuf {
+                storage: Storage::Owned(mem),
                 start,
                 len,
-            }
-        } else {
-            IoBuf::zeroed(len, align)
+            },
+            None => IoBuf::zeroed(len, align),
         }
     }
 
@@ -154,7 +222,7 @@ impl IoBuf {
     pub fn from_vec(data: Vec<u8>) -> IoBuf {
         let len = data.len();
         IoBuf {
-            storage: Storage::Owned(data),
+            storage: Storage::Owned(Mem::Heap(data)),
             start: 0,
             len,
         }
@@ -216,12 +284,12 @@ impl IoBuf {
     /// The bytes as a `Vec`, copying only if the buffer is offset or clones
     /// share its memory.
     pub fn into_vec(self) -> Vec<u8> {
-        if self.start == 0 {
-            let mut v = self.storage.into_vec();
-            v.truncate(self.len);
-            v
-        } else {
-            self.as_slice().to_vec()
+        match self.storage {
+            Storage::Owned(Mem::Heap(mut v)) if self.start == 0 => {
+                v.truncate(self.len);
+                v
+            }
+            _ => self.as_slice().to_vec(),
         }
     }
 }
@@ -287,6 +355,40 @@ mod tests {
         assert_eq!(big.len(), 1 << 20);
         assert!(big.is_aligned(512));
         assert!(big.is_zero(), "a new buffer when the old one is too small");
+    }
+
+    #[test]
+    fn large_buffers_live_in_huge_page_memory_aligned_to_their_size() {
+        let mut b = IoBuf::zeroed(1 << 20, 512);
+        assert_eq!(b.capacity(), 1 << 20, "a block of the arena");
+        assert!(b.is_aligned(1 << 20));
+        assert!(b.is_zero());
+        b.as_mut_slice().fill(3);
+        let ptr = b.as_slice().as_ptr();
+        // A clone is a block of its own.
+        let c = b.clone();
+        assert!(c.is_aligned(1 << 20) && c.as_slice() == b.as_slice());
+        assert_ne!(c.as_slice().as_ptr(), ptr);
+        // Reused for anything that fits, and zeroed when new again.
+        assert!(b.can_hold(1 << 20, 4096) && !b.can_hold((1 << 20) + 1, 1));
+        let r = b.reuse(4096, 4096);
+        assert_eq!((r.as_slice().as_ptr(), r.as_slice()[0]), (ptr, 3));
+        drop(r);
+        assert!(
+            IoBuf::zeroed(1 << 20, 1).is_zero(),
+            "freed memory is cleared"
+        );
+        // Just under the threshold stays on the heap; 3 MiB takes 4.
+        assert!(IoBuf::zeroed(IoBuf::HUGE_PAGE_MIN - 1, 1).capacity() < IoBuf::HUGE_PAGE_MIN + 64);
+        let big = IoBuf::zeroed(3 << 20, 4096);
+        assert!(big.capacity() == 4 << 20 && big.is_aligned(2 << 20) && big.is_zero());
+        assert_eq!(big.clone().into_vec().len(), 3 << 20);
+        // Shared memory is held by none alone.
+        let s = IoBuf::zeroed(1 << 16, 1).shared();
+        let t = s.clone();
+        assert!(!s.can_hold(1, 1));
+        drop(t);
+        assert!(s.can_hold(1 << 16, 1));
     }
 
     #[test]

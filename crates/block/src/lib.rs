@@ -21,6 +21,7 @@
 //! Dependencies point down: this crate knows `hbitmap` and the OS, nothing
 //! of NBD, QMP or jobs.
 
+mod arena;
 pub mod bitmaps;
 mod buf;
 pub mod class;

@@ -362,10 +362,7 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     /// one there is large enough.
     fn buffer(&self, len: usize, align: usize) -> IoBuf {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        // What `IoBuf::zeroed(len, align)` holds: enough for any placement
-        // of an aligned start.
-        let need = len + align.max(IoBuf::MIN_ALIGN) - 1;
-        let fit = pool.iter().position(|b| b.capacity() >= need);
+        let fit = pool.iter().position(|b| b.can_hold(len, align));
         match fit {
             Some(i) => pool.swap_remove(i).reuse(len, align),
             None => IoBuf::zeroed(len, align),
