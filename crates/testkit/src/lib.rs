@@ -240,6 +240,11 @@ impl Qmp {
             let message = self.read_message();
             if message.get("event").is_some() {
                 self.events.push(message);
+            } else if message.get("QMP").is_some() && command == "qmp_capabilities" {
+                // qemu-storage-daemon's monitor can greet a connection twice
+                // when the readiness probe's connection closed just before
+                // it (seen in CI); the second greeting says nothing new.
+                continue;
             } else if let Some(ret) = message.get("return") {
                 return Ok(ret.clone());
             } else if let Some(err) = message.get("error") {

@@ -6,9 +6,9 @@
 //! flight: that one waits for the tasks ready at the time to push theirs
 //! (a yield) and goes in one `io_uring_enter` with them, as QEMU submits
 //! the requests its completions start all at once. Batched so, 4 KiB
-//! `O_DIRECT` writes at depth 32 ran 20% faster here; reads ran 12% slower
-//! (a reader waits for its data, and the batch waits for its slowest
-//! member's task), so they go alone (docs/benchmarks.md). Completions are
+//! `O_DIRECT` writes at depth 32 ran 20% faster here; reads batched so ran
+//! 12% slower (as when an NBD connection batched them: the requests fell
+//! into lockstep), so they go alone (docs/benchmarks.md). Completions are
 //! reaped by a task of the runtime
 //! that waits on an eventfd registered with the ring, which the kernel
 //! signals for every completion. So a request and its completion cost no
