@@ -9,9 +9,9 @@ use crate::arena;
 /// hand them to a thread or to the kernel (io_uring) without copying.
 ///
 /// A buffer of [`HUGE_PAGE_MIN`](Self::HUGE_PAGE_MIN) bytes or more lives in
-/// memory backed by transparent huge pages, aligned to its size; a smaller
-/// one over-allocates on the heap by the alignment and starts at the first
-/// aligned byte. Every buffer made here (all but
+/// memory backed by transparent huge pages, aligned to its size (up to
+/// 2 MiB); a smaller one over-allocates on the heap by the alignment and
+/// starts at the first aligned byte. Every buffer made here (all but
 /// [`from_vec`](Self::from_vec)'s) starts on a cache line (64 bytes) at
 /// least, whatever it is asked for.
 ///
