@@ -1211,10 +1211,38 @@ fn transactions_match() {
             side.name
         );
     }
+    // QEMU's jobs copy their first chunk before the transaction returns
+    // (their coroutines run at once); ours start on the runtime a moment
+    // later. The cancel's event reports the progress: wait for it first.
+    let theirs = wait_for_progress(&mut p.qemu, "g1", 1);
+    wait_for_progress(&mut p.ours, "g1", theirs);
     p.both(ex("job-cancel", json!({"id": "g1"})));
     same_events_until_without_drains(&mut p, "null");
     p.both(ex("job-cancel", json!({"id": "g2"})));
     same_events_until_without_drains(&mut p, "null");
+}
+
+/// Waits (up to 10 s) until job `id` on `side` has made `at_least` bytes
+/// of progress; returns its progress then.
+fn wait_for_progress(side: &mut Side, id: &str, at_least: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let jobs = side.qmp.execute_ok("query-jobs", json!({}));
+        let progress = jobs.as_array().and_then(|jobs| {
+            jobs.iter()
+                .find(|j| j["id"] == id)
+                .and_then(|j| j["current-progress"].as_u64())
+        });
+        if let Some(p) = progress.filter(|&p| p >= at_least) {
+            return p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: job {id} did not reach {at_least} bytes of progress in 10 s ({progress:?})",
+            side.name
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Reads events on each side until every job in `ids` has reached `null`,
