@@ -404,9 +404,6 @@ impl Backup {
     }
 
     async fn main_loop(self: &Arc<Self>, job: &Arc<Job>) -> Result<(), String> {
-        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(job));
-        let total = self.remaining();
-        job.set_progress(job.progress().0, job.progress().0 + total);
         if self.sync == BackupSync::None {
             // Copy-before-write only, until cancelled.
             loop {
@@ -541,6 +538,14 @@ impl Drop for Backup {
 impl JobDriver for Backup {
     fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move { self.main_loop(&job).await })
+    }
+
+    /// Counts what is to copy as the job's total, and copy-before-write's
+    /// copies as its progress from now on.
+    fn starting(&self, job: &Arc<Job>) {
+        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(job));
+        let (current, _) = job.progress();
+        job.set_progress(current, current + self.remaining());
     }
 
     fn commit(&self) {

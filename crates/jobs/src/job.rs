@@ -57,6 +57,14 @@ pub trait JobDriver: Send + Sync + 'static {
     /// and `BLOCK_JOB_COMPLETED`. Should await [`Job::pause_point`] between
     /// steps, and return early when [`Job::is_cancelled`].
     fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>>;
+    /// Called by [`Jobs::start`] and [`Jobs::start_paused`] before the job
+    /// is seen running (and before [`run`](Self::run)), on the caller's
+    /// thread: sets up what QEMU has set by the time the command that
+    /// starts a job returns (a backup's total progress, which QEMU's job
+    /// sets as its coroutine is first entered, inside that command).
+    fn starting(&self, job: &Arc<Job>) {
+        let _ = job;
+    }
     /// The part of finalization that can still fail (QEMU's `.prepare`:
     /// a mirror's pivot); `Err` fails the job with that message.
     fn prepare(&self) -> Result<(), String> {
@@ -309,6 +317,7 @@ impl Jobs {
 
     /// Starts a created job on the runtime.
     pub fn start(&self, job: &Arc<Job>) {
+        job.driver.starting(job);
         let job = job.clone();
         tokio::spawn(async move { job.life().await });
     }
@@ -319,6 +328,7 @@ impl Jobs {
     /// with [`resume_started`](Self::resume_started) when the transaction
     /// is over.
     pub fn start_paused(&self, job: &Arc<Job>) {
+        job.driver.starting(job);
         job.transition(JobStatus::Running);
         job.transition(JobStatus::Paused);
     }
@@ -1035,6 +1045,43 @@ mod tests {
             auto_finalize: auto,
             auto_dismiss: auto,
             block_job: block,
+        }
+    }
+
+    /// A job that knows its length before it runs.
+    struct Sized;
+
+    impl JobDriver for Sized {
+        fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async move {
+                job.progress_by(7);
+                Ok(())
+            })
+        }
+        fn starting(&self, job: &Arc<Job>) {
+            job.set_progress(0, 7);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_jobs_length_is_set_before_it_is_seen_running() {
+        let (jobs, log) = registry();
+        let job = jobs
+            .create(opts("j1", true, true), Arc::new(Sized))
+            .unwrap();
+        jobs.start(&job);
+        // Nothing has run on the runtime yet (one thread, not yielded to).
+        assert_eq!(job.progress(), (0, 7));
+        assert_eq!(lock(&log).as_slice(), ["created"]);
+        let paused = jobs
+            .create(opts("j2", true, true), Arc::new(Sized))
+            .unwrap();
+        jobs.start_paused(&paused);
+        assert_eq!(paused.progress(), (0, 7));
+        jobs.resume_started(&paused);
+        for j in [&job, &paused] {
+            j.wait_until(|s| s == JobStatus::Null).await;
+            assert_eq!(j.progress(), (7, 7));
         }
     }
 
