@@ -1049,9 +1049,9 @@ mod tests {
     }
 
     /// A job that knows its length before it runs.
-    struct Sized;
+    struct KnownLength;
 
-    impl JobDriver for Sized {
+    impl JobDriver for KnownLength {
         fn run(self: Arc<Self>, job: Arc<Job>) -> BoxFuture<'static, Result<(), String>> {
             Box::pin(async move {
                 job.progress_by(7);
@@ -1067,14 +1067,14 @@ mod tests {
     async fn a_jobs_length_is_set_before_it_is_seen_running() {
         let (jobs, log) = registry();
         let job = jobs
-            .create(opts("j1", true, true), Arc::new(Sized))
+            .create(opts("j1", true, true), Arc::new(KnownLength))
             .unwrap();
         jobs.start(&job);
         // Nothing has run on the runtime yet (one thread, not yielded to).
         assert_eq!(job.progress(), (0, 7));
         assert_eq!(lock(&log).as_slice(), ["created"]);
         let paused = jobs
-            .create(opts("j2", true, true), Arc::new(Sized))
+            .create(opts("j2", true, true), Arc::new(KnownLength))
             .unwrap();
         jobs.start_paused(&paused);
         assert_eq!(paused.progress(), (0, 7));
