@@ -80,8 +80,7 @@ fn qemu_fmt(
     direct: bool,
     aio: &str,
 ) -> Duration {
-    let mut cmd = Command::new("qemu-img");
-    cmd.args([
+    let mut args: Vec<String> = [
         "bench",
         "-f",
         format,
@@ -89,14 +88,23 @@ fn qemu_fmt(
         &p.requests().to_string(),
         "-d",
         &DEPTH.to_string(),
-    ])
-    .args(["-s", &p.size.to_string(), "-S", &p.step.to_string()])
-    .args(["-t", if direct { "none" } else { "writeback" }, "-i", aio]);
+        "-s",
+        &p.size.to_string(),
+        "-S",
+        &p.step.to_string(),
+        "-t",
+        if direct { "none" } else { "writeback" },
+        "-i",
+        aio,
+    ]
+    .map(String::from)
+    .into();
     if write {
-        cmd.arg("-w");
+        args.push("-w".into());
     }
-    let out = stdout_of(cmd.arg(path), "qemu-img (qemu-utils)");
-    let text = String::from_utf8_lossy(&out);
+    args.push(path.into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = testkit::run("qemu-img", &args);
     let secs: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("Run completed in "))
@@ -104,20 +112,6 @@ fn qemu_fmt(
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {text}"));
     Duration::from_secs_f64(secs)
-}
-
-/// What `cmd` prints on its standard output; fails loudly if `tool` (the
-/// program, and where it comes from) is missing or the command fails.
-fn stdout_of(cmd: &mut Command, tool: &str) -> Vec<u8> {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e} (install it)"));
-    assert!(
-        out.status.success(),
-        "{tool} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// The same requests through a node, `DEPTH` at a time.
@@ -376,8 +370,9 @@ fn fio_reference(rt: &tokio::runtime::Runtime, path: &str) {
 /// fio's sequential reads of the pattern's requests, `O_DIRECT` on
 /// io_uring, all in flight at once; the time they took.
 fn fio_read(path: &str, p: &Pattern) -> Duration {
-    let out = stdout_of(
-        Command::new("fio").args([
+    let out = testkit::run(
+        "fio",
+        &[
             "--name=reference",
             &format!("--filename={path}"),
             "--rw=read",
@@ -388,10 +383,9 @@ fn fio_read(path: &str, p: &Pattern) -> Duration {
             &format!("--size={IMAGE}"),
             &format!("--io_size={}", p.requests() * p.size),
             "--output-format=json",
-        ]),
-        "fio",
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out).expect("fio's JSON");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("fio's JSON");
     let ms = v["jobs"][0]["read"]["runtime"]
         .as_f64()
         .expect("fio reports a runtime");

@@ -149,21 +149,6 @@ fn drop_cached(file: &Path) {
         .expect("the kernel takes the advice");
 }
 
-/// Runs `program args` to completion and returns its standard output;
-/// fails loudly.
-fn run(program: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// Random 4 KiB requests at QD 16 with our client; returns the time taken.
 fn random_4k(rt: &tokio::runtime::Runtime, sock: &Path, write: bool) -> Duration {
     rt.block_on(async {
@@ -217,7 +202,7 @@ fn random_4k(rt: &tokio::runtime::Runtime, sock: &Path, write: bool) -> Duration
 /// Random 4 KiB requests at QD 16 from fio's `nbd` engine (libnbd), one
 /// connection; returns the time fio's own rate gives for `RANDOM_OPS`.
 fn fio_4k(uri: &str, write: bool) -> Duration {
-    let out = run(
+    let out = testkit::run(
         "fio",
         &[
             "--name=random",
@@ -237,8 +222,7 @@ fn fio_4k(uri: &str, write: bool) -> Duration {
         ],
     );
     // fio says "connected to NBD server" on stdout before its JSON.
-    let text = String::from_utf8_lossy(&out);
-    let json = &text[text.find('{').expect("fio's JSON")..];
+    let json = &out[out.find('{').expect("fio's JSON")..];
     let v: serde_json::Value = serde_json::from_str(json).expect("fio's JSON");
     let iops = v["jobs"][0][if write { "write" } else { "read" }]["iops"]
         .as_f64()
@@ -316,7 +300,7 @@ fn main() {
             Box::new(move || {
                 let a: Vec<&str> = args.iter().map(String::as_str).collect();
                 let t = Instant::now();
-                run(program, &a);
+                testkit::run(program, &a);
                 t.elapsed()
             })
         };
@@ -407,7 +391,7 @@ fn main() {
                     // benchmark wrote and the runs before it (the last
                     // server's writes too) are written back first, not
                     // beside whichever server comes next.
-                    run("sync", &[]);
+                    testkit::run("sync", &[]);
                     if direct {
                         // And nothing of the served file cached: the
                         // first `O_DIRECT` server of a row would otherwise
