@@ -737,3 +737,49 @@ fn a_tls_server_refuses_everything_before_starttls() {
     c.option(opt::LIST, &[]);
     assert_eq!(c.option_reply().0.reply, rep::ERR_TLS_REQD);
 }
+
+/// Sets the flag when dropped (also when the test fails), letting go of
+/// the runtime's workers it holds.
+struct Release(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn connections_are_served_on_threads_of_their_own_not_the_accepting_runtime() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let f = fixture_with_disk(ServerOptions::default());
+    let (mut a, _, _) = Raw::open(&f.sock, "disk", &[]);
+    let (mut b, _, _) = Raw::open(&f.sock, "disk", &[]);
+    assert_serves(&mut a, 0);
+    // Both workers of the runtime that accepted the clients are held
+    // (the fixture's runtime has two).
+    let release = Release(Arc::new(AtomicBool::new(false)));
+    let held = Arc::new(AtomicUsize::new(0));
+    for _ in 0..2 {
+        let (go, held) = (release.0.clone(), held.clone());
+        f.rt.spawn(async move {
+            held.fetch_add(1, Ordering::SeqCst);
+            while !go.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the runtime's workers were not held"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Both connections are served all the same (a read that hung would
+    // fail after the client's 10 s timeout).
+    assert_serves(&mut a, 4096);
+    assert_serves(&mut b, 8192);
+    drop(release);
+}

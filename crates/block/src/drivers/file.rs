@@ -82,8 +82,9 @@ pub(crate) struct FileDriver {
     /// orders buffered writes to one file by itself. `O_DIRECT` and FUA
     /// writes run in parallel. (The `RWF_NOWAIT` attempt on the calling
     /// thread needs neither: it gives up at once when the inode is locked.
-    /// A small write run on the calling thread, [`INLINE_MAX`], holds the
-    /// lane meanwhile.)
+    /// A small write runs on the calling thread, [`INLINE_MAX`], when the
+    /// lane is idle, beside those of other threads: one per NBD
+    /// connection at most, each on a thread of its own.)
     buffered_lane: Arc<Lane>,
     /// The same for background requests ([`crate::class`]), on the pool's
     /// background threads. Background and foreground writes to one file
@@ -279,8 +280,8 @@ impl FileDriver {
     }
 
     /// Runs `f`, a buffered write of `offset..offset + len` made by a
-    /// request of `class`, on the calling thread while holding the file's
-    /// lane, if it may ([`INLINE_MAX`]); `None` (`f` not run) if not.
+    /// request of `class`, on the calling thread if it may ([`INLINE_MAX`]:
+    /// small, and the file's lane idle); `None` (`f` not run) if not.
     fn write_here<T>(
         &self,
         class: IoClass,
@@ -291,7 +292,11 @@ impl FileDriver {
         if class != IoClass::Foreground || !self.inline_allowed(offset, len) {
             return None;
         }
-        let _held = self.buffered_lane.hold()?;
+        // Behind queued writes, not beside them; beside another thread's
+        // inline write (they queue on the inode's lock in the kernel).
+        if !self.buffered_lane.idle() {
+            return None;
+        }
         let slept = voluntary_switches();
         let started = std::time::Instant::now();
         let result = f();
@@ -534,7 +539,9 @@ const DIRECT_COPY_MIN: u64 = 512 << 10;
 /// A buffered foreground write of at most this many bytes, in whole
 /// pages (from memory, or spliced from pipes: an NBD export's writes of up
 /// to 256 KiB, `nbdcopy`'s size), runs on the calling thread when the
-/// file's lane is idle, holding the lane meanwhile, instead of crossing to
+/// file's lane is idle (beside other threads' inline writes: two NBD
+/// connections' `nbdcopy` writes took 1.70 s per 4 GiB side by side
+/// against 2.2 s one at a time), instead of crossing to
 /// a pool thread (or, with io_uring, one of the ring's workers: ext4 takes
 /// no non-blocking buffered write, so the ring hands every one over) and
 /// back. Such a write only copies into the page cache,
@@ -1326,6 +1333,45 @@ mod tests {
         assert!(back.iter().all(|&b| b == 6));
     }
 
+    #[test]
+    fn inline_writes_of_two_threads_run_side_by_side() {
+        let (_dir, f) = zeroed_disk(1 << 20, Aio::Threads);
+        let page = rustix::param::page_size() as u64;
+        let (inside_tx, inside) = std::sync::mpsc::channel::<()>();
+        let (go_on, go_on_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|s| {
+            let f = &f;
+            let first = s.spawn(move || {
+                f.write_here(IoClass::Foreground, 0, page, || {
+                    inside_tx.send(()).unwrap();
+                    go_on_rx.recv_timeout(std::time::Duration::from_secs(10))
+                })
+            });
+            inside
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the first inline write did not start");
+            // The first thread is inside its write: a second one goes on
+            // here all the same.
+            let second = f.write_here(IoClass::Foreground, page, page, || 7);
+            go_on.send(()).unwrap();
+            assert_eq!(second, Some(7), "an inline write waited for another");
+            let first = first.join().unwrap().expect("the first write ran");
+            assert!(first.is_ok(), "the first write was not let go");
+        });
+        // A write behind queued ones is not made inline.
+        f.inline_after.store(0, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let lane = f.buffered_lane.clone();
+        let busy = rt.spawn(async move { lane.run(move || rx.recv().is_ok()).await });
+        while f.buffered_lane.idle() {
+            std::thread::yield_now();
+        }
+        assert_eq!(f.write_here(IoClass::Foreground, 0, page, || 7), None);
+        tx.send(()).unwrap();
+        assert_eq!(rt.block_on(busy).unwrap(), Some(true));
+    }
+
     #[tokio::test]
     async fn small_whole_page_writes_run_on_the_calling_thread_until_one_is_slow() {
         use futures_util::FutureExt;
@@ -1355,7 +1401,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let lane = f.buffered_lane.clone();
         let busy = tokio::spawn(async move { lane.run(move || rx.recv().is_ok()).await });
-        while f.buffered_lane.hold().is_some() {
+        while f.buffered_lane.idle() {
             tokio::task::yield_now().await;
         }
         let mut write = f.write(0, data(9), false);

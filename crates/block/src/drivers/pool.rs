@@ -222,17 +222,10 @@ impl Lane {
         rx.await.ok()
     }
 
-    /// Takes the lane for the calling thread, if it is idle (no job queued
-    /// or running), until the returned guard is dropped: jobs queued
-    /// meanwhile wait, and then run on the pool. `None` when the lane is
-    /// busy.
-    pub(crate) fn hold(self: &std::sync::Arc<Self>) -> Option<Held> {
-        let mut state = self.lock();
-        if state.draining {
-            return None;
-        }
-        state.draining = true;
-        Some(Held(self.clone()))
+    /// Whether the lane has no job queued or running (a moment's answer:
+    /// a job may be queued right after).
+    pub(crate) fn idle(&self) -> bool {
+        !self.lock().draining
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
@@ -279,31 +272,6 @@ impl Lane {
     }
 }
 
-/// A [`Lane`] held by the calling thread ([`Lane::hold`]); dropping it
-/// lets go, handing the jobs queued meanwhile to the pool.
-pub(crate) struct Held(std::sync::Arc<Lane>);
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let lane = &self.0;
-        let queued = {
-            let mut state = lane.lock();
-            state.draining = !state.jobs.is_empty();
-            state.draining
-        };
-        if queued {
-            // A job could only be queued with the pool started.
-            match started(lane.class) {
-                Some(queue) => {
-                    let lane = lane.clone();
-                    queue.push(Box::new(move || lane.drain()));
-                }
-                None => lane.drain(),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,44 +301,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_idle_lane_can_be_held_and_its_jobs_wait_meanwhile() {
+    async fn a_lane_is_idle_only_with_no_job_queued_or_running() {
         let lane = Arc::new(Lane::default());
-        // A job queued while the lane is held runs after it lets go.
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let held = lane.hold().expect("an idle lane refused");
-        assert!(lane.hold().is_none(), "a lane held twice");
-        let (lane2, log2) = (lane.clone(), log.clone());
-        let job = tokio::spawn(async move {
-            lane2
-                .run(move || log2.lock().unwrap().push("job"))
-                .await
-                .is_some()
-        });
-        while lane.lock().jobs.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        log.lock().unwrap().push("held");
-        drop(held);
-        assert!(job.await.unwrap());
-        assert_eq!(*log.lock().unwrap(), ["held", "job"]);
-
-        // A lane running a job cannot be held.
+        assert!(lane.idle());
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let lane2 = lane.clone();
         let busy = tokio::spawn(async move { lane2.run(move || rx.recv().is_ok()).await });
         while !lane.lock().draining {
             tokio::task::yield_now().await;
         }
-        assert!(lane.hold().is_none());
+        assert!(!lane.idle(), "a lane running a job said idle");
         tx.send(()).unwrap();
         assert_eq!(busy.await.unwrap(), Some(true));
-        // Idle again once the job's thread lets go; a hold let go of can be
-        // taken again.
-        while lane.hold().is_none() {
+        // Idle again once the job's thread lets go.
+        while !lane.idle() {
             tokio::task::yield_now().await;
         }
-        assert!(lane.hold().is_some());
+        assert!(lane.lock().jobs.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
