@@ -783,3 +783,39 @@ fn connections_are_served_on_threads_of_their_own_not_the_accepting_runtime() {
     assert_serves(&mut b, 8192);
     drop(release);
 }
+
+#[test]
+fn nodes_opened_on_the_accepting_runtime_serve_connections_on_their_threads() {
+    // Nodes whose drivers keep tasks on the runtime that opened them: an
+    // io_uring file (the ring's reaper) and an NBD client (its reply
+    // reader, here on this server's own export). The connections that
+    // reach them run on threads of their own.
+    let f = fixture_with_disk(ServerOptions::default());
+    let path = f.path("ring.raw");
+    std::fs::write(&path, vec![0u8; 4 * MIB as usize]).unwrap();
+    let ring = f.add_node(json!({"driver": "raw", "node-name": "ring",
+        "file": {"driver": "file", "filename": path, "aio": "io_uring",
+            "cache": {"direct": false}}}));
+    f.export(&ring, "ring", true, &[]);
+    let chained = f.unix_client("chained", "disk");
+    f.export(&chained, "chained", true, &[]);
+    for name in ["ring", "chained"] {
+        let (mut c, size, _) = Raw::open(&f.sock, name, &[]);
+        assert_eq!(size, 4 * MIB, "{name}");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
+        c.request(Command::Write, 0, 11, 65536, data.len() as u32);
+        c.send(&data);
+        let (cookie, error, _) = c.reply();
+        assert_eq!((cookie, error), (11, 0), "{name}: the write");
+        c.request(Command::Read, 0, 12, 65536, 65536);
+        let (cookie, error, back) = c.reply();
+        assert_eq!((cookie, error), (12, 0), "{name}: the read");
+        assert!(back == data, "{name}: read back other bytes");
+    }
+    // The chained export wrote through to `disk`.
+    let mut c = Raw::open(&f.sock, "disk", &[]).0;
+    c.request(Command::Read, 0, 13, 65536, 4096);
+    let (_, error, back) = c.reply();
+    assert_eq!(error, 0);
+    assert!(back.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
+}
