@@ -165,6 +165,16 @@ pub(super) async fn run<R, W>(
         // cancel-safe (a header may be half read when a request completes).
         let mut reader = Some(reader);
         let mut reading = None;
+        // One wait for the end, for the connection's life: made anew each
+        // turn, it registered a waiter with both watches and took it back
+        // per request.
+        let end = async {
+            tokio::select! {
+                _ = close.wait_for(|c| *c) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        };
+        let mut end = std::pin::pin!(end);
         loop {
             if inflight.len() < MAX_IN_FLIGHT {
                 if let Some(r) = reader.take() {
@@ -178,8 +188,7 @@ pub(super) async fn run<R, W>(
             }
             let (r, next) = tokio::select! {
                 biased;
-                _ = close.wait_for(|c| *c) => { told = true; break }
-                _ = stop.wait_for(|s| *s) => { told = true; break }
+                _ = &mut end => { told = true; break }
                 Some(()) = inflight.next(), if !inflight.is_empty() => continue,
                 Some(done) = async { Some(reading.as_mut()?.await) }, if reading.is_some() => done,
                 // Last: only once no request is ready to reply and no new
@@ -807,6 +816,10 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     ) -> std::io::Result<()> {
         let mut aborted = self.aborted.clone();
         tokio::select! {
+            // The send first: most go into the write buffer at once, and
+            // the watch is then never polled (no waiter registered and
+            // taken back per reply).
+            biased;
             r = send => r,
             _ = aborted.wait_for(|a| *a) => {
                 Err(std::io::Error::other("the connection is closing"))
