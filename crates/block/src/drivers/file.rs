@@ -23,7 +23,7 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
 use super::pool::Lane;
-use super::uring::{OpKind, Uring};
+use super::uring::{OpKind, Rings};
 use crate::buf::IoBuf;
 use crate::class::IoClass;
 use crate::error::{Error, Result};
@@ -49,8 +49,9 @@ pub(crate) struct FileDriver {
     direct: bool,
     /// Request alignment: 1 when buffered, probed for `O_DIRECT`.
     alignment: u64,
-    /// The io_uring engine, when asked for and granted.
-    uring: Option<Uring>,
+    /// The io_uring engine, when asked for and granted: a ring per
+    /// runtime making requests.
+    uring: Option<Rings>,
     /// Whether buffered reads and writes are first tried on the calling
     /// thread with `RWF_NOWAIT` (turned off for good where the kernel or
     /// the file system refuses the flag).
@@ -752,9 +753,9 @@ fn pool_failed() -> io::Error {
 /// An io_uring for `file`, or `None` (with a warning) where the kernel
 /// refuses one: seccomp or `kernel.io_uring_disabled` (EPERM), an old
 /// kernel (ENOSYS), limits (ENOMEM, EINVAL). The caller then uses threads.
-fn start_uring(path: &str, file: &Arc<File>, entries: u32) -> Option<Uring> {
-    match Uring::new(file.clone(), entries) {
-        Ok(uring) => Some(uring),
+fn start_uring(path: &str, file: &Arc<File>, entries: u32) -> Option<Rings> {
+    match Rings::new(file.clone(), entries) {
+        Ok(rings) => Some(rings),
         Err(e) => {
             tracing::warn!("{path}: io_uring unavailable ({e}), using the thread pool");
             None
