@@ -142,6 +142,11 @@ impl Uring {
         Ok(Uring { shared, reaper })
     }
 
+    /// Whether the reaper still runs (its runtime has not ended).
+    fn reaped(&self) -> bool {
+        !self.reaper.is_finished()
+    }
+
     /// Runs one request on the ring, handing the buffer back.
     pub(crate) async fn submit(
         &self,
@@ -191,13 +196,6 @@ impl Uring {
         answer
             .await
             .unwrap_or_else(|_| (Err(closed()), IoBuf::zeroed(0, 1)))
-    }
-}
-
-impl Uring {
-    /// Whether the reaper still runs (its runtime has not ended).
-    fn reaped(&self) -> bool {
-        !self.reaper.is_finished()
     }
 }
 
@@ -270,9 +268,16 @@ impl Rings {
         }
         match Uring::new(self.file.clone(), self.entries) {
             Ok(ring) => {
-                away.retain(|(_, r)| r.reaped());
                 let ring = Arc::new(ring);
+                let (live, ended): (Vec<_>, Vec<_>) = std::mem::take(&mut *away)
+                    .into_iter()
+                    .partition(|(_, r)| r.reaped());
+                *away = live;
                 away.push((id, ring.clone()));
+                drop(away);
+                // Outside the lock: a ring with requests in flight waits for
+                // them as it goes.
+                drop(ended);
                 ring
             }
             Err(e) => {
