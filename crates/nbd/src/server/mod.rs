@@ -276,15 +276,14 @@ impl Server {
                     continue;
                 }
             };
-            let server = self.clone();
-            server.spawn_connection(stream, permit);
+            self.spawn_connection(stream, permit);
         }
     }
 
     /// Serves `stream` on a thread of its own, with a runtime of its own
     /// ([`Accepted`]); on this runtime where no thread or runtime can be
     /// had. `permit` (a `max-connections` slot) goes with the connection.
-    fn spawn_connection<S: Accepted>(self, stream: S, permit: Option<OwnedSemaphorePermit>) {
+    fn spawn_connection<S: Accepted>(&self, stream: S, permit: Option<OwnedSemaphorePermit>) {
         let (hand_over, taken) = std::sync::mpsc::channel::<(S::Detached, _)>();
         let server = self.clone();
         let thread = tokio::runtime::Builder::new_current_thread()
@@ -312,8 +311,9 @@ impl Server {
             });
         if let Err(e) = thread {
             tracing::warn!("NBD server: no thread for a connection, served on the runtime: {e}");
+            let server = self.clone();
             tokio::spawn(async move {
-                self.serve_accepted(stream).await;
+                server.serve_accepted(stream).await;
                 drop(permit);
             });
             return;
