@@ -968,8 +968,11 @@ impl Node {
             };
             return (self.write_zeroes_inside(offset, len, flags).await, buf);
         }
-        let serialising = !self.aligned(offset, len);
-        let _req = self.begin_write(offset, len, growing).await;
+        // Once per request: a passthrough driver (`raw`) asks its child.
+        let limits = self.limits();
+        let serialising =
+            offset % limits.request_alignment != 0 || len % limits.request_alignment != 0;
+        let _req = self.begin_write(offset, len, growing, serialising).await;
         let hooks = self.hooks();
         let ticket = match self.mark(offset, len).await {
             Ok(ticket) => ticket,
@@ -984,18 +987,18 @@ impl Node {
             check!(hook.before(self, req).await, buf);
         }
         let (result, buf) = if mode == Mode::Compressed {
-            if buf.is_aligned(self.limits().memory_alignment) {
+            if buf.is_aligned(limits.memory_alignment) {
                 self.driver.write_compressed(offset, buf).await
             } else {
-                let copy = IoBuf::copy_from(buf.as_slice(), self.limits().memory_alignment);
+                let copy = IoBuf::copy_from(buf.as_slice(), limits.memory_alignment);
                 (self.driver.write_compressed(offset, copy).await.0, buf)
             }
         } else if serialising {
             (self.write_unaligned(offset, &buf, fua, growing).await, buf)
-        } else if buf.is_aligned(self.limits().memory_alignment) {
+        } else if buf.is_aligned(limits.memory_alignment) {
             self.driver.write(offset, buf, fua).await
         } else {
-            let copy = IoBuf::copy_from(buf.as_slice(), self.limits().memory_alignment);
+            let copy = IoBuf::copy_from(buf.as_slice(), limits.memory_alignment);
             (self.driver.write(offset, copy, fua).await.0, buf)
         };
         self.bitmaps.mark_again(offset, len, ticket);
@@ -1011,16 +1014,18 @@ impl Node {
         (Ok(()), buf)
     }
 
-    /// Registers a write-type request. An unaligned one will read, modify
-    /// and write its aligned cover, so it excludes every request on that
-    /// cover until it is done; an aligned one runs beside others.
+    /// Registers a write-type request, `serialising` if it is unaligned
+    /// ([`aligned`](Self::aligned)): such a one will read, modify and write
+    /// its aligned cover, so it excludes every request on that cover until
+    /// it is done; an aligned one runs beside others.
     async fn begin_write(
         &self,
         offset: u64,
         len: u64,
         growing: bool,
+        serialising: bool,
     ) -> crate::inflight::Guard<'_> {
-        if self.aligned(offset, len) {
+        if !serialising {
             self.inflight.begin(offset, len, RequestKind::Write).await
         } else {
             let (start, end) = self.cover(offset, len, growing && self.driver.can_grow());
@@ -1148,7 +1153,9 @@ impl Node {
         if self.settings.detect_zeroes != DetectZeroes::Off || !self.aligned(offset, len) {
             return Ok(false);
         }
-        let _req = self.begin_write(offset, len, growing).await;
+        let _req = self
+            .begin_write(offset, len, growing, !self.aligned(offset, len))
+            .await;
         // Hooks see the data of a write: those writes go through memory.
         if !self.hooks().is_empty() {
             return Ok(false);
@@ -1232,7 +1239,9 @@ impl Node {
             may_unmap: flags.may_unmap && self.settings.discard == Discard::Unmap,
             ..flags
         };
-        let _req = self.begin_write(offset, len, false).await;
+        let _req = self
+            .begin_write(offset, len, false, !self.aligned(offset, len))
+            .await;
         let req = WriteRequest {
             offset,
             len,
