@@ -19,6 +19,7 @@ mod export;
 mod handshake;
 mod piped;
 mod transmission;
+mod woken;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;

@@ -167,13 +167,14 @@ pub(super) async fn run<R, W>(
         let mut reading = None;
         // One wait for the end, for the connection's life: made anew each
         // turn, it registered a waiter with both watches and took it back
-        // per request.
-        let end = async {
+        // per request. Polled again only once a watch woke it: polling the
+        // waits themselves took a lock per watch on every turn.
+        let end = super::woken::Woken::new(async {
             tokio::select! {
                 _ = close.wait_for(|c| *c) => {}
                 _ = stop.wait_for(|s| *s) => {}
             }
-        };
+        });
         let mut end = std::pin::pin!(end);
         loop {
             if inflight.len() < MAX_IN_FLIGHT {
