@@ -65,12 +65,9 @@ impl Gate {
     /// Lets a write-type request in, holding it while the gate is closed.
     async fn enter(&self) -> Entry<'_> {
         loop {
-            self.active.fetch_add(1, Ordering::SeqCst);
-            if self.closers.load(Ordering::SeqCst) == 0 {
-                return Entry::Here(Inside(self));
+            if let Some(inside) = self.try_enter() {
+                return Entry::Here(inside);
             }
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            self.idle.notify_waiters();
             // Closed: registered before the gate is looked at again, so an
             // `open` from then on wakes us, and one before it is seen.
             let opened = self.opened.notified();
@@ -83,6 +80,27 @@ impl Gate {
                 return Entry::Forward(node);
             }
         }
+    }
+
+    /// Enters the gate if it is open; `None` (not inside) if it is closed.
+    fn try_enter(&self) -> Option<Inside<'_>> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.closers.load(Ordering::SeqCst) == 0 {
+            return Some(Inside(self));
+        }
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.idle.notify_waiters();
+        None
+    }
+
+    /// Lets a write-type request into this node at once: `None` when the
+    /// gate is closed or a replacement was ever named (the request then
+    /// takes [`pass`](Self::pass), which waits or forwards it).
+    pub(crate) fn try_pass(&self) -> Option<Inside<'_>> {
+        if self.replaced.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.try_enter()
     }
 
     /// Where a write-type request runs: inside this node, holding the entry

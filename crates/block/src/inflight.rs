@@ -62,32 +62,52 @@ impl Inflight {
     /// Registers a request on `offset..offset + len`, first waiting for the
     /// overlapping requests it must not run beside.
     pub(crate) async fn begin(&self, offset: u64, len: u64, kind: RequestKind) -> Guard<'_> {
-        let (start, end) = (offset, offset.saturating_add(len));
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             let _waiting = {
                 let mut state = self.lock();
-                let blocked = state.entries.iter().any(|e| {
-                    e.start < end
-                        && start < e.end
-                        && (e.kind == RequestKind::Serialising || kind == RequestKind::Serialising)
-                });
-                if !blocked {
-                    state.next_id += 1;
-                    let id = state.next_id;
-                    state.entries.push(Entry {
-                        id,
-                        start,
-                        end,
-                        kind,
-                    });
-                    return Guard { inflight: self, id };
+                if let Some(guard) = self.register(&mut state, offset, len, kind) {
+                    return guard;
                 }
                 self.park(&mut state, changed.as_mut())
             };
             changed.await;
         }
+    }
+
+    /// Registers a request on `offset..offset + len` if no overlapping
+    /// request keeps it out; `None` (not registered) if one does.
+    pub(crate) fn try_begin(&self, offset: u64, len: u64, kind: RequestKind) -> Option<Guard<'_>> {
+        self.register(&mut self.lock(), offset, len, kind)
+    }
+
+    /// [`try_begin`](Self::try_begin) under the state lock.
+    fn register(
+        &self,
+        state: &mut State,
+        offset: u64,
+        len: u64,
+        kind: RequestKind,
+    ) -> Option<Guard<'_>> {
+        let (start, end) = (offset, offset.saturating_add(len));
+        let blocked = state.entries.iter().any(|e| {
+            e.start < end
+                && start < e.end
+                && (e.kind == RequestKind::Serialising || kind == RequestKind::Serialising)
+        });
+        if blocked {
+            return None;
+        }
+        state.next_id += 1;
+        let id = state.next_id;
+        state.entries.push(Entry {
+            id,
+            start,
+            end,
+            kind,
+        });
+        Some(Guard { inflight: self, id })
     }
 
     /// Registers a wait for the next request to end, under the state lock

@@ -276,6 +276,15 @@ pub trait Driver: Send + Sync {
     fn can_grow(&self) -> bool {
         false
     }
+    /// Writes `data` at `offset` (no FUA) on the calling thread, now, if
+    /// the driver can without waiting for anything but the kernel's copy
+    /// (a small buffered write into the page cache): `Some` with the
+    /// result if it wrote, `None` (nothing written) if the write must take
+    /// [`write`](Driver::write). The default never writes.
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        let _ = (offset, data);
+        None
+    }
     /// Whether [`write_compressed`](Driver::write_compressed) works (QEMU's
     /// `bdrv_supports_compressed_writes`).
     fn supports_compressed_writes(&self) -> bool {
@@ -923,6 +932,51 @@ impl Node {
     /// exports never write through this.
     pub(crate) async fn write_growing(&self, offset: u64, buf: IoBuf, fua: bool) -> BufResult<()> {
         self.write_at(offset, buf, fua, Mode::Growing).await
+    }
+
+    /// Writes `data` at `offset` (no FUA) on the calling thread, now,
+    /// when nothing on the way needs a wait: the gate open, the range not
+    /// held by a read-modify-write, no write hook (a job's), no
+    /// persistent bitmap's activity to log, no `detect-zeroes`, aligned,
+    /// and the driver able to write at once ([`Driver::write_now`]; a
+    /// `raw` node asks its child the same). Then it does all that
+    /// [`write`](Self::write) does (checks, in-flight range, dirty bitmaps
+    /// marked before and after) and returns the result; else `None`,
+    /// having written nothing, and the caller calls `write`. (Bitmaps may
+    /// have been marked: a superset, as a bitmap may be.)
+    ///
+    /// For requests that the page cache takes in microseconds, where the
+    /// futures, boxes and wake-ups of `write` cost more than the copy: an
+    /// NBD connection's small writes.
+    pub fn try_write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        let _inside = self.gate.try_pass()?;
+        let len = data.len() as u64;
+        if let Err(e) = self.check_write(offset, len) {
+            return Some(Err(e));
+        }
+        if len == 0 || self.settings.detect_zeroes != DetectZeroes::Off {
+            return None;
+        }
+        let a = self.limits().request_alignment;
+        if offset % a != 0 || len % a != 0 {
+            return None;
+        }
+        let _req = self.inflight.try_begin(offset, len, RequestKind::Write)?;
+        if !self
+            .hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return None;
+        }
+        let ticket = self.bitmaps.mark(offset, len);
+        if self.bitmaps.has_persistent() {
+            return None;
+        }
+        let result = self.driver.write_now(offset, data)?;
+        self.bitmaps.mark_again(offset, len, ticket);
+        Some(result)
     }
 
     fn write_at(

@@ -842,6 +842,34 @@ impl Driver for FileDriver {
         })
     }
 
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        if self.direct {
+            return None;
+        }
+        let class = crate::class::current();
+        let mut done = 0;
+        if class == IoClass::Foreground && self.nowait_writes.load(Ordering::Relaxed) {
+            done = nowait(&self.nowait_writes, data.len(), |at| {
+                let slice = [io::IoSlice::new(&data[at..])];
+                rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
+            });
+        }
+        let (at, rest) = (offset + done as u64, &data[done..]);
+        let result = match rest.is_empty() {
+            true => Ok(()),
+            // (A part the kernel would not take without waiting is written
+            // again whole by the slow path, if it comes to that.)
+            false => self.write_here(class, at, rest.len() as u64, || {
+                self.file.write_all_at(rest, at)
+            })?,
+        };
+        if result.is_ok() {
+            self.length
+                .fetch_max(offset + data.len() as u64, Ordering::AcqRel);
+        }
+        Some(result.map_err(|e| Error::io("write", e)))
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let keep = FallocateFlags::KEEP_SIZE;

@@ -122,6 +122,10 @@ impl Driver for RawDriver {
         Box::pin(async move { self.file.node().write(self.offset + offset, buf, fua).await })
     }
 
+    fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        self.file.node().try_write_now(self.offset + offset, data)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.file
