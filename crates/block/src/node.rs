@@ -531,6 +531,13 @@ impl Edge {
         self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Runs `f` with the node this edge points at now, which it keeps
+    /// pointing at until `f` returns (a [`crate::Graph::replace`] waits):
+    /// for short synchronous work, with no reference count taken.
+    pub fn with_node<T>(&self, f: impl FnOnce(&Node) -> T) -> T {
+        f(&self.node.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Who holds the edge.
     pub fn user(&self) -> &User {
         &self.user

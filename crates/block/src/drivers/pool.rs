@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use tokio::sync::oneshot;
@@ -171,6 +171,9 @@ pub(crate) async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
 #[derive(Default)]
 pub(crate) struct Lane {
     state: Mutex<LaneState>,
+    /// `state.draining`, readable without the lock (set and cleared
+    /// under it).
+    busy: AtomicBool,
     class: IoClass,
 }
 
@@ -192,6 +195,7 @@ impl Lane {
     pub(crate) fn new(class: IoClass) -> Lane {
         Lane {
             state: Mutex::default(),
+            busy: AtomicBool::new(false),
             class,
         }
     }
@@ -213,6 +217,7 @@ impl Lane {
                     let _ = tx.send(result);
                 })
             }));
+            self.busy.store(true, Ordering::Release);
             !std::mem::replace(&mut state.draining, true)
         };
         if start {
@@ -225,7 +230,7 @@ impl Lane {
     /// Whether the lane has no job queued or running (a moment's answer:
     /// a job may be queued right after).
     pub(crate) fn idle(&self) -> bool {
-        !self.lock().draining
+        !self.busy.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
@@ -247,6 +252,7 @@ impl Lane {
                     Some(job) => job,
                     None => {
                         state.draining = false;
+                        self.busy.store(false, Ordering::Release);
                         drop(state);
                         held.drain(..).for_each(|deliver| deliver());
                         return;

@@ -111,7 +111,7 @@ impl Driver for RawDriver {
     }
 
     fn limits(&self) -> Limits {
-        self.file.node().limits()
+        self.file.with_node(|file| file.limits())
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFuture<'_, BufResult<()>> {
@@ -123,7 +123,8 @@ impl Driver for RawDriver {
     }
 
     fn write_now(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
-        self.file.node().try_write_now(self.offset + offset, data)
+        self.file
+            .with_node(|file| file.try_write_now(self.offset + offset, data))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {

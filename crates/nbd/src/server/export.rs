@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use block::{BitmapId, ChildRole, Edge, Node, User};
 use tokio::sync::{Notify, watch};
@@ -63,7 +63,7 @@ impl Context {
 pub struct Export {
     options: ExportOptions,
     /// Taken when the export is released.
-    edge: Mutex<Option<Arc<Edge>>>,
+    edge: RwLock<Option<Arc<Edge>>>,
     pub(crate) bitmaps: Vec<Published>,
     clients: Mutex<HashMap<u64, watch::Sender<bool>>>,
     next_client: AtomicU64,
@@ -124,7 +124,7 @@ impl Export {
             }
         }
         Ok(Export {
-            edge: Mutex::new(Some(Edge::new(node, User::Export(options.id.clone())))),
+            edge: RwLock::new(Some(Edge::new(node, User::Export(options.id.clone())))),
             options,
             bitmaps: found,
             clients: Mutex::new(HashMap::new()),
@@ -142,14 +142,23 @@ impl Export {
     /// The node served now (an export follows its edge when a job pivots);
     /// `None` once the export is released.
     pub fn node(&self) -> Option<Arc<Node>> {
-        let edge = self.edge.lock().unwrap_or_else(|e| e.into_inner());
+        let edge = self.edge.read().unwrap_or_else(|e| e.into_inner());
         edge.as_ref().map(|e| e.node())
+    }
+
+    /// Runs `f` with the node served now, which stays served until `f`
+    /// returns (a release waits; other connections' lookups do not): for
+    /// short synchronous work, with no reference count taken. `None` (`f`
+    /// not run) once the export is released.
+    pub(crate) fn with_node<T>(&self, f: impl FnOnce(&Node) -> T) -> Option<T> {
+        let edge = self.edge.read().unwrap_or_else(|e| e.into_inner());
+        edge.as_ref().map(|e| e.with_node(f))
     }
 
     /// Lets go of the node and the bitmaps (once; later calls do nothing, so
     /// a bitmap a job took meanwhile stays busy).
     pub(crate) fn release(&self) {
-        let edge = self.edge.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let edge = self.edge.write().unwrap_or_else(|e| e.into_inner()).take();
         if edge.is_some() {
             for p in &self.bitmaps {
                 let _ = p.node.bitmaps().set_busy(&p.name, false);

@@ -217,7 +217,11 @@ pub(super) async fn run<R, W>(
             // writer here, while the futures holding it are not polled,
             // would deadlock.
             let (work, last) = match next {
-                Next::Run(req, payload) => (conn.write_now(req, payload), false),
+                Next::Run(req, payload) => match conn.write_now(req, payload) {
+                    // Done, and its reply in the write buffer: nothing left.
+                    Work::Reply(req, Ok(())) if conn.reply_now(&req) => continue,
+                    work => (work, false),
+                },
                 Next::Refuse(req, refusal) => (Work::Refuse(req, refusal), false),
                 Next::RefuseAndClose(req, refusal) => (Work::Refuse(req, refusal), true),
                 Next::Disconnect => break,
@@ -583,16 +587,63 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             }
             payload => return Work::Run(req, payload),
         };
-        let Some(node) = self.export.node() else {
-            return Work::Run(req, Some(Payload::Buf(buf)));
-        };
-        match node.try_write_now(req.offset, buf.as_slice()) {
+        match self
+            .export
+            .with_node(|node| node.try_write_now(req.offset, buf.as_slice()))
+            .flatten()
+        {
             Some(result) => {
                 self.recycle(buf);
                 Work::Reply(req, result)
             }
             None => Work::Run(req, Some(Payload::Buf(buf))),
         }
+    }
+
+    /// Puts the success reply of `req` (a request that carries no data
+    /// back) into the write buffer at once, if that needs no wait: the
+    /// writer free and room in its buffer; with [`FLUSH_AFTER`] replies
+    /// waiting, pushes them out too if the socket takes them now. `false`,
+    /// with nothing written, if not (the reply then goes as usual).
+    ///
+    /// Only from the connection's loop, before it ends: the replies are
+    /// never dropped (aborted) while it runs. A flush left undone here
+    /// leaves `unflushed` set for the loop's own flush.
+    fn reply_now(&self, req: &Request) -> bool {
+        let (simple, extended);
+        let reply: &[u8] = if self.extended {
+            extended = extended_header(chunk::FLAG_DONE, chunk::NONE, req.cookie, req.offset, 0);
+            &extended
+        } else {
+            simple = simple_reply(0, req.cookie);
+            &simple
+        };
+        let Ok(mut w) = self.writer.try_lock() else {
+            return false;
+        };
+        if w.buffer().len() + reply.len() > REPLY_BUFFER {
+            return false;
+        }
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        // With room in the buffer, `BufWriter` copies the reply there
+        // whole, with no I/O.
+        match std::pin::Pin::new(&mut *w).poll_write(&mut cx, reply) {
+            std::task::Poll::Ready(Ok(n)) if n == reply.len() => {}
+            // Not reached with room in the buffer; nothing was taken.
+            _ => return false,
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) + 1 >= FLUSH_AFTER
+            && matches!(
+                std::pin::Pin::new(&mut *w).poll_flush(&mut cx),
+                std::task::Poll::Ready(Ok(()))
+            )
+        {
+            self.waiting.store(0, Ordering::Relaxed);
+            self.unflushed.store(false, Ordering::Relaxed);
+            return true;
+        }
+        self.unflushed.store(true, Ordering::Relaxed);
+        true
     }
 
     /// Sends the reply of a request that carries no data back: success,

@@ -21,6 +21,9 @@ use futures_util::task::AtomicWaker;
 pub(super) struct Woken<F> {
     inner: Pin<Box<F>>,
     flag: Arc<Flag>,
+    /// The waker last registered in `flag` (compared, not re-registered,
+    /// while the same task polls).
+    registered: Option<Waker>,
 }
 
 /// Whether the inner future was woken since its last poll, and the
@@ -51,6 +54,7 @@ impl<F: Future> Woken<F> {
                 woken: AtomicBool::new(true),
                 outer: AtomicWaker::new(),
             }),
+            registered: None,
         }
     }
 }
@@ -59,10 +63,20 @@ impl<F: Future> Future for Woken<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
-        // Registered before the flag is read: a wake-up in between wakes
-        // the caller, whose next poll sees the flag.
-        self.flag.outer.register(cx.waker());
-        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+        let woken = self.flag.woken.swap(false, Ordering::AcqRel);
+        // A wake-up takes the waker it wakes, so after one the caller's is
+        // registered again; else only when another task polls. (A wake-up
+        // from now on sets the flag first, then wakes whichever waker it
+        // finds: the caller's, which sees the flag on its next poll.)
+        let same = self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if woken || !same {
+            self.flag.outer.register(cx.waker());
+            self.registered = Some(cx.waker().clone());
+        }
+        if !woken {
             return Poll::Pending;
         }
         let waker = Waker::from(self.flag.clone());
@@ -112,12 +126,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_wake_up_reaches_the_task_that_polled_last() {
-        let (tx, mut rx) = tokio::sync::watch::channel(false);
-        let w = Woken::new(async move { rx.wait_for(|v| *v).await.is_ok() });
+    async fn every_wake_up_reaches_the_task_that_polled_last() {
+        let (tx, mut rx) = tokio::sync::watch::channel(0);
+        let w = Woken::new(async move { rx.wait_for(|v| *v == 2).await.is_ok() });
         let task = tokio::spawn(w);
         tokio::task::yield_now().await;
-        tx.send_replace(true);
+        // A wake-up that leaves it pending (and takes the registered
+        // waker), then the one it waits for.
+        tx.send_replace(1);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!task.is_finished());
+        tx.send_replace(2);
         let done = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
         assert!(done.expect("the wrapper was never woken").unwrap());
     }
