@@ -293,9 +293,15 @@ impl FileDriver {
         if class != IoClass::Foreground || !self.inline_allowed(offset, len) {
             return None;
         }
-        // Behind queued writes, not beside them; beside another thread's
-        // inline write (they queue on the inode's lock in the kernel).
-        if !self.buffered_lane.idle() {
+        // Not behind queued writes of more than `INLINE_MAX` bytes: the
+        // inode's lock would hold this thread for as long as they take.
+        // Beside a few small ones, and beside other threads' inline
+        // writes: they queue on the inode's lock in the kernel for
+        // microseconds. (Kept off while any write was queued, a connection
+        // whose writes once went to the lane, after a slow one, stayed
+        // there: each of its writes found the lane busy with its earlier
+        // ones, for as long as it kept some in flight.)
+        if self.buffered_lane.weight() > INLINE_MAX {
             return None;
         }
         let slept = voluntary_switches();
@@ -353,7 +359,7 @@ impl FileDriver {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
         match class {
-            IoClass::Foreground => self.buffered_lane.run(f).await,
+            IoClass::Foreground => self.buffered_lane.run_weighing(len, f).await,
             IoClass::Background => {
                 let file = self.file.clone();
                 let behind = self.write_behind.clone();
@@ -1387,18 +1393,25 @@ mod tests {
             let first = first.join().unwrap().expect("the first write ran");
             assert!(first.is_ok(), "the first write was not let go");
         });
-        // A write behind queued ones is not made inline.
+        // Beside a small write queued on the lane, a write is made inline;
+        // behind more than `INLINE_MAX` bytes of them, it is not.
         f.inline_after.store(0, Ordering::Relaxed);
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let lane = f.buffered_lane.clone();
-        let busy = rt.spawn(async move { lane.run(move || rx.recv().is_ok()).await });
-        while f.buffered_lane.idle() {
-            std::thread::yield_now();
+        for (queued, inline) in [(page, true), (INLINE_MAX + page, false)] {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let lane = f.buffered_lane.clone();
+            let busy =
+                rt.spawn(async move { lane.run_weighing(queued, move || rx.recv().is_ok()).await });
+            while f.buffered_lane.idle() {
+                std::thread::yield_now();
+            }
+            assert_eq!(f.buffered_lane.weight(), queued);
+            let here = f.write_here(IoClass::Foreground, 0, page, || 7);
+            assert_eq!(here.is_some(), inline, "behind {queued} bytes");
+            tx.send(()).unwrap();
+            assert_eq!(rt.block_on(busy).unwrap(), Some(true));
+            assert_eq!(f.buffered_lane.weight(), 0, "the job's weight stays");
         }
-        assert_eq!(f.write_here(IoClass::Foreground, 0, page, || 7), None);
-        tx.send(()).unwrap();
-        assert_eq!(rt.block_on(busy).unwrap(), Some(true));
     }
 
     #[tokio::test]
@@ -1426,10 +1439,14 @@ mod tests {
         assert!(!f.inline_allowed(512, page));
         assert!(!f.inline_allowed(0, page + 512));
 
-        // With the lane busy, a write waits for it, on the pool.
+        // Behind a large write on the lane, a write waits for it, on the
+        // pool.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let lane = f.buffered_lane.clone();
-        let busy = tokio::spawn(async move { lane.run(move || rx.recv().is_ok()).await });
+        let busy = tokio::spawn(async move {
+            lane.run_weighing(INLINE_MAX + page as u64, move || rx.recv().is_ok())
+                .await
+        });
         while f.buffered_lane.idle() {
             tokio::task::yield_now().await;
         }

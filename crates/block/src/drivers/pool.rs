@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use tokio::sync::oneshot;
@@ -171,9 +171,8 @@ pub(crate) async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
 #[derive(Default)]
 pub(crate) struct Lane {
     state: Mutex<LaneState>,
-    /// `state.draining`, readable without the lock (set and cleared
-    /// under it).
-    busy: AtomicBool,
+    /// What the jobs queued or running weigh ([`Lane::run_weighing`]).
+    weight: AtomicU64,
     class: IoClass,
 }
 
@@ -195,7 +194,7 @@ impl Lane {
     pub(crate) fn new(class: IoClass) -> Lane {
         Lane {
             state: Mutex::default(),
-            busy: AtomicBool::new(false),
+            weight: AtomicU64::new(0),
             class,
         }
     }
@@ -217,7 +216,6 @@ impl Lane {
                     let _ = tx.send(result);
                 })
             }));
-            self.busy.store(true, Ordering::Release);
             !std::mem::replace(&mut state.draining, true)
         };
         if start {
@@ -227,10 +225,41 @@ impl Lane {
         rx.await.ok()
     }
 
+    /// [`run`](Self::run), counting `weight` (the bytes of a write, say)
+    /// in the lane's [`weight`](Self::weight) until the job has run (or
+    /// was dropped unrun).
+    pub(crate) async fn run_weighing<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        weight: u64,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        /// Takes its weight off the lane when dropped.
+        struct Weighing(std::sync::Arc<Lane>, u64);
+        impl Drop for Weighing {
+            fn drop(&mut self) {
+                self.0.weight.fetch_sub(self.1, Ordering::AcqRel);
+            }
+        }
+        self.weight.fetch_add(weight, Ordering::AcqRel);
+        let weighing = Weighing(self.clone(), weight);
+        self.run(move || {
+            let _weighing = weighing;
+            f()
+        })
+        .await
+    }
+
+    /// What the jobs queued or running weigh, as their callers counted
+    /// ([`run_weighing`](Self::run_weighing)); a moment's answer.
+    pub(crate) fn weight(&self) -> u64 {
+        self.weight.load(Ordering::Acquire)
+    }
+
     /// Whether the lane has no job queued or running (a moment's answer:
     /// a job may be queued right after).
+    #[cfg(test)]
     pub(crate) fn idle(&self) -> bool {
-        !self.busy.load(Ordering::Acquire)
+        !self.lock().draining
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
@@ -252,7 +281,6 @@ impl Lane {
                     Some(job) => job,
                     None => {
                         state.draining = false;
-                        self.busy.store(false, Ordering::Release);
                         drop(state);
                         held.drain(..).for_each(|deliver| deliver());
                         return;
@@ -324,6 +352,53 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(lane.lock().jobs.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lane_weighs_its_jobs_until_they_ran_even_once_nobody_waits() {
+        let lane = Arc::new(Lane::default());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ran_tx, ran) = std::sync::mpsc::channel::<()>();
+        let (running_tx, running) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let lane = lane.clone();
+            tokio::spawn(async move {
+                lane.run_weighing(100, move || {
+                    running_tx.send(()).is_ok() && rx.recv().is_ok()
+                })
+                .await
+            })
+        };
+        running
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the first job did not start");
+        assert_eq!(lane.weight(), 100);
+        // Queued behind it, then given up by its caller: still weighed
+        // until it has run.
+        let second = {
+            let lane = lane.clone();
+            tokio::spawn(
+                async move { lane.run_weighing(20, move || ran_tx.send(()).is_ok()).await },
+            )
+        };
+        while lane.weight() != 120 {
+            tokio::task::yield_now().await;
+        }
+        second.abort();
+        assert!(second.await.is_err(), "the wait was not given up");
+        assert_eq!(lane.weight(), 120);
+        tx.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), Some(true));
+        ran.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the given-up job did not run");
+        let unweighed = async {
+            while lane.weight() != 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), unweighed)
+            .await
+            .expect("a job that ran still weighs on the lane");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
