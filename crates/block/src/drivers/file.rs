@@ -84,7 +84,8 @@ pub(crate) struct FileDriver {
     /// writes run in parallel. (The `RWF_NOWAIT` attempt on the calling
     /// thread needs neither: it gives up at once when the inode is locked.
     /// A small write runs on the calling thread, [`INLINE_MAX`], when the
-    /// lane is idle, beside those of other threads: one per NBD
+    /// lane holds at most that many bytes of writes, beside those of other
+    /// threads: one per NBD
     /// connection at most, each on a thread of its own.)
     buffered_lane: Arc<Lane>,
     /// The same for background requests ([`crate::class`]), on the pool's
@@ -282,7 +283,8 @@ impl FileDriver {
 
     /// Runs `f`, a buffered write of `offset..offset + len` made by a
     /// request of `class`, on the calling thread if it may ([`INLINE_MAX`]:
-    /// small, and the file's lane idle); `None` (`f` not run) if not.
+    /// small, and at most that much queued on the file's lane); `None`
+    /// (`f` not run) if not.
     fn write_here<T>(
         &self,
         class: IoClass,
@@ -300,7 +302,7 @@ impl FileDriver {
         // microseconds. (Kept off while any write was queued, a connection
         // whose writes once went to the lane, after a slow one, stayed
         // there: each of its writes found the lane busy with its earlier
-        // ones, for as long as it kept some in flight.)
+        // ones, and stayed there for long stretches.)
         if self.buffered_lane.weight() > INLINE_MAX {
             return None;
         }
@@ -546,7 +548,8 @@ const DIRECT_COPY_MIN: u64 = 512 << 10;
 /// A buffered foreground write of at most this many bytes, in whole
 /// pages (from memory, or spliced from pipes: an NBD export's writes of up
 /// to 256 KiB, `nbdcopy`'s size), runs on the calling thread when the
-/// file's lane is idle (beside other threads' inline writes: two NBD
+/// file's lane holds no more than this many bytes of writes (beside other
+/// threads' inline writes: two NBD
 /// connections' `nbdcopy` writes took 1.70 s per 4 GiB side by side
 /// against 2.2 s one at a time), instead of crossing to
 /// a pool thread (or, with io_uring, one of the ring's workers: ext4 takes
