@@ -7,8 +7,11 @@
 //! for `docs/benchmarks.md`.
 //!
 //! Run: `cargo bench -p nbd --bench server_vs_peers` (add `-- buffered` or
-//! `-- direct` for one cache mode). The file lives in `$BENCH_DIR`
-//! (default `/var/tmp`); it needs 8 GiB free.
+//! `-- direct` for one cache mode, and a second word to pick the rows whose
+//! names contain it). The file lives in `$BENCH_DIR` (default `/var/tmp`);
+//! it needs 8 GiB free. `NBD_BENCH_PEERS=bitmirror` (or a comma-separated
+//! list of `bitmirror`, `qemu-nbd`, `nbdkit`) runs only those servers, to
+//! profile one alone; the others' columns then read `—`.
 //!
 //! Every figure is the best of `RUNS` runs (the machine is shared), the
 //! three servers taking theirs in turns.
@@ -42,6 +45,14 @@ enum Peer {
 const PEERS: [Peer; 3] = [Peer::Ours, Peer::QemuNbd, Peer::Nbdkit];
 
 impl Peer {
+    /// Whether `NBD_BENCH_PEERS` (when set) names this server.
+    fn wanted(self) -> bool {
+        std::env::var("NBD_BENCH_PEERS").map_or(true, |list| {
+            list.split(',')
+                .any(|w| !w.is_empty() && self.name().starts_with(w.trim()))
+        })
+    }
+
     fn name(self) -> &'static str {
         match self {
             Peer::Ours => "bitmirror",
@@ -236,8 +247,9 @@ struct Row {
     /// Bytes (or operations) per run.
     amount: f64,
     unit: &'static str,
-    /// Best time and the server CPU seconds of that run, per peer.
-    results: Vec<(Duration, f64)>,
+    /// Best time and the server CPU seconds of that run, per peer (`None`
+    /// for a server not run).
+    results: Vec<Option<(Duration, f64)>>,
 }
 
 fn main() {
@@ -387,6 +399,9 @@ fn main() {
             let mut best: [Option<(Duration, f64)>; PEERS.len()] = [None; PEERS.len()];
             for _ in 0..RUNS {
                 for (peer, best) in PEERS.iter().zip(best.iter_mut()) {
+                    if !peer.wanted() {
+                        continue;
+                    }
                     // Every run starts with nothing dirty: the files this
                     // benchmark wrote and the runs before it (the last
                     // server's writes too) are written back first, not
@@ -411,13 +426,10 @@ fn main() {
             }
             let mut results = Vec::new();
             for (peer, best) in PEERS.iter().zip(best) {
-                let best = best.expect("RUNS is at least 1");
-                eprintln!(
-                    "{mode} {name} {}: {:?}, {:.1} s CPU",
-                    peer.name(),
-                    best.0,
-                    best.1
-                );
+                // (None: a server left out by `NBD_BENCH_PEERS`.)
+                if let Some((t, cpu)) = best {
+                    eprintln!("{mode} {name} {}: {t:?}, {cpu:.1} s CPU", peer.name());
+                }
                 results.push(best);
             }
             rows.push(Row {
@@ -442,28 +454,38 @@ fn print_table(mode: &str, rows: &[Row]) {
             let per_s = r.amount / d.as_secs_f64();
             if r.unit == "MB/s" { per_s / 1e6 } else { per_s }
         };
-        let rates: Vec<f64> = r.results.iter().map(|(d, _)| rate(*d)).collect();
-        let best_peer = rates[1].max(rates[2]);
+        let rates: Vec<Option<f64>> = r.results.iter().map(|x| x.map(|(d, _)| rate(d))).collect();
+        let shown =
+            |x: Option<f64>, digits: usize| x.map_or("—".to_owned(), |v| format!("{v:.digits$}"));
+        let best_peer = match (rates[1], rates[2]) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let ratio = rates[0].zip(best_peer).map(|(ours, peer)| ours / peer);
         let cpu: Vec<String> = r
             .results
             .iter()
-            .map(|(_, c)| {
-                let per = if r.unit == "MB/s" {
-                    c / (r.amount / GIB)
-                } else {
-                    c / (r.amount / 100_000.0)
-                };
-                format!("{per:.2}")
+            .map(|x| {
+                shown(
+                    x.map(|(_, c)| {
+                        if r.unit == "MB/s" {
+                            c / (r.amount / GIB)
+                        } else {
+                            c / (r.amount / 100_000.0)
+                        }
+                    }),
+                    2,
+                )
             })
             .collect();
         println!(
-            "| {} ({}) | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+            "| {} ({}) | {} | {} | {} | {} | {} |",
             r.name,
             r.unit,
-            rates[0],
-            rates[1],
-            rates[2],
-            rates[0] / best_peer,
+            shown(rates[0], 0),
+            shown(rates[1], 0),
+            shown(rates[2], 0),
+            shown(ratio, 2),
             cpu.join(" / ")
         );
     }
