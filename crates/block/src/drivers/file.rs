@@ -203,31 +203,18 @@ impl FileDriver {
         // (A FUA write's sync needs no lane: the kernel syncs after it
         // lets go of the inode, so the writes of others may go on.)
         let serial = !self.direct && !fua;
-        let mut done = 0;
         // A background write goes to its own threads whatever the page
         // cache holds (and starts write-back there).
         let class = crate::class::current();
         let foreground = class == IoClass::Foreground;
-        if !fua && foreground && self.nowait_writes.load(Ordering::Relaxed) {
-            done = nowait(&self.nowait_writes, buf.len(), |at| {
-                let slice = [io::IoSlice::new(&buf.as_slice()[at..])];
-                rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
-            });
-            if done == buf.len() {
-                return (Ok(()), buf);
-            }
+        // A small buffered write goes inline with io_uring as with
+        // threads: the ring would hand it to one of its workers (ext4
+        // takes no non-blocking buffered writes), a switch each way.
+        let (done, at_once) = self.write_at_once(class, offset, buf.as_slice(), fua);
+        if let Some(result) = at_once {
+            return (result.map_err(|e| Error::io("write", e)), buf);
         }
         if let Some(uring) = &self.uring {
-            // A small buffered write goes inline as with threads: the ring
-            // would hand it to one of its workers (ext4 takes no
-            // non-blocking buffered writes), a switch each way.
-            if serial {
-                let (at, rest) = (offset + done as u64, &buf.as_slice()[done..]);
-                let write = || self.file.write_all_at(rest, at);
-                if let Some(result) = self.write_here(class, at, rest.len() as u64, write) {
-                    return (result.map_err(|e| Error::io("write", e)), buf);
-                }
-            }
             // No lane: the ring's workers already run buffered writes to
             // one file one at a time (io_uring hashes them by inode), and
             // a lock held across each round trip left one write in flight.
@@ -249,12 +236,6 @@ impl FileDriver {
         }
         let at = offset + done as u64;
         let len = (buf.len() - done) as u64;
-        if serial {
-            let write = || self.file.write_all_at(&buf.as_slice()[done..], at);
-            if let Some(result) = self.write_here(class, at, len, write) {
-                return (result.map_err(|e| Error::io("write", e)), buf);
-            }
-        }
         let file = self.file.clone();
         // A background buffered write goes in pieces, yielding the core
         // between them, as a background kernel copy does.
@@ -279,6 +260,40 @@ impl FileDriver {
             Some((result, buf)) => (result.map_err(|e| Error::io("write", e)), buf),
             None => (Err(Error::io("write", pool_failed())), IoBuf::zeroed(0, 1)),
         }
+    }
+
+    /// Does what the calling thread can of a write of `data` at `offset`
+    /// made by a request of `class` without waiting: the bytes the kernel
+    /// takes with `RWF_NOWAIT` (a foreground write without FUA, where the
+    /// file system allows), then, buffered and without FUA, the rest
+    /// inline if [`write_here`](Self::write_here) lets it. Returns how many
+    /// bytes the first took and, once the whole write is done, its result;
+    /// the rest is the caller's (bytes written twice read the same).
+    fn write_at_once(
+        &self,
+        class: IoClass,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> (usize, Option<io::Result<()>>) {
+        let mut done = 0;
+        if !fua && class == IoClass::Foreground && self.nowait_writes.load(Ordering::Relaxed) {
+            done = nowait(&self.nowait_writes, data.len(), |at| {
+                let slice = [io::IoSlice::new(&data[at..])];
+                rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
+            });
+            if done == data.len() {
+                return (done, Some(Ok(())));
+            }
+        }
+        if self.direct || fua {
+            return (done, None);
+        }
+        let (at, rest) = (offset + done as u64, &data[done..]);
+        let inline = self.write_here(class, at, rest.len() as u64, || {
+            self.file.write_all_at(rest, at)
+        });
+        (done, inline)
     }
 
     /// Runs `f`, a buffered write of `offset..offset + len` made by a
@@ -855,23 +870,10 @@ impl Driver for FileDriver {
         if self.direct {
             return None;
         }
-        let class = crate::class::current();
-        let mut done = 0;
-        if class == IoClass::Foreground && self.nowait_writes.load(Ordering::Relaxed) {
-            done = nowait(&self.nowait_writes, data.len(), |at| {
-                let slice = [io::IoSlice::new(&data[at..])];
-                rustix::io::pwritev2(&*self.file, &slice, offset + at as u64, NOWAIT)
-            });
-        }
-        let (at, rest) = (offset + done as u64, &data[done..]);
-        let result = match rest.is_empty() {
-            true => Ok(()),
-            // (A part the kernel would not take without waiting is written
-            // again whole by the slow path, if it comes to that.)
-            false => self.write_here(class, at, rest.len() as u64, || {
-                self.file.write_all_at(rest, at)
-            })?,
-        };
+        // (A part the kernel took without waiting is written again whole
+        // by the slow path, if it comes to that.)
+        let (_, result) = self.write_at_once(crate::class::current(), offset, data, false);
+        let result = result?;
         if result.is_ok() {
             self.length
                 .fetch_max(offset + data.len() as u64, Ordering::AcqRel);
