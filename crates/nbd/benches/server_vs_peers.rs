@@ -13,8 +13,17 @@
 //! list of `bitmirror`, `qemu-nbd`, `nbdkit`) runs only those servers, to
 //! profile one alone; the others' columns then read `—`.
 //!
-//! Every figure is the best of `RUNS` runs (the machine is shared), the
-//! three servers taking theirs in turns.
+//! Every figure is the best of `RUNS` runs (`NBD_BENCH_RUNS` to change it;
+//! the machine is shared), the three servers taking theirs in turns; the
+//! table also gives, per row, the median over the turns of our rate ÷ the
+//! best peer's in the same turn. Each run's time and the CPU of both sides
+//! (server, and client: this process or the client program) go to stderr
+//! as they come.
+//!
+//! To weigh a change against the build before in the same turns:
+//! `NBD_BENCH_ALT='VAR=value …'` adds a fourth server, ours again with
+//! that environment, and `NBD_BENCH_ALT_EXE=path` runs it from another
+//! build of this benchmark; its per-turn ratio goes to stderr.
 
 #![allow(missing_docs)]
 
@@ -40,13 +49,21 @@ enum Peer {
     Ours,
     QemuNbd,
     Nbdkit,
+    /// Our server again, with `NBD_BENCH_ALT`'s environment (`K=V`
+    /// words) and `NBD_BENCH_ALT_EXE`'s binary (default: this one), to
+    /// weigh a change against the build before in the same turns. Not in
+    /// the table: its per-turn ratio goes to stderr.
+    Alt,
 }
 
-const PEERS: [Peer; 3] = [Peer::Ours, Peer::QemuNbd, Peer::Nbdkit];
+const PEERS: [Peer; 4] = [Peer::Ours, Peer::QemuNbd, Peer::Nbdkit, Peer::Alt];
 
 impl Peer {
     /// Whether `NBD_BENCH_PEERS` (when set) names this server.
     fn wanted(self) -> bool {
+        if self == Peer::Alt {
+            return std::env::var_os("NBD_BENCH_ALT").is_some();
+        }
         std::env::var("NBD_BENCH_PEERS").map_or(true, |list| {
             list.split(',')
                 .any(|w| !w.is_empty() && self.name().starts_with(w.trim()))
@@ -58,6 +75,7 @@ impl Peer {
             Peer::Ours => "bitmirror",
             Peer::QemuNbd => "qemu-nbd",
             Peer::Nbdkit => "nbdkit file",
+            Peer::Alt => "bitmirror (alt)",
         }
     }
 
@@ -65,9 +83,19 @@ impl Peer {
         let _ = std::fs::remove_file(sock);
         let (f, s) = (file.to_str().unwrap(), sock.to_str().unwrap());
         let mut cmd = match self {
-            Peer::Ours => {
-                let mut c = Command::new(std::env::current_exe().unwrap());
+            Peer::Ours | Peer::Alt => {
+                let exe = match std::env::var_os("NBD_BENCH_ALT_EXE") {
+                    Some(exe) if self == Peer::Alt => PathBuf::from(exe),
+                    _ => std::env::current_exe().unwrap(),
+                };
+                let mut c = Command::new(exe);
                 c.env("NBD_BENCH_SERVE", format!("{s}|{f}|{}", u8::from(direct)));
+                if self == Peer::Alt {
+                    let env = std::env::var("NBD_BENCH_ALT").unwrap_or_default();
+                    for (k, v) in env.split_whitespace().filter_map(|w| w.split_once('=')) {
+                        c.env(k, v);
+                    }
+                }
                 c
             }
             Peer::QemuNbd => {
@@ -103,14 +131,27 @@ impl Peer {
     }
 }
 
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
+/// User + system CPU seconds of a process so far; with `children`, also
+/// those of the children it waited for (the clients this bench ran).
+fn cpu_seconds_of(pid: u32, children: bool) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may contain spaces).
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let fields = if children { 11..15 } else { 11..13 };
+    let ticks: u64 = f[fields].iter().map(|t| t.parse::<u64>().unwrap()).sum();
     ticks as f64 / 100.0
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    cpu_seconds_of(pid, false)
+}
+
+/// CPU seconds of the client side so far: this process (our client) and
+/// the client programs it ran and waited for.
+fn client_cpu_seconds() -> f64 {
+    cpu_seconds_of(std::process::id(), true)
 }
 
 /// The in-process server the bench re-executes itself as.
@@ -250,6 +291,8 @@ struct Row {
     /// Best time and the server CPU seconds of that run, per peer (`None`
     /// for a server not run).
     results: Vec<Option<(Duration, f64)>>,
+    /// Ours ÷ the best peer, turn by turn ([`turn_ratios`]).
+    per_turn: Option<PerTurn>,
 }
 
 fn main() {
@@ -397,8 +440,18 @@ fn main() {
             // The servers take their runs in turns (each started afresh),
             // so that a slow spell of the machine falls on all of them.
             let mut best: [Option<(Duration, f64)>; PEERS.len()] = [None; PEERS.len()];
-            for _ in 0..RUNS {
-                for (peer, best) in PEERS.iter().zip(best.iter_mut()) {
+            let runs = std::env::var("NBD_BENCH_RUNS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(RUNS);
+            // Each turn's times, for the per-turn ratios.
+            let mut turns = Vec::new();
+            for k in 0..runs {
+                let mut turn = [None; PEERS.len()];
+                // Each turn starts with the next server: none always
+                // comes first (or right after a given other).
+                for i in (0..PEERS.len()).map(|i| (i + k) % PEERS.len()) {
+                    let (peer, best) = (PEERS[i], &mut best[i]);
                     if !peer.wanted() {
                         continue;
                     }
@@ -414,15 +467,25 @@ fn main() {
                         drop_cached(Path::new(f));
                     }
                     let mut child = peer.start(Path::new(f), &sock, direct);
-                    let c0 = cpu_seconds(child.id());
+                    let (c0, k0) = (cpu_seconds(child.id()), client_cpu_seconds());
                     let t = job();
                     let cpu = cpu_seconds(child.id()) - c0;
+                    eprintln!(
+                        "  {}: {t:.3?}, server {cpu:.2} s CPU, client {:.2} s",
+                        peer.name(),
+                        client_cpu_seconds() - k0
+                    );
+                    turn[i] = Some(t);
                     let _ = child.kill();
                     let _ = child.wait();
                     if best.is_none_or(|b| t < b.0) {
                         *best = Some((t, cpu));
                     }
                 }
+                turns.push(turn);
+            }
+            if let Some(alt) = turn_ratios(&turns, 3) {
+                eprintln!("{mode} {name}: bitmirror (alt) ÷ best peer per turn: {alt}");
             }
             let mut results = Vec::new();
             for (peer, best) in PEERS.iter().zip(best) {
@@ -432,23 +495,79 @@ fn main() {
                 }
                 results.push(best);
             }
+            let per_turn = turn_ratios(&turns, 0);
+            if let Some(p) = per_turn {
+                eprintln!("{mode} {name}: bitmirror ÷ best peer per turn: {p}");
+            }
             rows.push(Row {
                 name,
                 amount: *amount,
                 unit,
                 results,
+                per_turn,
             });
         }
         print_table(mode, &rows);
     }
 }
 
+/// Over the turns where `peer` (ours or the alternative) and a peer ran:
+/// the median of its rate ÷ the best peer's rate in the same turn, the
+/// lowest and the highest, and how many turns. Steadier than the ratio of
+/// the bests when the machine's speed drifts between turns: a lucky run
+/// of one server does not decide the row alone.
+fn turn_ratios(turns: &[[Option<Duration>; PEERS.len()]], peer: usize) -> Option<PerTurn> {
+    let mut ratios: Vec<f64> = turns
+        .iter()
+        .filter_map(|t| {
+            let ours = t[peer]?;
+            let best = match (t[1], t[2]) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b)?,
+            };
+            Some(best.as_secs_f64() / ours.as_secs_f64())
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = match n {
+        0 => return None,
+        _ if n % 2 == 1 => ratios[n / 2],
+        _ => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+    };
+    Some(PerTurn {
+        median,
+        low: ratios[0],
+        high: ratios[n - 1],
+        turns: n,
+    })
+}
+
+/// See [`turn_ratios`].
+#[derive(Clone, Copy)]
+struct PerTurn {
+    median: f64,
+    low: f64,
+    high: f64,
+    turns: usize,
+}
+
+impl std::fmt::Display for PerTurn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} ({:.2}–{:.2}, {})",
+            self.median, self.low, self.high, self.turns
+        )
+    }
+}
+
 fn print_table(mode: &str, rows: &[Row]) {
     println!("\n#### {mode}\n");
     println!(
-        "| workload | bitmirror | qemu-nbd | nbdkit file | ours ÷ best peer | server CPU s/GiB (or per 100k ops): bitmirror / qemu-nbd / nbdkit |"
+        "| workload | bitmirror | qemu-nbd | nbdkit file | ours ÷ best peer | per turn: median (range, turns) | server CPU s/GiB (or per 100k ops): bitmirror / qemu-nbd / nbdkit |"
     );
-    println!("|---|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---|");
     for r in rows {
         let rate = |d: Duration| {
             let per_s = r.amount / d.as_secs_f64();
@@ -462,8 +581,8 @@ fn print_table(mode: &str, rows: &[Row]) {
             (a, b) => a.or(b),
         };
         let ratio = rates[0].zip(best_peer).map(|(ours, peer)| ours / peer);
-        let cpu: Vec<String> = r
-            .results
+        // (The alternative build is not in the table.)
+        let cpu: Vec<String> = r.results[..3]
             .iter()
             .map(|x| {
                 shown(
@@ -479,13 +598,14 @@ fn print_table(mode: &str, rows: &[Row]) {
             })
             .collect();
         println!(
-            "| {} ({}) | {} | {} | {} | {} | {} |",
+            "| {} ({}) | {} | {} | {} | {} | {} | {} |",
             r.name,
             r.unit,
             shown(rates[0], 0),
             shown(rates[1], 0),
             shown(rates[2], 0),
             shown(ratio, 2),
+            r.per_turn.map_or("—".to_owned(), |p| p.to_string()),
             cpu.join(" / ")
         );
     }
