@@ -82,6 +82,67 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
     assert!(c.closed(), "bad request magic closes the connection");
 }
 
+/// Writes sent in one go, as a pipelining client sends them: the small
+/// ones are done straight from the server's read buffer. Each lands where
+/// it says, and one among them that must be refused (past the end, an
+/// unknown flag) gets its error with its payload skipped, as when it comes
+/// alone; FUA and payloads larger than the read buffer take the usual
+/// path beside them.
+#[test]
+fn writes_sent_together_land_and_refusals_among_them_get_their_errors() {
+    let f = fixture_with_disk(ServerOptions::default());
+    let (mut c, _, _) = Raw::open(&f.sock, "disk", &[]);
+    // (cookie, flags, offset, length, byte, expected error)
+    let writes: &[(u64, u16, u64, u32, u8, u32)] = &[
+        (1, 0, 0, 4096, 0xa1, 0),
+        (2, 0, 4 * MIB - 512, 1024, 0xa2, errno::ENOSPC),
+        (3, 0, 8192, 4096, 0xa3, 0),
+        (4, 1 << 9, 16384, 4096, 0xa4, errno::EINVAL),
+        (5, cflag::FUA, 24576, 4096, 0xa5, 0),
+        (6, 0, 32768, 512, 0xa6, 0),
+        (7, 0, MIB, 96 * 1024, 0xa7, 0),
+        (8, 0, 40960, 8192, 0xa8, 0),
+    ];
+    let mut all = Vec::new();
+    for &(cookie, flags, offset, len, byte, _) in writes {
+        let r = Request {
+            flags,
+            command: Command::Write,
+            cookie,
+            offset,
+            len: u64::from(len),
+        };
+        all.extend_from_slice(&r.encode());
+        all.extend(std::iter::repeat_n(byte, len as usize));
+    }
+    c.send(&all);
+    let mut errors = std::collections::HashMap::new();
+    for _ in writes {
+        let (cookie, error, _) = c.reply();
+        assert!(
+            errors.insert(cookie, error).is_none(),
+            "two replies to {cookie}"
+        );
+    }
+    for &(cookie, _, offset, len, byte, want) in writes {
+        assert_eq!(errors[&cookie], want, "write {cookie}");
+        if want != 0 {
+            continue;
+        }
+        c.request(Command::Read, 0, 100 + cookie, offset, len);
+        let (_, error, data) = c.reply();
+        assert_eq!(error, 0);
+        assert!(data.iter().all(|&b| b == byte), "write {cookie} landed");
+    }
+    // The refused ones left the disk alone.
+    assert_serves(&mut c, 16384);
+    c.request(Command::Read, 0, 200, 4 * MIB - 4096, 4096);
+    let (_, error, data) = c.reply();
+    assert_eq!(error, 0);
+    let want: Vec<u8> = (4 * MIB - 4096..4 * MIB).map(|i| (i % 251) as u8).collect();
+    assert_eq!(data, want);
+}
+
 #[test]
 fn a_read_only_export_refuses_writes_with_eperm() {
     let f = Fixture::new();

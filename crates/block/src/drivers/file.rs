@@ -99,7 +99,7 @@ pub(crate) struct FileDriver {
     /// device ([`writes_stay_local`]).
     inline_writes: bool,
     /// Inline writes ([`INLINE_MAX`]) are off until this time
-    /// ([`clock`]), after one was slow.
+    /// ([`clock`]), after one was slow; 0 when they are not off.
     inline_after: AtomicU64,
     /// How long the next slow inline write turns them off for: from
     /// [`INLINE_BACKOFF`], doubled by each slow one in a row up to
@@ -360,7 +360,24 @@ impl FileDriver {
             && len <= INLINE_MAX
             && offset % page == 0
             && len % page == 0
-            && clock() >= self.inline_after.load(Ordering::Relaxed)
+            && self.inline_not_backed_off()
+    }
+
+    /// Whether inline writes are not backed off ([`FileDriver::inline_took`])
+    /// now. Asks the clock only during a backoff: once it is over, the time
+    /// is cleared (unless a new one began meanwhile).
+    fn inline_not_backed_off(&self) -> bool {
+        let after = self.inline_after.load(Ordering::Relaxed);
+        if after == 0 {
+            return true;
+        }
+        if clock() < after {
+            return false;
+        }
+        let _ = self
+            .inline_after
+            .compare_exchange(after, 0, Ordering::Relaxed, Ordering::Relaxed);
+        true
     }
 
     /// Runs `f`, a buffered write of `offset..offset + len`, on the lane of

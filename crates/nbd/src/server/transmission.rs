@@ -12,7 +12,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Interest,
+    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+    Interest,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -125,6 +126,20 @@ enum Next {
     Disconnect,
 }
 
+/// What [`Conn::write_buffered`] did with the request at the head of the
+/// read buffer.
+enum Buffered {
+    /// It was a small write, done: its header and payload are consumed,
+    /// and its reply (of this result) is what is left.
+    Done(Request, block::Result<()>),
+    /// A small write, all buffered, that the node could not take at once:
+    /// left in the buffer for the usual path, which need not ask again.
+    Declined,
+    /// Anything else (another command, a payload not all buffered, a
+    /// request to refuse): left in the buffer for the usual path.
+    NotHere,
+}
+
 /// Serves requests until the client disconnects, breaks framing, or the
 /// export or the server tells the connection to close; then waits for the
 /// requests in flight and closes.
@@ -178,7 +193,26 @@ pub(super) async fn run<R, W>(
             }
         });
         let mut end = std::pin::pin!(end);
+        // The node declined the write at the head of the read buffer
+        // (`Buffered::Declined`): when the reader returns it, it takes the
+        // asynchronous path without asking again.
+        let mut declined = false;
         loop {
+            // Small writes that came whole in the last read are done from
+            // the read buffer, with no future, copy or buffer of their own.
+            if let Some(r) = reader.as_mut() {
+                while !declined && inflight.len() < MAX_IN_FLIGHT {
+                    match conn.write_buffered(r) {
+                        Buffered::Done(req, Ok(())) if conn.reply_now(&req) => {}
+                        Buffered::Done(req, result) => {
+                            let work = Work::Reply(req, result);
+                            inflight.push(perform(conn.clone(), work));
+                        }
+                        Buffered::Declined => declined = true,
+                        Buffered::NotHere => break,
+                    }
+                }
+            }
             if inflight.len() < MAX_IN_FLIGHT {
                 if let Some(r) = reader.take() {
                     let conn = conn.clone();
@@ -216,7 +250,9 @@ pub(super) async fn run<R, W>(
             // Refusals are answered by futures like the rest: awaiting the
             // writer here, while the futures holding it are not polled,
             // would deadlock.
+            let asked = std::mem::take(&mut declined);
             let (work, last) = match next {
+                Next::Run(req, payload) if asked => (Work::Run(req, payload), false),
                 Next::Run(req, payload) => match conn.write_now(req, payload) {
                     // Done, and its reply in the write buffer: nothing left.
                     Work::Reply(req, Ok(())) if conn.reply_now(&req) => continue,
@@ -226,8 +262,7 @@ pub(super) async fn run<R, W>(
                 Next::RefuseAndClose(req, refusal) => (Work::Refuse(req, refusal), true),
                 Next::Disconnect => break,
             };
-            let conn = conn.clone();
-            inflight.push(async move { conn.perform(work).await });
+            inflight.push(perform(conn.clone(), work));
             if last {
                 break;
             }
@@ -265,6 +300,12 @@ pub(super) async fn run<R, W>(
         let _ = w.shutdown().await;
     }
     drop(n);
+}
+
+/// Runs `work` for the connection (one future type for all the
+/// connection's requests in flight).
+async fn perform<W: AsyncWrite + Unpin + Send>(conn: Arc<Conn<W>>, work: Work) {
+    conn.perform(work).await
 }
 
 /// Reads a request header into `head`: through `reader`'s buffer, or with
@@ -454,9 +495,14 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
 
     /// QEMU's checks, in QEMU's order.
     fn check(&self, req: &Request) -> Result<(), Refusal> {
-        let Some(node) = self.export.node() else {
-            return Err((errno::ESHUTDOWN, "export is gone".into()));
-        };
+        match self.export.with_node(|node| self.check_on(node, req)) {
+            Some(checked) => checked,
+            None => Err((errno::ESHUTDOWN, "export is gone".into())),
+        }
+    }
+
+    /// [`Conn::check`] against `node`, the export's node.
+    fn check_on(&self, node: &Node, req: &Request) -> Result<(), Refusal> {
         if req.command == Command::Read && req.len > u64::from(MAX_PAYLOAD) {
             let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
             return Err((errno::EINVAL, msg));
@@ -567,6 +613,63 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
             Command::Disc | Command::Resize | Command::Unknown(_) => Ok(()),
         };
         self.reply(&req, result).await;
+    }
+
+    /// Does the request at the head of `reader`'s buffer here and now if it
+    /// is a write without FUA whose payload is all in the buffer and the
+    /// node takes it at once ([`Node::try_write_now`]), written from the
+    /// buffer itself; anything else is left there untouched for
+    /// [`read_next`] (which answers refusals and errors in framing as
+    /// usual).
+    fn write_buffered<R: AsyncRead + Unpin>(&self, reader: &mut BufReader<R>) -> Buffered {
+        let data = reader.buffer();
+        let size = match self.extended {
+            true => EXTENDED_REQUEST_SIZE,
+            false => REQUEST_SIZE,
+        };
+        let parsed = match (self.extended, data.get(..size)) {
+            (true, Some(head)) => head
+                .try_into()
+                .ok()
+                .and_then(|h| Request::parse_extended(h).ok()),
+            (false, Some(head)) => head.try_into().ok().and_then(|h| Request::parse(h).ok()),
+            (_, None) => None,
+        };
+        let Some(mut req) = parsed else {
+            return Buffered::NotHere;
+        };
+        if self.extended {
+            // As `read_next` does: a write's payload is its length.
+            req.flags &= !cflag::PAYLOAD_LEN;
+        }
+        if req.command != Command::Write || req.flags & cflag::FUA != 0 || req.len == 0 {
+            return Buffered::NotHere;
+        }
+        let end = usize::try_from(req.len)
+            .ok()
+            .and_then(|len| len.checked_add(size));
+        let Some(payload) = end.and_then(|end| data.get(size..end)) else {
+            return Buffered::NotHere;
+        };
+        let done = self
+            .export
+            .with_node(|node| match self.check_on(node, &req) {
+                Ok(()) => match node.try_write_now(req.offset, payload) {
+                    Some(result) => Buffered::Done(req, result),
+                    None => Buffered::Declined,
+                },
+                Err(_) => Buffered::NotHere,
+            });
+        match done {
+            Some(Buffered::Done(req, result)) => {
+                let taken = size + payload.len();
+                std::pin::Pin::new(reader).consume(taken);
+                self.spliced_last.store(false, Ordering::Relaxed);
+                Buffered::Done(req, result)
+            }
+            Some(other) => other,
+            None => Buffered::NotHere,
+        }
     }
 
     /// Does a small write here and now, when the node can take it without
