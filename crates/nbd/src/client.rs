@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::{IoBuf, SocketAddress};
-use tokio::io::unix::AsyncFd;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
 };
@@ -158,7 +157,7 @@ struct Shared {
     writer: tokio::sync::Mutex<WriteHalf<Box<dyn Stream>>>,
     /// A duplicate of the socket under `writer` when nothing (TLS) stands
     /// between: file payloads go straight to it with `sendfile`.
-    socket: Option<Arc<AsyncFd<OwnedFd>>>,
+    socket: Option<OwnedFd>,
     /// Set when the connection dies or the client goes away: a `sendfile`
     /// waiting for room in the socket gives up.
     closed: AtomicBool,
@@ -227,9 +226,9 @@ impl Client {
         let (stream, socket): (Box<dyn Stream>, _) = match &options.server {
             SocketAddress::Unix { path } => {
                 let s = tokio::net::UnixStream::connect(path).await;
+                let s = s.and_then(|s| s.into_std());
                 let s = s.map_err(|e| connect_error(&options.server, e))?;
-                let fd = crate::socket::duplicate(&s);
-                (Box::new(s), fd)
+                quiet(OwnedFd::from(s), &options.server)?
             }
             SocketAddress::Inet { host, port } => {
                 let port: u16 = port
@@ -238,8 +237,10 @@ impl Client {
                 let s = tokio::net::TcpStream::connect((host.as_str(), port)).await;
                 let s = s.map_err(|e| connect_error(&options.server, e))?;
                 let _ = s.set_nodelay(true);
-                let fd = crate::socket::duplicate(&s);
-                (Box::new(s), fd)
+                let s = s
+                    .into_std()
+                    .map_err(|e| connect_error(&options.server, e))?;
+                quiet(OwnedFd::from(s), &options.server)?
             }
         };
         let socket = socket.filter(|_| options.tls.is_none());
@@ -272,9 +273,7 @@ impl Client {
         let hs = handshake(&mut r, &mut w, options).await?;
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(w),
-            socket: socket
-                .and_then(|fd| crate::socket::register(fd, crate::socket::Interest::WRITABLE))
-                .map(Arc::new),
+            socket,
             closed: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             next_cookie: AtomicU64::new(1),
@@ -369,8 +368,14 @@ impl Client {
             let socket = self
                 .shared
                 .socket
-                .clone()
+                .as_ref()
                 .ok_or_else(|| io::Error::other("no plain socket to send a file payload on"))?;
+            // Registered for writability for this payload only (the
+            // stream asks for it only when it must, see `QuietSocket`).
+            let socket = crate::socket::duplicate(socket)
+                .and_then(|fd| crate::socket::register(fd, crate::socket::Interest::WRITABLE))
+                .map(Arc::new)
+                .ok_or_else(|| io::Error::other("cannot register the socket for a file payload"))?;
             // The writer stays locked: nothing else goes out between the
             // header and its payload. The header waits in the kernel for
             // the payload (`MSG_MORE`) rather than go in a packet alone.
@@ -577,6 +582,15 @@ fn request(command: Command, flags: u16, offset: u64, len: u32) -> Request {
         offset,
         len: u64::from(len),
     }
+}
+
+/// The connected socket `fd` as the connection's byte stream
+/// ([`QuietSocket`](crate::socket::QuietSocket)), and a duplicate of it
+/// for `sendfile` (none if the process is out of descriptors).
+fn quiet(fd: OwnedFd, server: &SocketAddress) -> Result<(Box<dyn Stream>, Option<OwnedFd>)> {
+    let dup = crate::socket::duplicate(&fd);
+    let stream = crate::socket::QuietSocket::new(fd).map_err(|e| connect_error(server, e))?;
+    Ok((Box::new(stream), dup))
 }
 
 fn connect_error(server: &SocketAddress, e: io::Error) -> Error {

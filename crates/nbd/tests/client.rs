@@ -340,6 +340,88 @@ fn a_kernel_copy_into_a_stalled_server_fails_when_the_server_dies() {
     }
 }
 
+/// How many sockets the process's epoll instances watch for room
+/// (`EPOLLOUT` in `/proc/self/fdinfo`).
+fn sockets_watched_for_room() -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let is_epoll = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.to_str() == Some("anon_inode:[eventpoll]"));
+        if !is_epoll {
+            continue;
+        }
+        let name = entry.file_name();
+        let info = format!("/proc/self/fdinfo/{}", name.to_str().unwrap());
+        let Ok(info) = std::fs::read_to_string(info) else {
+            continue;
+        };
+        // "tfd: FD events: MASK data: …", one line per watched descriptor.
+        for line in info.lines().filter(|l| l.starts_with("tfd:")) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let mask = u32::from_str_radix(words[3], 16).unwrap();
+            let socket = std::fs::read_link(format!("/proc/self/fd/{}", words[1]))
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            if socket && mask & 0x4 != 0 {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The client asks the runtime about room in its socket only while a
+/// write waits for it: registered for it all along, the client's runtime
+/// was woken by every read the server made (`socket::QuietSocket`).
+#[test]
+fn the_client_watches_its_socket_for_room_only_while_a_write_waits() {
+    let f = Fixture::new();
+    let img = f.path("img.raw");
+    std::fs::write(&img, vec![0u8; 32 * MIB as usize]).unwrap();
+    let peer = qemu_nbd_raw(&f, &img);
+    // The fixture's own server (listener) may be watched already.
+    let before = sockets_watched_for_room();
+    let node = nbd_node(&f, "n", &peer.sock, "e");
+    write(&f, &node, 0, &[7u8; 4096]);
+    assert_eq!(read(&f, &node, 0, 4096), vec![7u8; 4096]);
+    assert_eq!(
+        sockets_watched_for_room(),
+        before,
+        "a client between requests"
+    );
+
+    // 16 MiB into a stopped server: more than the socket holds.
+    peer.signal("STOP");
+    let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 251) as u8).collect();
+    let writing = {
+        let (node, buf) = (node.clone(), IoBuf::from_vec(data.clone()));
+        f.rt.spawn(async move { node.write(MIB, buf, false).await.0 })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sockets_watched_for_room() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled write never waited for room"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    peer.signal("CONT");
+    f.rt.block_on(writing).unwrap().unwrap();
+    assert_eq!(
+        sockets_watched_for_room(),
+        before,
+        "after the write went out"
+    );
+    assert!(
+        read(&f, &node, MIB, 16 * MIB as usize) == data,
+        "the data read back"
+    );
+    let file = std::fs::read(&img).unwrap();
+    assert!(
+        file[MIB as usize..17 * MIB as usize] == data[..],
+        "the data in the image"
+    );
+}
+
 #[test]
 fn requests_fail_with_eio_when_the_server_goes_away() {
     let f = Fixture::new();
