@@ -199,9 +199,11 @@ pub(super) async fn run<R, W>(
         let mut declined = false;
         loop {
             // Small writes that came whole in the last read are done from
-            // the read buffer, with no future, copy or buffer of their own.
+            // the read buffer, with no future, copy or buffer of their own;
+            // not once the connection may have been told to close (the
+            // select below looks first).
             if let Some(r) = reader.as_mut() {
-                while !declined && inflight.len() < MAX_IN_FLIGHT {
+                while !declined && inflight.len() < MAX_IN_FLIGHT && !end.woken() {
                     match conn.write_buffered(r) {
                         Buffered::Done(req, Ok(())) if conn.reply_now(&req) => {}
                         Buffered::Done(req, result) => {

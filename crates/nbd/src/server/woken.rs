@@ -59,6 +59,15 @@ impl<F: Future> Woken<F> {
     }
 }
 
+impl<F> Woken<F> {
+    /// Whether the inner future was woken since its last poll (or was
+    /// never polled): it may be ready, and the caller should poll before
+    /// doing more.
+    pub(super) fn woken(&self) -> bool {
+        self.flag.woken.load(Ordering::Acquire)
+    }
+}
+
 impl<F: Future> Future for Woken<F> {
     type Output = F::Output;
 
@@ -108,15 +117,19 @@ mod tests {
         let wake_inner = || inner_waker.lock().unwrap().take().unwrap().wake();
         let waker = futures_util::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
+        assert!(w.woken(), "never polled");
         assert!(Pin::new(&mut w).poll(&mut cx).is_pending());
         assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert!(!w.woken());
         for _ in 0..100 {
             assert!(Pin::new(&mut w).poll(&mut cx).is_pending());
         }
         assert_eq!(polls.load(Ordering::SeqCst), 1, "polled without a wake-up");
         // Woken, not ready: polled again once.
         wake_inner();
+        assert!(w.woken(), "a wake-up since the last poll");
         assert!(Pin::new(&mut w).poll(&mut cx).is_pending());
+        assert!(!w.woken());
         assert!(Pin::new(&mut w).poll(&mut cx).is_pending());
         assert_eq!(polls.load(Ordering::SeqCst), 2);
         // Ready and woken: done on the next poll.
