@@ -57,8 +57,20 @@ enum Peer {
 }
 
 const PEERS: [Peer; 4] = [Peer::Ours, Peer::QemuNbd, Peer::Nbdkit, Peer::Alt];
+/// The servers we are weighed against.
+const OTHERS: [Peer; 2] = [Peer::QemuNbd, Peer::Nbdkit];
 
 impl Peer {
+    /// Its place in [`PEERS`] (and in the arrays of results per server).
+    fn index(self) -> usize {
+        match self {
+            Peer::Ours => 0,
+            Peer::QemuNbd => 1,
+            Peer::Nbdkit => 2,
+            Peer::Alt => 3,
+        }
+    }
+
     /// Whether `NBD_BENCH_PEERS` (when set) names this server.
     fn wanted(self) -> bool {
         if self == Peer::Alt {
@@ -451,7 +463,8 @@ fn main() {
                 // Each turn starts with the next server: none always
                 // comes first (or right after a given other).
                 for i in (0..PEERS.len()).map(|i| (i + k) % PEERS.len()) {
-                    let (peer, best) = (PEERS[i], &mut best[i]);
+                    let peer = PEERS[i];
+                    let best = &mut best[peer.index()];
                     if !peer.wanted() {
                         continue;
                     }
@@ -475,7 +488,7 @@ fn main() {
                         peer.name(),
                         client_cpu_seconds() - k0
                     );
-                    turn[i] = Some(t);
+                    turn[peer.index()] = Some(t);
                     let _ = child.kill();
                     let _ = child.wait();
                     if best.is_none_or(|b| t < b.0) {
@@ -484,7 +497,7 @@ fn main() {
                 }
                 turns.push(turn);
             }
-            if let Some(alt) = turn_ratios(&turns, 3) {
+            if let Some(alt) = turn_ratios(&turns, Peer::Alt) {
                 eprintln!("{mode} {name}: bitmirror (alt) ÷ best peer per turn: {alt}");
             }
             let mut results = Vec::new();
@@ -495,7 +508,7 @@ fn main() {
                 }
                 results.push(best);
             }
-            let per_turn = turn_ratios(&turns, 0);
+            let per_turn = turn_ratios(&turns, Peer::Ours);
             if let Some(p) = per_turn {
                 eprintln!("{mode} {name}: bitmirror ÷ best peer per turn: {p}");
             }
@@ -516,15 +529,12 @@ fn main() {
 /// lowest and the highest, and how many turns. Steadier than the ratio of
 /// the bests when the machine's speed drifts between turns: a lucky run
 /// of one server does not decide the row alone.
-fn turn_ratios(turns: &[[Option<Duration>; PEERS.len()]], peer: usize) -> Option<PerTurn> {
+fn turn_ratios(turns: &[[Option<Duration>; PEERS.len()]], peer: Peer) -> Option<PerTurn> {
     let mut ratios: Vec<f64> = turns
         .iter()
         .filter_map(|t| {
-            let ours = t[peer]?;
-            let best = match (t[1], t[2]) {
-                (Some(a), Some(b)) => a.min(b),
-                (a, b) => a.or(b)?,
-            };
+            let ours = t[peer.index()]?;
+            let best = OTHERS.iter().filter_map(|p| t[p.index()]).min()?;
             Some(best.as_secs_f64() / ours.as_secs_f64())
         })
         .collect();
@@ -576,14 +586,17 @@ fn print_table(mode: &str, rows: &[Row]) {
         let rates: Vec<Option<f64>> = r.results.iter().map(|x| x.map(|(d, _)| rate(d))).collect();
         let shown =
             |x: Option<f64>, digits: usize| x.map_or("—".to_owned(), |v| format!("{v:.digits$}"));
-        let best_peer = match (rates[1], rates[2]) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        let ratio = rates[0].zip(best_peer).map(|(ours, peer)| ours / peer);
-        // (The alternative build is not in the table.)
-        let cpu: Vec<String> = r.results[..3]
+        let best_peer = OTHERS
             .iter()
+            .filter_map(|p| rates[p.index()])
+            .max_by(f64::total_cmp);
+        let ratio = rates[Peer::Ours.index()]
+            .zip(best_peer)
+            .map(|(ours, peer)| ours / peer);
+        // (The alternative build is not in the table.)
+        let cpu: Vec<String> = [Peer::Ours, Peer::QemuNbd, Peer::Nbdkit]
+            .iter()
+            .map(|p| r.results[p.index()])
             .map(|x| {
                 shown(
                     x.map(|(_, c)| {
@@ -601,9 +614,9 @@ fn print_table(mode: &str, rows: &[Row]) {
             "| {} ({}) | {} | {} | {} | {} | {} | {} |",
             r.name,
             r.unit,
-            shown(rates[0], 0),
-            shown(rates[1], 0),
-            shown(rates[2], 0),
+            shown(rates[Peer::Ours.index()], 0),
+            shown(rates[Peer::QemuNbd.index()], 0),
+            shown(rates[Peer::Nbdkit.index()], 0),
             shown(ratio, 2),
             r.per_turn.map_or("—".to_owned(), |p| p.to_string()),
             cpu.join(" / ")
