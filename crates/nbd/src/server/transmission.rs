@@ -21,7 +21,7 @@ use super::MAX_IN_FLIGHT;
 use super::export::{Context, Export};
 use super::handshake::Negotiated;
 use super::piped::{self, Payload, Pool};
-use crate::proto::Command;
+use crate::proto::{Command, ProtoError};
 use crate::proto::{
     EXTENDED_REQUEST_SIZE, MAX_PAYLOAD, REQUEST_SIZE, Request, cflag, chunk, errno,
     error_chunk_payload, extended_header, simple_reply, state, structured_header,
@@ -330,35 +330,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send,
 {
-    let bad = |e: crate::proto::ProtoError| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
-    };
+    let bad = |e: ProtoError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
     // After a spliced payload, with nothing buffered, the header alone
     // (a client that writes in large pieces sends a payload behind it).
     let header_only = conn.spliced_last.load(Ordering::Relaxed);
-    let mut req = if conn.extended {
-        let mut head = [0u8; EXTENDED_REQUEST_SIZE];
-        read_header(reader, &mut head, header_only).await?;
-        Request::parse_extended(&head).map_err(bad)?
-    } else {
-        let mut head = [0u8; REQUEST_SIZE];
-        read_header(reader, &mut head, header_only).await?;
-        Request::parse(&head).map_err(bad)?
-    };
+    let mut head = [0u8; EXTENDED_REQUEST_SIZE];
+    let head = &mut head[..conn.header_size()];
+    read_header(reader, head, header_only).await?;
+    let (req, announced) = conn.parse_header(head).map_err(bad)?;
     conn.spliced_last.store(false, Ordering::Relaxed);
     if req.command == Command::Disc {
         return Ok(Next::Disconnect);
     }
-    // With extended headers, PAYLOAD_LEN announces a payload. A write
-    // always carries one (QEMU 10's client does not set the flag on
-    // writes); any other command with a payload is refused, the payload
-    // skipped.
-    let announced = conn.extended && req.flags & cflag::PAYLOAD_LEN != 0;
-    if conn.extended {
-        // Compact headers have no such flag: there it stays, and the
-        // flag check refuses it.
-        req.flags &= !cflag::PAYLOAD_LEN;
-    }
+    // A write always carries a payload (QEMU 10's client does not set
+    // PAYLOAD_LEN on writes); any other command that announces one is
+    // refused, the payload skipped.
     let has_payload = req.command == Command::Write;
     let checked = conn.check(&req);
     if announced && !has_payload {
@@ -495,6 +481,32 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
         Ok(())
     }
 
+    /// The size of a request header on this connection.
+    fn header_size(&self) -> usize {
+        match self.extended {
+            true => EXTENDED_REQUEST_SIZE,
+            false => REQUEST_SIZE,
+        }
+    }
+
+    /// The request whose header starts `head`, and whether it announced a
+    /// payload: with extended headers, `PAYLOAD_LEN`, which is then cleared
+    /// from its flags (compact headers have no such flag: set there, it
+    /// stays, and the flag check refuses it).
+    fn parse_header(&self, head: &[u8]) -> Result<(Request, bool), ProtoError> {
+        let truncated = || ProtoError::Truncated("request header");
+        let head = head.get(..self.header_size()).ok_or_else(truncated)?;
+        if !self.extended {
+            let head = head.try_into().map_err(|_| truncated())?;
+            return Ok((Request::parse(head)?, false));
+        }
+        let head = head.try_into().map_err(|_| truncated())?;
+        let mut req = Request::parse_extended(head)?;
+        let announced = req.flags & cflag::PAYLOAD_LEN != 0;
+        req.flags &= !cflag::PAYLOAD_LEN;
+        Ok((req, announced))
+    }
+
     /// QEMU's checks, in QEMU's order.
     fn check(&self, req: &Request) -> Result<(), Refusal> {
         match self.export.with_node(|node| self.check_on(node, req)) {
@@ -625,25 +637,11 @@ impl<W: AsyncWrite + Unpin + Send> Conn<W> {
     /// usual).
     fn write_buffered<R: AsyncRead + Unpin>(&self, reader: &mut BufReader<R>) -> Buffered {
         let data = reader.buffer();
-        let size = match self.extended {
-            true => EXTENDED_REQUEST_SIZE,
-            false => REQUEST_SIZE,
-        };
-        let parsed = match (self.extended, data.get(..size)) {
-            (true, Some(head)) => head
-                .try_into()
-                .ok()
-                .and_then(|h| Request::parse_extended(h).ok()),
-            (false, Some(head)) => head.try_into().ok().and_then(|h| Request::parse(h).ok()),
-            (_, None) => None,
-        };
-        let Some(mut req) = parsed else {
+        let size = self.header_size();
+        // (A write's payload is its length, announced or not.)
+        let Ok((req, _)) = self.parse_header(data) else {
             return Buffered::NotHere;
         };
-        if self.extended {
-            // As `read_next` does: a write's payload is its length.
-            req.flags &= !cflag::PAYLOAD_LEN;
-        }
         if req.command != Command::Write || req.flags & cflag::FUA != 0 || req.len == 0 {
             return Buffered::NotHere;
         }
